@@ -1,0 +1,189 @@
+// CPU kernel of kdops::pcc_mse_fwd (PKD's Pearson-correlation MSE, LGD's
+// InstanceNorm + MSE).
+//
+// A "group" is what one mean/std is taken over: channel c over (N,H,W) for
+// norm=0, plane (n,c) over (H,W) for norm=1. Each group is N (resp. 1) contiguous
+// runs of H*W elements. Pass 1 computes the group's means, centred second moments
+// and co-moment of (s,t) by exact two-pass sums inside cache-sized blocks merged with
+// Chan's parallel formula (no sum-of-squares cancellation). Pass 2 reads s,t again
+// and produces the loss and the gradients, which are affine in (s,t) per group:
+//   a = (s-mu_s)/d_s, b = (t-mu_t)/d_t, L = sum (a-b)^2 / numel,
+//   dL/ds = 2/(numel d_s) * ((1-k_s) a - b), with k_s from the std's derivative
+// (see kdops/ops/pcc_mse.py for the derivation). Groups are owned by one task each,
+// so results are deterministic. No normalised copy of either input is allocated.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "common.h"
+
+namespace kdops {
+namespace {
+
+constexpr int64_t kBlock = 512;
+
+struct Moments {
+  double n = 0, ms = 0, mt = 0, m2s = 0, m2t = 0, cst = 0;
+  // Chan et al.'s pairwise update with a block of nb elements.
+  void merge(double nb, double msb, double mtb, double m2sb, double m2tb, double cstb) {
+    if (nb == 0) return;
+    const double tot = n + nb, ds = msb - ms, dt = mtb - mt, f = n * nb / tot;
+    m2s += m2sb + ds * ds * f;
+    m2t += m2tb + dt * dt * f;
+    cst += cstb + ds * dt * f;
+    ms += ds * nb / tot;
+    mt += dt * nb / tot;
+    n = tot;
+  }
+};
+
+template <typename scalar_t>
+void accumulate_run(const scalar_t* s, const scalar_t* t, int64_t len, Moments& m) {
+  using acc = acc_t<scalar_t>;
+  for (int64_t lo = 0; lo < len; lo += kBlock) {
+    const int64_t nb = std::min(kBlock, len - lo);
+    const scalar_t* sp = s + lo;
+    const scalar_t* tp = t + lo;
+    acc ss = 0, st = 0;
+#pragma omp simd reduction(+ : ss, st)
+    for (int64_t i = 0; i < nb; ++i) {
+      ss += acc(sp[i]);
+      st += acc(tp[i]);
+    }
+    const acc mus = ss / acc(nb), mut = st / acc(nb);
+    acc m2s = 0, m2t = 0, cst = 0;
+#pragma omp simd reduction(+ : m2s, m2t, cst)
+    for (int64_t i = 0; i < nb; ++i) {
+      const acc a = acc(sp[i]) - mus, b = acc(tp[i]) - mut;
+      m2s += a * a;
+      m2t += b * b;
+      cst += a * b;
+    }
+    m.merge(double(nb), double(mus), double(mut), double(m2s), double(m2t), double(cst));
+  }
+}
+
+struct Coeffs {
+  double mus, mut, ids, idt;  // means and 1/d
+  double gs, gt;              // 2*scale/d
+  double ks, kt;              // std-derivative corrections
+};
+
+Coeffs coefficients(const Moments& m, int64_t norm, double eps, double scale) {
+  Coeffs c{};
+  const double M = m.n;
+  double sig_s = 0, sig_t = 0, ds, dt;
+  if (norm == 0) {
+    // PKD: unbiased std; a single element has no spread (torch would give nan).
+    if (M > 1) {
+      sig_s = std::sqrt(std::max(m.m2s, 0.0) / (M - 1));
+      sig_t = std::sqrt(std::max(m.m2t, 0.0) / (M - 1));
+    }
+    ds = sig_s + eps;
+    dt = sig_t + eps;
+  } else {
+    ds = std::sqrt(std::max(m.m2s, 0.0) / M + eps);
+    dt = std::sqrt(std::max(m.m2t, 0.0) / M + eps);
+  }
+  const double saa = m.m2s / (ds * ds), sbb = m.m2t / (dt * dt), sab = m.cst / (ds * dt);
+  if (norm == 0) {
+    // d sigma/ds_i = (s_i-mu)/((M-1) sigma); its limit term vanishes for a constant group.
+    c.ks = sig_s > 0 ? ds * (saa - sab) / ((M - 1) * sig_s) : 0.0;
+    c.kt = sig_t > 0 ? dt * (sbb - sab) / ((M - 1) * sig_t) : 0.0;
+  } else {
+    c.ks = (saa - sab) / M;
+    c.kt = (sbb - sab) / M;
+  }
+  c.mus = m.ms;
+  c.mut = m.mt;
+  c.ids = 1.0 / ds;
+  c.idt = 1.0 / dt;
+  c.gs = 2.0 * scale / ds;
+  c.gt = 2.0 * scale / dt;
+  return c;
+}
+
+template <typename scalar_t>
+double loss_grad_run(const scalar_t* s, const scalar_t* t, int64_t len, const Coeffs& k,
+                     scalar_t* gs, scalar_t* gt) {
+  using acc = acc_t<scalar_t>;
+  const acc mus = acc(k.mus), mut = acc(k.mut), ids = acc(k.ids), idt = acc(k.idt);
+  const acc cs = acc(k.gs), ct = acc(k.gt), one_ks = acc(1.0 - k.ks), one_kt = acc(1.0 - k.kt);
+  double total = 0;
+  for (int64_t lo = 0; lo < len; lo += kBlock) {
+    const int64_t nb = std::min(kBlock, len - lo);
+    acc run = 0;
+#pragma omp simd reduction(+ : run)
+    for (int64_t i = lo; i < lo + nb; ++i) {
+      const acc a = (acc(s[i]) - mus) * ids, b = (acc(t[i]) - mut) * idt;
+      const acc d = a - b;
+      run += d * d;
+      if (gs) gs[i] = scalar_t(cs * (one_ks * a - b));
+      if (gt) gt[i] = scalar_t(ct * (one_kt * b - a));
+    }
+    total += double(run);
+  }
+  return total;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pcc_mse_fwd_cpu(const at::Tensor& student,
+                                                              const at::Tensor& teacher, int64_t norm,
+                                                              double eps, bool grad_student,
+                                                              bool grad_teacher) {
+  TORCH_CHECK(student.dim() == 4 && student.sizes() == teacher.sizes(),
+              "kdops::pcc_mse_fwd: student and teacher must be (N,C,H,W) of one shape");
+  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(),
+              "kdops::pcc_mse_fwd: student and teacher must share a dtype");
+  TORCH_CHECK(norm == 0 || norm == 1, "kdops::pcc_mse_fwd: norm must be 0 (channel) or 1 (instance)");
+  const auto s = student.contiguous();
+  const auto t = teacher.contiguous();
+  const int64_t N = s.size(0), C = s.size(1), HW = s.size(2) * s.size(3);
+  const int64_t numel = s.numel();
+  auto loss = at::zeros({}, s.options().dtype(acc_dtype(s.scalar_type())));
+  auto gs = grad_student ? at::empty_like(s) : no_grad_placeholder(s);
+  auto gt = grad_teacher ? at::empty_like(t) : no_grad_placeholder(t);
+  if (numel == 0) {
+    return {loss, gs, gt};
+  }
+  const double scale = 1.0 / double(numel);
+  // Group g covers `runs` runs of HW elements at g*HW + r*run_stride.
+  const int64_t groups = norm == 0 ? C : N * C;
+  const int64_t runs = norm == 0 ? N : 1;
+  const int64_t run_stride = C * HW;
+  std::vector<double> part(groups, 0.0);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "pcc_mse_fwd", [&] {
+    const auto* sp = s.data_ptr<scalar_t>();
+    const auto* tp = t.data_ptr<scalar_t>();
+    scalar_t* gsp = grad_student ? gs.data_ptr<scalar_t>() : nullptr;
+    scalar_t* gtp = grad_teacher ? gt.data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t g = begin; g < end; ++g) {
+        Moments m;
+        for (int64_t r = 0; r < runs; ++r) {
+          const int64_t off = g * HW + r * run_stride;
+          accumulate_run(sp + off, tp + off, HW, m);
+        }
+        const Coeffs k = coefficients(m, norm, eps, scale);
+        double total = 0;
+        for (int64_t r = 0; r < runs; ++r) {
+          const int64_t off = g * HW + r * run_stride;
+          total += loss_grad_run(sp + off, tp + off, HW, k, gsp ? gsp + off : nullptr,
+                                 gtp ? gtp + off : nullptr);
+        }
+        part[g] = total;
+      }
+    });
+  });
+  loss.fill_(ordered_sum(part) * scale);
+  return {loss, gs, gt};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(kdops, CPU, m) { m.impl("pcc_mse_fwd", &pcc_mse_fwd_cpu); }
+
+}  // namespace kdops

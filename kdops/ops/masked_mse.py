@@ -1,0 +1,123 @@
+"""kdops.masked_mse: weighted feature MSE with factorised pixel x channel weights."""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+from .. import reference
+from .._extension import HAS_C
+from ._common import (
+    Levels, acc_dtype, as_levels, check_pair, check_tensor, match_levels, needs_grad, register_cuda,
+    use_kernel,
+)
+
+OP = "masked_mse"
+Weights = Optional[Union[torch.Tensor, Sequence[torch.Tensor]]]
+
+
+def masked_mse(
+    student: Levels,
+    teacher: Levels,
+    *,
+    pixel_weight: Weights = None,
+    channel_weight: Weights = None,
+    reduction: str = "sum",
+) -> torch.Tensor:
+    r"""Weighted feature-imitation MSE with a factorised weight, in one pass.
+
+    .. math::
+        \mathcal{L} = \sum_{n,c,h,w} P_{n,h,w}\, Q_{n,c}\, (S_{n,c,h,w} - T_{n,c,h,w})^2
+
+    with ``P = pixel_weight`` (fg/bg masks times spatial attention) and
+    ``Q = channel_weight`` (channel attention); an absent factor is 1. This is the
+    feature loss of FitNet (Romero et al. 2015; no weights), FGFI (Wang et al. 2019;
+    P = imitation mask), DeFeat (Guo et al. 2021; P = a fg / b bg weights) and FGD
+    (Yang et al. 2022; P = (alpha M_fg + beta M_bg) A^S, Q = A^C). The N*C*H*W weight
+    tensor is never formed; the gradient is computed in the same pass.
+
+    Args:
+        student, teacher: (N,C,H,W) tensors of one shape, dtype (fp32/fp16/bf16/fp64)
+            and device, or sequences of L such tensors (FPN levels; H,W may differ).
+        pixel_weight: (N,H,W) per level, or None.
+        channel_weight: (N,C) per level, or None.
+        reduction: "sum", or "mean" (divides by N*C*H*W; an empty level gives 0).
+
+    Returns:
+        A 0-d tensor, or (L,) per-level losses for sequences; float32 for
+        fp32/fp16/bf16 inputs (a sum over millions of elements overflows fp16),
+        float64 for float64. Gradients flow to every input that requires grad.
+    """
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"kdops.{OP}: `reduction` must be 'sum' or 'mean', got {reduction!r}")
+    ss, is_seq = as_levels(OP, "student", student)
+    ts, t_seq = as_levels(OP, "teacher", teacher)
+    if t_seq != is_seq or len(ts) != len(ss):
+        raise ValueError(
+            f"kdops.{OP}: `student` and `teacher` must both be tensors or sequences of equal length, "
+            f"got {len(ss)} student and {len(ts)} teacher levels"
+        )
+    pws = match_levels(OP, "pixel_weight", pixel_weight, len(ss), is_seq)
+    cws = match_levels(OP, "channel_weight", channel_weight, len(ss), is_seq)
+    for i, (s, t, pw, cw) in enumerate(zip(ss, ts, pws, cws)):
+        lvl = i if is_seq else None
+        sfx = "" if lvl is None else f"[{lvl}]"
+        check_pair(OP, s, t, lvl)
+        N, C, H, W = s.shape
+        if pw is not None:
+            check_tensor(OP, f"pixel_weight{sfx}", pw, like=s, shape=(N, H, W), what="(N,H,W)")
+        if cw is not None:
+            check_tensor(OP, f"channel_weight{sfx}", cw, like=s, shape=(N, C), what="(N,C)")
+    losses = [_level(*args, reduction) for args in zip(ss, ts, pws, cws)]
+    return torch.stack(losses) if is_seq else losses[0]
+
+
+def _level(s, t, pw, cw, reduction):
+    if not use_kernel(OP, s.device):
+        return reference.masked_mse(s, t, pixel_weight=pw, channel_weight=cw, reduction=reduction)
+    acc = acc_dtype(s.dtype)
+    scale = 1.0 / max(s.numel(), 1) if reduction == "mean" else 1.0
+    loss, _, _, _ = torch.ops.kdops.masked_mse_fwd(
+        s, t,
+        pw.to(acc) if pw is not None else None,
+        cw.to(acc) if cw is not None else None,
+        scale, needs_grad(s, t), needs_grad(pw, cw),
+    )
+    return loss
+
+
+def _fake(s, t, pw, cw, scale, grad_input, grad_weights):
+    acc = acc_dtype(s.dtype)
+    grad = s.new_empty(s.shape) if grad_input else s.new_empty((0,))
+    gpw = pw.new_empty(pw.shape) if (grad_weights and pw is not None) else s.new_empty((0,), dtype=acc)
+    gcw = cw.new_empty(cw.shape) if (grad_weights and cw is not None) else s.new_empty((0,), dtype=acc)
+    return s.new_empty((), dtype=acc), grad, gpw, gcw
+
+
+def _setup_context(ctx, inputs, output):
+    _, g, gpw, gcw = output
+    ctx.save_for_backward(g, gpw, gcw)
+
+
+def _backward(ctx, gloss, *_unused):
+    g, gpw, gcw = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    gs = g * gloss if (need[0] or need[1]) else None
+    return (
+        gs if need[0] else None,
+        -gs if need[1] else None,
+        gpw * gloss if need[2] else None,
+        gcw * gloss if need[3] else None,
+        None, None, None,
+    )
+
+
+if HAS_C:
+    torch.library.register_fake("kdops::masked_mse_fwd")(_fake)
+    torch.library.register_autograd("kdops::masked_mse_fwd", _backward, setup_context=_setup_context)
+    from ..triton import HAS_TRITON
+
+    if HAS_TRITON:
+        from ..triton.masked_mse import masked_mse_fwd as _triton_fwd
+
+        register_cuda("masked_mse_fwd", _triton_fwd)

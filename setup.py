@@ -1,0 +1,50 @@
+"""Build kdops._C: the op schemas and C++ CPU kernels, plus CUDA sources when asked.
+
+CUDA sources (csrc/cuda/*.cu) are compiled when a GPU is visible or FORCE_CUDA=1.
+CUDA_HOME must point at a real toolkit (see ../shared/ENVIRONMENT.md; the Makefile sets it).
+"""
+import glob
+import os
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _extensions():
+    import torch
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension, CUDA_HOME
+
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cxx = ["-O3", "-fopenmp", "-DKDOPS_WITH_OPENMP"]
+    link = ["-fopenmp"]
+    force_cuda = os.environ.get("FORCE_CUDA", "0") == "1"
+    with_cuda = (force_cuda or torch.cuda.is_available()) and CUDA_HOME is not None
+    if force_cuda and CUDA_HOME is None:
+        raise RuntimeError(
+            "FORCE_CUDA=1 but no CUDA toolkit was found: set CUDA_HOME to the toolkit root "
+            "(the folder holding bin/nvcc)."
+        )
+    if with_cuda:
+        cu = sorted(glob.glob("csrc/cuda/*.cu"))
+        return [
+            CUDAExtension(
+                "kdops._C",
+                sources + cu,
+                extra_compile_args={
+                    "cxx": cxx + ["-DKDOPS_WITH_CUDA"],
+                    "nvcc": ["-O3", "--use_fast_math", "-DKDOPS_WITH_CUDA", "-lineinfo"],
+                },
+                extra_link_args=link,
+            )
+        ]
+    return [CppExtension("kdops._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)]
+
+
+def _cmdclass():
+    from torch.utils.cpp_extension import BuildExtension
+
+    return {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+setup(ext_modules=_extensions(), cmdclass=_cmdclass())
