@@ -1,0 +1,1 @@
+"""One module per op; each registers its cases with kdops.bench.register."""

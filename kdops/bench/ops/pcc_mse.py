@@ -1,0 +1,41 @@
+"""Bench entry pcc_mse: PKD (channel norm) and LGD (instance norm) over a COCO FPN."""
+from __future__ import annotations
+
+import torch
+
+import kdops
+from kdops import reference
+
+from ..problems import fpn
+from ..registry import Case, Impl, register
+
+
+@register("pcc_mse")
+def cases(device, dtype, size):
+    N, C, levels, _, _ = fpn(size)
+
+    def make():
+        g = torch.Generator(device="cpu").manual_seed(0)
+        mk = lambda *sh: torch.randn(*sh, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+        return {
+            "student": [mk(N, C, h, w).requires_grad_() for h, w in levels],
+            "teacher": [mk(N, C, h, w) for h, w in levels],
+        }
+
+    def min_bytes(inp):
+        e = inp["student"][0].element_size()
+        return sum(s.numel() for s in inp["student"]) * e * 3  # read s, t; write grad_s
+
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    out = []
+    for norm in ("channel", "instance"):
+        kd = lambda student, teacher, _n=norm: kdops.pcc_mse(student, teacher, norm=_n)  # noqa: E731
+        ref = lambda student, teacher, _n=norm: reference.pcc_mse(student, teacher, norm=_n)  # noqa: E731
+        paper = "PKD" if norm == "channel" else "LGD InstanceNorm"
+        out.append(Case(
+            op="pcc_mse", label=f"{paper}: norm={norm}, FPN P3-P{2 + len(levels)} N={N} C={C}",
+            make_inputs=make,
+            impls=[Impl("kdops", kd), Impl("eager", ref), Impl("compile", ref, compile=True)],
+            grad_inputs=["student"], min_bytes=min_bytes, atol=tol, rtol=tol,
+        ))
+    return out

@@ -1,0 +1,63 @@
+"""Registry of benchmark cases, one module per op under kdops/bench/ops/."""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+
+@dataclass
+class Impl:
+    """One implementation of a case: ``fn(**inputs)`` returns a tensor or a tuple of tensors
+    (what gets compared and back-propagated). ``compile=True`` wraps it in torch.compile."""
+
+    name: str
+    fn: Callable
+    compile: bool = False
+
+
+@dataclass
+class Case:
+    op: str                      # bench entry name == op name
+    label: str                   # the problem, e.g. "COCO P3-P7 N=2 C=256"
+    make_inputs: Callable[[], Dict[str, object]]  # called once; tensors on the bench device
+    impls: List[Impl]            # the first one is kdops, the second the eager reference
+    grad_inputs: List[str] = field(default_factory=list)  # inputs that require grad
+    min_bytes: Optional[Callable[[Dict[str, object]], int]] = None  # fwd+bwd minimal traffic
+    atol: float = 1e-4
+    rtol: float = 1e-4
+    backward: bool = True
+
+
+# op name -> factory(device, dtype, size) -> list of cases
+_REGISTRY: Dict[str, Callable[[torch.device, torch.dtype, str], List[Case]]] = {}
+
+
+def register(op: str):
+    def deco(factory):
+        _REGISTRY[op] = factory
+        return factory
+
+    return deco
+
+
+def _load_all() -> None:
+    from . import ops as ops_pkg
+
+    for m in pkgutil.iter_modules(ops_pkg.__path__):
+        importlib.import_module(f"{ops_pkg.__name__}.{m.name}")
+
+
+def available_ops() -> List[str]:
+    _load_all()
+    return sorted(_REGISTRY)
+
+
+def cases_for(op: str, device: torch.device, dtype: torch.dtype, size: str) -> List[Case]:
+    _load_all()
+    if op not in _REGISTRY:
+        raise ValueError(f"kdops bench: unknown op {op!r}; available: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[op](device, dtype, size)

@@ -1,0 +1,42 @@
+"""Shared test utilities: tolerances by dtype, autograd of the reference, devices."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+LOW = (torch.float16, torch.bfloat16)
+# (atol, rtol) of a kdops result against a float64 oracle, by input dtype.
+TOL = {
+    torch.float64: (1e-10, 1e-9),
+    torch.float32: (1e-5, 1e-4),
+    torch.float16: (2e-3, 2e-2),
+    torch.bfloat16: (2e-2, 5e-2),
+}
+
+
+def triton_device() -> str:
+    """Where Triton kernels run in this process: the GPU, or CPU tensors under the interpreter."""
+    return "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
+
+
+def close(actual, expected, dtype, scale=1.0, msg=""):
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(actual.double(), expected.double(), atol=atol * scale, rtol=rtol, msg=msg or None)
+
+
+def grads_of(fn, inputs):
+    """Value of fn(*inputs) summed with fixed random weights, and grads of inputs requiring grad."""
+    out = fn(*inputs)
+    g = torch.linspace(0.5, 1.5, out.numel(), dtype=out.dtype).reshape(out.shape)
+    req = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
+    grads = torch.autograd.grad((out * g).sum(), req, allow_unused=True)
+    return out.detach(), grads
+
+
+def leaf(x, dtype=None, requires_grad=True):
+    y = x.detach().clone()
+    if dtype is not None:
+        y = y.to(dtype)
+    return y.requires_grad_(requires_grad)
