@@ -58,9 +58,10 @@ def _pcc_loss_grad_kernel(s_ptr, t_ptr, coef_ptr, gs_ptr, gt_ptr, part_ptr, M, H
     mut = tl.load(cp + 1)
     ids = tl.load(cp + 2)
     idt = tl.load(cp + 3)
-    a = (tl.load(s_ptr + off, mask=m, other=0.0).to(ACC) - mus) * ids
-    b = (tl.load(t_ptr + off, mask=m, other=0.0).to(ACC) - mut) * idt
-    d = tl.where(m, a - b, 0.0)
+    # masked-off lanes are zeroed so nothing out of range is even computed
+    a = tl.where(m, (tl.load(s_ptr + off, mask=m, other=0.0).to(ACC) - mus) * ids, 0.0)
+    b = tl.where(m, (tl.load(t_ptr + off, mask=m, other=0.0).to(ACC) - mut) * idt, 0.0)
+    d = a - b
     tl.store(part_ptr + g.to(tl.int64) * nchunks + k, tl.sum(d * d, axis=0))
     if GRAD_S:
         gs = tl.load(cp + 4) * (tl.load(cp + 6) * a - b)
