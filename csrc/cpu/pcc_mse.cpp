@@ -23,8 +23,6 @@
 namespace kdops {
 namespace {
 
-constexpr int64_t kBlock = 512;
-
 struct Moments {
   double n = 0, ms = 0, mt = 0, m2s = 0, m2t = 0, cst = 0;
   // Chan et al.'s pairwise update with a block of nb elements.
@@ -39,32 +37,6 @@ struct Moments {
     n = tot;
   }
 };
-
-template <typename scalar_t>
-void accumulate_run(const scalar_t* s, const scalar_t* t, int64_t len, Moments& m) {
-  using acc = acc_t<scalar_t>;
-  for (int64_t lo = 0; lo < len; lo += kBlock) {
-    const int64_t nb = std::min(kBlock, len - lo);
-    const scalar_t* sp = s + lo;
-    const scalar_t* tp = t + lo;
-    acc ss = 0, st = 0;
-#pragma omp simd reduction(+ : ss, st)
-    for (int64_t i = 0; i < nb; ++i) {
-      ss += acc(sp[i]);
-      st += acc(tp[i]);
-    }
-    const acc mus = ss / acc(nb), mut = st / acc(nb);
-    acc m2s = 0, m2t = 0, cst = 0;
-#pragma omp simd reduction(+ : m2s, m2t, cst)
-    for (int64_t i = 0; i < nb; ++i) {
-      const acc a = acc(sp[i]) - mus, b = acc(tp[i]) - mut;
-      m2s += a * a;
-      m2t += b * b;
-      cst += a * b;
-    }
-    m.merge(double(nb), double(mus), double(mut), double(m2s), double(m2t), double(cst));
-  }
-}
 
 struct Coeffs {
   double mus, mut, ids, idt;  // means and 1/d
@@ -106,28 +78,21 @@ Coeffs coefficients(const Moments& m, int64_t norm, double eps, double scale) {
   return c;
 }
 
-template <typename scalar_t>
-double loss_grad_run(const scalar_t* s, const scalar_t* t, int64_t len, const Coeffs& k,
-                     scalar_t* gs, scalar_t* gt) {
-  using acc = acc_t<scalar_t>;
-  const acc mus = acc(k.mus), mut = acc(k.mut), ids = acc(k.ids), idt = acc(k.idt);
-  const acc cs = acc(k.gs), ct = acc(k.gt), one_ks = acc(1.0 - k.ks), one_kt = acc(1.0 - k.kt);
-  double total = 0;
-  for (int64_t lo = 0; lo < len; lo += kBlock) {
-    const int64_t nb = std::min(kBlock, len - lo);
-    acc run = 0;
-#pragma omp simd reduction(+ : run)
-    for (int64_t i = lo; i < lo + nb; ++i) {
-      const acc a = (acc(s[i]) - mus) * ids, b = (acc(t[i]) - mut) * idt;
-      const acc d = a - b;
-      run += d * d;
-      if (gs) gs[i] = scalar_t(cs * (one_ks * a - b));
-      if (gt) gt[i] = scalar_t(ct * (one_kt * b - a));
-    }
-    total += double(run);
-  }
-  return total;
-}
+}  // namespace
+}  // namespace kdops
+
+#define KDOPS_ISA base
+#include "pcc_mse_kernel.h"
+#undef KDOPS_ISA
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#define KDOPS_ISA avx2
+#include "pcc_mse_kernel.h"
+#undef KDOPS_ISA
+#pragma GCC pop_options
+
+namespace kdops {
+namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pcc_mse_fwd_cpu(const at::Tensor& student,
                                                               const at::Tensor& teacher, int64_t norm,
@@ -156,27 +121,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pcc_mse_fwd_cpu(const at::Tensor&
   std::vector<double> part(groups, 0.0);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "pcc_mse_fwd", [&] {
-    const auto* sp = s.data_ptr<scalar_t>();
-    const auto* tp = t.data_ptr<scalar_t>();
     scalar_t* gsp = grad_student ? gs.data_ptr<scalar_t>() : nullptr;
     scalar_t* gtp = grad_teacher ? gt.data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t g = begin; g < end; ++g) {
-        Moments m;
-        for (int64_t r = 0; r < runs; ++r) {
-          const int64_t off = g * HW + r * run_stride;
-          accumulate_run(sp + off, tp + off, HW, m);
-        }
-        const Coeffs k = coefficients(m, norm, eps, scale);
-        double total = 0;
-        for (int64_t r = 0; r < runs; ++r) {
-          const int64_t off = g * HW + r * run_stride;
-          total += loss_grad_run(sp + off, tp + off, HW, k, gsp ? gsp + off : nullptr,
-                                 gtp ? gtp + off : nullptr);
-        }
-        part[g] = total;
-      }
-    });
+    auto* fn = cpu_has_avx2() ? &avx2::pcc_groups<scalar_t> : &base::pcc_groups<scalar_t>;
+    fn(s.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), gsp, gtp, groups, runs, run_stride, HW, norm, eps, scale,
+       part.data());
   });
   loss.fill_(ordered_sum(part) * scale);
   return {loss, gs, gt};
