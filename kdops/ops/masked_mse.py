@@ -8,8 +8,8 @@ import torch
 from .. import reference
 from .._extension import HAS_C
 from ._common import (
-    Levels, acc_dtype, as_levels, check_pair, check_tensor, match_levels, needs_grad, register_cuda,
-    use_kernel,
+    Levels, acc_dtype, as_levels, check_pair, check_tensor, forbid_double_backward, match_levels, needs_grad,
+    register_cuda, use_kernel,
 )
 
 OP = "masked_mse"
@@ -100,6 +100,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, gloss, *_unused):
+    forbid_double_backward(OP)
     g, gpw, gcw = ctx.saved_tensors
     need = ctx.needs_input_grad
     gs = g * gloss if (need[0] or need[1]) else None

@@ -22,7 +22,9 @@ import torch
 
 from .. import reference
 from .._extension import HAS_C
-from ._common import Levels, acc_dtype, as_levels, check_pair, needs_grad, register_cuda, use_kernel
+from ._common import (
+    Levels, acc_dtype, as_levels, check_pair, forbid_double_backward, needs_grad, register_cuda, use_kernel,
+)
 
 OP = "pcc_mse"
 _NORMS = {"channel": (0, 1e-6), "instance": (1, 1e-5)}
@@ -99,6 +101,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, gloss, *_unused):
+    forbid_double_backward(OP)
     gs, gt = ctx.saved_tensors
     need = ctx.needs_input_grad
     return (gs * gloss if need[0] else None, gt * gloss if need[1] else None, None, None, None, None)

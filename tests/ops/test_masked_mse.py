@@ -226,3 +226,12 @@ def test_triton_kernel_empty():
     s = torch.zeros(0, 3, 4, 4, device=dev)
     loss, grad, _, _ = masked_mse_fwd(s, s, None, None, 1.0, True, False)
     assert loss.item() == 0 and grad.shape == s.shape
+
+
+def test_double_backward_refused_not_silently_wrong():
+    s, t, _, _ = make()
+    S = leaf(s)
+    (g,) = torch.autograd.grad(kdops.masked_mse(S, t), S, create_graph=False)
+    close(g, 2 * (s - t), torch.float64)
+    with pytest.raises(RuntimeError, match="does not support double backward"):
+        torch.autograd.grad(kdops.masked_mse(S, t), S, create_graph=True)

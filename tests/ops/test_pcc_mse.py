@@ -212,3 +212,10 @@ def test_triton_kernel_empty():
     s = torch.zeros(0, 3, 4, 4, device=triton_device())
     loss, gs, gt = pcc_mse_fwd(s, s, 0, 1e-6, True, False)
     assert loss.item() == 0 and gs.shape == s.shape and gt.numel() == 0
+
+
+def test_double_backward_refused_not_silently_wrong():
+    s, t = make()
+    S = leaf(s)
+    with pytest.raises(RuntimeError, match="does not support double backward"):
+        torch.autograd.grad(kdops.pcc_mse(S, t), S, create_graph=True)
