@@ -43,7 +43,8 @@ void run_masked_mse(const scalar_t* s, const scalar_t* t, const acc_t<scalar_t>*
 #undef KDOPS_CALL
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_mse_fwd_cpu(
+// The loss and, when asked, the gradients of scale * loss (one pass over the data).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_mse_cpu(
     const at::Tensor& student, const at::Tensor& teacher,
     const c10::optional<at::Tensor>& pixel_weight, const c10::optional<at::Tensor>& channel_weight,
     double scale, bool grad_input, bool grad_weights) {
@@ -99,6 +100,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_mse_fwd_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(kdops, CPU, m) { m.impl("masked_mse_fwd", &masked_mse_fwd_cpu); }
+at::Tensor masked_mse_fwd_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                              const c10::optional<at::Tensor>& pixel_weight,
+                              const c10::optional<at::Tensor>& channel_weight, double scale) {
+  return std::get<0>(masked_mse_cpu(student, teacher, pixel_weight, channel_weight, scale, false, false));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_mse_bwd_cpu(
+    const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
+    const c10::optional<at::Tensor>& pixel_weight, const c10::optional<at::Tensor>& channel_weight, double scale,
+    bool grad_input, bool grad_weights) {
+  TORCH_CHECK(grad_loss.numel() == 1, "kdops::masked_mse_bwd: grad_loss must have one element");
+  // On the CPU reading the incoming gradient costs nothing (no device synchronisation).
+  const double g = grad_loss.item<double>();
+  auto out = masked_mse_cpu(student, teacher, pixel_weight, channel_weight, scale * g, grad_input, grad_weights);
+  return {std::get<1>(out), std::get<2>(out), std::get<3>(out)};
+}
+
+TORCH_LIBRARY_IMPL(kdops, CPU, m) {
+  m.impl("masked_mse_fwd", &masked_mse_fwd_cpu);
+  m.impl("masked_mse_bwd", &masked_mse_bwd_cpu);
+}
 
 }  // namespace kdops

@@ -53,12 +53,13 @@ inline acc loss_grad_block(const acc* __restrict sp, const acc* __restrict tp, i
 }
 
 template <typename scalar_t, bool GS, bool GT>
-double loss_grad_run(const scalar_t* s, const scalar_t* t, int64_t len, const Coeffs& k, scalar_t* gs,
-                     scalar_t* gt) {
+double loss_grad_run(const scalar_t* s, const scalar_t* t, int64_t len, const Coeffs& k, double grad_scale,
+                     scalar_t* gs, scalar_t* gt) {
   using acc = acc_t<scalar_t>;
   acc sb[kVecBlock], tb[kVecBlock], gsb[kVecBlock], gtb[kVecBlock];
   const acc mus = acc(k.mus), mut = acc(k.mut), ids = acc(k.ids), idt = acc(k.idt);
-  const acc cs = acc(k.gs), ct = acc(k.gt), one_ks = acc(1.0 - k.ks), one_kt = acc(1.0 - k.kt);
+  const acc cs = acc(k.gs * grad_scale), ct = acc(k.gt * grad_scale);
+  const acc one_ks = acc(k.one_ks), one_kt = acc(k.one_kt);
   double total = 0;
   for (int64_t lo = 0; lo < len; lo += kVecBlock) {
     const int64_t nb = std::min(kVecBlock, len - lo);
@@ -73,35 +74,46 @@ double loss_grad_run(const scalar_t* s, const scalar_t* t, int64_t len, const Co
   return total;
 }
 
-template <typename scalar_t, bool GS, bool GT>
-void pcc_groups_impl(const scalar_t* s, const scalar_t* t, scalar_t* gs, scalar_t* gt, int64_t groups,
-                     int64_t runs, int64_t run_stride, int64_t HW, int64_t norm, double eps, double scale,
-                     double* part) {
-  // One task per group: its runs are read for the moments, then again (mostly from cache)
-  // for the loss and gradients.
+// Forward: per group, the moments (pass 1), its coefficients, and the exact loss (pass 2,
+// mostly from cache: a group is a few hundred KB at most on COCO shapes).
+template <typename scalar_t>
+void pcc_forward(const scalar_t* s, const scalar_t* t, int64_t groups, int64_t runs, int64_t run_stride,
+                 int64_t HW, int64_t norm, double eps, double scale, Coeffs* coef, double* part) {
   at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
       Moments m;
       for (int64_t r = 0; r < runs; ++r) accumulate_run(s + g * HW + r * run_stride, t + g * HW + r * run_stride, HW, m);
-      const Coeffs k = coefficients(m, norm, eps, scale);
+      coef[g] = coefficients(m, norm, eps, scale);
       double total = 0;
       for (int64_t r = 0; r < runs; ++r) {
         const int64_t off = g * HW + r * run_stride;
-        total += loss_grad_run<scalar_t, GS, GT>(s + off, t + off, HW, k, GS ? gs + off : nullptr,
-                                                 GT ? gt + off : nullptr);
+        total += loss_grad_run<scalar_t, false, false>(s + off, t + off, HW, coef[g], 0.0, nullptr, nullptr);
       }
       part[g] = total;
     }
   });
 }
 
+template <typename scalar_t, bool GS, bool GT>
+void pcc_backward_impl(const scalar_t* s, const scalar_t* t, scalar_t* gs, scalar_t* gt, int64_t groups,
+                       int64_t runs, int64_t run_stride, int64_t HW, const Coeffs* coef, double grad_loss) {
+  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      for (int64_t r = 0; r < runs; ++r) {
+        const int64_t off = g * HW + r * run_stride;
+        loss_grad_run<scalar_t, GS, GT>(s + off, t + off, HW, coef[g], grad_loss, GS ? gs + off : nullptr,
+                                        GT ? gt + off : nullptr);
+      }
+    }
+  });
+}
+
 template <typename scalar_t>
-void pcc_groups(const scalar_t* s, const scalar_t* t, scalar_t* gs, scalar_t* gt, int64_t groups, int64_t runs,
-                int64_t run_stride, int64_t HW, int64_t norm, double eps, double scale, double* part) {
-  if (gs && gt) pcc_groups_impl<scalar_t, true, true>(s, t, gs, gt, groups, runs, run_stride, HW, norm, eps, scale, part);
-  else if (gs) pcc_groups_impl<scalar_t, true, false>(s, t, gs, gt, groups, runs, run_stride, HW, norm, eps, scale, part);
-  else if (gt) pcc_groups_impl<scalar_t, false, true>(s, t, gs, gt, groups, runs, run_stride, HW, norm, eps, scale, part);
-  else pcc_groups_impl<scalar_t, false, false>(s, t, gs, gt, groups, runs, run_stride, HW, norm, eps, scale, part);
+void pcc_backward(const scalar_t* s, const scalar_t* t, scalar_t* gs, scalar_t* gt, int64_t groups, int64_t runs,
+                  int64_t run_stride, int64_t HW, const Coeffs* coef, double grad_loss) {
+  if (gs && gt) pcc_backward_impl<scalar_t, true, true>(s, t, gs, gt, groups, runs, run_stride, HW, coef, grad_loss);
+  else if (gs) pcc_backward_impl<scalar_t, true, false>(s, t, gs, gt, groups, runs, run_stride, HW, coef, grad_loss);
+  else if (gt) pcc_backward_impl<scalar_t, false, true>(s, t, gs, gt, groups, runs, run_stride, HW, coef, grad_loss);
 }
 
 }  // namespace KDOPS_ISA

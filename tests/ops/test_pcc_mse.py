@@ -187,17 +187,18 @@ def test_fake_tensor_shapes():
 @pytest.mark.parametrize("norm", ["channel", "instance"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_triton_kernel_matches_oracle(norm, dtype):
-    from kdops.triton.pcc_mse import pcc_mse_fwd
+    from kdops.triton.pcc_mse import pcc_mse_bwd, pcc_mse_fwd
 
     dev = triton_device()
     s, t = make((2, 8, 13, 17), seed=5)
     s[:, 3] = 2.0  # constant channel
     S, T = s.to(dev, dtype), t.to(dev, dtype)
     code, eps = (0, 1e-6) if norm == "channel" else (1, 1e-5)
-    loss, gs, gt = pcc_mse_fwd(S, T, code, eps, True, True)
+    loss, coeffs = pcc_mse_fwd(S, T, code, eps)
+    gs, gt = pcc_mse_bwd(torch.tensor(0.75, device=dev), S, T, coeffs, code, True, True)
     S64, T64 = leaf(S.double().cpu()), leaf(T.double().cpu())
     ref = oracle(S64, T64, norm)
-    rs, rt = torch.autograd.grad(ref, (S64, T64))
+    rs, rt = torch.autograd.grad(ref * 0.75, (S64, T64))
     close(loss.cpu(), ref, dtype)
     keep = [c for c in range(8) if c != 3]  # the eager oracle's grad is NaN on a constant channel
     close(gs.cpu()[:, keep], rs[:, keep], dtype, scale=rs.abs().nan_to_num().max().item())
@@ -207,10 +208,11 @@ def test_triton_kernel_matches_oracle(norm, dtype):
 
 @pytest.mark.triton
 def test_triton_kernel_empty():
-    from kdops.triton.pcc_mse import pcc_mse_fwd
+    from kdops.triton.pcc_mse import pcc_mse_bwd, pcc_mse_fwd
 
     s = torch.zeros(0, 3, 4, 4, device=triton_device())
-    loss, gs, gt = pcc_mse_fwd(s, s, 0, 1e-6, True, False)
+    loss, coeffs = pcc_mse_fwd(s, s, 0, 1e-6)
+    gs, gt = pcc_mse_bwd(torch.ones((), device=s.device), s, s, coeffs, 0, True, False)
     assert loss.item() == 0 and gs.shape == s.shape and gt.numel() == 0
 
 
