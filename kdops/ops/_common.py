@@ -147,7 +147,7 @@ def check_index_tensor(op: str, name: str, x, *, like: Optional[torch.Tensor], s
     """An int64 index tensor on the device of `like`; None in `shape` matches any size."""
     check_tensor(op, name, x, ndim=len(shape), dtypes=(torch.int64,), like=like, what=what)
     if any(want is not None and got != want for got, want in zip(x.shape, shape)):
-        want = tuple("*" if s is None else s for s in shape)
+        want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
         raise ValueError(f"kdops.{op}: `{name}` must have shape {want} {what}, got {_shape(x)}")
     return x
 
