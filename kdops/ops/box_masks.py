@@ -33,6 +33,10 @@ def _pow2(j: torch.Tensor) -> torch.Tensor:
     return torch.bitwise_left_shift(torch.ones_like(j), j)
 
 
+def _max_into(dst: torch.Tensor, src: torch.Tensor) -> None:
+    dst.copy_(torch.maximum(dst, src))
+
+
 def max_paint(ranges: torch.Tensor, weight: torch.Tensor, batch_index: torch.Tensor, size, dtype) -> torch.Tensor:
     """out[n,y,x] = max(0, max of weight[k] over boxes k of image n whose range covers (y,x))."""
     N, H, W = size
@@ -56,12 +60,12 @@ def max_paint(ranges: torch.Tensor, weight: torch.Tensor, batch_index: torch.Ten
     for a in range(LY):  # blocks 2^a x 2^b -> 2^a x 1
         for b in range(LX - 1, 0, -1):
             half = 1 << (b - 1)
-            torch.maximum(t[a, b - 1], t[a, b], out=t[a, b - 1])
-            torch.maximum(t[a, b - 1, :, :, half:], t[a, b, :, :, : W - half], out=t[a, b - 1, :, :, half:])
+            _max_into(t[a, b - 1], t[a, b])
+            _max_into(t[a, b - 1, :, :, half:], t[a, b, :, :, : W - half])
     for a in range(LY - 1, 0, -1):  # 2^a x 1 -> 1 x 1
         half = 1 << (a - 1)
-        torch.maximum(t[a - 1, 0], t[a, 0], out=t[a - 1, 0])
-        torch.maximum(t[a - 1, 0, :, half:], t[a, 0, :, : H - half], out=t[a - 1, 0, :, half:])
+        _max_into(t[a - 1, 0], t[a, 0])
+        _max_into(t[a - 1, 0, :, half:], t[a, 0, :, : H - half])
     return t[0, 0].clone()
 
 
