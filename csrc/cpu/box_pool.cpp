@@ -52,54 +52,50 @@ std::vector<std::vector<Box>> boxes_per_image(const at::Tensor& ranges, const at
 
 inline double box_count(const Box& b) { return double((b.x1 - b.x0 + 1) * (b.y1 - b.y0 + 1)); }
 
-// Row-wise inclusive prefix sums of `rows` rows of `n` doubles (leading dimension ld),
-// four rows at a time: four independent add chains instead of one, which is what bounds
-// a scan on a CPU (the add latency), not the memory.
+// 2-D prefix sums are split into a scan down the columns (independent across x, so it
+// vectorises) and a scan along each row. The row scan is bound by the add latency, not
+// by memory, so 8 rows run as 8 independent chains (8 adds in flight).
+
+// In place: every row of `rows` rows (leading dimension ld) becomes its inclusive prefix sum.
 inline void row_scan(double* buf, int64_t rows, int64_t n, int64_t ld) {
+  constexpr int R = 8;
   int64_t y = 0;
-  for (; y + 4 <= rows; y += 4) {
-    double* r0 = buf + y * ld;
-    double* r1 = r0 + ld;
-    double* r2 = r1 + ld;
-    double* r3 = r2 + ld;
-    for (int64_t x = 1; x < n; ++x) {
-      r0[x] += r0[x - 1];
-      r1[x] += r1[x - 1];
-      r2[x] += r2[x - 1];
-      r3[x] += r3[x - 1];
+  for (; y + R <= rows; y += R) {
+    double* b = buf + y * ld;
+    double run[R] = {};
+    for (int64_t x = 0; x < n; ++x) {
+      for (int r = 0; r < R; ++r) {
+        run[r] += b[r * ld + x];
+        b[r * ld + x] = run[r];
+      }
     }
   }
   for (; y < rows; ++y) {
-    double* r = buf + y * ld;
-    for (int64_t x = 1; x < n; ++x) r[x] += r[x - 1];
+    double* b = buf + y * ld;
+    double run = 0.0;
+    for (int64_t x = 0; x < n; ++x) b[x] = run += b[x];
   }
 }
 
-// Column-wise inclusive prefix sums (vectorises across x): with row_scan, a 2-D
-// inclusive prefix sum (summed-area table) in place.
-inline void col_scan(double* buf, int64_t rows, int64_t n, int64_t ld) {
-  for (int64_t y = 1; y < rows; ++y) {
-    const double* above = buf + (y - 1) * ld;
-    double* cur = buf + y * ld;
-#pragma omp simd
-    for (int64_t x = 0; x < n; ++x) cur[x] += above[x];
-  }
-}
-
+// Pool: S row y+1 (from column 1) = S row y + feature row y; then row_scan gives the SAT.
 template <typename scalar_t>
-inline void load_row(const scalar_t* src, int64_t stride, double* dst, int64_t n) {
+inline void col_accumulate(const scalar_t* src, int64_t stride, const double* above, double* dst, int64_t n) {
   if (stride == 1) {
 #pragma omp simd
-    for (int64_t x = 0; x < n; ++x) dst[x] = double(src[x]);
+    for (int64_t x = 0; x < n; ++x) dst[x] = above[x] + double(src[x]);
   } else {
-    for (int64_t x = 0; x < n; ++x) dst[x] = double(src[x * stride]);
+    for (int64_t x = 0; x < n; ++x) dst[x] = above[x] + double(src[x * stride]);
   }
 }
 
+// Paint: running column sums of the row-scanned difference array, written to the output row.
 template <typename scalar_t>
-inline void store_row(const double* src, scalar_t* dst, int64_t n) {
+inline void col_emit(const double* row, double* col, scalar_t* dst, int64_t n) {
 #pragma omp simd
-  for (int64_t x = 0; x < n; ++x) dst[x] = static_cast<scalar_t>(src[x]);
+  for (int64_t x = 0; x < n; ++x) {
+    col[x] += row[x];
+    dst[x] = static_cast<scalar_t>(col[x]);
+  }
 }
 
 at::Tensor box_pool_fwd_cpu(const at::Tensor& feature, const at::Tensor& ranges, const at::Tensor& batch_index,
@@ -121,14 +117,9 @@ at::Tensor box_pool_fwd_cpu(const at::Tensor& feature, const at::Tensor& ranges,
         const int64_t n = t / C, c = t % C;
         if (boxes[n].empty()) continue;
         const scalar_t* p = fp + n * sN + c * sC;
-        // S row y+1, column x+1 = f[y][x]; row 0 and column 0 stay 0
-        for (int64_t y = 0; y < H; ++y) {
-          const scalar_t* row = p + y * sH;
-          double* cur = S.data() + (y + 1) * W1 + 1;
-          load_row(row, sW, cur, W);
-        }
+        for (int64_t y = 0; y < H; ++y)  // row 0 and column 0 of S stay 0
+          col_accumulate(p + y * sH, sW, S.data() + y * W1 + 1, S.data() + (y + 1) * W1 + 1, W);
         row_scan(S.data() + W1, H, W1, W1);
-        col_scan(S.data() + W1, H, W1, W1);
         for (const Box& b : boxes[n]) {
           const double* top = S.data() + b.y0 * W1;
           const double* bot = S.data() + (b.y1 + 1) * W1;
@@ -158,7 +149,7 @@ at::Tensor box_paint_fwd_cpu(const at::Tensor& values, const at::Tensor& ranges,
     const scalar_t* vp = v.data_ptr<scalar_t>();
     scalar_t* op_ = out.data_ptr<scalar_t>();
     at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
-      std::vector<double> D((H + 1) * W1);
+      std::vector<double> D((H + 1) * W1), col(W);
       for (int64_t t = begin; t < end; ++t) {
         const int64_t n = t / C, c = t % C;
         scalar_t* dst = op_ + t * H * W;
@@ -176,10 +167,8 @@ at::Tensor box_paint_fwd_cpu(const at::Tensor& values, const at::Tensor& ranges,
           D[(b.y1 + 1) * W1 + b.x1 + 1] += val;
         }
         row_scan(D.data(), H, W, W1);
-        col_scan(D.data(), H, W, W1);
-        for (int64_t y = 0; y < H; ++y) {
-          store_row(D.data() + y * W1, dst + y * W, W);
-        }
+        std::fill(col.begin(), col.end(), 0.0);
+        for (int64_t y = 0; y < H; ++y) col_emit(D.data() + y * W1, col.data(), dst + y * W, W);
       }
     });
   });
