@@ -33,7 +33,7 @@ def gather_level_features(features: Sequence[torch.Tensor], index: torch.Tensor,
             synchronisation). ``validate=False`` skips the check (no sync, the hot path);
             out-of-range rows then give zero rows and receive no gradient -- the kernels
             never read or write outside the maps. The check is also skipped while
-            torch.compile traces.
+            torch.compile traces and for fake / meta tensors.
 
     Returns:
         (R,C) in the features' dtype.
@@ -41,7 +41,7 @@ def gather_level_features(features: Sequence[torch.Tensor], index: torch.Tensor,
     feats, is_seq = as_levels(OP, "features", features)
     first = check_levels(OP, "features", feats, is_seq)
     check_index_tensor(OP, "index", index, like=first, shape=(None, 4), what="(R,4) rows [level, batch, y, x]")
-    if validate and not compiling():
+    if validate and not compiling(index):
         _validate_rows(feats, index)
     if not use_kernel(OP, first.device):
         return reference.gather_level_features(feats, index)

@@ -97,6 +97,12 @@ def test_pool_low_precision(dtype):
     assert out.dtype == dtype
     ref = oracle_pool(feats, boxes, bi, "center")
     close(out, ref, dtype, scale=ref.abs().max().item())
+    v = torch.randn(boxes.shape[0], 8, dtype=torch.float64)
+    painted = kdops.box_paint(v.to(dtype), boxes, bi, (2, *SIZES[0]), STRIDES[0])
+    assert painted.dtype == dtype
+    m = box_mask_dense(boxes, SIZES[0], STRIDES[0], "center")
+    ref_p = torch.einsum("khw,kc,kn->nchw", m, v.to(dtype).double(), torch.nn.functional.one_hot(bi, 2).double())
+    close(painted, ref_p, dtype, scale=ref_p.abs().max().item())
 
 
 def test_pool_fp32_on_a_coco_sized_map():
@@ -285,6 +291,8 @@ def test_triton_pool_and_paint_match_oracle(dtype, mean):
     ref_p = torch.einsum("khw,kc,kn->nchw", m, v.to(dtype).double() / cnt, onehot)
     assert painted.dtype == dtype
     close(painted.cpu(), ref_p, dtype, scale=ref_p.abs().max().item())
+    again = box_paint_fwd(v.to(dev, dtype), r.to(dev), bi.to(dev), 2, *SIZES[0], mean)
+    assert torch.equal(painted, again)  # sorted segment sums, no atomics: bitwise reproducible
 
 
 @pytest.mark.triton

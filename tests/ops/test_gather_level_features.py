@@ -177,8 +177,9 @@ def test_fake_tensor_shapes():
 
     with FakeTensorMode():
         feats = [torch.empty(2, 8, h, w, dtype=torch.float16, requires_grad=True) for h, w in SIZES]
-        out = kdops.gather_level_features(feats, torch.zeros(7, 4, dtype=torch.int64), validate=False)
-        assert out.shape == (7, 8) and out.dtype == torch.float16
+        for validate in (True, False):
+            out = kdops.gather_level_features(feats, torch.zeros(7, 4, dtype=torch.int64), validate=validate)
+            assert out.shape == (7, 8) and out.dtype == torch.float16
         g = torch.ops.kdops.gather_level_features_bwd(out, torch.zeros(7, 4, dtype=torch.int64),
                                                       [s for f in feats for s in f.shape])
         assert [x.shape for x in g] == [f.shape for f in feats]

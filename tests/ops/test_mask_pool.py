@@ -60,3 +60,15 @@ def test_bad_inputs():
         kdops.mask_pool(f, m, bi.int())
     with pytest.raises(ValueError, match="`feature` must be 4-D"):
         kdops.mask_pool(f[0], m, bi)
+
+
+def test_torch_compile_fullgraph():
+    f, m, bi = make(dtype=torch.float32)
+    a_in, b_in = leaf(f), leaf(f)
+    cf = torch.compile(lambda f, m, b: kdops.mask_pool(f, m, b).pow(2).sum(), fullgraph=True, backend="aot_eager")
+    a = cf(a_in, m, bi)
+    b = kdops.mask_pool(b_in, m, bi).pow(2).sum()
+    a.backward()
+    b.backward()
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(a_in.grad, b_in.grad)
