@@ -309,3 +309,18 @@ def test_triton_empty_and_out_of_range_boxes():
     p = box_paint_fwd(torch.ones(3, 3, device=dev), r, bi, 2, 5, 6, False)
     assert p[0].eq(1).all() and not p[1].any()
     assert box_pool_fwd(f, r[:0], bi[:0], False).shape == (0, 3)
+
+
+def test_runs_under_deterministic_algorithms():
+    boxes, bi = make_boxes(10, seed=11)
+    f = leaf(make_feats(dtype=torch.float32)[0])
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        out = kdops.box_pool(f, boxes, bi, 8, reduce="mean")
+        out.sum().backward()
+        fg, bg = kdops.box_masks(boxes, bi, (2, 13, 17), 8)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    close(out, oracle_pool([f], boxes, bi, "center", "mean")[0], torch.float32, scale=10)
+    assert fg.shape == bg.shape == (2, 13, 17)

@@ -61,7 +61,8 @@ def _cases(op, device, dtype, size):
         tol = 1e-3 if dtype == torch.float32 else 5e-2
         cases.append(Case(
             op=op, label=f"FPN P3-P{2 + len(levels)} N={N} C={C} K={K}", make_inputs=make,
-            impls=[Impl("kdops", kd), Impl("eager (per-image mask matmul)", ref)],
+            impls=[Impl("kdops", kd), Impl("eager (per-image mask matmul)", ref),
+                   Impl("compile", ref, compile=True)],
             grad_inputs=grad, min_bytes=min_bytes, atol=tol, rtol=tol))
     return cases
 

@@ -43,6 +43,7 @@ def cases(device, dtype, size):
             return 2 * R * C * e + sum(N * C * h * w for h, w in levels) * e  # rows in/out, zeroed grads
 
         out.append(Case(op="gather_level_features", label=f"FPN P3-P{2 + len(levels)} N={N} C={C} R={R}",
-                        make_inputs=make, impls=[Impl("kdops", kd), Impl("eager (per-level loop)", ref)],
+                        make_inputs=make, impls=[Impl("kdops", kd), Impl("eager (per-level loop)", ref),
+                               Impl("compile", ref, compile=True)],
                         grad_inputs=["features"], min_bytes=min_bytes, atol=0, rtol=0))
     return out
