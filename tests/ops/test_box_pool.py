@@ -159,6 +159,8 @@ def test_gradcheck_pool_and_paint():
     assert torch.autograd.gradcheck(lambda f: kdops.box_pool(f, boxes, bi, 16, reduce="mean"), (f,))
     assert torch.autograd.gradcheck(lambda f: kdops.box_pool([f, f[:, :, :3, :4]], boxes, bi, [16, 32]), (f,))
     assert torch.autograd.gradcheck(lambda v: kdops.box_paint(v, boxes, bi, (2, 6, 7), 16), (v,))
+    small = leaf(torch.randn(2, 2, 4, 5, dtype=torch.float64))
+    assert torch.autograd.gradgradcheck(lambda f: kdops.box_pool(f, boxes, bi, 16, reduce="mean") ** 2, (small,))
 
 
 def test_empty_and_degenerate_inputs():

@@ -85,6 +85,10 @@ def test_gradcheck_float64():
     feats = tuple(leaf(f[:, :3]) for f in make())
     idx = rows(12)
     assert torch.autograd.gradcheck(lambda *f: kdops.gather_level_features(list(f), idx), feats)
+    # the backward op is differentiable too (its adjoint is the gather)
+    small = (leaf(torch.randn(2, 2, 3, 4, dtype=torch.float64)), leaf(torch.randn(2, 2, 2, 2, dtype=torch.float64)))
+    rows_small = torch.tensor([[0, 1, 2, 3], [1, 0, 1, 1], [0, 1, 2, 3], [1, 1, 0, 0]])
+    assert torch.autograd.gradgradcheck(lambda *f: kdops.gather_level_features(list(f), rows_small) ** 2, small)
 
 
 @pytest.mark.parametrize("bad_row, words", [
