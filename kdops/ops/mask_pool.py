@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import check_index_tensor, check_tensor
+from ._common import FLOAT_DTYPES, check_index_tensor, check_tensor
 
 OP = "mask_pool"
 
@@ -22,7 +22,8 @@ def mask_pool(feature: torch.Tensor, masks: torch.Tensor, batch_index: torch.Ten
 
     Args:
         feature: (N,C,H,W) floating.
-        masks: (K,H,W) floating (cast to the feature's dtype).
+        masks: (K,H,W) floating, bool or uint8 (cast to the feature's dtype; gradients flow
+            to floating masks).
         batch_index: (K,) int64.
 
     Returns:
@@ -30,7 +31,8 @@ def mask_pool(feature: torch.Tensor, masks: torch.Tensor, batch_index: torch.Ten
     """
     check_tensor(OP, "feature", feature, ndim=4, what="(N,C,H,W)")
     N, C, H, W = feature.shape
-    check_tensor(OP, "masks", masks, ndim=3, like=feature, what="(K,H,W)")
+    check_tensor(OP, "masks", masks, ndim=3, dtypes=FLOAT_DTYPES + (torch.bool, torch.uint8), like=feature,
+                 what="(K,H,W)")
     K = masks.shape[0]
     if masks.shape[1:] != (H, W):
         raise ValueError(f"kdops.{OP}: `masks` must have shape (K,{H},{W}) to match `feature`, got {tuple(masks.shape)}")

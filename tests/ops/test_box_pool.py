@@ -116,6 +116,20 @@ def test_pool_fp32_on_a_coco_sized_map():
     torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("mean", [False, True])
+def test_fallback_references_on_ranges_match_kernels(mean):
+    # what runs on devices without a kernel (reference.box_pool_ranges / box_paint_ranges)
+    from kdops import reference
+
+    boxes, bi = make_boxes()
+    f = make_feats()[0]
+    r = kdops.box_ranges(boxes, [SIZES[0]], [8])[0]
+    close(reference.box_pool_ranges(f, r, bi, mean), torch.ops.kdops.box_pool_fwd(f, r, bi, mean), torch.float64)
+    v = torch.randn(boxes.shape[0], 5, dtype=torch.float64)
+    close(reference.box_paint_ranges(v, r, bi, (2, *SIZES[0]), mean),
+          torch.ops.kdops.box_paint_fwd(v, r, bi, 2, *SIZES[0], mean), torch.float64)
+
+
 def test_paint_parity_float64_levels_and_values_per_level():
     boxes, bi = make_boxes()
     sizes = [(2, h, w) for h, w in SIZES]

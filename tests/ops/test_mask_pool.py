@@ -43,6 +43,11 @@ def test_low_precision(dtype):
     close(out, ref, dtype, scale=ref.abs().max().item())
 
 
+def test_bool_masks():
+    f, m, bi = make()
+    close(kdops.mask_pool(f, m.bool(), bi), oracle(f, m, bi), torch.float64)
+
+
 def test_empty_and_out_of_range_batch():
     f, m, bi = make()
     assert kdops.mask_pool(f, m[:0], bi[:0]).shape == (0, 5)
