@@ -3,7 +3,7 @@ import re
 
 import pytest
 import torch
-from helpers import LOW, close, leaf, triton_device
+from helpers import LOW, close, compile_for_gpu, leaf, triton_device
 
 import kdops
 from kdops.reference.box_pool import box_mask_dense
@@ -340,3 +340,21 @@ def test_runs_under_deterministic_algorithms():
         torch.use_deterministic_algorithms(before)
     close(out, oracle_pool([f], boxes, bi, "center", "mean")[0], torch.float32, scale=10)
     assert fg.shape == bg.shape == (2, 13, 17)
+
+
+@pytest.mark.parametrize("dtype, acc", [("fp32", "fp32"), ("bf16", "fp32"), ("fp64", "fp64")])
+def test_triton_kernels_compile_for_sm90(dtype, acc):
+    import triton.language as tl
+
+    from kdops.triton._segments import _segment_sum_kernel
+    from kdops.triton.box_pool import _box_query_kernel, _sat_kernel
+
+    ACC = tl.float64 if acc == "fp64" else tl.float32
+    i32 = "i32"
+    compile_for_gpu(_sat_kernel, {"in_ptr": f"*{dtype}", "out_ptr": f"*{acc}", "C": i32, "H": i32, "W": i32,
+                                  "s_n": i32, "s_c": i32, "s_h": i32, "s_w": i32}, {"ACC": ACC, "BLOCK_W": 256})
+    compile_for_gpu(_box_query_kernel, {"sat_ptr": f"*{acc}", "rng_ptr": "*i64", "bi_ptr": "*i64", "out_ptr": f"*{dtype}",
+                                        "N": i32, "C": i32, "H": i32, "W": i32}, {"MEAN": True, "BLOCK_C": 128})
+    compile_for_gpu(_segment_sum_kernel, {"src_ptr": f"*{dtype}", "row_ptr": "*i64", "coef_ptr": f"*{acc}",
+                                          "key_ptr": "*i64", "out_ptr": f"*{acc}", "J": i32, "C": i32, "key_lo": "i64",
+                                          "key_hi": "i64", "HW": i32}, {"HAS_COEF": True, "ACC": ACC, "BLOCK_C": 128})

@@ -3,7 +3,7 @@ import re
 
 import pytest
 import torch
-from helpers import LOW, close, leaf, triton_device
+from helpers import LOW, close, compile_for_gpu, leaf, triton_device
 
 import kdops
 
@@ -214,3 +214,20 @@ def test_triton_gather_and_scatter(dtype):
     again = gather_level_features_bwd(g.to(dev), idx.to(dev), shapes)
     assert all(torch.equal(a, b) for a, b in zip(got, again))
     assert gather_level_features_fwd([f.to(dev) for f in feats], idx[:0].to(dev)).shape == (0, 5)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "fp64"])
+def test_triton_kernels_compile_for_sm90(dtype):
+    import triton.language as tl
+
+    from kdops.triton._segments import _segment_sum_kernel
+    from kdops.triton.gather_level_features import _gather_kernel
+
+    i32 = "i32"
+    compile_for_gpu(_gather_kernel, {"f_ptr": f"*{dtype}", "idx_ptr": "*i64", "out_ptr": f"*{dtype}", "R": i32, "C": i32,
+                                     "lvl": i32, "N": i32, "H": i32, "W": i32, "s_n": "i64", "s_c": "i64", "s_h": i32,
+                                     "s_w": i32}, {"BLOCK_R": 32, "BLOCK_C": 128})
+    acc = tl.float64 if dtype == "fp64" else tl.float32
+    compile_for_gpu(_segment_sum_kernel, {"src_ptr": f"*{dtype}", "row_ptr": "*i64", "coef_ptr": "*i64", "key_ptr": "*i64",
+                                          "out_ptr": f"*{dtype}", "J": i32, "C": i32, "key_lo": i32, "key_hi": i32,
+                                          "HW": i32}, {"HAS_COEF": False, "ACC": acc, "BLOCK_C": 64})
