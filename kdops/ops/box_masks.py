@@ -6,7 +6,8 @@ over the boxes covering it, which difference arrays (sums) cannot express; it is
 computed with a 2-D sparse table instead: a box of h×w pixels is exactly covered by the
 four (possibly overlapping) 2^⌊log2 h⌋ × 2^⌊log2 w⌋ blocks at its corners, so each box
 writes 4 entries with ``scatter_reduce(amax)`` (order-free, hence deterministic), and
-log2(H)+log2(W) shifted-maximum passes push the blocks down to pixels. Cost
+log2(H)+log2(W) shifted-maximum passes (each over all block heights at once) push the
+blocks down to pixels. Cost
 O(N·H·W·log H·log W + K) per level; the table holds (⌊log2 H⌋+1)(⌊log2 W⌋+1) maps of
 (N,H,W) (56 for a 100×152 level).
 """
@@ -57,11 +58,10 @@ def max_paint(ranges: torch.Tensor, weight: torch.Tensor, batch_index: torch.Ten
     table = torch.zeros(LY * LX * N * H * W, dtype=dtype, device=ranges.device)
     table.scatter_reduce_(0, idx, src, "amax")
     t = table.view(LY, LX, N, H, W)
-    for a in range(LY):  # blocks 2^a x 2^b -> 2^a x 1
-        for b in range(LX - 1, 0, -1):
-            half = 1 << (b - 1)
-            _max_into(t[a, b - 1], t[a, b])
-            _max_into(t[a, b - 1, :, :, half:], t[a, b, :, :, : W - half])
+    for b in range(LX - 1, 0, -1):  # blocks 2^a x 2^b -> 2^a x 1, all heights a at once
+        half = 1 << (b - 1)
+        _max_into(t[:, b - 1], t[:, b])
+        _max_into(t[:, b - 1, :, :, half:], t[:, b, :, :, : W - half])
     for a in range(LY - 1, 0, -1):  # 2^a x 1 -> 1 x 1
         half = 1 << (a - 1)
         _max_into(t[a - 1, 0], t[a, 0])
