@@ -10,6 +10,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
+from .._device import constant
 from ._common import check_tensor, per_level_numbers
 
 RULES = ("center", "lgd", "fgd")
@@ -83,12 +84,12 @@ def level_ranges(boxes: torch.Tensor, size: Tuple[int, int], stride: float, rule
     ya, yb = _axis(y1, y2, H, stride, img_h, rule)
     r = torch.stack([xa, ya, xb, yb], 1)
     if clip:
-        lim = torch.tensor([W - 1, H - 1], dtype=dt, device=boxes.device)
+        lim = constant([W - 1, H - 1], like=boxes, dtype=dt)
         a, b = r[:, :2], r[:, 2:]
         # empty (or NaN) on either axis -> the canonical empty range [1, 1, 0, 0]
         empty = ((a > b) | (b < 0) | (a > lim) | a.isnan() | b.isnan()).any(1, keepdim=True)
         r = torch.cat([torch.clamp(a, min=0), torch.minimum(b, lim)], 1)
-        r = torch.where(empty, torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=dt, device=boxes.device), r)
+        r = torch.where(empty, constant([1.0, 1.0, 0.0, 0.0], like=boxes, dtype=dt), r)
     else:
         r = torch.nan_to_num(r, nan=0.0).clamp(-(2.0 ** 40), 2.0 ** 40)
     return r.to(torch.int64)

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._device import constant
 from . import acc_dtype, device_guard
 from ._segments import segment_scatter
 
@@ -97,7 +98,7 @@ def corner_entries(ranges, batch_index, N, H, W, mean: bool, dtype):
     xs = torch.stack([x0, x1 + 1, x0, x1 + 1], 1)
     keep = ok[:, None] & (ys < H) & (xs < W)
     keys = torch.where(keep, (batch_index[:, None] * H + ys) * W + xs, -1).reshape(-1)
-    sign = torch.tensor([1.0, -1.0, -1.0, 1.0], device=ranges.device, dtype=dtype)
+    sign = constant([1.0, -1.0, -1.0, 1.0], like=ranges, dtype=dtype)
     coef = sign.expand(K, 4)
     if mean:
         cnt = ((x1 - x0 + 1) * (y1 - y0 + 1)).clamp(min=1).to(dtype)

@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._device import constant
 from . import device_guard
 from ._segments import segment_scatter
 
@@ -56,8 +57,8 @@ def row_keys(index, sizes):
     for N, H, W in sizes:
         offsets.append(total)
         total += N * H * W
-    lim = torch.tensor([[N, H, W] for N, H, W in sizes], device=index.device)
-    off = torch.tensor(offsets, device=index.device)
+    lim = constant([[N, H, W] for N, H, W in sizes], like=index, dtype=torch.int64)
+    off = constant(offsets, like=index, dtype=torch.int64)
     lvl = index[:, 0]
     lc = lvl.clamp(0, len(sizes) - 1)
     L3 = lim[lc]
