@@ -3,6 +3,9 @@
     import kdops
     loss = kdops.pcc_mse(student_fpn, teacher_fpn)          # (L,) per-level PKD terms
     loss = kdops.masked_mse(s, t, pixel_weight=m, channel_weight=a)
+    rows = kdops.gather_level_features(student_head, anchor_index)   # (R,C), HEAD's CKD
+    emb = kdops.box_pool(student_fpn, gt_boxes, batch, strides)     # (L,K,C), LGD
+    fg, bg = kdops.box_masks(gt_boxes, batch, sizes, strides, image_size=(h, w))  # FGD masks
 
 See README.md and ``kdops info`` for which backend each op uses on this machine.
 """

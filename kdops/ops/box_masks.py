@@ -87,6 +87,9 @@ def box_masks(
       feature pixels as FGD counts it ((y_hi+1-y_lo)(x_hi+1-x_lo) of the *unclipped*
       range of ``rule``); :math:`M_{bg} = 1` where no box covers, divided by its sum per
       image (left as is when the whole image is foreground).
+      Equal to FGD's loop up to float rounding of 1/A (FGD divides twice in float32); GT
+      boxes lie inside the image there -- a box starting left of / above the map, whose
+      negative slice start FGD would wrap around, is clipped here instead.
     - ``mode="binary"`` (FGFI / DeFeat style): :math:`M_{fg} = 1` where a box covers,
       :math:`M_{bg} = 1 - M_{fg}`.
 
@@ -97,9 +100,10 @@ def box_masks(
                                  image_size=(img_h, img_w))
         loss = kdops.masked_mse(s, t, pixel_weight=[(alpha * f + beta * b) * a
                                                     for f, b, a in zip(fg, bg, A_s)],
-                                channel_weight=A_c)
+                                channel_weight=A_c) / N
 
-    (FGD sums alpha·fg and beta·bg terms separately; both share (s - t)^2, so one
+    (FGD sums alpha·fg and beta·bg terms separately, each a summed MSE divided by the
+    batch size N, with the teacher's attention on both maps; both share (s - t)^2, so one
     weighted MSE with the summed weight is the same loss.)
 
     Args:
