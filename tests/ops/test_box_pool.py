@@ -325,6 +325,9 @@ def test_triton_empty_and_out_of_range_boxes():
     p = box_paint_fwd(torch.ones(3, 3, device=dev), r, bi, 2, 5, 6, False)
     assert p[0].eq(1).all() and not p[1].any()
     assert box_pool_fwd(f, r[:0], bi[:0], False).shape == (0, 3)
+    # strided maps are read through their strides
+    cl = f.contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(box_pool_fwd(cl, r, bi, True), box_pool_fwd(f, r, bi, True))
 
 
 def test_runs_under_deterministic_algorithms():
