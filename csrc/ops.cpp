@@ -29,6 +29,21 @@ TORCH_LIBRARY(kdops, m) {
   m.def(
       "pcc_mse_bwd(Tensor grad_loss, Tensor student, Tensor teacher, Tensor coeffs, int norm, "
       "bool grad_student, bool grad_teacher) -> (Tensor, Tensor)");
+  // out[r] = features[level_r][batch_r, :, y_r, x_r] for index rows [level, batch, y, x];
+  // rows out of range give zeros. (R,C) in the features' dtype.
+  m.def("gather_level_features_fwd(Tensor[] features, Tensor index) -> Tensor");
+  // Adjoint: one (N,C,H,W) map per level (shapes = L*4 sizes, flattened), rows summed per
+  // destination in a fixed order (deterministic, no atomics); out-of-range rows dropped.
+  m.def("gather_level_features_bwd(Tensor grad, Tensor index, SymInt[] shapes) -> Tensor[]");
+  // One level. ranges (K,4) int64 inclusive [x_lo, y_lo, x_hi, y_hi] in feature pixels,
+  // batch_index (K,) int64. out[k,c] = sum of feature[b_k, c] over the range (divided by
+  // max(count,1) when mean), through summed-area tables: O(N*C*H*W + K*C).
+  m.def("box_pool_fwd(Tensor feature, Tensor ranges, Tensor batch_index, bool mean) -> Tensor");
+  // Adjoint of box_pool_fwd: out[n,c,y,x] = sum over boxes k of image n covering (y,x) of
+  // values[k,c] (/count when mean), through 2-D difference arrays + prefix sums.
+  m.def(
+      "box_paint_fwd(Tensor values, Tensor ranges, Tensor batch_index, SymInt N, SymInt H, "
+      "SymInt W, bool mean) -> Tensor");
 }
 
 // `import kdops._C` loads this library, which runs the registrations above.

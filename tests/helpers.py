@@ -40,3 +40,24 @@ def leaf(x, dtype=None, requires_grad=True):
     if dtype is not None:
         y = y.to(dtype)
     return y.requires_grad_(requires_grad)
+
+
+def compile_for_gpu(fn, signature: dict, constexprs: dict, arch: int = 90):
+    """Compiles a @triton.jit kernel to a cubin for sm_<arch> without a GPU (type checks the
+    compiled path, which the interpreter does not). Skips when that toolchain is missing."""
+    import pytest
+
+    if INTERPRET:
+        pytest.skip("kernels are interpreted in this process (TRITON_INTERPRET=1)")
+    try:
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except Exception as exc:  # pragma: no cover
+        pytest.skip(f"triton compiler unavailable: {exc}")
+    sig = dict(signature)
+    sig.update({k: "constexpr" for k in constexprs})
+    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs),
+                            target=GPUTarget("cuda", arch, 32))
+    assert "cubin" in kernel.asm
+    return kernel

@@ -1,5 +1,13 @@
 """The public kernel API: validation, documentation and autograd over torch.ops.kdops.*."""
+from .box_masks import box_masks
+from .box_pool import box_paint, box_pool
+from .box_ranges import box_ranges
+from .gather_level_features import gather_level_features
+from .mask_pool import mask_pool
 from .masked_mse import masked_mse
 from .pcc_mse import pcc_mse
 
-__all__ = ["masked_mse", "pcc_mse"]
+__all__ = [
+    "box_masks", "box_paint", "box_pool", "box_ranges", "gather_level_features", "mask_pool", "masked_mse",
+    "pcc_mse",
+]

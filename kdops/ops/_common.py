@@ -132,3 +132,67 @@ def register_cuda(name: str, fn) -> None:
 
 
 _LIB = torch.library.Library("kdops", "IMPL") if HAS_C else None
+
+
+def check_levels(op: str, name: str, levels: list, is_seq: bool) -> torch.Tensor:
+    """Per-level (N,C,H,W) maps with one N, C, dtype and device; returns the first level."""
+    first = None
+    for i, x in enumerate(levels):
+        sfx = f"[{i}]" if is_seq else ""
+        check_tensor(op, f"{name}{sfx}", x, ndim=4, like=first, what="(N,C,H,W)")
+        if first is None:
+            first = x
+            continue
+        if x.dtype != first.dtype:
+            raise TypeError(f"kdops.{op}: `{name}{sfx}` is {x.dtype} but `{name}[0]` is {first.dtype}; use one dtype")
+        if x.shape[:2] != first.shape[:2]:
+            raise ValueError(
+                f"kdops.{op}: `{name}{sfx}` has (N,C) = {tuple(x.shape[:2])} but `{name}[0]` has "
+                f"{tuple(first.shape[:2])}; every level needs the same batch and channels"
+            )
+    return first
+
+
+def check_index_tensor(op: str, name: str, x, *, like: Optional[torch.Tensor], shape: tuple, what: str) -> torch.Tensor:
+    """An int64 index tensor on the device of `like`; None in `shape` matches any size."""
+    check_tensor(op, name, x, ndim=len(shape), dtypes=(torch.int64,), like=like, what=what)
+    if any(want is not None and got != want for got, want in zip(x.shape, shape)):
+        want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+        raise ValueError(f"kdops.{op}: `{name}` must have shape {want} {what}, got {_shape(x)}")
+    return x
+
+
+def per_level_numbers(op: str, name: str, x, n_levels: int, is_seq: bool) -> list:
+    """One positive number per level (strides): a number for a single level, or a sequence of L."""
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        vals = [x] * n_levels if not is_seq or n_levels == 1 else None
+    elif isinstance(x, (list, tuple)) and len(x) == n_levels:
+        vals = list(x)
+    else:
+        vals = None
+    if vals is None or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in vals):
+        raise ValueError(f"kdops.{op}: `{name}` must be {n_levels} positive number(s) (one per level), got {x!r}")
+    return vals
+
+
+def compiling(*tensors) -> bool:
+    """True while torch.compile traces or any tensor is fake/meta: host-side data checks are
+    skipped there (the kernels stay bounds-safe without them)."""
+    if getattr(torch, "compiler", None) and torch.compiler.is_compiling():
+        return True
+    from torch._subclasses.fake_tensor import is_fake
+
+    return any(t.device.type == "meta" or is_fake(t) for t in tensors)
+
+
+def parse_sizes(op: str, sizes) -> tuple:
+    """(N,H,W) for one level or a sequence of them: (list of sizes, was_sequence)."""
+    def is_size(s):
+        return isinstance(s, (list, tuple, torch.Size)) and len(s) == 3 and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in s)
+
+    if is_size(sizes):
+        return [tuple(sizes)], False
+    if isinstance(sizes, (list, tuple)) and sizes and all(is_size(s) for s in sizes):
+        return [tuple(s) for s in sizes], True
+    raise ValueError(f"kdops.{op}: `sizes` must be one (N,H,W) or a sequence of (N,H,W) per level, got {sizes!r}")

@@ -3,7 +3,14 @@
 They are the test oracle, the baseline of ``kdops bench`` and the fallback on
 devices with no kernel. They favour clarity over speed and memory.
 """
+from .box_masks import box_masks
+from .box_pool import box_paint, box_paint_ranges, box_pool, box_pool_ranges, box_ranges
+from .gather_level_features import gather_level_features
+from .mask_pool import mask_pool
 from .masked_mse import masked_mse
 from .pcc_mse import pcc_mse
 
-__all__ = ["masked_mse", "pcc_mse"]
+__all__ = [
+    "box_masks", "box_paint", "box_paint_ranges", "box_pool", "box_pool_ranges", "box_ranges",
+    "gather_level_features", "mask_pool", "masked_mse", "pcc_mse",
+]

@@ -1,0 +1,49 @@
+"""Bench entry gather_level_features: HEAD's RoI-to-anchor sampling over a COCO FPN, R sweep."""
+from __future__ import annotations
+
+import torch
+
+import kdops
+from kdops import reference
+
+from ..problems import fpn
+from ..registry import Case, Impl, register
+
+R_SWEEP = (64, 256, 1024, 4096)
+
+
+def random_rows(R: int, N: int, levels, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    lvl = torch.randint(0, len(levels), (R,), generator=g)
+    H = torch.tensor([h for h, _ in levels])[lvl]
+    W = torch.tensor([w for _, w in levels])[lvl]
+    return torch.stack([lvl, torch.randint(0, N, (R,), generator=g), (torch.rand(R, generator=g) * H).long(),
+                        (torch.rand(R, generator=g) * W).long()], 1)
+
+
+@register("gather_level_features")
+def cases(device, dtype, size):
+    N, C, levels, _, _ = fpn(size)
+    out = []
+    for R in R_SWEEP:
+        def make(R=R):
+            g = torch.Generator().manual_seed(R)
+            return {"features": [torch.randn(N, C, h, w, generator=g).to(device, dtype).requires_grad_()
+                                 for h, w in levels],
+                    "index": random_rows(R, N, levels, seed=R).to(device)}
+
+        def kd(features, index):
+            return kdops.gather_level_features(features, index, validate=False)
+
+        def ref(features, index):
+            return reference.gather_level_features(features, index)
+
+        def min_bytes(inp, R=R):
+            e = torch.empty((), dtype=dtype).element_size()
+            return 2 * R * C * e + sum(N * C * h * w for h, w in levels) * e  # rows in/out, zeroed grads
+
+        out.append(Case(op="gather_level_features", label=f"FPN P3-P{2 + len(levels)} N={N} C={C} R={R}",
+                        make_inputs=make, impls=[Impl("kdops", kd), Impl("eager (per-level loop)", ref),
+                               Impl("compile", ref, compile=True)],
+                        grad_inputs=["features"], min_bytes=min_bytes, atol=0, rtol=0))
+    return out

@@ -1,0 +1,174 @@
+r"""kdops.box_pool and its adjoint kdops.box_paint: box sums over FPN maps, and back.
+
+With :math:`m_k` the 0/1 mask of box k on a level (a rectangle of whole pixels, see
+:func:`kdops.box_ranges`) and :math:`b_k` its image,
+
+.. math::
+    \mathrm{pool}(F)[k, c] = \sum_{y,x} m_k[y,x]\, F[b_k, c, y, x], \qquad
+    \mathrm{paint}(V)[n, c, y, x] = \sum_{k: b_k = n} m_k[y,x]\, V[k, c],
+
+so :math:`\langle \mathrm{pool}(F), V\rangle = \langle F, \mathrm{paint}(V)\rangle` and each
+is the other's gradient. Pooling reads summed-area tables, painting fills 2-D difference
+arrays and prefix-sums them: O(N·C·H·W + K·C) per level whatever the box areas, and no
+per-box H×W mask is ever formed (LGD's code multiplies dense per-object masks).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+from .. import reference
+from .._extension import HAS_C
+from ._common import (
+    FLOAT_DTYPES, as_levels, check_levels, check_tensor, parse_sizes, per_level_numbers, register_cuda, use_kernel,
+)
+from .box_ranges import ImageSize, _check_rule, check_boxes, level_ranges
+
+Sizes = Union[Sequence[int], Sequence[Sequence[int]]]
+
+
+def box_pool(
+    features,
+    boxes: torch.Tensor,
+    batch_index: torch.Tensor,
+    strides,
+    *,
+    rule: str = "center",
+    image_size: ImageSize = None,
+    reduce: str = "sum",
+) -> torch.Tensor:
+    r"""Sums (or averages) each box's feature pixels on every FPN level.
+
+    LGD (Zhang et al., AAAI 2022) pools the student's projected FPN features inside each
+    object's box to build its appearance embedding; this is that pooling, in one call
+    over all levels.
+
+    Args:
+        features: (N,C,H,W), or a sequence of L such levels (one N, C, dtype, device).
+        boxes: (K,4) xyxy in input-image pixels; boxes partly or wholly outside the image,
+            zero-area boxes and K = 0 are valid (uncovered levels pool to 0).
+        batch_index: (K,) int64 image of each box. A box whose batch index is out of
+            range pools to 0 (not checked on the host: no synchronisation).
+        strides: one stride per level (a number for a single tensor).
+        rule, image_size: the pixel-inclusion rule, see :func:`kdops.box_ranges`.
+        reduce: "sum", or "mean" (divides by max(pixel count, 1)).
+
+    Returns:
+        (K,C) for one map, (L,K,C) for a sequence; features' dtype, accumulated in
+        float64 on the CPU and float32 (float64 for float64) on the GPU.
+    """
+    op = "box_pool"
+    feats, is_seq = as_levels(op, "features", features)
+    first = check_levels(op, "features", feats, is_seq)
+    check_boxes(op, boxes, batch_index, like=first)
+    st = per_level_numbers(op, "strides", strides, len(feats), is_seq)
+    img = _check_rule(op, rule, image_size, boxes)
+    if reduce not in ("sum", "mean"):
+        raise ValueError(f"kdops.{op}: `reduce` must be 'sum' or 'mean', got {reduce!r}")
+    mean = reduce == "mean"
+    outs = []
+    for f, s in zip(feats, st):
+        r = level_ranges(boxes, f.shape[-2:], s, rule, img)
+        if use_kernel(op, f.device):
+            outs.append(torch.ops.kdops.box_pool_fwd(f, r, batch_index, mean))
+        else:
+            outs.append(reference.box_pool_ranges(f, r, batch_index, mean))
+    return torch.stack(outs) if is_seq else outs[0]
+
+
+def box_paint(
+    values: torch.Tensor,
+    boxes: torch.Tensor,
+    batch_index: torch.Tensor,
+    sizes: Sizes,
+    strides,
+    *,
+    rule: str = "center",
+    image_size: ImageSize = None,
+):
+    r"""Adds each box's value row over its pixels: :math:`\sum_k m_k v_k^\top` per image.
+
+    The adjoint (and gradient) of :func:`box_pool`; LGD's knowledge mapper writes object
+    embeddings back onto the feature maps inside their boxes this way.
+
+    Args:
+        values: (K,C), painted on every level, or (L,K,C), one set per level.
+        boxes, batch_index, strides, rule, image_size: as in :func:`box_pool`.
+        sizes: (N,H,W) for one level, or a sequence of L such sizes.
+
+    Returns:
+        (N,C,H,W) for a single size, else a list of L (N,C,H_l,W_l); values' dtype.
+    """
+    op = "box_paint"
+    levels, is_seq = parse_sizes(op, sizes)
+    L = len(levels)
+    check_tensor(op, "values", values, dtypes=FLOAT_DTYPES, what="(K,C) or (L,K,C)")
+    check_boxes(op, boxes, batch_index, like=values)
+    K = boxes.shape[0]
+    if values.dim() == 2 and values.shape[0] == K:
+        per_level = [values] * L
+    elif values.dim() == 3 and values.shape[:2] == (L, K):
+        per_level = list(values.unbind(0))
+    else:
+        raise ValueError(f"kdops.{op}: `values` must be (K,C) = ({K}, C) or (L,K,C) = ({L}, {K}, C), "
+                         f"got {tuple(values.shape)}")
+    st = per_level_numbers(op, "strides", strides, L, is_seq)
+    img = _check_rule(op, rule, image_size, boxes)
+    outs = []
+    for (N, H, W), v, s in zip(levels, per_level, st):
+        r = level_ranges(boxes, (H, W), s, rule, img)
+        if use_kernel(op, values.device):
+            outs.append(torch.ops.kdops.box_paint_fwd(v, r, batch_index, N, H, W, False))
+        else:
+            outs.append(reference.box_paint_ranges(v, r, batch_index, (N, H, W), False))
+    return outs if is_seq else outs[0]
+
+
+def _fake_pool(feature, ranges, batch_index, mean):
+    return feature.new_empty((ranges.shape[0], feature.shape[1]))
+
+
+def _fake_paint(values, ranges, batch_index, N, H, W, mean):
+    return values.new_empty((N, values.shape[1], H, W))
+
+
+def _pool_setup(ctx, inputs, output):
+    feature, ranges, batch_index, mean = inputs
+    ctx.size = (feature.shape[0], feature.shape[2], feature.shape[3])
+    ctx.mean = mean
+    ctx.save_for_backward(ranges, batch_index)
+
+
+def _pool_backward(ctx, grad):
+    ranges, batch_index = ctx.saved_tensors
+    N, H, W = ctx.size
+    g = torch.ops.kdops.box_paint_fwd(grad, ranges, batch_index, N, H, W, ctx.mean)
+    return g, None, None, None
+
+
+def _paint_setup(ctx, inputs, output):
+    values, ranges, batch_index, N, H, W, mean = inputs
+    ctx.mean = mean
+    ctx.save_for_backward(ranges, batch_index)
+
+
+def _paint_backward(ctx, grad):
+    ranges, batch_index = ctx.saved_tensors
+    g = torch.ops.kdops.box_pool_fwd(grad, ranges, batch_index, ctx.mean)
+    return g, None, None, None, None, None, None
+
+
+if HAS_C:
+    torch.library.register_fake("kdops::box_pool_fwd")(_fake_pool)
+    torch.library.register_fake("kdops::box_paint_fwd")(_fake_paint)
+    torch.library.register_autograd("kdops::box_pool_fwd", _pool_backward, setup_context=_pool_setup)
+    torch.library.register_autograd("kdops::box_paint_fwd", _paint_backward, setup_context=_paint_setup)
+    from ..triton import HAS_TRITON
+
+    if HAS_TRITON:
+        from ..triton.box_pool import box_paint_fwd as _triton_paint
+        from ..triton.box_pool import box_pool_fwd as _triton_pool
+
+        register_cuda("box_pool_fwd", _triton_pool)
+        register_cuda("box_paint_fwd", _triton_paint)

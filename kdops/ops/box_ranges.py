@@ -1,0 +1,140 @@
+"""kdops.box_ranges: image boxes -> inclusive feature-pixel ranges, per FPN level.
+
+Every method's box mask is an axis-aligned rectangle of whole feature pixels, so the
+box kernels (box_pool, box_paint, box_masks) work on integer ranges; this module holds
+every convention. Computed with tensor ops on the boxes' device: no host sync.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+from .._device import constant
+from ._common import check_tensor, per_level_numbers
+
+RULES = ("center", "lgd", "fgd")
+ImageSize = Optional[Union[Tuple[int, int], torch.Tensor]]
+
+
+def check_boxes(op: str, boxes, batch_index=None, like: Optional[torch.Tensor] = None) -> None:
+    check_tensor(op, "boxes", boxes, ndim=2, like=like, what="(K,4) xyxy in image pixels")
+    if boxes.shape[1] != 4:
+        raise ValueError(f"kdops.{op}: `boxes` must have shape (K,4) xyxy in image pixels, got {tuple(boxes.shape)}")
+    if batch_index is not None:
+        check_tensor(op, "batch_index", batch_index, ndim=1, dtypes=(torch.int64,), like=boxes, what="(K,)")
+        if batch_index.shape[0] != boxes.shape[0]:
+            raise ValueError(
+                f"kdops.{op}: `batch_index` must have shape ({boxes.shape[0]},) (one image per box), "
+                f"got {tuple(batch_index.shape)}"
+            )
+
+
+def _check_rule(op: str, rule: str, image_size: ImageSize, boxes: torch.Tensor):
+    if rule not in RULES:
+        raise ValueError(f"kdops.{op}: `rule` must be one of {RULES}, got {rule!r}")
+    if image_size is None:
+        return None
+    if isinstance(image_size, torch.Tensor):
+        check_tensor(op, "image_size", image_size, ndim=2, dtypes=(torch.int64, torch.int32, torch.float32, torch.float64),
+                     like=boxes, what="(K,2) (height, width) per box")
+        if image_size.shape != (boxes.shape[0], 2):
+            raise ValueError(f"kdops.{op}: `image_size` must be (K,2) = ({boxes.shape[0]}, 2) per box, "
+                             f"got {tuple(image_size.shape)}")
+        return image_size[:, 0], image_size[:, 1]
+    if (isinstance(image_size, (tuple, list)) and len(image_size) == 2
+            and all(isinstance(v, (int, float)) and v > 0 for v in image_size)):
+        return float(image_size[0]), float(image_size[1])
+    raise ValueError(f"kdops.{op}: `image_size` must be None, (height, width) or a (K,2) tensor, got {image_size!r}")
+
+
+def _axis(lo: torch.Tensor, hi: torch.Tensor, size: int, stride: float, img, rule: str):
+    """Unclipped inclusive pixel range [a, b] of one axis (float tensors of integers)."""
+    if rule == "center":
+        # x1 < (x + 0.5) s < x2 ; the estimate is corrected by one against the exact test
+        a = torch.floor(lo / stride - 0.5) + 1
+        a = torch.where((a - 0.5) * stride > lo, a - 1, a)
+        a = torch.where((a + 0.5) * stride <= lo, a + 1, a)
+        b = torch.ceil(hi / stride - 0.5) - 1
+        b = torch.where((b + 1.5) * stride < hi, b + 1, b)
+        b = torch.where((b + 0.5) * stride >= hi, b - 1, b)
+        return a, b
+    if rule == "lgd":
+        # LGD get_inside_gt_mask: |x - (x1 r + x2 r)/2| / (x2 r - x1 r) <= 0.5, r = size / image
+        r = (1.0 / stride) if img is None else size / img
+        lo_r, hi_r = lo * r, hi * r
+        a, b = torch.ceil(lo_r), torch.floor(hi_r)
+        b = torch.where(hi_r - lo_r > 0, b, a - 1)  # zero-size (or inverted) boxes cover nothing
+        return a, b
+    # FGD: floor(x1 / image * size), ceil(x2 / image * size), divided first as the authors do
+    if img is None:
+        return torch.floor(lo / stride), torch.ceil(hi / stride)
+    return torch.floor(lo / img * size), torch.ceil(hi / img * size)
+
+
+def level_ranges(boxes: torch.Tensor, size: Tuple[int, int], stride: float, rule: str, img, clip: bool = True):
+    """(K,4) int64 [x_lo, y_lo, x_hi, y_hi] of one level; unclipped when clip=False."""
+    H, W = int(size[0]), int(size[1])
+    dt = boxes.dtype if boxes.dtype in (torch.float32, torch.float64) else torch.float32
+    x1, y1, x2, y2 = boxes.to(dt).unbind(1)
+    img_h, img_w = (None, None) if img is None else img
+    if isinstance(img_w, torch.Tensor):
+        img_h, img_w = img_h.to(dt), img_w.to(dt)
+    xa, xb = _axis(x1, x2, W, stride, img_w, rule)
+    ya, yb = _axis(y1, y2, H, stride, img_h, rule)
+    r = torch.stack([xa, ya, xb, yb], 1)
+    if clip:
+        lim = constant([W - 1, H - 1], like=boxes, dtype=dt)
+        a, b = r[:, :2], r[:, 2:]
+        # empty (or NaN) on either axis -> the canonical empty range [1, 1, 0, 0]
+        empty = ((a > b) | (b < 0) | (a > lim) | a.isnan() | b.isnan()).any(1, keepdim=True)
+        r = torch.cat([torch.clamp(a, min=0), torch.minimum(b, lim)], 1)
+        r = torch.where(empty, constant([1.0, 1.0, 0.0, 0.0], like=boxes, dtype=dt), r)
+    else:
+        r = torch.nan_to_num(r, nan=0.0).clamp(-(2.0 ** 40), 2.0 ** 40)
+    return r.to(torch.int64)
+
+
+def box_ranges(
+    boxes: torch.Tensor,
+    feature_sizes: Sequence[Sequence[int]],
+    strides: Sequence[float],
+    rule: str = "center",
+    image_size: ImageSize = None,
+) -> torch.Tensor:
+    r"""Turns image boxes into inclusive feature-pixel ranges, one set per FPN level.
+
+    Rules (pixel (y, x) of a level with stride s and size H x W):
+
+    - ``"center"``: inside iff :math:`x_1 < (x+\tfrac12)s < x_2` and
+      :math:`y_1 < (y+\tfrac12)s < y_2` (pixel centres strictly inside the box).
+    - ``"lgd"``: LGD's ``get_inside_gt_mask`` (Zhang et al., "LGD: Label-Guided
+      Self-Distillation for Object Detection", AAAI 2022): with r = feature size /
+      padded image size per axis (1/s when ``image_size`` is None), inside iff
+      :math:`x_1 r \le x \le x_2 r` and :math:`y_1 r \le y \le y_2 r`; zero-width or
+      zero-height boxes cover nothing.
+    - ``"fgd"``: FGD's mask code (Yang et al., "Focal and Global Knowledge
+      Distillation for Detectors", CVPR 2022): the closed range
+      :math:`[\lfloor x_1/w_{img}\cdot W\rfloor, \lceil x_2/w_{img}\cdot W\rceil]` (same for y;
+      ``x/s`` when ``image_size`` is None), clipped to the map.
+
+    Args:
+        boxes: (K,4) xyxy in input-image pixels (floating).
+        feature_sizes: L pairs (H, W) (longer tuples use their last two entries).
+        strides: L positive numbers.
+        rule: "center", "lgd" or "fgd".
+        image_size: None, (height, width), or a (K,2) tensor of each box's image size.
+
+    Returns:
+        (L,K,4) int64 [x_lo, y_lo, x_hi, y_hi], clipped to each map; a box that covers no
+        pixel of a level gets the empty range [1, 1, 0, 0] there.
+    """
+    op = "box_ranges"
+    check_boxes(op, boxes)
+    if not isinstance(feature_sizes, (list, tuple)) or not feature_sizes or not all(
+            isinstance(s, (list, tuple, torch.Size)) and len(s) >= 2 for s in feature_sizes):
+        raise ValueError(f"kdops.{op}: `feature_sizes` must be a sequence of L (H, W) pairs, got {feature_sizes!r}")
+    L = len(feature_sizes)
+    st = per_level_numbers(op, "strides", strides, L, True)
+    img = _check_rule(op, rule, image_size, boxes)
+    return torch.stack([level_ranges(boxes, tuple(s)[-2:], st[i], rule, img) for i, s in enumerate(feature_sizes)])

@@ -1,0 +1,122 @@
+"""Triton kernels of kdops::box_pool_fwd and kdops::box_paint_fwd (the CUDA backend).
+
+- ``_sat_kernel``: one program per (n,c) plane walks the rows, carrying the running
+  column sums in registers, and writes the row-wise ``tl.cumsum`` of them: the inclusive
+  summed-area table S (or, applied to a difference array, the painted map). In place
+  when input and output are one buffer.
+- pool = SAT of the features into an fp32 (fp64 for fp64) buffer of the features'
+  shape, then ``_box_query_kernel``: per (box, channel block) four corner reads.
+  An fp32 table carries ~1e-7 of the plane's running total, so a box sum has an
+  absolute error of about 1e-7 x |plane sum| (the CPU kernel uses float64).
+- paint = the signed box values at the 4 corners of a difference array, added with the
+  deterministic sorted segment reduction of ``_segments.py`` (no atomics), then the SAT
+  pass in place, then a cast to the values' dtype.
+Cost O(N·C·H·W + K·C) per level; no per-box masks. Everything is Triton except the
+stable ``torch.sort`` of the 4K corner keys and a few O(K) index computations.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._device import constant
+from . import acc_dtype, device_guard
+from ._segments import segment_scatter
+
+
+@triton.jit
+def _sat_kernel(in_ptr, out_ptr, C, H, W, s_n, s_c, s_h, s_w, ACC: tl.constexpr, BLOCK_W: tl.constexpr):
+    p = tl.program_id(0).to(tl.int64)
+    n = p // C
+    c = p - n * C
+    xs = tl.arange(0, BLOCK_W)
+    m = xs < W
+    src = in_ptr + n * s_n + c * s_c + xs * s_w
+    dst = out_ptr + p * H * W + xs
+    col = tl.zeros([BLOCK_W], ACC)
+    for y in range(0, H):
+        col += tl.load(src + y * s_h, mask=m, other=0.0).to(ACC)
+        tl.store(dst + y * W, tl.cumsum(col, axis=0).to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _box_query_kernel(sat_ptr, rng_ptr, bi_ptr, out_ptr, N, C, H, W, MEAN: tl.constexpr, BLOCK_C: tl.constexpr):
+    k = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = cols < C
+    n = tl.load(bi_ptr + k)
+    x0 = tl.maximum(tl.load(rng_ptr + 4 * k), 0)
+    y0 = tl.maximum(tl.load(rng_ptr + 4 * k + 1), 0)
+    x1 = tl.minimum(tl.load(rng_ptr + 4 * k + 2), W - 1)
+    y1 = tl.minimum(tl.load(rng_ptr + 4 * k + 3), H - 1)
+    ok = (n >= 0) & (n < N) & (x0 <= x1) & (y0 <= y1)
+    plane = sat_ptr + (n * C + cols.to(tl.int64)) * H * W
+    m = cm & ok
+    s = tl.load(plane + y1 * W + x1, mask=m, other=0.0)
+    s -= tl.load(plane + (y0 - 1) * W + x1, mask=m & (y0 > 0), other=0.0)
+    s -= tl.load(plane + y1 * W + (x0 - 1), mask=m & (x0 > 0), other=0.0)
+    s += tl.load(plane + (y0 - 1) * W + (x0 - 1), mask=m & (y0 > 0) & (x0 > 0), other=0.0)
+    if MEAN:
+        cnt = tl.where(ok, (x1 - x0 + 1) * (y1 - y0 + 1), 1)
+        s = s / cnt.to(s.dtype)
+    tl.store(out_ptr + k * C + cols, s.to(out_ptr.dtype.element_ty), mask=cm)
+
+
+def _sat(x, out):
+    N, C, H, W = x.shape
+    _sat_kernel[(N * C,)](x, out, C, H, W, *x.stride(), ACC=acc_dtype(x.dtype),
+                          BLOCK_W=triton.next_power_of_2(W), num_warps=4)
+
+
+def box_pool_fwd(feature, ranges, batch_index, mean: bool):
+    """Same contract as the kdops::box_pool_fwd schema (csrc/ops.cpp)."""
+    N, C, H, W = feature.shape
+    K = ranges.shape[0]
+    out = feature.new_zeros((K, C))
+    if K == 0 or C == 0 or N * H * W == 0:
+        return out
+    acc = torch.float64 if feature.dtype == torch.float64 else torch.float32
+    sat = torch.empty((N, C, H, W), device=feature.device, dtype=acc)
+    BLOCK_C = min(128, triton.next_power_of_2(C))
+    with device_guard(feature):
+        _sat(feature, sat)
+        _box_query_kernel[(K, triton.cdiv(C, BLOCK_C))](
+            sat, ranges.contiguous(), batch_index.contiguous(), out, N, C, H, W, MEAN=mean, BLOCK_C=BLOCK_C)
+    return out
+
+
+def corner_entries(ranges, batch_index, N, H, W, mean: bool, dtype):
+    """The 4 signed corners of each box's difference array: (rows, coef, keys); -1 keys drop."""
+    K = ranges.shape[0]
+    x0 = ranges[:, 0].clamp(min=0)
+    y0 = ranges[:, 1].clamp(min=0)
+    x1 = ranges[:, 2].clamp(max=W - 1)
+    y1 = ranges[:, 3].clamp(max=H - 1)
+    ok = (batch_index >= 0) & (batch_index < N) & (x0 <= x1) & (y0 <= y1)
+    ys = torch.stack([y0, y0, y1 + 1, y1 + 1], 1)
+    xs = torch.stack([x0, x1 + 1, x0, x1 + 1], 1)
+    keep = ok[:, None] & (ys < H) & (xs < W)
+    keys = torch.where(keep, (batch_index[:, None] * H + ys) * W + xs, -1).reshape(-1)
+    sign = constant([1.0, -1.0, -1.0, 1.0], like=ranges, dtype=dtype)
+    coef = sign.expand(K, 4)
+    if mean:
+        cnt = ((x1 - x0 + 1) * (y1 - y0 + 1)).clamp(min=1).to(dtype)
+        coef = coef / cnt[:, None]
+    rows = torch.arange(K, device=ranges.device)[:, None].expand(K, 4).reshape(-1)
+    return rows, coef.reshape(-1).contiguous(), keys
+
+
+def box_paint_fwd(values, ranges, batch_index, N, H, W, mean: bool):
+    """Same contract as the kdops::box_paint_fwd schema (csrc/ops.cpp)."""
+    N, H, W = int(N), int(H), int(W)
+    K, C = values.shape
+    acc = torch.float64 if values.dtype == torch.float64 else torch.float32
+    diff = torch.zeros((N, C, H, W), device=values.device, dtype=acc)
+    if K == 0 or diff.numel() == 0:
+        return diff.to(values.dtype)
+    rows, coef, keys = corner_entries(ranges, batch_index, N, H, W, mean, acc)
+    with device_guard(values):
+        segment_scatter(values.contiguous(), rows, coef, keys, [diff], [0])
+        _sat(diff, diff)
+    return diff if values.dtype == acc else diff.to(values.dtype)

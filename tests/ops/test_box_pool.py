@@ -1,0 +1,385 @@
+"""kdops.box_ranges / box_pool / box_paint against dense per-box masks written from each rule."""
+import re
+
+import pytest
+import torch
+from helpers import LOW, close, compile_for_gpu, leaf, triton_device
+
+import kdops
+from kdops.reference.box_pool import box_mask_dense
+
+SIZES = [(13, 17), (7, 9), (4, 5)]
+STRIDES = [8, 16, 32]
+IMAGE = (104, 136)
+
+
+def make_boxes(K=9, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(K, 2, generator=g, dtype=torch.float64) * torch.tensor([150.0, 115.0]) - 10
+    wh = torch.rand(K, 2, generator=g, dtype=torch.float64) * 80
+    boxes = torch.cat([xy, xy + wh], 1)
+    # border crossers, a zero-area box, a box outside the image, a huge box
+    extra = torch.tensor([[-30.0, -20, 40, 30], [50, 40, 50, 90], [300, 300, 400, 420], [-50, -50, 500, 500],
+                          [16.0, 24, 40, 56]], dtype=torch.float64)
+    boxes = torch.cat([boxes, extra])
+    bi = torch.randint(0, 2, (boxes.shape[0],), generator=g)
+    return boxes.to(dtype), bi
+
+
+def oracle_pool(feats, boxes, bi, rule, reduce="sum", image_size=None):
+    # float64, from the rule's own pixel test: out[k] = sum_{hw} m_k F[b_k]
+    outs = []
+    for f, s in zip(feats, STRIDES):
+        m = box_mask_dense(boxes, f.shape[-2:], s, rule, image_size)
+        out = torch.einsum("khw,kchw->kc", m, f.double()[bi])
+        if reduce == "mean":
+            out = out / m.sum((1, 2))[:, None].clamp(min=1)
+        outs.append(out)
+    return torch.stack(outs)
+
+
+def make_feats(N=2, C=5, seed=1, dtype=torch.float64, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(N, C, h, w, generator=g, dtype=torch.float64).to(dtype).requires_grad_(requires_grad)
+            for h, w in SIZES]
+
+
+@pytest.mark.parametrize("rule", ["center", "lgd", "fgd"])
+@pytest.mark.parametrize("image_size", [None, IMAGE])
+def test_box_ranges_match_dense_masks(rule, image_size):
+    boxes, _ = make_boxes(40, seed=2)
+    r = kdops.box_ranges(boxes, SIZES, STRIDES, rule, image_size)
+    assert r.shape == (3, boxes.shape[0], 4) and r.dtype == torch.int64
+    for lvl, ((H, W), s) in enumerate(zip(SIZES, STRIDES)):
+        m = box_mask_dense(boxes, (H, W), s, rule, image_size).bool()
+        xs, ys = torch.arange(W), torch.arange(H)
+        x0, y0, x1, y1 = (v[:, None] for v in r[lvl].unbind(1))
+        rect = ((y0 <= ys) & (ys <= y1))[:, :, None] & ((x0 <= xs) & (xs <= x1))[:, None, :]
+        assert torch.equal(rect, m), (rule, lvl)
+
+
+def test_box_ranges_exact_boundaries():
+    # integer boxes on the pixel grid: centre rule is strict, LGD closed, FGD floor/ceil
+    b = torch.tensor([[4.0, 4, 20, 20], [8.0, 8, 8, 24]])
+    c = kdops.box_ranges(b, [(10, 10)], [8], "center")[0]
+    assert c.tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]  # centre 12 inside (4,20); zero width -> empty
+    lgd = kdops.box_ranges(b, [(10, 10)], [8], "lgd")[0]
+    assert lgd.tolist() == [[1, 1, 2, 2], [1, 1, 0, 0]]  # 0.5 <= x <= 2.5; zero width covers nothing
+    f = kdops.box_ranges(b, [(10, 10)], [8], "fgd")[0]
+    assert f.tolist() == [[0, 0, 3, 3], [1, 1, 1, 3]]
+    per_box = kdops.box_ranges(b, [(10, 10)], [8], "fgd", torch.tensor([[80, 80], [80, 80]]))
+    assert torch.equal(per_box, kdops.box_ranges(b, [(10, 10)], [8], "fgd", (80, 80)))
+
+
+@pytest.mark.parametrize("rule", ["center", "lgd", "fgd"])
+@pytest.mark.parametrize("reduce", ["sum", "mean"])
+def test_pool_parity_float64_and_grad(rule, reduce):
+    boxes, bi = make_boxes()
+    feats = make_feats(requires_grad=True)
+    out = kdops.box_pool(feats, boxes, bi, STRIDES, rule=rule, image_size=IMAGE if rule != "center" else None,
+                         reduce=reduce)
+    assert out.shape == (3, boxes.shape[0], 5) and out.dtype == torch.float64
+    feats_r = [leaf(f) for f in feats]
+    ref = oracle_pool(feats_r, boxes, bi, rule, reduce, IMAGE if rule != "center" else None)
+    close(out, ref, torch.float64)
+    w = torch.randn(out.shape, dtype=torch.float64)
+    g = torch.autograd.grad((out * w).sum(), feats)
+    gr = torch.autograd.grad((ref * w).sum(), feats_r)
+    for a, b in zip(g, gr):
+        close(a, b, torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32] + list(LOW))
+def test_pool_low_precision(dtype):
+    boxes, bi = make_boxes(20)
+    feats = make_feats(C=8, dtype=dtype)
+    out = kdops.box_pool(feats, boxes, bi, STRIDES)
+    assert out.dtype == dtype
+    ref = oracle_pool(feats, boxes, bi, "center")
+    close(out, ref, dtype, scale=ref.abs().max().item())
+    v = torch.randn(boxes.shape[0], 8, dtype=torch.float64)
+    painted = kdops.box_paint(v.to(dtype), boxes, bi, (2, *SIZES[0]), STRIDES[0])
+    assert painted.dtype == dtype
+    m = box_mask_dense(boxes, SIZES[0], STRIDES[0], "center")
+    ref_p = torch.einsum("khw,kc,kn->nchw", m, v.to(dtype).double(), torch.nn.functional.one_hot(bi, 2).double())
+    close(painted, ref_p, dtype, scale=ref_p.abs().max().item())
+
+
+def test_pool_fp32_on_a_coco_sized_map():
+    # fp32 features of P3 size (100x152): the summed-area table must not lose the small boxes
+    g = torch.Generator().manual_seed(3)
+    f = (torch.rand(2, 4, 100, 152, generator=g) * 4 + 10).float()  # positive, large mean: worst case for a SAT
+    boxes = torch.tensor([[1000.0, 700, 1020, 716], [8, 8, 24, 24], [0, 0, 1216, 800], [600, 400, 630, 430]])
+    bi = torch.tensor([1, 0, 1, 0])
+    out = kdops.box_pool(f, boxes, bi, 8)
+    ref = oracle_pool([f], boxes, bi, "center")[0]
+    torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("mean", [False, True])
+def test_fallback_references_on_ranges_match_kernels(mean):
+    # what runs on devices without a kernel (reference.box_pool_ranges / box_paint_ranges)
+    from kdops import reference
+
+    boxes, bi = make_boxes()
+    f = make_feats()[0]
+    r = kdops.box_ranges(boxes, [SIZES[0]], [8])[0]
+    close(reference.box_pool_ranges(f, r, bi, mean), torch.ops.kdops.box_pool_fwd(f, r, bi, mean), torch.float64)
+    v = torch.randn(boxes.shape[0], 5, dtype=torch.float64)
+    close(reference.box_paint_ranges(v, r, bi, (2, *SIZES[0]), mean),
+          torch.ops.kdops.box_paint_fwd(v, r, bi, 2, *SIZES[0], mean), torch.float64)
+
+
+def test_paint_parity_float64_levels_and_values_per_level():
+    boxes, bi = make_boxes()
+    sizes = [(2, h, w) for h, w in SIZES]
+    v = torch.randn(boxes.shape[0], 5, dtype=torch.float64)
+    outs = kdops.box_paint(v, boxes, bi, sizes, STRIDES, rule="lgd")
+    assert isinstance(outs, list) and [o.shape for o in outs] == [(2, 5, h, w) for h, w in SIZES]
+    vl = torch.randn(3, boxes.shape[0], 5, dtype=torch.float64)
+    outs_l = kdops.box_paint(vl, boxes, bi, sizes, STRIDES, rule="lgd")
+    for lvl, (H, W) in enumerate(SIZES):
+        m = box_mask_dense(boxes, (H, W), STRIDES[lvl], "lgd")
+        onehot = torch.nn.functional.one_hot(bi, 2).double()  # (K,N)
+        close(outs[lvl], torch.einsum("khw,kc,kn->nchw", m, v, onehot), torch.float64)
+        close(outs_l[lvl], torch.einsum("khw,kc,kn->nchw", m, vl[lvl], onehot), torch.float64)
+    single = kdops.box_paint(v, boxes, bi, sizes[0], STRIDES[0], rule="lgd")
+    assert isinstance(single, torch.Tensor)
+    torch.testing.assert_close(single, outs[0])
+
+
+@pytest.mark.parametrize("reduce", ["sum", "mean"])
+def test_pool_paint_adjoint(reduce):
+    boxes, bi = make_boxes(30, seed=5)
+    f = make_feats(seed=6)[0]
+    v = torch.randn(boxes.shape[0], 5, dtype=torch.float64)
+    p = kdops.box_pool(f, boxes, bi, 8, reduce="sum")
+    q = kdops.box_paint(v, boxes, bi, (2, 13, 17), 8)
+    torch.testing.assert_close((p * v).sum(), (f * q).sum(), rtol=1e-12, atol=1e-12)
+    # pool's gradient is paint (with the 1/count for mean), and paint's gradient is pool
+    fl = leaf(f)
+    gp = torch.autograd.grad((kdops.box_pool(fl, boxes, bi, 8, reduce=reduce) * v).sum(), fl)[0]
+    if reduce == "sum":
+        close(gp, q, torch.float64)
+    vl = leaf(v)
+    gv = torch.autograd.grad((kdops.box_paint(vl, boxes, bi, (2, 13, 17), 8) * f).sum(), vl)[0]
+    close(gv, p, torch.float64)
+
+
+def test_gradcheck_pool_and_paint():
+    boxes, bi = make_boxes(6, seed=7)
+    f = leaf(torch.randn(2, 3, 6, 7, dtype=torch.float64))
+    v = leaf(torch.randn(boxes.shape[0], 3, dtype=torch.float64))
+    assert torch.autograd.gradcheck(lambda f: kdops.box_pool(f, boxes, bi, 16, reduce="mean"), (f,))
+    assert torch.autograd.gradcheck(lambda f: kdops.box_pool([f, f[:, :, :3, :4]], boxes, bi, [16, 32]), (f,))
+    assert torch.autograd.gradcheck(lambda v: kdops.box_paint(v, boxes, bi, (2, 6, 7), 16), (v,))
+    small = leaf(torch.randn(2, 2, 4, 5, dtype=torch.float64))
+    assert torch.autograd.gradgradcheck(lambda f: kdops.box_pool(f, boxes, bi, 16, reduce="mean") ** 2, (small,))
+
+
+def test_empty_and_degenerate_inputs():
+    f = make_feats()[0]
+    e = kdops.box_pool(f, torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64), 8)
+    assert e.shape == (0, 5)
+    pe = kdops.box_paint(torch.zeros(0, 5), torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64), (2, 4, 4), 8)
+    assert pe.shape == (2, 5, 4, 4) and not pe.any()
+    # outside the image, zero-area, out-of-range batch index: zeros, no error
+    boxes = torch.tensor([[500.0, 500, 600, 600], [10, 10, 10, 40], [0, 0, 50, 50]], dtype=torch.float64)
+    bi = torch.tensor([0, 1, 7])
+    out = kdops.box_pool(f, boxes, bi, 8)
+    assert not out.any()
+    assert not kdops.box_paint(torch.ones(3, 5), boxes, bi, (2, 13, 17), 8).any()
+    z = kdops.box_pool(torch.zeros(0, 5, 3, 3), boxes, bi, 8)
+    assert z.shape == (3, 5) and not z.any()
+
+
+def test_non_contiguous_features():
+    boxes, bi = make_boxes()
+    f = make_feats()[0]
+    cl = f.contiguous(memory_format=torch.channels_last)
+    nc = f.transpose(2, 3).contiguous().transpose(2, 3)
+    a = kdops.box_pool(f, boxes, bi, 8)
+    assert torch.equal(a, kdops.box_pool(cl, boxes, bi, 8))
+    assert torch.equal(a, kdops.box_pool(nc, boxes, bi, 8))
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, words",
+    [
+        (dict(boxes=torch.zeros(3, 5)), ValueError, "`boxes` must have shape (K,4)"),
+        (dict(boxes=torch.zeros(3, 4, dtype=torch.int64)), TypeError, "`boxes` must have dtype"),
+        (dict(batch_index=torch.zeros(3, dtype=torch.int32)), TypeError, "`batch_index` must have dtype"),
+        (dict(batch_index=torch.zeros(2, dtype=torch.int64)), ValueError, "`batch_index` must have shape (3,)"),
+        (dict(strides=[8, 16]), ValueError, "`strides` must be 3 positive number(s)"),
+        (dict(rule="box"), ValueError, "`rule` must be one of"),
+        (dict(reduce="max"), ValueError, "`reduce` must be 'sum' or 'mean'"),
+        (dict(image_size=(10,)), ValueError, "`image_size` must be None"),
+        (dict(features=[torch.zeros(2, 5, 4, 4), torch.zeros(2, 6, 2, 2), torch.zeros(2, 5, 1, 1)]), ValueError,
+         "`features[1]` has (N,C) = (2, 6)"),
+        (dict(features=[torch.zeros(2, 5, 4)] * 3), ValueError, "`features[0]` must be 4-D"),
+    ],
+)
+def test_pool_bad_inputs(kwargs, exc, words):
+    args = dict(features=[torch.zeros(2, 5, h, w) for h, w in SIZES], boxes=torch.zeros(3, 4),
+                batch_index=torch.zeros(3, dtype=torch.int64), strides=STRIDES)
+    args.update(kwargs)
+    extra = {k: args.pop(k) for k in ("rule", "reduce", "image_size") if k in args}
+    with pytest.raises(exc, match=re.escape(words)):
+        kdops.box_pool(args["features"], args["boxes"], args["batch_index"], args["strides"], **extra)
+
+
+def test_paint_bad_inputs():
+    b, bi = torch.zeros(3, 4), torch.zeros(3, dtype=torch.int64)
+    with pytest.raises(ValueError, match=re.escape("`values` must be (K,C) = (3, C)")):
+        kdops.box_paint(torch.zeros(4, 5), b, bi, (2, 4, 4), 8)
+    with pytest.raises(ValueError, match="`sizes` must be one"):
+        kdops.box_paint(torch.zeros(3, 5), b, bi, (2, 4), 8)
+    with pytest.raises(TypeError, match="`values` must have dtype"):
+        kdops.box_paint(torch.zeros(3, 5, dtype=torch.int64), b, bi, (2, 4, 4), 8)
+
+
+def test_deterministic_across_runs_and_thread_counts():
+    boxes, bi = make_boxes(60, seed=8)
+    feats = make_feats(C=16, dtype=torch.float32)
+    v = torch.randn(boxes.shape[0], 16)
+    threads = torch.get_num_threads()
+    res = []
+    try:
+        for n in (1, max(threads, 2), 1):
+            torch.set_num_threads(n)
+            res.append((kdops.box_pool(feats, boxes, bi, STRIDES),
+                        kdops.box_paint(v, boxes, bi, [(2, h, w) for h, w in SIZES], STRIDES)))
+    finally:
+        torch.set_num_threads(threads)
+    for p, q in res[1:]:
+        assert torch.equal(p, res[0][0]) and all(torch.equal(a, b) for a, b in zip(q, res[0][1]))
+
+
+def test_torch_compile_fullgraph():
+    boxes, bi = make_boxes()
+    feats = make_feats(dtype=torch.float32)
+
+    def f(feats, boxes, bi, v):
+        pooled = kdops.box_pool(feats, boxes, bi, STRIDES, rule="lgd", reduce="mean")
+        painted = kdops.box_paint(v, boxes, bi, [(2, h, w) for h, w in SIZES], STRIDES)
+        return pooled.sum() + sum((p * x).sum() for p, x in zip(painted, feats))
+
+    v = torch.randn(boxes.shape[0], 5)
+    a_in, b_in = [leaf(x) for x in feats], [leaf(x) for x in feats]
+    a = torch.compile(f, fullgraph=True, backend="aot_eager")(a_in, boxes, bi, v)
+    b = f(b_in, boxes, bi, v)
+    a.backward()
+    b.backward()
+    torch.testing.assert_close(a, b)
+    for x, y in zip(a_in, b_in):
+        torch.testing.assert_close(x.grad, y.grad)
+
+
+def test_fake_tensor_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        feats = [torch.empty(2, 8, h, w, dtype=torch.bfloat16) for h, w in SIZES]
+        boxes, bi = torch.empty(11, 4), torch.zeros(11, dtype=torch.int64)
+        assert kdops.box_pool(feats, boxes, bi, STRIDES).shape == (3, 11, 8)
+        out = kdops.box_paint(torch.empty(11, 8), boxes, bi, [(2, h, w) for h, w in SIZES], STRIDES)
+        assert [o.shape for o in out] == [(2, 8, h, w) for h, w in SIZES]
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("mean", [False, True])
+def test_triton_pool_and_paint_match_oracle(dtype, mean):
+    from kdops.triton.box_pool import box_paint_fwd, box_pool_fwd
+
+    dev = triton_device()
+    boxes, bi = make_boxes(12, seed=9)
+    f = make_feats(C=6)[0]
+    r = kdops.box_ranges(boxes, [SIZES[0]], [8])[0]
+    m = box_mask_dense(boxes, SIZES[0], 8, "center")
+    cnt = m.sum((1, 2)).clamp(min=1)[:, None] if mean else 1.0
+    out = box_pool_fwd(f.to(dev, dtype), r.to(dev), bi.to(dev), mean)
+    ref = torch.einsum("khw,kchw->kc", m, f.to(dtype).double()[bi]) / cnt
+    close(out.cpu(), ref, dtype, scale=ref.abs().max().item())
+    v = torch.randn(boxes.shape[0], 6, dtype=torch.float64)
+    painted = box_paint_fwd(v.to(dev, dtype), r.to(dev), bi.to(dev), 2, *SIZES[0], mean)
+    onehot = torch.nn.functional.one_hot(bi, 2).double()
+    ref_p = torch.einsum("khw,kc,kn->nchw", m, v.to(dtype).double() / cnt, onehot)
+    assert painted.dtype == dtype
+    close(painted.cpu(), ref_p, dtype, scale=ref_p.abs().max().item())
+    again = box_paint_fwd(v.to(dev, dtype), r.to(dev), bi.to(dev), 2, *SIZES[0], mean)
+    assert torch.equal(painted, again)  # sorted segment sums, no atomics: bitwise reproducible
+
+
+@pytest.mark.triton
+def test_triton_empty_and_out_of_range_boxes():
+    from kdops.triton.box_pool import box_paint_fwd, box_pool_fwd
+
+    dev = triton_device()
+    f = torch.randn(2, 3, 5, 6, device=dev)
+    r = torch.tensor([[-9, -9, 40, 40], [3, 3, 2, 2], [0, 0, 1, 1]], device=dev)
+    bi = torch.tensor([0, 1, 9], device=dev)
+    out = box_pool_fwd(f, r, bi, False)
+    torch.testing.assert_close(out[0], f[0].sum((1, 2)))
+    assert not out[1:].any()
+    p = box_paint_fwd(torch.ones(3, 3, device=dev), r, bi, 2, 5, 6, False)
+    assert p[0].eq(1).all() and not p[1].any()
+    assert box_pool_fwd(f, r[:0], bi[:0], False).shape == (0, 3)
+    # strided maps are read through their strides
+    cl = f.contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(box_pool_fwd(cl, r, bi, True), box_pool_fwd(f, r, bi, True))
+
+
+def test_runs_under_deterministic_algorithms():
+    boxes, bi = make_boxes(10, seed=11)
+    f = leaf(make_feats(dtype=torch.float32)[0])
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        out = kdops.box_pool(f, boxes, bi, 8, reduce="mean")
+        out.sum().backward()
+        fg, bg = kdops.box_masks(boxes, bi, (2, 13, 17), 8)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    close(out, oracle_pool([f], boxes, bi, "center", "mean")[0], torch.float32, scale=10)
+    assert fg.shape == bg.shape == (2, 13, 17)
+
+
+@pytest.mark.parametrize("dtype, acc", [("fp32", "fp32"), ("bf16", "fp32"), ("fp64", "fp64")])
+def test_triton_kernels_compile_for_sm90(dtype, acc):
+    import triton.language as tl
+
+    from kdops.triton._segments import _segment_sum_kernel
+    from kdops.triton.box_pool import _box_query_kernel, _sat_kernel
+
+    ACC = tl.float64 if acc == "fp64" else tl.float32
+    i32 = "i32"
+    compile_for_gpu(_sat_kernel, {"in_ptr": f"*{dtype}", "out_ptr": f"*{acc}", "C": i32, "H": i32, "W": i32,
+                                  "s_n": i32, "s_c": i32, "s_h": i32, "s_w": i32}, {"ACC": ACC, "BLOCK_W": 256})
+    compile_for_gpu(_box_query_kernel, {"sat_ptr": f"*{acc}", "rng_ptr": "*i64", "bi_ptr": "*i64", "out_ptr": f"*{dtype}",
+                                        "N": i32, "C": i32, "H": i32, "W": i32}, {"MEAN": True, "BLOCK_C": 128})
+    compile_for_gpu(_segment_sum_kernel, {"src_ptr": f"*{dtype}", "row_ptr": "*i64", "coef_ptr": f"*{acc}",
+                                          "key_ptr": "*i64", "out_ptr": f"*{acc}", "J": i32, "C": i32, "key_lo": "i64",
+                                          "key_hi": "i64", "HW": i32}, {"HAS_COEF": True, "ACC": ACC, "BLOCK_C": 128})
+
+
+def test_torch_compile_dynamic_shapes_all_spatial_ops():
+    feats = [leaf(f) for f in make_feats(C=4, dtype=torch.float32)[:2]]
+    boxes, bi = make_boxes(6, seed=12, dtype=torch.float32)
+    idx = torch.tensor([[0, 1, 3, 4], [1, 0, 2, 2], [0, 1, 3, 4]])
+
+    def f(feats, boxes, bi, idx):
+        sizes = [(x.shape[0], x.shape[2], x.shape[3]) for x in feats]
+        p = kdops.box_pool(feats, boxes, bi, STRIDES[:2], rule="lgd", reduce="mean")
+        q = kdops.box_paint(p[0], boxes, bi, sizes, STRIDES[:2])
+        g = kdops.gather_level_features(feats, idx)
+        fg, _ = kdops.box_masks(boxes, bi, sizes, STRIDES[:2])
+        return p.sum() + sum(x.sum() for x in q) + g.sum() + sum(x.sum() for x in fg)
+
+    a = torch.compile(f, fullgraph=True, backend="aot_eager", dynamic=True)(feats, boxes, bi, idx)
+    b = f(feats, boxes, bi, idx)
+    torch.testing.assert_close(a, b)
+    ga = torch.autograd.grad(a, feats)
+    gb = torch.autograd.grad(b, feats)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y)
