@@ -247,3 +247,24 @@ def test_retain_graph_and_repeated_backward():
     loss.backward(retain_graph=True)
     loss.backward()
     close(S.grad, 2 * 6.0 * pw[:, None] * (s - t), torch.float64)
+
+
+@pytest.mark.parametrize("dtype, acc", [("fp32", "fp32"), ("fp16", "fp32"), ("bf16", "fp32"), ("fp64", "fp64")])
+def test_triton_kernels_compile_for_sm90(dtype, acc):
+    import triton.language as tl
+    from helpers import compile_for_gpu
+
+    from kdops.triton.masked_mse import _masked_mse_kernel, _masked_mse_wgrad_kernel
+
+    ACC = tl.float64 if acc == "fp64" else tl.float32
+    for flags in [(True, True, True), (False, False, False)]:
+        compile_for_gpu(_masked_mse_kernel,
+                        {"s_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "pw_ptr": f"*{acc}", "cw_ptr": f"*{acc}",
+                         "g_ptr": f"*{dtype}", "gl_ptr": f"*{acc}", "part_ptr": f"*{acc}", "numel": "i64", "C": "i32",
+                         "HW": "i32", "gscale": "fp32"},
+                        {"HAS_PW": flags[0], "HAS_CW": flags[1], "WRITE_GRAD": flags[2], "ACC": ACC, "BLOCK": 1024})
+    compile_for_gpu(_masked_mse_wgrad_kernel,
+                    {"s_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "pw_ptr": f"*{acc}", "cw_ptr": f"*{acc}",
+                     "gl_ptr": f"*{acc}", "gpw_ptr": f"*{acc}", "gcw_part_ptr": f"*{acc}", "C": "i32", "HW": "i32",
+                     "nblk": "i32", "scale": "fp32"},
+                    {"HAS_PW": True, "HAS_CW": True, "ACC": ACC, "BLOCK": 256})

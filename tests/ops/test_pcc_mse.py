@@ -221,3 +221,21 @@ def test_double_backward_refused_not_silently_wrong():
     S = leaf(s)
     with pytest.raises(RuntimeError, match="does not support double backward"):
         torch.autograd.grad(kdops.pcc_mse(S, t), S, create_graph=True)
+
+
+@pytest.mark.parametrize("dtype, acc", [("fp32", "fp32"), ("fp16", "fp32"), ("bf16", "fp32"), ("fp64", "fp64")])
+def test_triton_kernels_compile_for_sm90(dtype, acc):
+    import triton.language as tl
+    from helpers import compile_for_gpu
+
+    from kdops.triton.pcc_mse import _pcc_loss_grad_kernel, _pcc_stats_kernel
+
+    ACC = tl.float64 if acc == "fp64" else tl.float32
+    geo = {"M": "i32", "HW": "i32", "run_stride": "i32", "nchunks": "i32"}
+    compile_for_gpu(_pcc_stats_kernel, {"s_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "part_ptr": f"*{acc}", **geo},
+                    {"ACC": ACC, "BLOCK": 1024})
+    for grads in [(True, True), (False, False)]:
+        compile_for_gpu(_pcc_loss_grad_kernel,
+                        {"s_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "coef_ptr": f"*{acc}", "gl_ptr": f"*{acc}",
+                         "gs_ptr": f"*{dtype}", "gt_ptr": f"*{dtype}", "part_ptr": f"*{acc}", **geo},
+                        {"GRAD_S": grads[0], "GRAD_T": grads[1], "ACC": ACC, "BLOCK": 1024})
