@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops import masked_mse
+from ..ops import box_masks, masked_mse
 
 Feats = Union[torch.Tensor, Sequence[torch.Tensor]]
 Masks = Optional[Union[torch.Tensor, Sequence[torch.Tensor]]]
@@ -64,20 +64,36 @@ class FeatureMimicLoss(nn.Module):
             pixel weight before attention, at least 1).
         loss_weight: w.
 
-    Forward(student, teacher, fg_mask=None, bg_mask=None): tensors (N,C,H,W) or sequences of
-    levels; masks (N,H,W) per level. With ``fg_mask`` and no ``bg_mask``, the background is
-    ``fg_mask <= 0``. With no masks every pixel weighs ``fg_weight``. Returns the sum over
-    levels, 0-d float32 (float64 for float64 inputs).
+        strides: one per level; needed to build the masks from GT boxes in forward.
+        mask_mode: "fgd" (1/area foreground, normalised background) or "binary"; see
+            :func:`kdops.box_masks`.
+        mask_rule: box-to-pixel rule of :func:`kdops.box_ranges` ("fgd", "center", "lgd").
+
+    Forward(student, teacher, fg_mask=None, bg_mask=None, *, boxes=None, batch_index=None,
+    image_size=None): tensors (N,C,H,W) or sequences of levels; masks (N,H,W) per level,
+    or GT ``boxes`` (K,4) xyxy with ``batch_index`` (K,) from which :func:`kdops.box_masks`
+    builds them on the device (no loop over boxes). With ``fg_mask`` and no ``bg_mask``, the
+    background is ``fg_mask <= 0``. With no masks every pixel weighs ``fg_weight``. Returns
+    the sum over levels, 0-d float32 (float64 for float64 inputs).
+
+    Example (FGD's feature term on an FPN, image 800x1216)::
+
+        loss_fn = FeatureMimicLoss(fg_weight=5e-5, bg_weight=2.5e-5, attention=True,
+                                   strides=[8, 16, 32, 64, 128])
+        loss = loss_fn(student_fpn, teacher_fpn, boxes=gt_boxes, batch_index=img_idx,
+                       image_size=(800, 1216))
     """
 
     def __init__(self, fg_weight: float = 1.0, bg_weight: float = 1.0, attention: bool = False,
-                 temperature: float = 0.5, normalize: str = "batch", loss_weight: float = 1.0) -> None:
+                 temperature: float = 0.5, normalize: str = "batch", loss_weight: float = 1.0,
+                 strides: Optional[Sequence[float]] = None, mask_mode: str = "fgd", mask_rule: str = "fgd") -> None:
         super().__init__()
         if normalize not in ("none", "batch", "numel", "mask"):
             raise ValueError(f"FeatureMimicLoss: `normalize` must be none|batch|numel|mask, got {normalize!r}")
         self.fg_weight, self.bg_weight = fg_weight, bg_weight
         self.attention, self.temperature = attention, temperature
         self.normalize, self.loss_weight = normalize, loss_weight
+        self.strides, self.mask_mode, self.mask_rule = strides, mask_mode, mask_rule
 
     def _pixel_weight(self, t: torch.Tensor, fg, bg):
         N, C, H, W = t.shape
@@ -92,11 +108,24 @@ class FeatureMimicLoss(nn.Module):
             pw = self.fg_weight * fg + self.bg_weight * bg
         return pw
 
-    def forward(self, student: Feats, teacher: Feats, fg_mask: Masks = None, bg_mask: Masks = None) -> torch.Tensor:
+    def forward(self, student: Feats, teacher: Feats, fg_mask: Masks = None, bg_mask: Masks = None, *,
+                boxes: Optional[torch.Tensor] = None, batch_index: Optional[torch.Tensor] = None,
+                image_size=None) -> torch.Tensor:
         single = isinstance(student, torch.Tensor)
         S = [student] if single else list(student)
         T = [teacher] if single else list(teacher)
         L = len(S)
+        if boxes is not None:
+            if fg_mask is not None or bg_mask is not None:
+                raise ValueError("FeatureMimicLoss: pass either masks or `boxes`, not both")
+            if self.strides is None or batch_index is None:
+                raise ValueError("FeatureMimicLoss: building masks from `boxes` needs `strides=` (one per level) "
+                                 "in the constructor and `batch_index` (K,) in forward")
+            acc = torch.float64 if S[0].dtype == torch.float64 else torch.float32
+            sizes = [(x.shape[0], x.shape[2], x.shape[3]) for x in S]
+            fg_mask, bg_mask = box_masks(boxes, batch_index, sizes if not single else sizes[0],
+                                         list(self.strides)[:L] if not single else self.strides[0],
+                                         rule=self.mask_rule, image_size=image_size, mode=self.mask_mode, dtype=acc)
         fgs = [fg_mask] if single else (list(fg_mask) if fg_mask is not None else [None] * L)
         bgs = [bg_mask] if single else (list(bg_mask) if bg_mask is not None else [None] * L)
         if not (len(T) == len(fgs) == len(bgs) == L):

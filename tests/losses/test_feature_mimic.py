@@ -86,3 +86,28 @@ def test_attention_shapes_and_normalisation():
     assert sa.shape == (2, 12, 16) and ca.shape == (2, 6)
     close(sa.sum(dim=(1, 2)), torch.full((2,), 12.0 * 16), torch.float64)
     close(ca.sum(1), torch.full((2,), 6.0), torch.float64)
+
+
+def test_fgd_loss_from_gt_boxes_matches_authors_masks():
+    from kdops import reference
+
+    g = torch.Generator().manual_seed(7)
+    sizes, strides, image = [(2, 16, 24), (2, 8, 12)], [8, 16], (128, 192)
+    S = [leaf(torch.randn(n, 5, h, w, generator=g, dtype=torch.float64)) for n, h, w in sizes]
+    T = [torch.randn(n, 5, h, w, generator=g, dtype=torch.float64) for n, h, w in sizes]
+    boxes = torch.tensor([[10.0, 12, 80, 60], [50, 40, 150, 120], [0, 0, 30, 20], [100, 30, 190, 126]],
+                         dtype=torch.float64)
+    bi = torch.tensor([0, 0, 1, 1])
+    fgd = FeatureMimicLoss(fg_weight=1e-3, bg_weight=5e-4, attention=True, strides=strides)
+    got = fgd(S, T, boxes=boxes, batch_index=bi, image_size=image)
+    fr, br = reference.box_masks(boxes.float(), bi, sizes, strides, image_size=image)  # FGD's loop
+    want = sum(fgd_fea_loss(s, t, f.double(), b.double(), 0.5, 1e-3, 5e-4) for s, t, f, b in zip(S, T, fr, br))
+    close(got, want, torch.float32)
+
+
+def test_boxes_need_strides():
+    s, t, _, _ = data()
+    import pytest
+
+    with pytest.raises(ValueError, match="strides="):
+        FeatureMimicLoss()(s, t, boxes=torch.zeros(1, 4, dtype=torch.float64), batch_index=torch.zeros(1).long())
