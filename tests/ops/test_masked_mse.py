@@ -268,3 +268,23 @@ def test_triton_kernels_compile_for_sm90(dtype, acc):
                      "gl_ptr": f"*{acc}", "gpw_ptr": f"*{acc}", "gcw_part_ptr": f"*{acc}", "C": "i32", "HW": "i32",
                      "nblk": "i32", "scale": "fp32"},
                     {"HAS_PW": True, "HAS_CW": True, "ACC": ACC, "BLOCK": 256})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_op_matches_oracle_without_host_sync(dtype):
+    s, t, pw, cw = make((2, 16, 37, 41), seed=9)
+    S = leaf(s, dtype).cuda().detach().requires_grad_()
+    PW, CW = leaf(pw).cuda().detach().requires_grad_(), cw.float().cuda()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = kdops.masked_mse(S, t.to(dtype).cuda(), pixel_weight=PW, channel_weight=CW, reduction="mean")
+        out.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    S64, PW64 = leaf(S.detach().double().cpu()), leaf(PW.detach().double().cpu())
+    ref = oracle(S64, t.to(dtype).double(), PW64, CW.double().cpu(), "mean")
+    ref.backward()
+    close(out.cpu(), ref, dtype)
+    close(S.grad.cpu(), S64.grad, dtype, scale=S64.grad.abs().max().item())
+    close(PW.grad.cpu(), PW64.grad, torch.float32, scale=PW64.grad.abs().max().item())

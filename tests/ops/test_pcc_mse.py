@@ -239,3 +239,22 @@ def test_triton_kernels_compile_for_sm90(dtype, acc):
                         {"s_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "coef_ptr": f"*{acc}", "gl_ptr": f"*{acc}",
                          "gs_ptr": f"*{dtype}", "gt_ptr": f"*{dtype}", "part_ptr": f"*{acc}", **geo},
                         {"GRAD_S": grads[0], "GRAD_T": grads[1], "ACC": ACC, "BLOCK": 1024})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("norm", ["channel", "instance"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_op_matches_oracle_without_host_sync(norm, dtype):
+    s, t = make((2, 16, 37, 41), seed=9)
+    S = leaf(s, dtype).cuda().detach().requires_grad_()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = kdops.pcc_mse(S, t.to(dtype).cuda(), norm=norm)
+        (out * 3).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    S64 = leaf(S.detach().double().cpu())
+    ref = oracle(S64, t.to(dtype).double(), norm)
+    (ref * 3).backward()
+    close(out.cpu(), ref, dtype)
+    close(S.grad.cpu(), S64.grad, dtype, scale=S64.grad.abs().max().item())
