@@ -7,7 +7,8 @@
 See README.md and ``kdops info`` for which backend each op uses on this machine.
 """
 from ._extension import HAS_C
-from .ops import masked_mse, pcc_mse
+from .ops import masked_mse, ms_deform_attn, pcc_mse
+from . import nn
 from .version import __version__
 
-__all__ = ["HAS_C", "masked_mse", "pcc_mse", "__version__"]
+__all__ = ["HAS_C", "masked_mse", "ms_deform_attn", "nn", "pcc_mse", "__version__"]
