@@ -117,6 +117,11 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_output):
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        # the backward op has no derivative of its own: higher-order gradients would be silently wrong
+        raise RuntimeError(
+            f"kdops.{OP} does not support double backward (create_graph=True); use "
+            f"kdops.reference.{OP} where you need higher-order gradients.")
     value, shapes, starts, loc, attn = ctx.saved_tensors
     need = ctx.needs_input_grad
     gv, gl, ga = torch.ops.kdops.ms_deform_attn_bwd(

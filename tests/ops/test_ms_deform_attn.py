@@ -178,6 +178,15 @@ def test_bad_inputs_raise_clear_errors(kwargs, exc, words):
         kdops.ms_deform_attn(**_bad(**kwargs))
 
 
+def test_double_backward_refused_not_silently_wrong():
+    v, sh, st, loc, attn = make(N=1, Q=2)
+    V = leaf(v)
+    (g,) = torch.autograd.grad(kdops.ms_deform_attn(V, sh, st, loc, attn).sum(), V)
+    assert g.shape == v.shape
+    with pytest.raises(RuntimeError, match="does not support double backward"):
+        torch.autograd.grad(kdops.ms_deform_attn(V, sh, st, loc, attn).sum(), V, create_graph=True)
+
+
 def test_kernel_itself_rejects_inconsistent_geometry():
     # the C++ kernel checks too (no out-of-bounds read even when called directly)
     a = _bad()
