@@ -106,7 +106,7 @@ __global__ void bwd_kernel(const scalar_t* __restrict__ go, const scalar_t* __re
                            const scalar_t* __restrict__ loc, const scalar_t* __restrict__ attn,
                            acc* __restrict__ gv, scalar_t* __restrict__ gloc, scalar_t* __restrict__ gattn,
                            int64_t NQM, int64_t S, int64_t M, int64_t D, int64_t Q, int64_t L, int64_t P) {
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(sizeof(double)) unsigned char smem_raw[];
   acc* smem = reinterpret_cast<acc*>(smem_raw);
   const int64_t t = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
   const int64_t d = threadIdx.x;
@@ -215,7 +215,11 @@ dim3 block_for(int64_t D) {
   return dim3(cx, std::max(1, kThreads / cx));
 }
 
-int64_t blocks_for(int64_t rows, const dim3& block) { return (rows + block.y - 1) / block.y; }
+int64_t blocks_for(int64_t rows, const dim3& block) {
+  const int64_t blocks = (rows + block.y - 1) / block.y;
+  TORCH_CHECK(blocks < (int64_t(1) << 31), "kdops::ms_deform_attn (CUDA): problem too large for one launch");
+  return blocks;
+}
 
 void check(const at::Tensor& value, const at::Tensor& shapes, const at::Tensor& starts, const at::Tensor& loc,
            const at::Tensor& attn) {
