@@ -130,9 +130,9 @@ def _keys_kernel(shapes_ptr, starts_ptr, pad_ptr, loc_ptr, attn_ptr, key_ptr, M,
 
 @triton.jit
 def _lower_bound(keys_ptr, n_keys, target, STEPS: tl.constexpr):
-    lo = tl.zeros([], tl.int64)
-    hi = tl.zeros([], tl.int64) + n_keys
-    for _ in tl.static_range(STEPS):
+    lo = target * 0  # int64 scalars (target is an int64 key)
+    hi = lo + n_keys
+    for _ in range(STEPS):
         active = lo < hi
         mid = (lo + hi) // 2
         below = tl.load(keys_ptr + tl.minimum(mid, n_keys - 1)) < target
@@ -150,7 +150,7 @@ def _gather_value_grad_kernel(go_ptr, shapes_ptr, starts_ptr, pad_ptr, loc_ptr, 
     s = (pid // M) % S
     n = pid // (M * S)
     # level of row s: the last level whose start is <= s (L is small)
-    lvl = tl.zeros([], tl.int64)
+    lvl = s * 0
     for j in range(1, L):
         lvl = tl.where(tl.load(starts_ptr + j) <= s, j, lvl)
     H = tl.load(shapes_ptr + 2 * lvl)
