@@ -64,18 +64,31 @@ inline bool corners(acc x, acc y, int64_t H, int64_t W, int64_t& h0, int64_t& w0
   return true;
 }
 
+template <typename T>
+inline void prefetch(const T* p, size_t bytes, int write) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (size_t b = 0; b < bytes; b += 64) {
+    if (write) __builtin_prefetch(c + b, 1); else __builtin_prefetch(c + b, 0);
+  }
+}
+
 template <typename scalar_t>
 void fwd_impl(const scalar_t* value, const Levels& lv, const scalar_t* loc, const scalar_t* attn,
               scalar_t* out, int64_t N, int64_t S, int64_t M, int64_t D, int64_t Q, int64_t P) {
   using acc = acc_t<scalar_t>;
   const int64_t L = static_cast<int64_t>(lv.H.size());
+  const size_t row_bytes = D * sizeof(scalar_t);
   at::parallel_for(0, N * Q * M, 16, [&](int64_t begin, int64_t end) {
     std::vector<acc> sum(D);
+    std::vector<const scalar_t*> rows(L * P * 4);
+    std::vector<acc> wts(L * P * 4);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t m = t % M, n = t / (Q * M);
-      std::fill(sum.begin(), sum.end(), acc(0));
       const scalar_t* lp = loc + t * L * P * 2;
       const scalar_t* ap = attn + t * L * P;
+      // pass 1: the task's corner rows and weights; prefetch them all, so the (random,
+      // cache-missing) gathers overlap instead of each waiting on the one before
+      int64_t k = 0;
       for (int64_t l = 0; l < L; ++l) {
         const int64_t H = lv.H[l], W = lv.W[l];
         const scalar_t* vbase = value + ((n * S + lv.start[l]) * M + m) * D;
@@ -90,13 +103,21 @@ void fwd_impl(const scalar_t* value, const Levels& lv, const scalar_t* loc, cons
             if (hs[i] < 0 || hs[i] >= H) continue;
             for (int j = 0; j < 2; ++j) {
               if (ws[j] < 0 || ws[j] >= W) continue;
-              const acc w = a * wh[i] * ww[j];
               const scalar_t* v = vbase + (hs[i] * W + ws[j]) * M * D;
-#pragma omp simd
-              for (int64_t d = 0; d < D; ++d) sum[d] += w * acc(v[d]);
+              prefetch(v, row_bytes, 0);
+              rows[k] = v;
+              wts[k++] = a * wh[i] * ww[j];
             }
           }
         }
+      }
+      // pass 2: accumulate
+      std::fill(sum.begin(), sum.end(), acc(0));
+      for (int64_t c = 0; c < k; ++c) {
+        const scalar_t* v = rows[c];
+        const acc w = wts[c];
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) sum[d] += w * acc(v[d]);
       }
       scalar_t* o = out + t * D;
       for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(sum[d]);
@@ -134,6 +155,19 @@ void bwd_impl(const scalar_t* go, const scalar_t* value, const Levels& lv, const
         const int64_t nqm = (n * Q + q) * M + m;
         const scalar_t* g = go + nqm * D;
         const int64_t off = (nqm * L + l) * P;
+        // prefetch the query's corner rows first, so their cache misses overlap
+        for (int64_t p = 0; p < P; ++p) {
+          int64_t h0, w0;
+          acc lh, lw;
+          const scalar_t* lp = loc + (off + p) * 2;
+          if (!corners<acc>(acc(lp[0]), acc(lp[1]), H, W, h0, w0, lh, lw)) continue;
+          for (int c = 0; c < 4; ++c) {
+            const int64_t h = h0 + c / 2, w = w0 + c % 2;
+            if (h < 0 || h >= H || w < 0 || w >= W) continue;
+            if (gloc || gattn) prefetch(vbase + (h * W + w) * M * D, D * sizeof(scalar_t), 0);
+            if (gbase) prefetch(gbase + (h * W + w) * grow, D * sizeof(acc), 1);
+          }
+        }
         for (int64_t p = 0; p < P; ++p) {
           const scalar_t* lp = loc + (off + p) * 2;
           int64_t h0, w0;
