@@ -216,6 +216,26 @@ def test_deterministic_across_thread_counts_and_modes():
             assert torch.equal(a, b)
 
 
+def test_cuda_backend_selection():
+    import os
+    import subprocess
+    import sys
+
+    from kdops.ops._common import has_kernel
+    from kdops.ops.ms_deform_attn import cuda_backend
+
+    # the CUDA key always has a kernel: CUDA C++ when compiled in, else the Triton launchers
+    assert has_kernel("ms_deform_attn_fwd", "CUDA") and has_kernel("ms_deform_attn_bwd", "CUDA")
+    assert cuda_backend() in ("cuda", "triton")
+    code = "import torch; from kdops.ops.ms_deform_attn import cuda_backend; print(cuda_backend())"
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    run = lambda val: subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,  # noqa: E731
+                                     env={**os.environ, "KDOPS_MSDA_BACKEND": val})
+    assert run("triton").stdout.strip() == "triton"
+    bad = run("cudnn")
+    assert bad.returncode != 0 and "KDOPS_MSDA_BACKEND must be" in bad.stderr
+
+
 def test_torch_compile_fullgraph():
     v, sh, st, loc, attn = make(dtype=torch.float32)
 
