@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kdops
 from kdops.nn import MSDeformAttn
 
 LEVELS = [(6, 9), (3, 5), (2, 3), (1, 2)]
@@ -207,4 +206,3 @@ def test_module_compiles_fullgraph():
     x = {k: (v.float() if v.is_floating_point() else v) for k, v in inputs(C=16).items()}
     cm = torch.compile(m, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(cm(**x), m(**x))
-    assert kdops.ms_deform_attn is not None

@@ -321,35 +321,14 @@ def test_triton_empty_and_out_of_range_geometry_stays_in_bounds():
     assert out.shape == (2, 0, 12)
     gv, _, _ = ms_deform_attn_bwd(out, v, sh, st, loc[:, :0], attn[:, :0], True, True, True)
     assert torch.all(gv == 0)
-    # spatial_shapes claiming more rows than value has (unchecked on a GPU): masked, not read
-    big = sh * 4
+    # spatial_shapes claiming more rows than value has (unchecked on a GPU): rows past S are
+    # masked, i.e. read as zeros -- the oracle on a zero-padded value
+    big = sh * 3
     out = ms_deform_attn_fwd(v, big, st, loc, attn)
-    assert torch.isfinite(out).all()
+    rows = int((st.cpu() + big.cpu()[:, 0] * big.cpu()[:, 1]).max())
+    padded = torch.zeros(v.shape[0], rows, *v.shape[2:], dtype=torch.float64)
+    padded[:, :v.shape[1]] = v.double().cpu()
+    ref = oracle(padded, big.cpu(), st.cpu(), loc.double().cpu(), attn.double().cpu())
+    close(out.cpu(), ref, torch.float32)
     gv, gl, _ = ms_deform_attn_bwd(torch.ones_like(out), v, big, st, loc, attn, True, True, False)
     assert torch.isfinite(gv).all() and torch.isfinite(gl).all()
-
-
-@pytest.mark.skipif(INTERPRET, reason="ahead-of-time compilation needs the real Triton JIT, not the interpreter")
-def test_triton_kernels_compile_for_hopper_without_a_gpu():
-    # catches what the interpreter forgives (types, constexpr control flow): TTIR -> PTX -> cubin for sm_90
-    pytest.importorskip("triton")
-    import triton
-    import triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    import kdops.triton.ms_deform_attn as K
-
-    def compile_(fn, types, consts):
-        sig = {a: ("constexpr" if a in consts else types.get(a, "i32")) for a in fn.arg_names}
-        out = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                             options={"num_warps": 4})
-        assert "cubin" in out.asm
-
-    ptr = dict(value_ptr="*bf16", loc_ptr="*bf16", attn_ptr="*bf16", out_ptr="*bf16", go_ptr="*bf16", gloc_ptr="*bf16",
-               gattn_ptr="*bf16", gv_ptr="*fp32", shapes_ptr="*i64", starts_ptr="*i64", pad_ptr="*i64", key_ptr="*i64",
-               skey_ptr="*i64", perm_ptr="*i64", S="i64")
-    compile_(K._fwd_kernel, ptr, dict(BLOCK_LP=16, BLOCK_D=32, ACC=tl.float32))
-    compile_(K._bwd_kernel, ptr, dict(GRAD_VALUE=True, GRAD_SAMPLING=True, BLOCK_LP=16, BLOCK_D=32, ACC=tl.float32))
-    compile_(K._keys_kernel, ptr, dict(BLOCK_LP=16, ACC=tl.float32))
-    compile_(K._gather_value_grad_kernel, {**ptr, "gv_ptr": "*bf16"}, dict(STEPS=20, BLOCK_D=32, ACC=tl.float32))
