@@ -47,7 +47,11 @@ def make(N=3, Q=6, M=2, D=5, P=3, levels=LEVELS, seed=0, dtype=torch.float64, sp
 
 def run_all(fn, value, shapes, starts, loc, attn):
     ins = [leaf(value), shapes, starts, leaf(loc), leaf(attn)]
-    return grads_of(fn, ins)
+    if value.device.type == "cpu":
+        return grads_of(fn, ins)
+    out = fn(*ins)  # grads_of's fixed output weights, on the device
+    w = torch.linspace(0.5, 1.5, out.numel(), dtype=out.dtype).reshape(out.shape).to(out.device)
+    return out.detach(), torch.autograd.grad((out * w).sum(), [ins[0], ins[3], ins[4]])
 
 
 @pytest.mark.parametrize("cfg", [dict(), dict(N=1, Q=1, M=1, D=1, P=1, levels=[(1, 1)]),
@@ -332,3 +336,41 @@ def test_triton_empty_and_out_of_range_geometry_stays_in_bounds():
     close(out.cpu(), ref, torch.float32)
     gv, gl, _ = ms_deform_attn_bwd(torch.ones_like(out), v, big, st, loc, attn, True, True, False)
     assert torch.isfinite(gv).all() and torch.isfinite(gl).all()
+
+
+# ---- the registered CUDA kernel (CUDA C++ or Triton), on a lent GPU --------------------------------
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_cuda_kernel_matches_oracle_and_is_reproducible(dtype, deterministic):
+    v, sh, st, loc, attn = make(N=3, Q=37, M=4, D=32, P=4, levels=[(23, 31), (12, 16), (6, 8), (3, 4)], seed=7)
+    ins = [leaf(v.cuda().to(dtype)), sh.cuda(), st.cuda(), leaf(loc.cuda().to(dtype)), leaf(attn.cuda().to(dtype))]
+    try:
+        torch.use_deterministic_algorithms(deterministic)
+        out, grads = run_all(kdops.ms_deform_attn, *ins)
+        out2, grads2 = run_all(kdops.ms_deform_attn, *ins)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    ref, rgrads = run_all(oracle, *[x.detach().double().cpu() if x.is_floating_point() else x.cpu() for x in ins])
+    close(out.cpu(), ref, dtype, scale=ref.abs().max().item())
+    for got, want in zip(grads, rgrads):
+        close(got.cpu(), want, dtype, scale=want.abs().max().item())
+    if deterministic:
+        assert torch.equal(out, out2) and all(torch.equal(a, b) for a, b in zip(grads, grads2))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_cxx_and_triton_backends_agree():
+    from kdops.triton.ms_deform_attn import ms_deform_attn_bwd, ms_deform_attn_fwd
+
+    v, sh, st, loc, attn = [x.cuda() if x.dtype == torch.int64 else x.cuda().float()
+                            for x in make(N=2, Q=50, M=8, D=32, P=4, levels=[(25, 38), (13, 19)], seed=8)]
+    go = torch.randn(2, 50, 256, device="cuda")
+    a = torch.ops.kdops.ms_deform_attn_fwd(v, sh, st, loc, attn)  # the registered backend
+    torch.testing.assert_close(a, ms_deform_attn_fwd(v, sh, st, loc, attn), atol=1e-5, rtol=1e-5)
+    for det in (False, True):
+        ga = torch.ops.kdops.ms_deform_attn_bwd(go, v, sh, st, loc, attn, True, True, det)
+        gb = ms_deform_attn_bwd(go, v, sh, st, loc, attn, True, True, det)
+        for x, y in zip(ga, gb):
+            torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
