@@ -44,6 +44,19 @@ TORCH_LIBRARY(kdops, m) {
   m.def(
       "box_paint_fwd(Tensor values, Tensor ranges, Tensor batch_index, SymInt N, SymInt H, "
       "SymInt W, bool mean) -> Tensor");
+  // Multi-scale deformable attention (Deformable DETR; mmcv's MultiScaleDeformableAttnFunction
+  // without im2col_step). value (N,S,M,D), spatial_shapes (L,2) int64 [H,W],
+  // level_start_index (L,) int64, sampling_locations (N,Q,M,L,P,2) [x,y] in [0,1],
+  // attention_weights (N,Q,M,L,P) -> (N,Q,M*D). Bilinear, zero padding, align_corners=False.
+  m.def(
+      "ms_deform_attn_fwd(Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
+      "Tensor sampling_locations, Tensor attention_weights) -> Tensor");
+  // returns (grad_value, grad_sampling_locations, grad_attention_weights); a gradient not asked
+  // for is an empty tensor. deterministic: no floating-point atomics (CUDA picks a sorted path).
+  m.def(
+      "ms_deform_attn_bwd(Tensor grad_output, Tensor value, Tensor spatial_shapes, "
+      "Tensor level_start_index, Tensor sampling_locations, Tensor attention_weights, "
+      "bool grad_value, bool grad_sampling, bool deterministic) -> (Tensor, Tensor, Tensor)");
 }
 
 // `import kdops._C` loads this library, which runs the registrations above.

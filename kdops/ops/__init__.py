@@ -5,9 +5,10 @@ from .box_ranges import box_ranges
 from .gather_level_features import gather_level_features
 from .mask_pool import mask_pool
 from .masked_mse import masked_mse
+from .ms_deform_attn import ms_deform_attn
 from .pcc_mse import pcc_mse
 
 __all__ = [
     "box_masks", "box_paint", "box_pool", "box_ranges", "gather_level_features", "mask_pool", "masked_mse",
-    "pcc_mse",
+    "ms_deform_attn", "pcc_mse",
 ]

@@ -96,20 +96,39 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def use_kernel(op: str, device: torch.device) -> bool:
-    """True when torch.ops.kdops has a kernel for this device; else warn once (reference fallback)."""
+def use_kernel(op: str, device: torch.device, schema: Optional[str] = None) -> bool:
+    """True when torch.ops.kdops has a kernel for this device; else warn once (reference fallback).
+    ``schema`` (e.g. "ms_deform_attn_fwd") asks the dispatcher itself whether a CUDA kernel is
+    registered, for ops whose CUDA kernel may come from C++ as well as from Triton."""
     if HAS_C and device.type in ("cpu", "meta"):
         return True
-    if HAS_C and device.type == "cuda" and cuda_backend_ready():
+    if HAS_C and device.type == "cuda" and cuda_backend_ready(schema):
         return True
     warn_fallback(op, device.type)
     return False
 
 
-def cuda_backend_ready() -> bool:
+def cuda_backend_ready(schema: Optional[str] = None) -> bool:
+    if schema is not None:
+        return has_kernel(schema, "CUDA")
     from ..triton import HAS_TRITON
 
     return HAS_TRITON
+
+
+def has_kernel(schema: str, dispatch_key: str) -> bool:
+    """Whether kdops::<schema> has a kernel for the dispatch key (C++ or Python registered)."""
+    return HAS_C and torch._C._dispatch_has_kernel_for_dispatch_key(f"kdops::{schema}", dispatch_key)
+
+
+def host_readable(t: torch.Tensor) -> bool:
+    """True when t's values can be read on the host without a device sync or a graph break:
+    a real CPU tensor outside torch.compile tracing (not a FakeTensor / meta tensor)."""
+    if t.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    from torch._subclasses.fake_tensor import is_fake
+
+    return not is_fake(t)
 
 
 def needs_grad(*tensors) -> bool:

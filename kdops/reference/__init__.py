@@ -8,9 +8,10 @@ from .box_pool import box_paint, box_paint_ranges, box_pool, box_pool_ranges, bo
 from .gather_level_features import gather_level_features
 from .mask_pool import mask_pool
 from .masked_mse import masked_mse
+from .ms_deform_attn import ms_deform_attn
 from .pcc_mse import pcc_mse
 
 __all__ = [
     "box_masks", "box_paint", "box_paint_ranges", "box_pool", "box_pool_ranges", "box_ranges",
-    "gather_level_features", "mask_pool", "masked_mse", "pcc_mse",
+    "gather_level_features", "mask_pool", "masked_mse", "ms_deform_attn", "pcc_mse",
 ]

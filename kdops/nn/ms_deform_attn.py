@@ -1,0 +1,131 @@
+"""kdops.nn.MSDeformAttn: drop-in for mmcv's MultiScaleDeformableAttention.
+
+Same constructor and forward arguments, same submodules (so the same state_dict keys:
+``sampling_offsets``, ``attention_weights``, ``value_proj``, ``output_proj``), the same
+initialisation; mmcv checkpoints load unchanged. The sampling runs through
+:func:`kdops.ms_deform_attn` on every device (mmcv uses its CUDA op on GPUs and the grid_sample
+formula elsewhere), so it also works in bf16, deterministically and under torch.compile.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..ops import ms_deform_attn
+from ..ops._common import host_readable
+
+
+class MSDeformAttn(nn.Module):
+    """Multi-scale deformable attention (Zhu et al., Deformable DETR, ICLR 2021).
+
+    Args:
+        embed_dims: query / value width (256).
+        num_heads: attention heads M (8); embed_dims must be divisible by it.
+        num_levels: feature levels L (4).
+        num_points: sampling points per head and level P (4).
+        im2col_step: accepted for mmcv compatibility and ignored (kdops has no batch limit).
+        dropout: dropout on the output before the residual (0.1).
+        batch_first: (bs, n, c) inputs when True, (n, bs, c) when False (mmcv's default).
+        norm_cfg, init_cfg: accepted for mmcv compatibility (mmcv stores them; unused here).
+        value_proj_ratio: width of the value projection relative to embed_dims (1.0).
+    """
+
+    def __init__(self, embed_dims: int = 256, num_heads: int = 8, num_levels: int = 4, num_points: int = 4,
+                 im2col_step: int = 64, dropout: float = 0.1, batch_first: bool = False,
+                 norm_cfg: Optional[dict] = None, init_cfg=None, value_proj_ratio: float = 1.0):
+        super().__init__()
+        if embed_dims % num_heads != 0:
+            raise ValueError(f"kdops.nn.MSDeformAttn: embed_dims must be divisible by num_heads, "
+                             f"but got {embed_dims} and {num_heads}")
+        dim_per_head = embed_dims // num_heads
+        if dim_per_head & (dim_per_head - 1) or dim_per_head == 0:
+            warnings.warn("kdops.nn.MSDeformAttn: you'd better set embed_dims so that each head's width is a "
+                          "power of 2 (as mmcv advises); kdops handles any width", stacklevel=2)
+        self.norm_cfg = norm_cfg
+        self.init_cfg = init_cfg
+        self.dropout = nn.Dropout(dropout)
+        self.batch_first = batch_first
+        self.im2col_step = im2col_step
+        self.embed_dims = embed_dims
+        self.num_levels = num_levels
+        self.num_heads = num_heads
+        self.num_points = num_points
+        self.sampling_offsets = nn.Linear(embed_dims, num_heads * num_levels * num_points * 2)
+        self.attention_weights = nn.Linear(embed_dims, num_heads * num_levels * num_points)
+        value_proj_size = int(embed_dims * value_proj_ratio)
+        self.value_proj = nn.Linear(embed_dims, value_proj_size)
+        self.output_proj = nn.Linear(value_proj_size, embed_dims)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """mmcv's initialisation: zero offsets with a bias pointing each head in its own direction
+        (scaled by point index), zero attention logits, xavier-uniform projections."""
+        nn.init.constant_(self.sampling_offsets.weight, 0.0)
+        device = self.sampling_offsets.weight.device
+        thetas = torch.arange(self.num_heads, dtype=torch.float32, device=device) * (2.0 * math.pi / self.num_heads)
+        grid = torch.stack([thetas.cos(), thetas.sin()], -1)
+        grid = (grid / grid.abs().max(-1, keepdim=True)[0]).view(self.num_heads, 1, 1, 2)
+        grid = grid.repeat(1, self.num_levels, self.num_points, 1)
+        for i in range(self.num_points):
+            grid[:, :, i, :] *= i + 1
+        self.sampling_offsets.bias.copy_(grid.view(-1))
+        nn.init.constant_(self.attention_weights.weight, 0.0)
+        nn.init.constant_(self.attention_weights.bias, 0.0)
+        for lin in (self.value_proj, self.output_proj):
+            nn.init.xavier_uniform_(lin.weight, gain=1)
+            nn.init.constant_(lin.bias, 0.0)
+
+    def forward(self, query: torch.Tensor, key: Optional[torch.Tensor] = None, value: Optional[torch.Tensor] = None,
+                identity: Optional[torch.Tensor] = None, query_pos: Optional[torch.Tensor] = None,
+                key_padding_mask: Optional[torch.Tensor] = None, reference_points: Optional[torch.Tensor] = None,
+                spatial_shapes: Optional[torch.Tensor] = None, level_start_index: Optional[torch.Tensor] = None,
+                **kwargs) -> torch.Tensor:
+        """mmcv's forward: query (num_query, bs, C) ((bs, num_query, C) if batch_first), value
+        (num_value, bs, C) or None (= query), reference_points (bs, num_query, L, 2) normalised
+        (x, y) or (bs, num_query, L, 4) boxes (cx, cy, w, h), key_padding_mask (bs, num_value)
+        True at padding, spatial_shapes (L, 2), level_start_index (L,). Returns query-shaped
+        output + identity. ``key`` is unused, as in mmcv."""
+        if value is None:
+            value = query
+        if identity is None:
+            identity = query
+        if query_pos is not None:
+            query = query + query_pos
+        if not self.batch_first:
+            query = query.permute(1, 0, 2)
+            value = value.permute(1, 0, 2)
+        bs, num_query, _ = query.shape
+        bs, num_value, _ = value.shape
+        if reference_points is None or spatial_shapes is None or level_start_index is None:
+            raise ValueError("kdops.nn.MSDeformAttn: reference_points, spatial_shapes and level_start_index "
+                             "are required")
+        if host_readable(spatial_shapes) and int((spatial_shapes[:, 0] * spatial_shapes[:, 1]).sum()) != num_value:
+            raise ValueError(f"kdops.nn.MSDeformAttn: value has {num_value} rows but spatial_shapes "
+                             f"{spatial_shapes.tolist()} sums to a different H*W total")
+        value = self.value_proj(value)
+        if key_padding_mask is not None:
+            value = value.masked_fill(key_padding_mask[..., None], 0.0)
+        value = value.view(bs, num_value, self.num_heads, -1)
+        M, L, P = self.num_heads, self.num_levels, self.num_points
+        offsets = self.sampling_offsets(query).view(bs, num_query, M, L, P, 2)
+        weights = self.attention_weights(query).view(bs, num_query, M, L * P).softmax(-1)
+        weights = weights.view(bs, num_query, M, L, P)
+        if reference_points.shape[-1] == 2:
+            normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1)
+            locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+        elif reference_points.shape[-1] == 4:
+            locations = (reference_points[:, :, None, :, None, :2]
+                         + offsets / P * reference_points[:, :, None, :, None, 2:] * 0.5)
+        else:
+            raise ValueError(f"kdops.nn.MSDeformAttn: last dim of reference_points must be 2 or 4, "
+                             f"but got {reference_points.shape[-1]} instead.")
+        output = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)
+        output = self.output_proj(output)
+        if not self.batch_first:
+            output = output.permute(1, 0, 2)
+        return self.dropout(output) + identity
