@@ -7,7 +7,7 @@
 See README.md and ``kdops info`` for which backend each op uses on this machine.
 """
 from ._extension import HAS_C
-from .ops import masked_mse, pcc_mse
+from .ops import bckd_cls_loss, bckd_loc_loss, masked_mse, pcc_mse
 from .version import __version__
 
-__all__ = ["HAS_C", "masked_mse", "pcc_mse", "__version__"]
+__all__ = ["HAS_C", "bckd_cls_loss", "bckd_loc_loss", "masked_mse", "pcc_mse", "__version__"]

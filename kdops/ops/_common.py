@@ -122,3 +122,40 @@ def register_cuda(name: str, fn) -> None:
 
 
 _LIB = torch.library.Library("kdops", "IMPL") if HAS_C else None
+
+
+# --------------------------------------------------------------------------- dense-head helpers
+FLT_EPS = float(torch.finfo(torch.float32).eps)
+
+
+def check_avg_factor(op: str, avg_factor, like: torch.Tensor):
+    """None, a Python number or a 0-d/1-element tensor on the inputs' device (never read on the host)."""
+    if avg_factor is None or isinstance(avg_factor, (int, float)) and not isinstance(avg_factor, bool):
+        return avg_factor
+    if isinstance(avg_factor, torch.Tensor):
+        if avg_factor.numel() != 1 or not avg_factor.is_floating_point() and avg_factor.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"kdops.{op}: `avg_factor` must be a number or a 1-element tensor, got shape "
+                             f"{_shape(avg_factor)} {avg_factor.dtype}")
+        if avg_factor.device != like.device:
+            raise ValueError(f"kdops.{op}: `avg_factor` is on {avg_factor.device} but the inputs are on {like.device}")
+        return avg_factor.reshape(())
+    raise TypeError(f"kdops.{op}: `avg_factor` must be None, a number or a tensor, got {type(avg_factor).__name__}")
+
+
+def divide_by_avg_factor(loss: torch.Tensor, avg_factor) -> torch.Tensor:
+    """mmdet's weight_reduce_loss(reduction="mean", avg_factor): sum / (avg_factor + float32 eps)."""
+    if avg_factor is None:
+        return loss
+    return loss / (avg_factor + FLT_EPS)
+
+
+def anchor_view(x: torch.Tensor, per_anchor: int) -> torch.Tensor:
+    """A dense-head tensor as a strided (N,H,W,J,C) view, without a copy.
+
+    (A,C) -> (1,1,A,1,C); mmdet's (N,J*C,H,W) -> (N,H,W,J,C), anchors ordered (n,h,w,j)
+    exactly as ``x.permute(0,2,3,1).reshape(-1, C)`` orders them. Kernels read the strides.
+    """
+    if x.dim() == 2:
+        return x.unsqueeze(0).unsqueeze(0).unsqueeze(3)
+    N, JC, H, W = x.shape
+    return x.unflatten(1, (JC // per_anchor, per_anchor)).permute(0, 3, 4, 1, 2)

@@ -1,0 +1,172 @@
+// CPU kernels of kdops::bckd_cls_fwd and kdops::bckd_loc_fwd (BCKD, Pan et al. ICCV 2023).
+//
+// Inputs arrive as strided 5-D views (N,H,W,J,C): mmdet's (N,J*C,H,W) head outputs and
+// flattened (A,C) tensors are both such views, so no permute copy is made. Work is split
+// into tasks of (n, h, j, run of kTile anchors along w); a task gathers its tile into
+// small class-major buffers (so the math loops are contiguous and vectorise whatever the
+// layout), computes loss and gradient in one pass and scatters the gradient back with
+// the input's strides. Each task owns one partial loss: results are bitwise reproducible
+// whatever the thread count. Decoded boxes live only in the task's buffers.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "bckd_math.h"
+#include "common.h"
+
+namespace kdops {
+namespace {
+
+using namespace bckd;
+constexpr int64_t kTile = 32;
+
+struct View5 {  // a (N,H,W,J,C) strided view
+  int64_t N, H, W, J, C, sN, sH, sW, sJ, sC;
+  explicit View5(const at::Tensor& t)
+      : N(t.size(0)), H(t.size(1)), W(t.size(2)), J(t.size(3)), C(t.size(4)), sN(t.stride(0)),
+        sH(t.stride(1)), sW(t.stride(2)), sJ(t.stride(3)), sC(t.stride(4)) {}
+  int64_t at(int64_t n, int64_t h, int64_t w, int64_t j) const { return n * sN + h * sH + w * sW + j * sJ; }
+};
+
+// Task index -> (n, h, j, first w, tile length, flat anchor index of the first w).
+struct Tile {
+  int64_t n, h, j, w0, len;
+};
+inline Tile tile_of(const View5& v, int64_t task, int64_t chunks) {
+  Tile r;
+  const int64_t c = task % chunks, row = task / chunks;
+  r.j = row % v.J;
+  r.h = (row / v.J) % v.H;
+  r.n = row / (v.J * v.H);
+  r.w0 = c * kTile;
+  r.len = std::min(kTile, v.W - r.w0);
+  return r;
+}
+inline int64_t anchor_of(const View5& v, const Tile& t, int64_t i) {
+  return ((t.n * v.H + t.h) * v.W + t.w0 + i) * v.J + t.j;
+}
+
+template <typename scalar_t, typename A>
+void gather(const scalar_t* p, const View5& v, const Tile& t, A* buf) {
+  const int64_t base = v.at(t.n, t.h, t.w0, t.j);
+  for (int64_t c = 0; c < v.C; ++c)
+    for (int64_t i = 0; i < kTile; ++i)
+      buf[c * kTile + i] = i < t.len ? A(p[base + c * v.sC + i * v.sW]) : A(0);
+}
+
+// ------------------------------------------------------------------ vectorised blocks
+#define KD_CLS_BLOCK(MODE, A)                                                                   \
+  KDOPS_SIMD_CLONES void cls_block##MODE(const A* x, const A* t, int64_t n, A beta, A* l, A* g) { \
+    _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) cls_elem<MODE, A>(x[i], t[i], beta, l[i], g[i]); \
+  }
+KD_CLS_BLOCK(0, float)
+KD_CLS_BLOCK(1, float)
+KD_CLS_BLOCK(2, float)
+KD_CLS_BLOCK(0, double)
+KD_CLS_BLOCK(1, double)
+KD_CLS_BLOCK(2, double)
+
+template <typename A>
+void cls_block(int mode, const A* x, const A* t, int64_t n, A beta, A* l, A* g) {
+  if (mode == 1) cls_block1(x, t, n, beta, l, g);
+  else if (mode == 2) cls_block2(x, t, n, beta, l, g);
+  else cls_block0(x, t, n, beta, l, g);
+}
+
+#define KD_GAP_BLOCK(A)                                                       \
+  KDOPS_SIMD_CLONES void gap_block(const A* x, const A* t, int64_t n, A* out) { \
+    _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) {                     \
+      const A q = sigmoid_of(x[i], exp_nonpos(-std::fabs(x[i])));             \
+      const A p = sigmoid_of(t[i], exp_nonpos(-std::fabs(t[i])));             \
+      out[i] = std::fabs(p - q);                                              \
+    }                                                                         \
+  }
+KD_GAP_BLOCK(float)
+KD_GAP_BLOCK(double)
+
+#define KD_EXP_BLOCK(A)                                            \
+  KDOPS_SIMD_CLONES void exp_block(A* z, int64_t n) {              \
+    _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) z[i] = exp_nonpos(z[i]); \
+  }
+KD_EXP_BLOCK(float)
+KD_EXP_BLOCK(double)
+
+// ------------------------------------------------------------------ classification
+template <typename scalar_t>
+void cls_cpu(const at::Tensor& s, const at::Tensor& t, at::Tensor& g, const acc_t<scalar_t>* w, double beta,
+             double scale, acc_t<scalar_t>* gw, std::vector<double>& part, int64_t chunks) {
+  using A = acc_t<scalar_t>;
+  const View5 vs(s), vt(t);
+  const bool want_g = g.numel() > 0;
+  const View5 vg = want_g ? View5(g) : vs;
+  const int mode = beta == 1.0 ? 1 : (beta == 2.0 ? 2 : 0);
+  const scalar_t* sp = s.data_ptr<scalar_t>();
+  const scalar_t* tp = t.data_ptr<scalar_t>();
+  scalar_t* gp = want_g ? g.data_ptr<scalar_t>() : nullptr;
+  const int64_t K = vs.C;
+  at::parallel_for(0, (int64_t)part.size(), 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> xs(K * kTile), ts(K * kTile), ls(K * kTile), gs(K * kTile);
+    for (int64_t task = begin; task < end; ++task) {
+      const Tile tl = tile_of(vs, task, chunks);
+      gather(sp, vs, tl, xs.data());
+      gather(tp, vt, tl, ts.data());
+      cls_block<A>(mode, xs.data(), ts.data(), K * kTile, A(beta), ls.data(), gs.data());
+      double task_loss = 0.0;
+      for (int64_t i = 0; i < tl.len; ++i) {
+        A row = 0;
+        for (int64_t k = 0; k < K; ++k) row += ls[k * kTile + i];
+        const int64_t a = anchor_of(vs, tl, i);
+        const A wa = w ? w[a] : A(1);
+        task_loss += double(wa) * double(row);
+        if (gw) gw[a] = A(scale) * row;
+        if (want_g) {
+          const A f = A(scale) * wa;
+          const int64_t base = vg.at(tl.n, tl.h, tl.w0 + i, tl.j);
+          for (int64_t k = 0; k < K; ++k) gp[base + k * vg.sC] = scalar_t(f * gs[k * kTile + i]);
+        }
+      }
+      part[task] = task_loss;
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bckd_cls_fwd_cpu(
+    const at::Tensor& student, const at::Tensor& teacher, const c10::optional<at::Tensor>& weight, double beta,
+    double scale, bool grad_student, bool grad_weight) {
+  TORCH_CHECK(student.dim() == 5 && student.sizes() == teacher.sizes(),
+              "kdops::bckd_cls_fwd: student and teacher must be (N,H,W,J,K) views of one shape");
+  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(), "kdops::bckd_cls_fwd: one dtype expected");
+  const auto acc_type = acc_dtype(student.scalar_type());
+  const View5 v(student);
+  const int64_t A_ = v.N * v.H * v.W * v.J;
+  at::Tensor w;
+  if (weight.has_value()) {
+    w = weight->contiguous();
+    TORCH_CHECK(w.scalar_type() == acc_type && w.numel() == A_, "kdops::bckd_cls_fwd: weight must be (A,) acc dtype");
+  }
+  auto loss = at::empty({}, student.options().dtype(acc_type));
+  auto g = grad_student ? at::empty_like(student) : no_grad_placeholder(student);
+  auto gw = (grad_weight && w.defined()) ? at::empty({A_}, loss.options()) : no_grad_placeholder(loss);
+  const int64_t chunks = (v.W + kTile - 1) / kTile;
+  std::vector<double> part(v.N * v.H * v.J * chunks, 0.0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "bckd_cls_fwd", [&] {
+    using A = acc_t<scalar_t>;
+    cls_cpu<scalar_t>(student, teacher, g, w.defined() ? w.data_ptr<A>() : nullptr, beta, scale,
+                      gw.numel() ? gw.data_ptr<A>() : nullptr, part, chunks);
+  });
+  loss.fill_(ordered_sum(part) * scale);
+  return {loss, g, gw};
+}
+
+}  // namespace
+}  // namespace kdops
+
+#include "bckd_loc.h"
+
+TORCH_LIBRARY_IMPL(kdops, CPU, m) {
+  m.impl("bckd_cls_fwd", &kdops::bckd_cls_fwd_cpu);
+  m.impl("bckd_loc_fwd", &kdops::bckd_loc_fwd_cpu);
+}
