@@ -21,7 +21,7 @@ namespace kdops {
 namespace {
 
 using namespace bckd;
-constexpr int64_t kTile = 32;
+constexpr int64_t kTile = 256;  // anchors per task: long contiguous runs per class for (N,C,H,W) maps
 
 struct View5 {  // a (N,H,W,J,C) strided view
   int64_t N, H, W, J, C, sN, sH, sW, sJ, sC;
@@ -29,9 +29,22 @@ struct View5 {  // a (N,H,W,J,C) strided view
       : N(t.size(0)), H(t.size(1)), W(t.size(2)), J(t.size(3)), C(t.size(4)), sN(t.stride(0)),
         sH(t.stride(1)), sW(t.stride(2)), sJ(t.stride(3)), sC(t.stride(4)) {}
   int64_t at(int64_t n, int64_t h, int64_t w, int64_t j) const { return n * sN + h * sH + w * sW + j * sJ; }
+  bool hw_mergeable() const { return H <= 1 || sH == W * sW; }
+  void merge_hw() {  // (h, w) -> one run of H*W positions: longer tiles on (N,C,H,W) maps
+    W *= H;
+    H = 1;
+    sH = 0;
+  }
 };
 
-// Task index -> (n, h, j, first w, tile length, flat anchor index of the first w).
+// Merges (h,w) of every view when all allow it, so tiles cover whole rows of H*W anchors.
+inline void merge_all(std::initializer_list<View5*> views) {
+  for (View5* v : views)
+    if (!v->hw_mergeable()) return;
+  for (View5* v : views) v->merge_hw();
+}
+
+// Task index -> (n, h, j, first w, tile length).
 struct Tile {
   int64_t n, h, j, w0, len;
 };
@@ -49,12 +62,47 @@ inline int64_t anchor_of(const View5& v, const Tile& t, int64_t i) {
   return ((t.n * v.H + t.h) * v.W + t.w0 + i) * v.J + t.j;
 }
 
+// Tile <-> class-major buffer buf[c * kTile + i]; contiguous fast paths for the two layouts
+// that matter: anchors contiguous (mmdet's (N,C,H,W)) and classes contiguous ((A,K)).
 template <typename scalar_t, typename A>
 void gather(const scalar_t* p, const View5& v, const Tile& t, A* buf) {
-  const int64_t base = v.at(t.n, t.h, t.w0, t.j);
-  for (int64_t c = 0; c < v.C; ++c)
-    for (int64_t i = 0; i < kTile; ++i)
-      buf[c * kTile + i] = i < t.len ? A(p[base + c * v.sC + i * v.sW]) : A(0);
+  const scalar_t* b = p + v.at(t.n, t.h, t.w0, t.j);
+  if (v.sW == 1) {
+    for (int64_t c = 0; c < v.C; ++c) {
+      const scalar_t* src = b + c * v.sC;
+      A* dst = buf + c * kTile;
+      for (int64_t i = 0; i < t.len; ++i) dst[i] = A(src[i]);
+    }
+  } else if (v.sC == 1) {
+    for (int64_t i = 0; i < t.len; ++i) {
+      const scalar_t* src = b + i * v.sW;
+      for (int64_t c = 0; c < v.C; ++c) buf[c * kTile + i] = A(src[c]);
+    }
+  } else {
+    for (int64_t c = 0; c < v.C; ++c)
+      for (int64_t i = 0; i < t.len; ++i) buf[c * kTile + i] = A(b[c * v.sC + i * v.sW]);
+  }
+}
+
+// out[tile] = f[i] * buf[c * kTile + i]
+template <typename scalar_t, typename A>
+void scatter(scalar_t* p, const View5& v, const Tile& t, const A* buf, const A* f) {
+  scalar_t* b = p + v.at(t.n, t.h, t.w0, t.j);
+  if (v.sW == 1) {
+    for (int64_t c = 0; c < v.C; ++c) {
+      scalar_t* dst = b + c * v.sC;
+      const A* src = buf + c * kTile;
+      for (int64_t i = 0; i < t.len; ++i) dst[i] = scalar_t(f[i] * src[i]);
+    }
+  } else if (v.sC == 1) {
+    for (int64_t i = 0; i < t.len; ++i) {
+      scalar_t* dst = b + i * v.sW;
+      for (int64_t c = 0; c < v.C; ++c) dst[c] = scalar_t(f[i] * buf[c * kTile + i]);
+    }
+  } else {
+    for (int64_t c = 0; c < v.C; ++c)
+      for (int64_t i = 0; i < t.len; ++i) b[c * v.sC + i * v.sW] = scalar_t(f[i] * buf[c * kTile + i]);
+  }
 }
 
 // ------------------------------------------------------------------ vectorised blocks
@@ -96,38 +144,34 @@ KD_EXP_BLOCK(double)
 
 // ------------------------------------------------------------------ classification
 template <typename scalar_t>
-void cls_cpu(const at::Tensor& s, const at::Tensor& t, at::Tensor& g, const acc_t<scalar_t>* w, double beta,
-             double scale, acc_t<scalar_t>* gw, std::vector<double>& part, int64_t chunks) {
+void cls_cpu(const View5& vs, const View5& vt, const View5& vg, const scalar_t* sp, const scalar_t* tp,
+             scalar_t* gp, const acc_t<scalar_t>* w, double beta, double scale, acc_t<scalar_t>* gw,
+             std::vector<double>& part, int64_t chunks) {
   using A = acc_t<scalar_t>;
-  const View5 vs(s), vt(t);
-  const bool want_g = g.numel() > 0;
-  const View5 vg = want_g ? View5(g) : vs;
   const int mode = beta == 1.0 ? 1 : (beta == 2.0 ? 2 : 0);
-  const scalar_t* sp = s.data_ptr<scalar_t>();
-  const scalar_t* tp = t.data_ptr<scalar_t>();
-  scalar_t* gp = want_g ? g.data_ptr<scalar_t>() : nullptr;
   const int64_t K = vs.C;
   at::parallel_for(0, (int64_t)part.size(), 1, [&](int64_t begin, int64_t end) {
     std::vector<A> xs(K * kTile), ts(K * kTile), ls(K * kTile), gs(K * kTile);
+    std::vector<A> row(kTile), f(kTile);
     for (int64_t task = begin; task < end; ++task) {
       const Tile tl = tile_of(vs, task, chunks);
       gather(sp, vs, tl, xs.data());
       gather(tp, vt, tl, ts.data());
-      cls_block<A>(mode, xs.data(), ts.data(), K * kTile, A(beta), ls.data(), gs.data());
+      std::fill(row.begin(), row.end(), A(0));
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t o = k * kTile;
+        cls_block<A>(mode, xs.data() + o, ts.data() + o, tl.len, A(beta), ls.data() + o, gs.data() + o);
+        for (int64_t i = 0; i < tl.len; ++i) row[i] += ls[o + i];
+      }
       double task_loss = 0.0;
       for (int64_t i = 0; i < tl.len; ++i) {
-        A row = 0;
-        for (int64_t k = 0; k < K; ++k) row += ls[k * kTile + i];
         const int64_t a = anchor_of(vs, tl, i);
         const A wa = w ? w[a] : A(1);
-        task_loss += double(wa) * double(row);
-        if (gw) gw[a] = A(scale) * row;
-        if (want_g) {
-          const A f = A(scale) * wa;
-          const int64_t base = vg.at(tl.n, tl.h, tl.w0 + i, tl.j);
-          for (int64_t k = 0; k < K; ++k) gp[base + k * vg.sC] = scalar_t(f * gs[k * kTile + i]);
-        }
+        task_loss += double(wa) * double(row[i]);
+        if (gw) gw[a] = A(scale) * row[i];
+        f[i] = A(scale) * wa;
       }
+      if (gp) scatter(gp, vg, tl, gs.data(), f.data());
       part[task] = task_loss;
     }
   });
@@ -150,12 +194,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bckd_cls_fwd_cpu(
   auto loss = at::empty({}, student.options().dtype(acc_type));
   auto g = grad_student ? at::empty_like(student) : no_grad_placeholder(student);
   auto gw = (grad_weight && w.defined()) ? at::empty({A_}, loss.options()) : no_grad_placeholder(loss);
-  const int64_t chunks = (v.W + kTile - 1) / kTile;
-  std::vector<double> part(v.N * v.H * v.J * chunks, 0.0);
+  View5 vs(student), vt(teacher), vg(grad_student ? g : student);
+  merge_all({&vs, &vt, &vg});
+  const int64_t chunks = (vs.W + kTile - 1) / kTile;
+  std::vector<double> part(A_ == 0 ? 0 : vs.N * vs.H * vs.J * chunks, 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "bckd_cls_fwd", [&] {
     using A = acc_t<scalar_t>;
-    cls_cpu<scalar_t>(student, teacher, g, w.defined() ? w.data_ptr<A>() : nullptr, beta, scale,
-                      gw.numel() ? gw.data_ptr<A>() : nullptr, part, chunks);
+    cls_cpu<scalar_t>(vs, vt, vg, student.data_ptr<scalar_t>(), teacher.data_ptr<scalar_t>(),
+                      grad_student ? g.data_ptr<scalar_t>() : nullptr, w.defined() ? w.data_ptr<A>() : nullptr,
+                      beta, scale, gw.numel() ? gw.data_ptr<A>() : nullptr, part, chunks);
   });
   loss.fill_(ordered_sum(part) * scale);
   return {loss, g, gw};

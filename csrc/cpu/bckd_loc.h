@@ -71,36 +71,36 @@ KDOPS_INLINE void iou_elem(int mode, A eps, const A* b, const A* B, A& per, A* g
 }
 
 #define KD_IOU_BLOCK(A)                                                                      \
-  KDOPS_SIMD_CLONES void iou_block(int mode, A eps, const A* b, const A* B, A* per, A* gb) { \
-    _Pragma("omp simd") for (int64_t i = 0; i < kTile; ++i) iou_elem<A>(mode, eps, b + i, B + i, per[i], gb + i); \
+  KDOPS_SIMD_CLONES void iou_block(int mode, A eps, const A* b, const A* B, int64_t n, A* per, A* gb) { \
+    _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) iou_elem<A>(mode, eps, b + i, B + i, per[i], gb + i); \
   }
 KD_IOU_BLOCK(float)
 KD_IOU_BLOCK(double)
 
 // GFL integral in place: z (4*(R+1) x kTile logits) -> softmax probabilities; dist = sum_b b p_b.
 template <typename A>
-void integral_tile(A* z, int64_t R1, A* dist) {
+void integral_tile(A* z, int64_t R1, int64_t len, A* dist) {
   for (int64_t s = 0; s < 4; ++s) {
     A* zs = z + s * R1 * kTile;
     A m[kTile];
-    for (int64_t i = 0; i < kTile; ++i) m[i] = zs[i];
+    for (int64_t i = 0; i < len; ++i) m[i] = zs[i];
     for (int64_t b = 1; b < R1; ++b)
-      for (int64_t i = 0; i < kTile; ++i) m[i] = std::max(m[i], zs[b * kTile + i]);
+      for (int64_t i = 0; i < len; ++i) m[i] = std::max(m[i], zs[b * kTile + i]);
     for (int64_t b = 0; b < R1; ++b)
-      for (int64_t i = 0; i < kTile; ++i) zs[b * kTile + i] -= m[i];
+      for (int64_t i = 0; i < len; ++i) zs[b * kTile + i] -= m[i];
   }
-  exp_block(z, 4 * R1 * kTile);
+  for (int64_t r = 0; r < 4 * R1; ++r) exp_block(z + r * kTile, len);
   for (int64_t s = 0; s < 4; ++s) {
     A* zs = z + s * R1 * kTile;
     A sum[kTile] = {}, ex[kTile] = {};
     for (int64_t b = 0; b < R1; ++b)
-      for (int64_t i = 0; i < kTile; ++i) sum[i] += zs[b * kTile + i];
+      for (int64_t i = 0; i < len; ++i) sum[i] += zs[b * kTile + i];
     for (int64_t b = 0; b < R1; ++b)
-      for (int64_t i = 0; i < kTile; ++i) {
+      for (int64_t i = 0; i < len; ++i) {
         zs[b * kTile + i] /= sum[i];
         ex[i] += zs[b * kTile + i] * A(b);
       }
-    for (int64_t i = 0; i < kTile; ++i) dist[s * kTile + i] = ex[i];
+    for (int64_t i = 0; i < len; ++i) dist[s * kTile + i] = ex[i];
   }
 }
 
@@ -114,9 +114,9 @@ struct LocArgs {
 template <typename A>
 void decode_tile(const LocArgs& a, A* reg, const A* pri, const A* st, const int64_t* anchors, int64_t len, A* dist,
                  A* box) {
-  if (a.decoder == kGfl) integral_tile(reg, a.R1, dist);
-  for (int64_t i = 0; i < kTile; ++i) {
-    const A* p = pri + (i < len ? anchors[i] % a.M : 0) * a.P;
+  if (a.decoder == kGfl) integral_tile(reg, a.R1, len, dist);
+  for (int64_t i = 0; i < len; ++i) {
+    const A* p = pri + (anchors[i] % a.M) * a.P;
     if (a.decoder == kDelta) {
       const A dx = reg[i] * A(a.stds[0]) + A(a.means[0]), dy = reg[kTile + i] * A(a.stds[1]) + A(a.means[1]);
       A dw = reg[2 * kTile + i] * A(a.stds[2]) + A(a.means[2]);
@@ -137,7 +137,7 @@ void decode_tile(const LocArgs& a, A* reg, const A* pri, const A* st, const int6
     } else {
       A px = a.P == 2 ? p[0] : (p[2] + p[0]) / A(2);
       A py = a.P == 2 ? p[1] : (p[3] + p[1]) / A(2);
-      const A s = st ? st[i < len ? anchors[i] : 0] : A(a.stride_value);
+      const A s = st ? st[anchors[i]] : A(a.stride_value);
       if (st || a.stride_value > 0) {
         px = px / s;
         py = py / s;
@@ -152,72 +152,74 @@ void decode_tile(const LocArgs& a, A* reg, const A* pri, const A* st, const int6
 }
 
 template <typename scalar_t>
-void loc_cpu(const LocArgs& a, const at::Tensor& sr, const at::Tensor& tr, const at::Tensor& sl, const at::Tensor& tl_,
-             const at::Tensor& priors, const acc_t<scalar_t>* w, const acc_t<scalar_t>* st, at::Tensor& g,
+void loc_cpu(const LocArgs& a, const View5& vsr, const View5& vtr, const View5& vsl, const View5& vtl,
+             const View5& vg, const scalar_t* srp, const scalar_t* trp, const scalar_t* slp, const scalar_t* tlp,
+             scalar_t* gp, const acc_t<scalar_t>* pri, const acc_t<scalar_t>* w, const acc_t<scalar_t>* st,
              acc_t<scalar_t>* gw, std::vector<double>& part, int64_t chunks) {
   using A = acc_t<scalar_t>;
-  const View5 vsr(sr), vtr(tr), vsl(sl), vtl(tl_);
-  const bool want_g = g.numel() > 0;
-  const View5 vg = want_g ? View5(g) : vsr;
   const int64_t K = vsl.C, D = vsr.C;
-  const A* pri = priors.data_ptr<A>();
-  const scalar_t *srp = sr.data_ptr<scalar_t>(), *trp = tr.data_ptr<scalar_t>();
-  const scalar_t *slp = sl.data_ptr<scalar_t>(), *tlp = tl_.data_ptr<scalar_t>();
-  scalar_t* gp = want_g ? g.data_ptr<scalar_t>() : nullptr;
   at::parallel_for(0, (int64_t)part.size(), 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> ls(K * kTile), lt(K * kTile), rs(D * kTile), rt(D * kTile);
-    A ds[4 * kTile], dt[4 * kTile], bs[4 * kTile], bt[4 * kTile], gb[4 * kTile], per[kTile], gap[kTile];
-    int64_t anchors[kTile];
+    std::vector<A> ls(K * kTile), lt(K * kTile), rs(D * kTile), rt(D * kTile), gr(D * kTile);
+    std::vector<A> ds(4 * kTile), dt(4 * kTile), bs(4 * kTile), bt(4 * kTile), gb(4 * kTile), per(kTile),
+        gap(kTile), f(kTile);
+    std::vector<int64_t> anchors(kTile);
     for (int64_t task = begin; task < end; ++task) {
       const Tile t = tile_of(vsr, task, chunks);
-      for (int64_t i = 0; i < kTile; ++i) anchors[i] = i < t.len ? anchor_of(vsr, t, i) : 0;
+      const int64_t len = t.len;
+      for (int64_t i = 0; i < len; ++i) anchors[i] = anchor_of(vsr, t, i);
       gather(slp, vsl, t, ls.data());
       gather(tlp, vtl, t, lt.data());
-      gap_block(ls.data(), lt.data(), K * kTile, ls.data());
-      for (int64_t i = 0; i < kTile; ++i) gap[i] = K > 0 ? ls[i] : A(0);
-      for (int64_t k = 1; k < K; ++k)
-        for (int64_t i = 0; i < kTile; ++i) gap[i] = std::max(gap[i], ls[k * kTile + i]);
+      std::fill(gap.begin(), gap.end(), A(0));
+      for (int64_t k = 0; k < K; ++k) {
+        A* row = ls.data() + k * kTile;
+        gap_block(row, lt.data() + k * kTile, len, row);
+        for (int64_t i = 0; i < len; ++i) gap[i] = std::max(gap[i], row[i]);
+      }
       gather(srp, vsr, t, rs.data());
       gather(trp, vtr, t, rt.data());
-      decode_tile<A>(a, rs.data(), pri, st, anchors, t.len, ds, bs);
-      decode_tile<A>(a, rt.data(), pri, st, anchors, t.len, dt, bt);
-      iou_block(a.mode, A(1e-6), bs, bt, per, gb);
+      decode_tile<A>(a, rs.data(), pri, st, anchors.data(), len, ds.data(), bs.data());
+      decode_tile<A>(a, rt.data(), pri, st, anchors.data(), len, dt.data(), bt.data());
+      iou_block(a.mode, A(1e-6), bs.data(), bt.data(), len, per.data(), gb.data());
       double task_loss = 0.0;
-      for (int64_t i = 0; i < t.len; ++i) {
-        const A wa = w ? w[anchors[i]] : A(1);
-        task_loss += double(gap[i] * wa) * double(per[i]);
+      for (int64_t i = 0; i < len; ++i) {
+        const A wa = gap[i] * (w ? w[anchors[i]] : A(1));
+        task_loss += double(wa) * double(per[i]);
         if (gw) gw[anchors[i]] = A(a.scale) * gap[i] * per[i];
+        f[i] = A(a.scale) * wa;
       }
       part[task] = task_loss;
-      if (!want_g) continue;
-      for (int64_t i = 0; i < t.len; ++i) {
-        const A f = A(a.scale) * gap[i] * (w ? w[anchors[i]] : A(1));
-        const int64_t base = vg.at(t.n, t.h, t.w0 + i, t.j);
-        const A g0 = gb[i], g1 = gb[kTile + i], g2 = gb[2 * kTile + i], g3 = gb[3 * kTile + i];
-        if (a.decoder == kDelta) {
-          const A mr = A(a.max_ratio);
+      if (!gp) continue;
+      const A *g0 = gb.data(), *g1 = g0 + kTile, *g2 = g1 + kTile, *g3 = g2 + kTile;
+      if (a.decoder == kDelta) {
+        const A mr = A(a.max_ratio);
+        for (int64_t i = 0; i < len; ++i) {
           const A dw = rs[2 * kTile + i] * A(a.stds[2]) + A(a.means[2]);
           const A dh = rs[3 * kTile + i] * A(a.stds[3]) + A(a.means[3]);
           const A* p = pri + (anchors[i] % a.M) * a.P;
-          const A pw = p[2] - p[0], ph = p[3] - p[1];
-          const A out[4] = {(g0 + g2) * pw * A(a.stds[0]), (g1 + g3) * ph * A(a.stds[1]),
-                            (dw >= -mr && dw <= mr) ? A(0.5) * (g2 - g0) * ds[i] * A(a.stds[2]) : A(0),
-                            (dh >= -mr && dh <= mr) ? A(0.5) * (g3 - g1) * ds[kTile + i] * A(a.stds[3]) : A(0)};
-          for (int64_t c = 0; c < 4; ++c) gp[base + c * vg.sC] = scalar_t(f * out[c]);
-        } else {
-          const A gd[4] = {-g0, -g1, g2, g3};
-          if (a.decoder == kDistance) {
-            for (int64_t c = 0; c < 4; ++c) gp[base + c * vg.sC] = scalar_t(f * gd[c]);
-          } else {
-            for (int64_t s = 0; s < 4; ++s)
-              for (int64_t b = 0; b < a.R1; ++b) {
-                const int64_t c = s * a.R1 + b;
-                const A pb = rs[c * kTile + i];
-                gp[base + c * vg.sC] = scalar_t(f * gd[s] * pb * (A(b) - ds[s * kTile + i]));
-              }
+          gr[i] = (g0[i] + g2[i]) * (p[2] - p[0]) * A(a.stds[0]);
+          gr[kTile + i] = (g1[i] + g3[i]) * (p[3] - p[1]) * A(a.stds[1]);
+          gr[2 * kTile + i] = (dw >= -mr && dw <= mr) ? A(0.5) * (g2[i] - g0[i]) * ds[i] * A(a.stds[2]) : A(0);
+          gr[3 * kTile + i] = (dh >= -mr && dh <= mr) ? A(0.5) * (g3[i] - g1[i]) * ds[kTile + i] * A(a.stds[3]) : A(0);
+        }
+      } else if (a.decoder == kDistance) {
+        for (int64_t i = 0; i < len; ++i) {
+          gr[i] = -g0[i];
+          gr[kTile + i] = -g1[i];
+          gr[2 * kTile + i] = g2[i];
+          gr[3 * kTile + i] = g3[i];
+        }
+      } else {  // GFL: d z_b = g_d p_b (b - d)
+        const A* gs[4] = {g0, g1, g2, g3};
+        for (int64_t s = 0; s < 4; ++s) {
+          const A sign = s < 2 ? A(-1) : A(1);
+          for (int64_t b = 0; b < a.R1; ++b) {
+            const int64_t c = (s * a.R1 + b) * kTile;
+            for (int64_t i = 0; i < len; ++i)
+              gr[c + i] = sign * gs[s][i] * rs[c + i] * (A(b) - ds[s * kTile + i]);
           }
         }
       }
+      scatter(gp, vg, t, gr.data(), f.data());
     }
   });
 }
@@ -263,12 +265,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bckd_loc_fwd_cpu(
   auto loss = at::empty({}, student_reg.options().dtype(acc_type));
   auto g = grad_reg ? at::empty_like(student_reg) : no_grad_placeholder(student_reg);
   auto gw = (grad_weight && w.defined()) ? at::empty({A_}, loss.options()) : no_grad_placeholder(loss);
-  const int64_t chunks = (v.W + kTile - 1) / kTile;
-  std::vector<double> part(A_ == 0 ? 0 : v.N * v.H * v.J * chunks, 0.0);
+  View5 vsr(student_reg), vtr(teacher_reg), vsl(student_logits), vtl(teacher_logits), vg(grad_reg ? g : student_reg);
+  merge_all({&vsr, &vtr, &vsl, &vtl, &vg});
+  const int64_t chunks = (vsr.W + kTile - 1) / kTile;
+  std::vector<double> part(A_ == 0 ? 0 : vsr.N * vsr.H * vsr.J * chunks, 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student_reg.scalar_type(), "bckd_loc_fwd", [&] {
     using Acc = acc_t<scalar_t>;
-    loc_cpu<scalar_t>(a, student_reg, teacher_reg, student_logits, teacher_logits, pri,
-                      w.defined() ? w.data_ptr<Acc>() : nullptr, st.defined() ? st.data_ptr<Acc>() : nullptr, g,
+    loc_cpu<scalar_t>(a, vsr, vtr, vsl, vtl, vg, student_reg.data_ptr<scalar_t>(), teacher_reg.data_ptr<scalar_t>(),
+                      student_logits.data_ptr<scalar_t>(), teacher_logits.data_ptr<scalar_t>(),
+                      grad_reg ? g.data_ptr<scalar_t>() : nullptr, pri.data_ptr<Acc>(),
+                      w.defined() ? w.data_ptr<Acc>() : nullptr, st.defined() ? st.data_ptr<Acc>() : nullptr,
                       gw.numel() ? gw.data_ptr<Acc>() : nullptr, part, chunks);
   });
   loss.fill_(ordered_sum(part) * scale);
