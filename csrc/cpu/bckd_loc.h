@@ -11,7 +11,7 @@ enum Decoder { kDistance = 0, kGfl = 1, kDelta = 2 };
 // Loss 1 - GIoU (mode 0) or 1 - max(IoU, eps) (mode 1) of aligned boxes, as mmdet's
 // bbox_overlaps(is_aligned=True, eps) + GIoULoss / IoULoss(linear) compute it, and its
 // gradient in the student box (teacher detached). Ties of max/min split the gradient
-// evenly and clamp(min=0) passes it at 0, as PyTorch's autograd does.
+// evenly and clamp passes none at its bounds, as PyTorch's autograd does.
 template <typename A>
 KDOPS_INLINE void iou_elem(int mode, A eps, const A* b, const A* B, A& per, A* gb) {
   const A x1 = b[0], y1 = b[kTile], x2 = b[2 * kTile], y2 = b[3 * kTile];
@@ -42,23 +42,23 @@ KDOPS_INLINE void iou_elem(int mode, A eps, const A* b, const A* B, A& per, A* g
     g_u = ov / (u * u) - A(1) / e;
     g_e = u / (e * e);
   } else {
-    const A m = iou >= eps ? A(1) : A(0);
+    const A m = iou > eps ? A(1) : A(0);
     per = A(1) - std::max(iou, eps);
     g_ov = -m / u;
     g_u = m * ov / (u * u);
   }
   const A g_ur = g_u * share_max(ur, eps);
   const A g_ovt = g_ov - g_ur;
-  const A g_iw = iwr >= A(0) ? g_ovt * ih : A(0);
-  const A g_ih = ihr >= A(0) ? g_ovt * iw : A(0);
+  const A g_iw = iwr > A(0) ? g_ovt * ih : A(0);
+  const A g_ih = ihr > A(0) ? g_ovt * iw : A(0);
   A gx1 = -h1 * g_ur - share_max(x1, X1) * g_iw;
   A gx2 = h1 * g_ur + share_min(x2, X2) * g_iw;
   A gy1 = -w1 * g_ur - share_max(y1, Y1) * g_ih;
   A gy2 = w1 * g_ur + share_min(y2, Y2) * g_ih;
   if (mode == 0) {
     const A g_er = g_e * share_max(er, eps);
-    const A g_ew = ewr >= A(0) ? g_er * eh : A(0);
-    const A g_eh = ehr >= A(0) ? g_er * ew : A(0);
+    const A g_ew = ewr > A(0) ? g_er * eh : A(0);
+    const A g_eh = ehr > A(0) ? g_er * ew : A(0);
     gx1 -= share_min(x1, X1) * g_ew;
     gx2 += share_max(x2, X2) * g_ew;
     gy1 -= share_min(y1, Y1) * g_eh;
@@ -198,8 +198,8 @@ void loc_cpu(const LocArgs& a, const View5& vsr, const View5& vtr, const View5& 
           const A* p = pri + (anchors[i] % a.M) * a.P;
           gr[i] = (g0[i] + g2[i]) * (p[2] - p[0]) * A(a.stds[0]);
           gr[kTile + i] = (g1[i] + g3[i]) * (p[3] - p[1]) * A(a.stds[1]);
-          gr[2 * kTile + i] = (dw >= -mr && dw <= mr) ? A(0.5) * (g2[i] - g0[i]) * ds[i] * A(a.stds[2]) : A(0);
-          gr[3 * kTile + i] = (dh >= -mr && dh <= mr) ? A(0.5) * (g3[i] - g1[i]) * ds[kTile + i] * A(a.stds[3]) : A(0);
+          gr[2 * kTile + i] = (dw > -mr && dw < mr) ? A(0.5) * (g2[i] - g0[i]) * ds[i] * A(a.stds[2]) : A(0);
+          gr[3 * kTile + i] = (dh > -mr && dh < mr) ? A(0.5) * (g3[i] - g1[i]) * ds[kTile + i] * A(a.stds[3]) : A(0);
         }
       } else if (a.decoder == kDistance) {
         for (int64_t i = 0; i < len; ++i) {

@@ -21,10 +21,10 @@ def _side(ptr, off, sC, c, am, DEC: tl.constexpr, R1: tl.constexpr, R1P: tl.cons
         b = tl.arange(0, R1P)
         m = am[:, None] & (b < R1)[None, :]
         z = tl.load(ptr + off[:, None] + (c * R1 + b)[None, :].to(tl.int64) * sC, mask=m, other=0.0).to(ACC)
-        z = tl.where(m, z, -float("inf"))
+        z = tl.where(m, z, -1e30)
         e = tl.exp(z - tl.max(z, axis=1)[:, None])
         e = tl.where(m, e, 0.0)
-        p = e / tl.sum(e, axis=1)[:, None]
+        p = e / tl.where(am, tl.sum(e, axis=1), 1.0)[:, None]  # masked anchors: no 0/0
         d = tl.sum(p * b[None, :].to(ACC), axis=1)
         return d, p
     else:
@@ -140,7 +140,7 @@ def _loc_kernel(sr_ptr, tr_ptr, sl_ptr, tl_ptr, pri_ptr, w_ptr, st_ptr, g_ptr, g
         g_ov = -1.0 / u
         g_u = ov / (u * u) - 1.0 / e
     else:
-        mi = tl.where(iou >= eps, 1.0, 0.0)
+        mi = tl.where(iou > eps, 1.0, 0.0)
         per = 1.0 - tl.maximum(iou, eps)
         g_ov = -mi / u
         g_u = mi * ov / (u * u)
@@ -154,16 +154,16 @@ def _loc_kernel(sr_ptr, tr_ptr, sl_ptr, tl_ptr, pri_ptr, w_ptr, st_ptr, g_ptr, g
     if WRITE_G:
         g_ur = g_u * _share_max(ur, eps)
         g_ovt = g_ov - g_ur
-        g_iw = tl.where(iwr >= 0, g_ovt * ih, 0.0)
-        g_ih = tl.where(ihr >= 0, g_ovt * iw, 0.0)
+        g_iw = tl.where(iwr > 0, g_ovt * ih, 0.0)
+        g_ih = tl.where(ihr > 0, g_ovt * iw, 0.0)
         gx1 = -h1 * g_ur - _share_max(x1, X1) * g_iw
         gx2 = h1 * g_ur + _share_max(X2, x2) * g_iw
         gy1 = -w1 * g_ur - _share_max(y1, Y1) * g_ih
         gy2 = w1 * g_ur + _share_max(Y2, y2) * g_ih
         if MODE == 0:
             g_er = ((u / (e * e)) * _share_max(er, eps))
-            g_ew = tl.where(ewr >= 0, g_er * eh, 0.0)
-            g_eh = tl.where(ehr >= 0, g_er * ew, 0.0)
+            g_ew = tl.where(ewr > 0, g_er * eh, 0.0)
+            g_eh = tl.where(ehr > 0, g_er * ew, 0.0)
             gx1 -= _share_max(X1, x1) * g_ew
             gx2 += _share_max(x2, X2) * g_ew
             gy1 -= _share_max(Y1, y1) * g_eh
@@ -176,8 +176,8 @@ def _loc_kernel(sr_ptr, tr_ptr, sl_ptr, tl_ptr, pri_ptr, w_ptr, st_ptr, g_ptr, g
             dh = d3 * s3 + m3
             r0 = (gx1 + gx2) * (px2 - px1) * s0
             r1 = (gy1 + gy2) * (py2 - py1) * s1
-            r2 = tl.where((dw >= -max_ratio) & (dw <= max_ratio), 0.5 * (gx2 - gx1) * e0 * s2, 0.0)
-            r3 = tl.where((dh >= -max_ratio) & (dh <= max_ratio), 0.5 * (gy2 - gy1) * e1 * s3, 0.0)
+            r2 = tl.where((dw > -max_ratio) & (dw < max_ratio), 0.5 * (gx2 - gx1) * e0 * s2, 0.0)
+            r3 = tl.where((dh > -max_ratio) & (dh < max_ratio), 0.5 * (gy2 - gy1) * e1 * s3, 0.0)
             tl.store(g_ptr + go, (f * r0).to(ty), mask=am)
             tl.store(g_ptr + go + gC, (f * r1).to(ty), mask=am)
             tl.store(g_ptr + go + 2 * gC, (f * r2).to(ty), mask=am)

@@ -1,0 +1,433 @@
+"""kdops.bckd_cls_loss / bckd_loc_loss against the eager references (autograd of the authors'
+formulas) and against independent per-anchor oracles for the decoders and the (G)IoU."""
+import math
+import re
+
+import pytest
+import torch
+from helpers import close, leaf, triton_device
+
+import kdops
+from kdops import reference as R
+from kdops.reference import bckd as RB
+from kdops.ops._common import acc_dtype, anchor_view
+
+F64 = torch.float64
+
+
+def logits(shape, seed, scale=3.0, dtype=F64):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=F64) * scale).to(dtype)
+
+
+def to_nchw(x, N, H, W):
+    """(A,C) in (n,h,w,j) order -> mmdet's (N,J*C,H,W) head layout."""
+    return x.reshape(N, H, W, -1).permute(0, 3, 1, 2).contiguous()
+
+
+# ============================================================================ classification
+def cls_oracle(s, t, w=None, beta=1.0, detach_gap=False):
+    """Written out from the definition with log-sigmoids (not F.binary_cross_entropy_with_logits)."""
+    p = torch.sigmoid(t.double()).detach()
+    s = s.double()
+    bce = -(p * torch.nn.functional.logsigmoid(s) + (1 - p) * torch.nn.functional.logsigmoid(-s))
+    gap = (p - torch.sigmoid(s)).abs() ** beta
+    if detach_gap:
+        gap = gap.detach()
+    per = (bce * gap).sum(-1)
+    return (per * w.double()).sum() if w is not None else per.sum()
+
+
+@pytest.mark.parametrize("beta", [1.0, 2.0, 1.5])
+@pytest.mark.parametrize("layout", ["AK", "NCHW", "NCHW-J3"])
+def test_cls_parity_float64_value_and_grads(beta, layout):
+    N, H, W, J, K = 2, 5, 7, (3 if layout == "NCHW-J3" else 1), 6
+    A = N * H * W * J
+    s, t = logits((A, K), 0), logits((A, K), 1)
+    w = torch.rand(A, dtype=F64, generator=torch.Generator().manual_seed(2))
+    S, Wt = leaf(s), leaf(w)
+    out = kdops.bckd_cls_loss(S if layout == "AK" else to_nchw(S, N, H, W),
+                              t if layout == "AK" else to_nchw(t, N, H, W), weight=Wt, beta=beta)
+    out.backward()
+    S2, W2 = leaf(s), leaf(w)
+    ref = cls_oracle(S2, t, W2, beta)
+    ref.backward()
+    close(out, ref, F64)
+    close(S.grad, S2.grad, F64)
+    close(Wt.grad, W2.grad, F64)
+
+
+def test_cls_gap_weight_is_not_detached():
+    s, t = logits((40, 5), 3), logits((40, 5), 4)
+    S = leaf(s)
+    kdops.bckd_cls_loss(S, t).backward()
+    full, det = leaf(s), leaf(s)
+    cls_oracle(full, t).backward()
+    cls_oracle(det, t, detach_gap=True).backward()
+    close(S.grad, full.grad, F64)
+    assert (S.grad - det.grad).abs().max() > 1e-3  # the gap's own gradient is there
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_cls_reductions_and_avg_factor(reduction):
+    s, t = logits((2, 12, 4, 5), 5), logits((2, 12, 4, 5), 6)
+    w = torch.rand(2, 4 * 5 * 3, dtype=F64)  # J = 3 from the weight
+    A = 2 * 4 * 5 * 3
+    got = kdops.bckd_cls_loss(s, t, weight=w, reduction=reduction)
+    ref = R.bckd_cls_loss(s, t, weight=w, reduction=reduction)
+    close(got, ref, F64)
+    base = cls_oracle(RB.flatten_anchors(s, 4), RB.flatten_anchors(t, 4), w.reshape(-1))
+    close(got, base / (A if reduction == "mean" else 1), F64)
+    eps = torch.finfo(torch.float32).eps
+    for af in (7.0, torch.tensor(7.0, dtype=F64)):
+        close(kdops.bckd_cls_loss(s, t, weight=w, avg_factor=af), base / (7.0 + eps), F64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cls_low_precision(dtype):
+    s, t = logits((2, 10, 9, 11), 7, dtype=dtype), logits((2, 10, 9, 11), 8, dtype=dtype)
+    S = leaf(s)
+    out = kdops.bckd_cls_loss(S, t, avg_factor=50.0)
+    assert out.dtype == acc_dtype(dtype)
+    out.backward()
+    S64 = leaf(s.double())
+    ref = R.bckd_cls_loss(S64, t.double(), avg_factor=50.0)
+    ref.backward()
+    close(out, ref, dtype, scale=10)
+    assert S.grad.dtype == dtype
+    close(S.grad, S64.grad, dtype, scale=S64.grad.abs().max().item())
+
+
+def test_cls_sequence_levels_and_channels_last():
+    shapes = [(2, 8, 6, 9), (2, 8, 3, 5), (2, 8, 1, 2)]
+    S = [leaf(logits(sh, i)) for i, sh in enumerate(shapes)]
+    T = [logits(sh, 10 + i) for i, sh in enumerate(shapes)]
+    S[0] = leaf(S[0].detach().to(memory_format=torch.channels_last))
+    out = kdops.bckd_cls_loss(S, T, avg_factor=3.0)
+    assert out.shape == (3,)
+    Sr = [leaf(x) for x in S]
+    ref = R.bckd_cls_loss(Sr, T, avg_factor=3.0)
+    close(out, ref, F64)
+    (out * torch.arange(1.0, 4.0, dtype=F64)).sum().backward()
+    (ref * torch.arange(1.0, 4.0, dtype=F64)).sum().backward()
+    for a, b in zip(S, Sr):
+        close(a.grad, b.grad, F64)
+
+
+def test_cls_gradcheck():
+    s, t = logits((2, 6, 3, 4), 11, scale=1.0), logits((2, 6, 3, 4), 12, scale=1.0)
+    w = torch.rand(2 * 3 * 4 * 2, dtype=F64)
+    for beta in (1.0, 2.0, 1.5):
+        assert torch.autograd.gradcheck(
+            lambda s, w: kdops.bckd_cls_loss(s, t, weight=w, beta=beta, reduction="mean"), (leaf(s), leaf(w)))
+
+
+# ============================================================================ localisation
+def make_loc(decoder, N=2, H=3, W=5, J=1, K=6, reg_max=4, seed=0, dtype=F64):
+    g = torch.Generator().manual_seed(seed)
+    D = 4 * (reg_max + 1) if decoder == "gfl" else 4
+    A, M = N * H * W * J, H * W * J
+    if decoder == "delta_xywh":
+        c, wh = torch.rand(M, 2, generator=g, dtype=F64) * 60, torch.rand(M, 2, generator=g, dtype=F64) * 20 + 2
+        pri = torch.cat([c - wh / 2, c + wh / 2], 1)
+        sr = torch.randn(A, D, generator=g, dtype=F64) * 0.5
+        tr = sr + torch.randn(A, D, generator=g, dtype=F64) * 0.3
+    elif decoder == "gfl":
+        c = torch.rand(M, 2, generator=g, dtype=F64) * 80
+        pri = torch.cat([c - 4, c + 4], 1)
+        sr, tr = (torch.randn(A, D, generator=g, dtype=F64) * 2 for _ in range(2))
+    else:
+        pri = torch.rand(M, 2, generator=g, dtype=F64) * 50
+        sr, tr = (torch.rand(A, D, generator=g, dtype=F64) * 10 for _ in range(2))
+    sl, tl = (torch.randn(A, K, generator=g, dtype=F64) * 2 for _ in range(2))
+    w = torch.rand(A, generator=g, dtype=F64)
+    return [x.to(dtype) for x in (sr, tr, sl, tl, pri, w)]
+
+
+KW = {"distance": {}, "gfl": dict(strides=8.0, reg_max=4),
+      "delta_xywh": dict(means=(0.1, 0.0, 0.0, 0.2), stds=(0.1, 0.1, 0.2, 0.2))}
+
+
+@pytest.mark.parametrize("decoder", ["distance", "gfl", "delta_xywh"])
+@pytest.mark.parametrize("loss", ["giou", "iou"])
+@pytest.mark.parametrize("layout", ["AK", "NCHW"])
+def test_loc_parity_float64(decoder, loss, layout):
+    N, H, W, J = 2, 3, 5, (1 if decoder == "gfl" else 3)
+    sr, tr, sl, tl, pri, w = make_loc(decoder, N, H, W, J, reg_max=4, seed=1)
+    conv = (lambda x: x) if layout == "AK" else (lambda x: to_nchw(x, N, H, W))
+    S, Wt = leaf(sr), leaf(w)
+    kw = dict(decoder=decoder, loss=loss, avg_factor=5.0, **KW[decoder])
+    out = kdops.bckd_loc_loss(conv(S), conv(tr), conv(sl), conv(tl), pri, weight=Wt, **kw)
+    out.backward()
+    S2, W2 = leaf(sr), leaf(w)
+    ref = R.bckd_loc_loss(S2, tr, sl, tl, pri, weight=W2, **kw)
+    ref.backward()
+    close(out, ref, F64)
+    close(S.grad, S2.grad, F64)
+    close(Wt.grad, W2.grad, F64)
+
+
+def giou_oracle(b, B, mode="giou"):
+    """Plain-Python aligned (G)IoU from the definition, with mmdet's eps=1e-6 floor."""
+    out = []
+    for (x1, y1, x2, y2), (X1, Y1, X2, Y2) in zip(b.tolist(), B.tolist()):
+        inter = max(min(x2, X2) - max(x1, X1), 0) * max(min(y2, Y2) - max(y1, Y1), 0)
+        union = max((x2 - x1) * (y2 - y1) + (X2 - X1) * (Y2 - Y1) - inter, 1e-6)
+        enc = max(max(max(x2, X2) - min(x1, X1), 0) * max(max(y2, Y2) - min(y1, Y1), 0), 1e-6)
+        out.append(inter / union - ((enc - union) / enc if mode == "giou" else 0.0))
+    return torch.tensor(out, dtype=F64)
+
+
+def decode_oracle(decoder, reg, pri, stride=None, reg_max=4, means=(0,) * 4, stds=(1,) * 4, clip=16 / 1000):
+    """Per-anchor Python decoders: distances, GFL softmax expectation, DeltaXYWH."""
+    boxes = []
+    for r, p in zip(reg.tolist(), pri.tolist()):
+        if decoder == "delta_xywh":
+            d = [r[i] * stds[i] + means[i] for i in range(4)]
+            m = abs(math.log(clip))
+            dw, dh = min(max(d[2], -m), m), min(max(d[3], -m), m)
+            pw, ph = p[2] - p[0], p[3] - p[1]
+            cx, cy = (p[0] + p[2]) / 2 + pw * d[0], (p[1] + p[3]) / 2 + ph * d[1]
+            w, h = pw * math.exp(dw), ph * math.exp(dh)
+            boxes.append([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])
+            continue
+        px, py = (p[0], p[1]) if len(p) == 2 else ((p[0] + p[2]) / 2, (p[1] + p[3]) / 2)
+        if stride:
+            px, py = px / stride, py / stride
+        if decoder == "gfl":
+            n = reg_max + 1
+            d = []
+            for s in range(4):
+                z = r[s * n:(s + 1) * n]
+                e = [math.exp(v - max(z)) for v in z]
+                d.append(sum(i * v for i, v in enumerate(e)) / sum(e))
+        else:
+            d = r
+        boxes.append([px - d[0], py - d[1], px + d[2], py + d[3]])
+    return torch.tensor(boxes, dtype=F64)
+
+
+@pytest.mark.parametrize("decoder", ["distance", "gfl", "delta_xywh"])
+@pytest.mark.parametrize("loss", ["giou", "iou"])
+def test_loc_against_independent_decoder_and_giou(decoder, loss):
+    sr, tr, sl, tl, pri, w = make_loc(decoder, 1, 3, 4, 1, seed=2)
+    kw = KW[decoder]
+    st = kw.get("strides")
+    ps = {k: v for k, v in kw.items() if k in ("means", "stds")}
+    bs, bt = decode_oracle(decoder, sr, pri, st, **ps), decode_oracle(decoder, tr, pri, st, **ps)
+    ref_boxes = RB.decode(decoder, sr, pri, st, 4, kw.get("means", (0,) * 4), kw.get("stds", (1,) * 4), 16 / 1000)
+    close(ref_boxes, bs, F64)  # the reference decoder is the oracle's decoder
+    g = giou_oracle(bs, bt, loss)
+    per = 1 - (g if loss == "giou" else g.clamp(min=1e-6))
+    gap = (torch.sigmoid(tl) - torch.sigmoid(sl)).abs().max(1)[0]
+    Wt = leaf(torch.ones(sr.shape[0], dtype=F64))
+    out = kdops.bckd_loc_loss(sr, tr, sl, tl, pri, decoder=decoder, loss=loss, weight=Wt, **kw)
+    out.backward()
+    close(out, (gap * per).sum(), F64)
+    close(Wt.grad, gap * per, F64)  # d loss / d weight_a = gap_a * (1 - GIoU_a)
+
+
+def test_loc_zero_area_boxes_ties_and_disjoint():
+    # distance decoder: zero-width / zero-height student boxes, boxes equal to the teacher's
+    # (every max/min ties), touching and disjoint boxes.
+    pri = torch.tensor([[10.0, 10.0], [10.0, 10.0], [10.0, 10.0], [10.0, 10.0], [50.0, 50.0], [0.0, 0.0]], dtype=F64)
+    sr = torch.tensor([[0, 1, 0, 2], [1, 1, 1, 1], [0, 0, 0, 0], [2, 2, 3, 3], [1, 1, 1, 1], [1, 1, 1, 1.0]], dtype=F64)
+    tr = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1], [0, 0, 0, 0], [1, 1, 1, 1], [0, 0, 2, 2.0]], dtype=F64)
+    sl, tl = torch.zeros(6, 3, dtype=F64), torch.full((6, 3), 2.0, dtype=F64)
+    for loss in ("giou", "iou"):
+        S, S2 = leaf(sr), leaf(sr)
+        out = kdops.bckd_loc_loss(S, tr, sl, tl, pri, loss=loss)
+        ref = R.bckd_loc_loss(S2, tr, sl, tl, pri, loss=loss)
+        out.backward()
+        ref.backward()
+        assert torch.isfinite(out) and torch.isfinite(S.grad).all()
+        close(out, ref, F64)
+        close(S.grad, S2.grad, F64)  # incl. PyTorch's even split of max/min ties
+
+
+def test_empty_anchors():
+    for K in (3,):
+        s = leaf(torch.zeros(0, K, dtype=F64))
+        out = kdops.bckd_cls_loss(s, torch.zeros(0, K, dtype=F64), reduction="mean")
+        out.backward()
+        assert out.item() == 0 and s.grad.shape == (0, K)
+        r = leaf(torch.zeros(2, 4, 0, 5, dtype=F64))
+        lo = kdops.bckd_loc_loss(r, r.detach(), torch.zeros(2, K, 0, 5, dtype=F64), torch.zeros(2, K, 0, 5, dtype=F64),
+                                 torch.zeros(0, 2, dtype=F64), avg_factor=1.0)
+        lo.backward()
+        assert lo.item() == 0 and r.grad.shape == r.shape
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_loc_low_precision_gfl(dtype):
+    sr, tr, sl, tl, pri, w = make_loc("gfl", 2, 4, 6, 1, K=8, seed=3)
+    cast = [x.to(dtype) for x in (sr, tr, sl, tl)]
+    S = leaf(cast[0])
+    out = kdops.bckd_loc_loss(S, *cast[1:], pri, decoder="gfl", weight=w, strides=8.0, reg_max=4)
+    out.backward()
+    S64 = leaf(cast[0].double())
+    ref = R.bckd_loc_loss(S64, *[x.double() for x in cast[1:]], pri, decoder="gfl", weight=w, strides=8.0, reg_max=4)
+    ref.backward()
+    close(out, ref, dtype, scale=10)
+    close(S.grad, S64.grad, dtype, scale=S64.grad.abs().max().item())
+
+
+def test_loc_gradcheck_all_decoders():
+    for decoder in ("distance", "gfl", "delta_xywh"):
+        sr, tr, sl, tl, pri, w = make_loc(decoder, 1, 2, 3, 2 if decoder != "gfl" else 1, K=3, reg_max=3, seed=4)
+        kw = dict(KW[decoder], reg_max=3) if decoder == "gfl" else KW[decoder]
+        for loss in ("giou", "iou"):
+            f = lambda r, w: kdops.bckd_loc_loss(r, tr, sl, tl, pri, decoder=decoder, loss=loss, weight=w, **kw)  # noqa: E731
+            assert torch.autograd.gradcheck(f, (leaf(sr), leaf(w)))
+
+
+def test_sequences_flattened_strides_tensor_and_shared_priors():
+    lv = [make_loc("gfl", 2, h, w, 1, seed=10 + h) for h, w in [(4, 6), (2, 3)]]
+    S = [leaf(x[0]) for x in lv]
+    args = [[x[i] for x in lv] for i in (1, 2, 3, 4, 5)]
+    per_level = kdops.bckd_loc_loss(S, *args[:4], decoder="gfl", weight=args[4], strides=[8, 16], reg_max=4)
+    assert per_level.shape == (2,)
+    per_level.sum().backward()
+    # the same anchors flattened over levels: per-anchor priors and strides
+    Sf = leaf(torch.cat([x[0] for x in lv]))
+    cat = [torch.cat(a) for a in args[:3]]
+    pri = torch.cat([x[4].repeat(2, 1) for x in lv])
+    st = torch.cat([torch.full((x[0].shape[0],), s, dtype=F64) for x, s in zip(lv, (8, 16))])
+    flat = kdops.bckd_loc_loss(Sf, *cat, pri, decoder="gfl", weight=torch.cat(args[4]), strides=st, reg_max=4)
+    flat.backward()
+    close(flat, per_level.sum(), F64)
+    close(Sf.grad, torch.cat([s.grad for s in S]), F64)
+
+
+def test_deterministic_across_thread_counts():
+    sr, tr, sl, tl, pri, w = make_loc("gfl", 2, 20, 30, 1, K=20, seed=5, dtype=torch.float32)
+    threads, outs = torch.get_num_threads(), []
+    try:
+        for n in (1, max(threads, 2), 1):
+            torch.set_num_threads(n)
+            S, L = leaf(sr), leaf(sl)
+            a = kdops.bckd_loc_loss(S, tr, sl, tl, pri.float(), decoder="gfl", weight=w, strides=8.0, reg_max=4)
+            b = kdops.bckd_cls_loss(L, tl, weight=w)
+            (a + b).backward()
+            outs.append((a, b, S.grad, L.grad))
+    finally:
+        torch.set_num_threads(threads)
+    for o in outs[1:]:
+        for x, y in zip(o, outs[0]):
+            assert torch.equal(x, y)
+
+
+def test_torch_compile_fullgraph_and_fake_tensors():
+    sr, tr, sl, tl, pri, w = [x.float() for x in make_loc("gfl", 2, 3, 4, 1, seed=6)]
+
+    def f(sr, sl):
+        return (kdops.bckd_cls_loss(sl, tl, weight=w, avg_factor=torch.tensor(3.0))
+                + 4 * kdops.bckd_loc_loss(sr, tr, sl, tl, pri, decoder="gfl", weight=w, strides=8.0, reg_max=4,
+                                          avg_factor=3.0))
+
+    a1, a2, b1, b2 = leaf(sr), leaf(sl), leaf(sr), leaf(sl)
+    x = torch.compile(f, fullgraph=True, backend="aot_eager")(a1, a2)
+    y = f(b1, b2)
+    x.backward()
+    y.backward()
+    torch.testing.assert_close(x, y)
+    torch.testing.assert_close(a1.grad, b1.grad)
+    torch.testing.assert_close(a2.grad, b2.grad)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        s = torch.empty(2, 9 * 80, 10, 12, dtype=torch.bfloat16, requires_grad=True)
+        out = kdops.bckd_cls_loss([s, s], [s.detach(), s.detach()], weight=[torch.empty(2, 1080)] * 2)
+        assert out.shape == (2,) and out.dtype == torch.float32
+        r = torch.empty(2, 68, 10, 12, dtype=torch.bfloat16, requires_grad=True)
+        lo = kdops.bckd_loc_loss(r, r, s[:, :80], s[:, :80], torch.empty(120, 4), decoder="gfl", strides=8)
+        assert lo.shape == () and lo.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "fn, kwargs, exc, words",
+    [
+        ("cls", dict(teacher_logits=torch.zeros(10, 4)), ValueError, "`teacher_logits` must have the shape"),
+        ("cls", dict(student_logits=torch.zeros(2, 3, 4)), ValueError, "`student_logits` must be (A,K)"),
+        ("cls", dict(weight=torch.zeros(9)), ValueError, "`weight` must hold one value per anchor (10)"),
+        ("cls", dict(beta=0.0), ValueError, "`beta` must be a number > 0"),
+        ("cls", dict(reduction="none"), ValueError, "`reduction` must be"),
+        ("cls", dict(teacher_logits=torch.zeros(10, 5, dtype=torch.float64)), TypeError, "`teacher_logits` is"),
+        ("cls", dict(avg_factor="x"), TypeError, "`avg_factor` must be"),
+        ("loc", dict(decoder="gfl"), ValueError, "needs `strides`"),
+        ("loc", dict(decoder="gfl", strides=8), ValueError, "must have 68 values per anchor"),
+        ("loc", dict(decoder="bad"), ValueError, "`decoder` must be one of"),
+        ("loc", dict(priors=torch.zeros(3, 4)), ValueError, "`priors` must have A=10 rows or a divisor"),
+        ("loc", dict(priors=torch.zeros(10, 3)), ValueError, "`priors` must be (M,4) anchors"),
+        ("loc", dict(student_logits=torch.zeros(9, 5)), ValueError, "`teacher_logits` must have the shape"),
+        ("loc", dict(teacher_reg=torch.zeros(10, 5)), ValueError, "of one shape and dtype"),
+        ("loc", dict(strides=[8]), ValueError, "`strides` must be positive numbers"),
+        ("loc", dict(weight=torch.zeros(11)), ValueError, "`weight` must hold one value per anchor (10)"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(fn, kwargs, exc, words):
+    if fn == "cls":
+        a = dict(student_logits=torch.zeros(10, 5), teacher_logits=torch.zeros(10, 5))
+        a.update(kwargs)
+        call = lambda: kdops.bckd_cls_loss(a.pop("student_logits"), a.pop("teacher_logits"), **a)  # noqa: E731
+    else:
+        a = dict(student_reg=torch.zeros(10, 4), teacher_reg=torch.zeros(10, 4), student_logits=torch.zeros(10, 5),
+                 teacher_logits=torch.zeros(10, 5), priors=torch.zeros(10, 4))
+        a.update(kwargs)
+        pos = [a.pop(k) for k in ("student_reg", "teacher_reg", "student_logits", "teacher_logits", "priors")]
+        call = lambda: kdops.bckd_loc_loss(*pos, **a)  # noqa: E731
+    with pytest.raises(exc, match=re.escape(words)):
+        call()
+
+
+# ============================================================================ Triton (interpreter)
+@pytest.mark.triton
+@pytest.mark.parametrize("beta", [1.0, 1.5])
+def test_triton_cls_matches_reference(beta):
+    from kdops.triton.bckd import bckd_cls_fwd
+
+    dev = triton_device()
+    N, H, W, J, K = 2, 3, 5, 3, 4
+    s, t = logits((N, J * K, H, W), 20, dtype=torch.float32), logits((N, J * K, H, W), 21, dtype=torch.float32)
+    w = torch.rand(N * H * W * J)
+    loss, g, gw = bckd_cls_fwd(anchor_view(s.to(dev), K), anchor_view(t.to(dev), K), w.to(dev), beta, 0.5, True, True)
+    S, Wt = leaf(s.double()), leaf(w.double())
+    ref = R.bckd_cls_loss(S, t.double(), weight=Wt, beta=beta) * 0.5
+    ref.backward()
+    close(loss.cpu(), ref, torch.float32, scale=10)
+    g4 = g.cpu().permute(0, 3, 4, 1, 2).reshape(s.shape)
+    close(g4, S.grad, torch.float32)
+    close(gw.cpu(), Wt.grad, torch.float32, scale=10)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("decoder", ["distance", "gfl", "delta_xywh"])
+def test_triton_loc_matches_reference(decoder):
+    from kdops.triton.bckd import bckd_loc_fwd
+
+    dev = triton_device()
+    sr, tr, sl, tl, pri, w = [x.float() for x in make_loc(decoder, 2, 3, 4, 1, K=5, seed=22)]
+    D, K = sr.shape[1], sl.shape[1]
+    kw = KW[decoder]
+    for loss, mode in (("giou", 0), ("iou", 1)):
+        out, g, gw = bckd_loc_fwd(
+            anchor_view(sr, D).to(dev), anchor_view(tr, D).to(dev), anchor_view(sl, K).to(dev),
+            anchor_view(tl, K).to(dev), pri.to(dev), w.to(dev), None, float(kw.get("strides", 0.0)),
+            {"distance": 0, "gfl": 1, "delta_xywh": 2}[decoder], mode, 4, list(kw.get("means", (0.0,) * 4)),
+            list(kw.get("stds", (1.0,) * 4)), abs(math.log(16 / 1000)), 1.0, True, True)
+        S, Wt = leaf(sr.double()), leaf(w.double())
+        ref = R.bckd_loc_loss(S, tr.double(), sl.double(), tl.double(), pri.double(), decoder=decoder, loss=loss,
+                              weight=Wt, **kw)
+        ref.backward()
+        close(out.cpu(), ref, torch.float32, scale=10)
+        close(g.cpu().reshape(S.shape), S.grad, torch.float32, scale=S.grad.abs().max().item())
+        close(gw.cpu(), Wt.grad, torch.float32, scale=10)
+
+
+@pytest.mark.triton
+def test_triton_empty():
+    from kdops.triton.bckd import bckd_cls_fwd
+
+    s = torch.zeros(0, 4, device=triton_device())
+    loss, g, _ = bckd_cls_fwd(anchor_view(s, 4), anchor_view(s, 4), None, 1.0, 1.0, True, False)
+    assert loss.item() == 0 and g.shape == (1, 1, 0, 1, 4)
