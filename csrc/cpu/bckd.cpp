@@ -143,6 +143,13 @@ KD_EXP_BLOCK(float)
 KD_EXP_BLOCK(double)
 
 // ------------------------------------------------------------------ classification
+template <typename scalar_t, typename A>
+KDOPS_INLINE void load_row(const scalar_t* src, int64_t n, A* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = A(src[i]);
+}
+
+// Row-wise paths keep every buffer in L1: for (N,C,H,W) maps a row is one class over the
+// tile's anchors; for (A,K) a row is one anchor's classes. Other layouts use the tile gather.
 template <typename scalar_t>
 void cls_cpu(const View5& vs, const View5& vt, const View5& vg, const scalar_t* sp, const scalar_t* tp,
              scalar_t* gp, const acc_t<scalar_t>* w, double beta, double scale, acc_t<scalar_t>* gw,
@@ -150,28 +157,63 @@ void cls_cpu(const View5& vs, const View5& vt, const View5& vg, const scalar_t* 
   using A = acc_t<scalar_t>;
   const int mode = beta == 1.0 ? 1 : (beta == 2.0 ? 2 : 0);
   const int64_t K = vs.C;
+  const bool anchor_rows = vs.sW == 1 && vt.sW == 1 && vg.sW == 1;
+  const bool class_rows = !anchor_rows && vs.sC == 1 && vt.sC == 1 && vg.sC == 1;
   at::parallel_for(0, (int64_t)part.size(), 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> xs(K * kTile), ts(K * kTile), ls(K * kTile), gs(K * kTile);
-    std::vector<A> row(kTile), f(kTile);
+    const int64_t R = std::max(K, kTile);
+    std::vector<A> xb(R), tb(R), lb(R), gb(R), row(kTile), f(kTile);
+    std::vector<A> xs, ts, ls, gs;
+    if (!anchor_rows && !class_rows) {
+      xs.resize(K * kTile), ts.resize(K * kTile), ls.resize(K * kTile), gs.resize(K * kTile);
+    }
     for (int64_t task = begin; task < end; ++task) {
       const Tile tl = tile_of(vs, task, chunks);
-      gather(sp, vs, tl, xs.data());
-      gather(tp, vt, tl, ts.data());
+      const int64_t len = tl.len;
+      for (int64_t i = 0; i < len; ++i) f[i] = A(scale) * (w ? w[anchor_of(vs, tl, i)] : A(1));
       std::fill(row.begin(), row.end(), A(0));
-      for (int64_t k = 0; k < K; ++k) {
-        const int64_t o = k * kTile;
-        cls_block<A>(mode, xs.data() + o, ts.data() + o, tl.len, A(beta), ls.data() + o, gs.data() + o);
-        for (int64_t i = 0; i < tl.len; ++i) row[i] += ls[o + i];
+      if (anchor_rows) {
+        const scalar_t* s0 = sp + vs.at(tl.n, tl.h, tl.w0, tl.j);
+        const scalar_t* t0 = tp + vt.at(tl.n, tl.h, tl.w0, tl.j);
+        scalar_t* g0 = gp ? gp + vg.at(tl.n, tl.h, tl.w0, tl.j) : nullptr;
+        for (int64_t k = 0; k < K; ++k) {
+          load_row(s0 + k * vs.sC, len, xb.data());
+          load_row(t0 + k * vt.sC, len, tb.data());
+          cls_block<A>(mode, xb.data(), tb.data(), len, A(beta), lb.data(), gb.data());
+          for (int64_t i = 0; i < len; ++i) row[i] += lb[i];
+          if (g0) {
+            scalar_t* gk = g0 + k * vg.sC;
+            for (int64_t i = 0; i < len; ++i) gk[i] = scalar_t(f[i] * gb[i]);
+          }
+        }
+      } else if (class_rows) {
+        for (int64_t i = 0; i < len; ++i) {
+          load_row(sp + vs.at(tl.n, tl.h, tl.w0 + i, tl.j), K, xb.data());
+          load_row(tp + vt.at(tl.n, tl.h, tl.w0 + i, tl.j), K, tb.data());
+          cls_block<A>(mode, xb.data(), tb.data(), K, A(beta), lb.data(), gb.data());
+          A r = 0;
+          for (int64_t k = 0; k < K; ++k) r += lb[k];
+          row[i] = r;
+          if (gp) {
+            scalar_t* gi = gp + vg.at(tl.n, tl.h, tl.w0 + i, tl.j);
+            for (int64_t k = 0; k < K; ++k) gi[k] = scalar_t(f[i] * gb[k]);
+          }
+        }
+      } else {
+        gather(sp, vs, tl, xs.data());
+        gather(tp, vt, tl, ts.data());
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t o = k * kTile;
+          cls_block<A>(mode, xs.data() + o, ts.data() + o, len, A(beta), ls.data() + o, gs.data() + o);
+          for (int64_t i = 0; i < len; ++i) row[i] += ls[o + i];
+        }
+        if (gp) scatter(gp, vg, tl, gs.data(), f.data());
       }
       double task_loss = 0.0;
-      for (int64_t i = 0; i < tl.len; ++i) {
+      for (int64_t i = 0; i < len; ++i) {
         const int64_t a = anchor_of(vs, tl, i);
-        const A wa = w ? w[a] : A(1);
-        task_loss += double(wa) * double(row[i]);
+        task_loss += double(w ? w[a] : A(1)) * double(row[i]);
         if (gw) gw[a] = A(scale) * row[i];
-        f[i] = A(scale) * wa;
       }
-      if (gp) scatter(gp, vg, tl, gs.data(), f.data());
       part[task] = task_loss;
     }
   });

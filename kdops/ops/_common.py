@@ -159,3 +159,26 @@ def anchor_view(x: torch.Tensor, per_anchor: int) -> torch.Tensor:
         return x.unsqueeze(0).unsqueeze(0).unsqueeze(3)
     N, JC, H, W = x.shape
     return x.unflatten(1, (JC // per_anchor, per_anchor)).permute(0, 3, 4, 1, 2)
+
+
+def scale_grad(g: torch.Tensor, gloss: torch.Tensor) -> torch.Tensor:
+    """g * gloss for a gradient computed in forward. On the CPU, when the incoming gradient is
+    exactly 1 (``loss.backward()`` on a sum), g itself is returned: a pass over the gradient and
+    an allocation saved. Reading gloss there costs no device sync; never on GPU or when tracing."""
+    if (g.device.type == "cpu" and type(gloss) is torch.Tensor and gloss.device.type == "cpu"
+            and gloss.numel() == 1 and not torch.compiler.is_compiling()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(gloss) and bool(gloss == 1)):
+        return g
+    return g * gloss
+
+
+def kernel_scale(reduction: str, n: int, avg_factor):
+    """(scale applied inside the kernel, avg_factor left to divide by afterwards).
+
+    A Python-number avg_factor is folded into the kernel (loss * 1/(avg_factor + eps)); a tensor
+    one stays on the device and is divided afterwards (no host sync)."""
+    if avg_factor is None:
+        return (1.0 / max(n, 1) if reduction == "mean" else 1.0), None
+    if isinstance(avg_factor, torch.Tensor):
+        return 1.0, avg_factor
+    return 1.0 / (avg_factor + FLT_EPS), None

@@ -23,7 +23,7 @@ from .. import reference
 from .._extension import HAS_C
 from ._common import (
     acc_dtype, anchor_view, as_levels, check_avg_factor, check_tensor, divide_by_avg_factor,
-    match_levels, needs_grad, register_cuda, use_kernel,
+    kernel_scale, match_levels, needs_grad, register_cuda, scale_grad, use_kernel,
 )
 
 Levels = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -116,13 +116,13 @@ def bckd_cls_loss(student_logits: Levels, teacher_logits: Levels, *, weight=None
     avg_factor = check_avg_factor(op, avg_factor, ss[0])
     out = [_cls_level(s, t, w, K, A, beta, reduction, avg_factor) for s, t, w, K, A in views]
     loss = torch.stack(out) if seq else out[0]
-    return divide_by_avg_factor(loss, avg_factor)
+    return divide_by_avg_factor(loss, kernel_scale(reduction, 1, avg_factor)[1])
 
 
 def _cls_level(s, t, w, K, A, beta, reduction, avg_factor):
+    scale, post = kernel_scale(reduction, A, avg_factor)
     if not use_kernel("bckd_cls_loss", s.device):
-        return reference.bckd_cls_loss(s, t, weight=w, beta=beta, reduction=reduction)
-    scale = 1.0 / max(A, 1) if (reduction == "mean" and avg_factor is None) else 1.0
+        return reference.bckd_cls_loss(s, t, weight=w, beta=beta, reduction="sum") * scale
     acc = acc_dtype(s.dtype)
     loss, _, _ = torch.ops.kdops.bckd_cls_fwd(
         anchor_view(s, K), anchor_view(t.detach(), K), w.to(acc) if w is not None else None,
@@ -138,13 +138,16 @@ def _cls_fake(s, t, w, beta, scale, grad_student, grad_weight):
 
 
 def _cls_setup(ctx, inputs, output):
+    # the gradient outputs never receive gradients: without this autograd would allocate
+    # zero tensors the size of the logits for them on every backward
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(output[1], output[2])
 
 
 def _cls_backward(ctx, gloss, *_):
     g, gw = ctx.saved_tensors
     need = ctx.needs_input_grad
-    return (g * gloss if need[0] else None, None, gw * gloss if need[2] else None, None, None, None, None)
+    return (scale_grad(g, gloss) if need[0] else None, None, gw * gloss if need[2] else None, None, None, None, None)
 
 
 # =========================================================================== localisation
@@ -225,7 +228,7 @@ def bckd_loc_loss(student_reg: Levels, teacher_reg: Levels, student_logits: Leve
            abs(math.log(wh_ratio_clip)))
     out = [_loc_level(*lv, cfg, reduction, avg_factor, decoder, loss, wh_ratio_clip) for lv in levels]
     res = torch.stack(out) if seq else out[0]
-    return divide_by_avg_factor(res, avg_factor)
+    return divide_by_avg_factor(res, kernel_scale(reduction, 1, avg_factor)[1])
 
 
 def _check_loc_level(op, sfx, D, decoder, sr, tr, sl, tl, pr, w, st):
@@ -270,12 +273,12 @@ def _check_loc_level(op, sfx, D, decoder, sr, tr, sl, tl, pr, w, st):
 
 def _loc_level(sr, tr, sl, tl, pr, w, st, D, K, A, cfg, reduction, avg_factor, decoder, loss, wh_ratio_clip):
     dec, mode, reg_max, means, stds, max_ratio = cfg
+    scale, post = kernel_scale(reduction, A, avg_factor)
     if not use_kernel("bckd_loc_loss", sr.device):
         return reference.bckd_loc_loss(sr, tr, sl, tl, pr, decoder=decoder, loss=loss, weight=w,
-                                       reduction=reduction, reg_max=reg_max, strides=st, means=means, stds=stds,
-                                       wh_ratio_clip=wh_ratio_clip)
+                                       reduction="sum", reg_max=reg_max, strides=st, means=means, stds=stds,
+                                       wh_ratio_clip=wh_ratio_clip) * scale
     acc = acc_dtype(sr.dtype)
-    scale = 1.0 / max(A, 1) if (reduction == "mean" and avg_factor is None) else 1.0
     st_t = st.to(acc) if isinstance(st, torch.Tensor) else None
     st_v = float(st) if isinstance(st, (int, float)) else 0.0
     out, _, _ = torch.ops.kdops.bckd_loc_fwd(
@@ -296,7 +299,7 @@ def _loc_fake(sr, tr, sl, tl, pr, w, st, st_v, dec, mode, reg_max, means, stds, 
 def _loc_backward(ctx, gloss, *_):
     g, gw = ctx.saved_tensors
     need = ctx.needs_input_grad
-    return (g * gloss if need[0] else None, None, None, None, None, gw * gloss if need[5] else None) + (None,) * 11
+    return (scale_grad(g, gloss) if need[0] else None, None, None, None, None, gw * gloss if need[5] else None) + (None,) * 11
 
 
 if HAS_C:
