@@ -145,6 +145,8 @@ def _cls_setup(ctx, inputs, output):
 
 
 def _cls_backward(ctx, gloss, *_):
+    if gloss is None:  # no gradient reached the loss (grads are not materialised)
+        return (None,) * 7
     g, gw = ctx.saved_tensors
     need = ctx.needs_input_grad
     return (scale_grad(g, gloss) if need[0] else None, None, gw * gloss if need[2] else None, None, None, None, None)
@@ -297,6 +299,8 @@ def _loc_fake(sr, tr, sl, tl, pr, w, st, st_v, dec, mode, reg_max, means, stds, 
 
 
 def _loc_backward(ctx, gloss, *_):
+    if gloss is None:
+        return (None,) * 17
     g, gw = ctx.saved_tensors
     need = ctx.needs_input_grad
     return (scale_grad(g, gloss) if need[0] else None, None, None, None, None, gw * gloss if need[5] else None) + (None,) * 11
