@@ -48,14 +48,14 @@ inline void merge_all(std::initializer_list<View5*> views) {
 struct Tile {
   int64_t n, h, j, w0, len;
 };
-inline Tile tile_of(const View5& v, int64_t task, int64_t chunks) {
+inline Tile tile_of(const View5& v, int64_t task, int64_t chunks, int64_t T = kTile) {
   Tile r;
   const int64_t c = task % chunks, row = task / chunks;
   r.j = row % v.J;
   r.h = (row / v.J) % v.H;
   r.n = row / (v.J * v.H);
-  r.w0 = c * kTile;
-  r.len = std::min(kTile, v.W - r.w0);
+  r.w0 = c * T;
+  r.len = std::min(T, v.W - r.w0);
   return r;
 }
 inline int64_t anchor_of(const View5& v, const Tile& t, int64_t i) {
@@ -65,43 +65,43 @@ inline int64_t anchor_of(const View5& v, const Tile& t, int64_t i) {
 // Tile <-> class-major buffer buf[c * kTile + i]; contiguous fast paths for the two layouts
 // that matter: anchors contiguous (mmdet's (N,C,H,W)) and classes contiguous ((A,K)).
 template <typename scalar_t, typename A>
-void gather(const scalar_t* p, const View5& v, const Tile& t, A* buf) {
+void gather(const scalar_t* p, const View5& v, const Tile& t, A* buf, int64_t T = kTile) {
   const scalar_t* b = p + v.at(t.n, t.h, t.w0, t.j);
   if (v.sW == 1) {
     for (int64_t c = 0; c < v.C; ++c) {
       const scalar_t* src = b + c * v.sC;
-      A* dst = buf + c * kTile;
+      A* dst = buf + c * T;
       for (int64_t i = 0; i < t.len; ++i) dst[i] = A(src[i]);
     }
   } else if (v.sC == 1) {
     for (int64_t i = 0; i < t.len; ++i) {
       const scalar_t* src = b + i * v.sW;
-      for (int64_t c = 0; c < v.C; ++c) buf[c * kTile + i] = A(src[c]);
+      for (int64_t c = 0; c < v.C; ++c) buf[c * T + i] = A(src[c]);
     }
   } else {
     for (int64_t c = 0; c < v.C; ++c)
-      for (int64_t i = 0; i < t.len; ++i) buf[c * kTile + i] = A(b[c * v.sC + i * v.sW]);
+      for (int64_t i = 0; i < t.len; ++i) buf[c * T + i] = A(b[c * v.sC + i * v.sW]);
   }
 }
 
-// out[tile] = f[i] * buf[c * kTile + i]
+// out[tile] = f[i] * buf[c * T + i]
 template <typename scalar_t, typename A>
-void scatter(scalar_t* p, const View5& v, const Tile& t, const A* buf, const A* f) {
+void scatter(scalar_t* p, const View5& v, const Tile& t, const A* buf, const A* f, int64_t T = kTile) {
   scalar_t* b = p + v.at(t.n, t.h, t.w0, t.j);
   if (v.sW == 1) {
     for (int64_t c = 0; c < v.C; ++c) {
       scalar_t* dst = b + c * v.sC;
-      const A* src = buf + c * kTile;
+      const A* src = buf + c * T;
       for (int64_t i = 0; i < t.len; ++i) dst[i] = scalar_t(f[i] * src[i]);
     }
   } else if (v.sC == 1) {
     for (int64_t i = 0; i < t.len; ++i) {
       scalar_t* dst = b + i * v.sW;
-      for (int64_t c = 0; c < v.C; ++c) dst[c] = scalar_t(f[i] * buf[c * kTile + i]);
+      for (int64_t c = 0; c < v.C; ++c) dst[c] = scalar_t(f[i] * buf[c * T + i]);
     }
   } else {
     for (int64_t c = 0; c < v.C; ++c)
-      for (int64_t i = 0; i < t.len; ++i) b[c * v.sC + i * v.sW] = scalar_t(f[i] * buf[c * kTile + i]);
+      for (int64_t i = 0; i < t.len; ++i) b[c * v.sC + i * v.sW] = scalar_t(f[i] * buf[c * T + i]);
   }
 }
 

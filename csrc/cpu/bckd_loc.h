@@ -7,6 +7,8 @@ namespace kdops {
 namespace {
 
 enum Decoder { kDistance = 0, kGfl = 1, kDelta = 2 };
+constexpr int64_t kLocTile = 128;
+constexpr int64_t kLocChunk = 1024;  // anchors per task (the gap pass streams this many per class)  // anchors per task: all of a tile's buffers stay in L1/L2
 
 // Loss 1 - GIoU (mode 0) or 1 - max(IoU, eps) (mode 1) of aligned boxes, as mmdet's
 // bbox_overlaps(is_aligned=True, eps) + GIoULoss / IoULoss(linear) compute it, and its
@@ -14,8 +16,8 @@ enum Decoder { kDistance = 0, kGfl = 1, kDelta = 2 };
 // evenly and clamp passes none at its bounds, as PyTorch's autograd does.
 template <typename A>
 KDOPS_INLINE void iou_elem(int mode, A eps, const A* b, const A* B, A& per, A* gb) {
-  const A x1 = b[0], y1 = b[kTile], x2 = b[2 * kTile], y2 = b[3 * kTile];
-  const A X1 = B[0], Y1 = B[kTile], X2 = B[2 * kTile], Y2 = B[3 * kTile];
+  const A x1 = b[0], y1 = b[kLocTile], x2 = b[2 * kLocTile], y2 = b[3 * kLocTile];
+  const A X1 = B[0], Y1 = B[kLocTile], X2 = B[2 * kLocTile], Y2 = B[3 * kLocTile];
   const A w1 = x2 - x1, h1 = y2 - y1;
   const A area1 = w1 * h1, area2 = (X2 - X1) * (Y2 - Y1);
   const A ltx = std::max(x1, X1), lty = std::max(y1, Y1), rbx = std::min(x2, X2), rby = std::min(y2, Y2);
@@ -65,9 +67,9 @@ KDOPS_INLINE void iou_elem(int mode, A eps, const A* b, const A* B, A& per, A* g
     gy2 += share_max(y2, Y2) * g_eh;
   }
   gb[0] = gx1;
-  gb[kTile] = gy1;
-  gb[2 * kTile] = gx2;
-  gb[3 * kTile] = gy2;
+  gb[kLocTile] = gy1;
+  gb[2 * kLocTile] = gx2;
+  gb[3 * kLocTile] = gy2;
 }
 
 #define KD_IOU_BLOCK(A)                                                                      \
@@ -77,31 +79,63 @@ KDOPS_INLINE void iou_elem(int mode, A eps, const A* b, const A* B, A& per, A* g
 KD_IOU_BLOCK(float)
 KD_IOU_BLOCK(double)
 
-// GFL integral in place: z (4*(R+1) x kTile logits) -> softmax probabilities; dist = sum_b b p_b.
+// GFL integral in place: z (4*(R+1) x kLocTile logits) -> softmax probabilities; dist = sum_b b p_b.
 template <typename A>
-void integral_tile(A* z, int64_t R1, int64_t len, A* dist) {
+KDOPS_INLINE void integral_impl(A* z, int64_t R1, int64_t len, A* dist) {
+  A m[kLocTile], sum[kLocTile], ex[kLocTile];
   for (int64_t s = 0; s < 4; ++s) {
-    A* zs = z + s * R1 * kTile;
-    A m[kTile];
-    for (int64_t i = 0; i < len; ++i) m[i] = zs[i];
+    A* zs = z + s * R1 * kLocTile;
+    for (int64_t i = 0; i < len; ++i) {
+      m[i] = zs[i];
+      sum[i] = 0;
+      ex[i] = 0;
+    }
     for (int64_t b = 1; b < R1; ++b)
-      for (int64_t i = 0; i < len; ++i) m[i] = std::max(m[i], zs[b * kTile + i]);
-    for (int64_t b = 0; b < R1; ++b)
-      for (int64_t i = 0; i < len; ++i) zs[b * kTile + i] -= m[i];
-  }
-  for (int64_t r = 0; r < 4 * R1; ++r) exp_block(z + r * kTile, len);
-  for (int64_t s = 0; s < 4; ++s) {
-    A* zs = z + s * R1 * kTile;
-    A sum[kTile] = {}, ex[kTile] = {};
-    for (int64_t b = 0; b < R1; ++b)
-      for (int64_t i = 0; i < len; ++i) sum[i] += zs[b * kTile + i];
-    for (int64_t b = 0; b < R1; ++b)
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) m[i] = std::max(m[i], zs[b * kLocTile + i]);
+    for (int64_t b = 0; b < R1; ++b) {
+      A* zb = zs + b * kLocTile;
+#pragma omp simd
       for (int64_t i = 0; i < len; ++i) {
-        zs[b * kTile + i] /= sum[i];
-        ex[i] += zs[b * kTile + i] * A(b);
+        const A e = exp_nonpos(zb[i] - m[i]);
+        zb[i] = e;
+        sum[i] += e;
+        ex[i] += e * A(b);
       }
-    for (int64_t i = 0; i < len; ++i) dist[s * kTile + i] = ex[i];
+    }
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) {
+      m[i] = A(1) / sum[i];  // reused as 1/sum
+      dist[s * kLocTile + i] = ex[i] * m[i];
+    }
+    for (int64_t b = 0; b < R1; ++b)
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) zs[b * kLocTile + i] *= m[i];
   }
+}
+KDOPS_SIMD_CLONES void integral_tile(float* z, int64_t R1, int64_t len, float* dist) { integral_impl(z, R1, len, dist); }
+KDOPS_SIMD_CLONES void integral_tile(double* z, int64_t R1, int64_t len, double* dist) { integral_impl(z, R1, len, dist); }
+
+// d z_b = g_d p_b (b - d) for the 4 sides; p (probabilities) in z's layout.
+template <typename A>
+KDOPS_INLINE void gfl_grad_impl(const A* p, const A* dist, const A* gb, int64_t R1, int64_t len, A* gr) {
+  for (int64_t s = 0; s < 4; ++s) {
+    const A sign = s < 2 ? A(-1) : A(1);
+    const A* gs = gb + s * kLocTile;
+    const A* ds = dist + s * kLocTile;
+    for (int64_t b = 0; b < R1; ++b) {
+      const int64_t c = (s * R1 + b) * kLocTile;
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) gr[c + i] = sign * gs[i] * p[c + i] * (A(b) - ds[i]);
+    }
+  }
+}
+KDOPS_SIMD_CLONES void gfl_grad_tile(const float* p, const float* d, const float* g, int64_t R1, int64_t n, float* gr) {
+  gfl_grad_impl(p, d, g, R1, n, gr);
+}
+KDOPS_SIMD_CLONES void gfl_grad_tile(const double* p, const double* d, const double* g, int64_t R1, int64_t n,
+                                     double* gr) {
+  gfl_grad_impl(p, d, g, R1, n, gr);
 }
 
 struct LocArgs {
@@ -110,7 +144,7 @@ struct LocArgs {
   double means[4], stds[4], max_ratio, stride_value, scale;
 };
 
-// reg: D x kTile raw regression (softmax probabilities after this call for GFL).
+// reg: D x kLocTile raw regression (softmax probabilities after this call for GFL).
 template <typename A>
 void decode_tile(const LocArgs& a, A* reg, const A* pri, const A* st, const int64_t* anchors, int64_t len, A* dist,
                  A* box) {
@@ -118,9 +152,9 @@ void decode_tile(const LocArgs& a, A* reg, const A* pri, const A* st, const int6
   for (int64_t i = 0; i < len; ++i) {
     const A* p = pri + (anchors[i] % a.M) * a.P;
     if (a.decoder == kDelta) {
-      const A dx = reg[i] * A(a.stds[0]) + A(a.means[0]), dy = reg[kTile + i] * A(a.stds[1]) + A(a.means[1]);
-      A dw = reg[2 * kTile + i] * A(a.stds[2]) + A(a.means[2]);
-      A dh = reg[3 * kTile + i] * A(a.stds[3]) + A(a.means[3]);
+      const A dx = reg[i] * A(a.stds[0]) + A(a.means[0]), dy = reg[kLocTile + i] * A(a.stds[1]) + A(a.means[1]);
+      A dw = reg[2 * kLocTile + i] * A(a.stds[2]) + A(a.means[2]);
+      A dh = reg[3 * kLocTile + i] * A(a.stds[3]) + A(a.means[3]);
       const A mr = A(a.max_ratio);
       dw = std::min(std::max(dw, -mr), mr);
       dh = std::min(std::max(dh, -mr), mr);
@@ -129,11 +163,11 @@ void decode_tile(const LocArgs& a, A* reg, const A* pri, const A* st, const int6
       const A gx = px + pw * dx, gy = py + ph * dy;
       const A gw = pw * std::exp(dw), gh = ph * std::exp(dh);
       dist[i] = gw;  // kept for the backward pass
-      dist[kTile + i] = gh;
+      dist[kLocTile + i] = gh;
       box[i] = gx - gw * A(0.5);
-      box[kTile + i] = gy - gh * A(0.5);
-      box[2 * kTile + i] = gx + gw * A(0.5);
-      box[3 * kTile + i] = gy + gh * A(0.5);
+      box[kLocTile + i] = gy - gh * A(0.5);
+      box[2 * kLocTile + i] = gx + gw * A(0.5);
+      box[3 * kLocTile + i] = gy + gh * A(0.5);
     } else {
       A px = a.P == 2 ? p[0] : (p[2] + p[0]) / A(2);
       A py = a.P == 2 ? p[1] : (p[3] + p[1]) / A(2);
@@ -144,9 +178,9 @@ void decode_tile(const LocArgs& a, A* reg, const A* pri, const A* st, const int6
       }
       const A* d = a.decoder == kGfl ? dist : reg;
       box[i] = px - d[i];
-      box[kTile + i] = py - d[kTile + i];
-      box[2 * kTile + i] = px + d[2 * kTile + i];
-      box[3 * kTile + i] = py + d[3 * kTile + i];
+      box[kLocTile + i] = py - d[kLocTile + i];
+      box[2 * kLocTile + i] = px + d[2 * kLocTile + i];
+      box[3 * kLocTile + i] = py + d[3 * kLocTile + i];
     }
   }
 }
@@ -159,67 +193,84 @@ void loc_cpu(const LocArgs& a, const View5& vsr, const View5& vtr, const View5& 
   using A = acc_t<scalar_t>;
   const int64_t K = vsl.C, D = vsr.C;
   at::parallel_for(0, (int64_t)part.size(), 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> ls(K * kTile), lt(K * kTile), rs(D * kTile), rt(D * kTile), gr(D * kTile);
-    std::vector<A> ds(4 * kTile), dt(4 * kTile), bs(4 * kTile), bt(4 * kTile), gb(4 * kTile), per(kTile),
-        gap(kTile), f(kTile);
-    std::vector<int64_t> anchors(kTile);
+    const bool anchor_rows = vsl.sW == 1 && vtl.sW == 1;
+    std::vector<A> xb(std::max(K, kLocChunk)), tb(std::max(K, kLocChunk));
+    std::vector<A> rs(D * kLocTile), rt(D * kLocTile), gr(D * kLocTile);
+    std::vector<A> ds(4 * kLocTile), dt(4 * kLocTile), bs(4 * kLocTile), bt(4 * kLocTile), gb(4 * kLocTile), per(kLocTile),
+        gap(kLocChunk), f(kLocTile);
+    std::vector<int64_t> anchors(kLocTile);
     for (int64_t task = begin; task < end; ++task) {
-      const Tile t = tile_of(vsr, task, chunks);
-      const int64_t len = t.len;
-      for (int64_t i = 0; i < len; ++i) anchors[i] = anchor_of(vsr, t, i);
-      gather(slp, vsl, t, ls.data());
-      gather(tlp, vtl, t, lt.data());
+      const Tile big = tile_of(vsr, task, chunks, kLocChunk);
+      // gap over the whole chunk, row by row: long contiguous runs per class on (N,C,H,W) maps
       std::fill(gap.begin(), gap.end(), A(0));
-      for (int64_t k = 0; k < K; ++k) {
-        A* row = ls.data() + k * kTile;
-        gap_block(row, lt.data() + k * kTile, len, row);
-        for (int64_t i = 0; i < len; ++i) gap[i] = std::max(gap[i], row[i]);
+      if (anchor_rows) {
+        const scalar_t* s0 = slp + vsl.at(big.n, big.h, big.w0, big.j);
+        const scalar_t* t0 = tlp + vtl.at(big.n, big.h, big.w0, big.j);
+        for (int64_t k = 0; k < K; ++k) {
+          load_row(s0 + k * vsl.sC, big.len, xb.data());
+          load_row(t0 + k * vtl.sC, big.len, tb.data());
+          gap_block(xb.data(), tb.data(), big.len, xb.data());
+          for (int64_t i = 0; i < big.len; ++i) gap[i] = std::max(gap[i], xb[i]);
+        }
+      } else {  // classes contiguous ((A,K)) or any other layout: one anchor's classes at a time
+        for (int64_t i = 0; i < big.len; ++i) {
+          const scalar_t* s0 = slp + vsl.at(big.n, big.h, big.w0 + i, big.j);
+          const scalar_t* t0 = tlp + vtl.at(big.n, big.h, big.w0 + i, big.j);
+          for (int64_t k = 0; k < K; ++k) {
+            xb[k] = A(s0[k * vsl.sC]);
+            tb[k] = A(t0[k * vtl.sC]);
+          }
+          gap_block(xb.data(), tb.data(), K, xb.data());
+          A mx = 0;
+          for (int64_t k = 0; k < K; ++k) mx = std::max(mx, xb[k]);
+          gap[i] = mx;
+        }
       }
-      gather(srp, vsr, t, rs.data());
-      gather(trp, vtr, t, rt.data());
+      double task_loss = 0.0;
+      for (int64_t off = 0; off < big.len; off += kLocTile) {
+      Tile t = big;
+      t.w0 += off;
+      t.len = std::min(kLocTile, big.len - off);
+      const int64_t len = t.len;
+      const A* gapt = gap.data() + off;
+      for (int64_t i = 0; i < len; ++i) anchors[i] = anchor_of(vsr, t, i);
+      gather(srp, vsr, t, rs.data(), kLocTile);
+      gather(trp, vtr, t, rt.data(), kLocTile);
       decode_tile<A>(a, rs.data(), pri, st, anchors.data(), len, ds.data(), bs.data());
       decode_tile<A>(a, rt.data(), pri, st, anchors.data(), len, dt.data(), bt.data());
       iou_block(a.mode, A(1e-6), bs.data(), bt.data(), len, per.data(), gb.data());
-      double task_loss = 0.0;
       for (int64_t i = 0; i < len; ++i) {
-        const A wa = gap[i] * (w ? w[anchors[i]] : A(1));
+        const A wa = gapt[i] * (w ? w[anchors[i]] : A(1));
         task_loss += double(wa) * double(per[i]);
-        if (gw) gw[anchors[i]] = A(a.scale) * gap[i] * per[i];
+        if (gw) gw[anchors[i]] = A(a.scale) * gapt[i] * per[i];
         f[i] = A(a.scale) * wa;
       }
-      part[task] = task_loss;
       if (!gp) continue;
-      const A *g0 = gb.data(), *g1 = g0 + kTile, *g2 = g1 + kTile, *g3 = g2 + kTile;
+      const A *g0 = gb.data(), *g1 = g0 + kLocTile, *g2 = g1 + kLocTile, *g3 = g2 + kLocTile;
       if (a.decoder == kDelta) {
         const A mr = A(a.max_ratio);
         for (int64_t i = 0; i < len; ++i) {
-          const A dw = rs[2 * kTile + i] * A(a.stds[2]) + A(a.means[2]);
-          const A dh = rs[3 * kTile + i] * A(a.stds[3]) + A(a.means[3]);
+          const A dw = rs[2 * kLocTile + i] * A(a.stds[2]) + A(a.means[2]);
+          const A dh = rs[3 * kLocTile + i] * A(a.stds[3]) + A(a.means[3]);
           const A* p = pri + (anchors[i] % a.M) * a.P;
           gr[i] = (g0[i] + g2[i]) * (p[2] - p[0]) * A(a.stds[0]);
-          gr[kTile + i] = (g1[i] + g3[i]) * (p[3] - p[1]) * A(a.stds[1]);
-          gr[2 * kTile + i] = (dw > -mr && dw < mr) ? A(0.5) * (g2[i] - g0[i]) * ds[i] * A(a.stds[2]) : A(0);
-          gr[3 * kTile + i] = (dh > -mr && dh < mr) ? A(0.5) * (g3[i] - g1[i]) * ds[kTile + i] * A(a.stds[3]) : A(0);
+          gr[kLocTile + i] = (g1[i] + g3[i]) * (p[3] - p[1]) * A(a.stds[1]);
+          gr[2 * kLocTile + i] = (dw > -mr && dw < mr) ? A(0.5) * (g2[i] - g0[i]) * ds[i] * A(a.stds[2]) : A(0);
+          gr[3 * kLocTile + i] = (dh > -mr && dh < mr) ? A(0.5) * (g3[i] - g1[i]) * ds[kLocTile + i] * A(a.stds[3]) : A(0);
         }
       } else if (a.decoder == kDistance) {
         for (int64_t i = 0; i < len; ++i) {
           gr[i] = -g0[i];
-          gr[kTile + i] = -g1[i];
-          gr[2 * kTile + i] = g2[i];
-          gr[3 * kTile + i] = g3[i];
+          gr[kLocTile + i] = -g1[i];
+          gr[2 * kLocTile + i] = g2[i];
+          gr[3 * kLocTile + i] = g3[i];
         }
-      } else {  // GFL: d z_b = g_d p_b (b - d)
-        const A* gs[4] = {g0, g1, g2, g3};
-        for (int64_t s = 0; s < 4; ++s) {
-          const A sign = s < 2 ? A(-1) : A(1);
-          for (int64_t b = 0; b < a.R1; ++b) {
-            const int64_t c = (s * a.R1 + b) * kTile;
-            for (int64_t i = 0; i < len; ++i)
-              gr[c + i] = sign * gs[s][i] * rs[c + i] * (A(b) - ds[s * kTile + i]);
-          }
-        }
+      } else {
+        gfl_grad_tile(rs.data(), ds.data(), gb.data(), a.R1, len, gr.data());
       }
-      scatter(gp, vg, t, gr.data(), f.data());
+      scatter(gp, vg, t, gr.data(), f.data(), kLocTile);
+      }
+      part[task] = task_loss;
     }
   });
 }
@@ -267,7 +318,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bckd_loc_fwd_cpu(
   auto gw = (grad_weight && w.defined()) ? at::empty({A_}, loss.options()) : no_grad_placeholder(loss);
   View5 vsr(student_reg), vtr(teacher_reg), vsl(student_logits), vtl(teacher_logits), vg(grad_reg ? g : student_reg);
   merge_all({&vsr, &vtr, &vsl, &vtl, &vg});
-  const int64_t chunks = (vsr.W + kTile - 1) / kTile;
+  const int64_t chunks = (vsr.W + kLocChunk - 1) / kLocChunk;
   std::vector<double> part(A_ == 0 ? 0 : vsr.N * vsr.H * vsr.J * chunks, 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student_reg.scalar_type(), "bckd_loc_fwd", [&] {
     using Acc = acc_t<scalar_t>;
