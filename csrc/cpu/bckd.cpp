@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "bckd_math.h"
@@ -148,6 +149,17 @@ KDOPS_INLINE void load_row(const scalar_t* src, int64_t n, A* dst) {
   for (int64_t i = 0; i < n; ++i) dst[i] = A(src[i]);
 }
 
+// A contiguous row in the accumulation type: the row itself when no conversion is needed.
+template <typename scalar_t, typename A>
+KDOPS_INLINE const A* row_of(const scalar_t* src, int64_t n, A* buf) {
+  if constexpr (std::is_same<scalar_t, A>::value) {
+    return src;
+  } else {
+    load_row(src, n, buf);
+    return buf;
+  }
+}
+
 // Row-wise paths keep every buffer in L1: for (N,C,H,W) maps a row is one class over the
 // tile's anchors; for (A,K) a row is one anchor's classes. Other layouts use the tile gather.
 template <typename scalar_t>
@@ -176,9 +188,8 @@ void cls_cpu(const View5& vs, const View5& vt, const View5& vg, const scalar_t* 
         const scalar_t* t0 = tp + vt.at(tl.n, tl.h, tl.w0, tl.j);
         scalar_t* g0 = gp ? gp + vg.at(tl.n, tl.h, tl.w0, tl.j) : nullptr;
         for (int64_t k = 0; k < K; ++k) {
-          load_row(s0 + k * vs.sC, len, xb.data());
-          load_row(t0 + k * vt.sC, len, tb.data());
-          cls_block<A>(mode, xb.data(), tb.data(), len, A(beta), lb.data(), gb.data());
+          cls_block<A>(mode, row_of(s0 + k * vs.sC, len, xb.data()), row_of(t0 + k * vt.sC, len, tb.data()), len,
+                       A(beta), lb.data(), gb.data());
           for (int64_t i = 0; i < len; ++i) row[i] += lb[i];
           if (g0) {
             scalar_t* gk = g0 + k * vg.sC;
@@ -187,9 +198,9 @@ void cls_cpu(const View5& vs, const View5& vt, const View5& vg, const scalar_t* 
         }
       } else if (class_rows) {
         for (int64_t i = 0; i < len; ++i) {
-          load_row(sp + vs.at(tl.n, tl.h, tl.w0 + i, tl.j), K, xb.data());
-          load_row(tp + vt.at(tl.n, tl.h, tl.w0 + i, tl.j), K, tb.data());
-          cls_block<A>(mode, xb.data(), tb.data(), K, A(beta), lb.data(), gb.data());
+          cls_block<A>(mode, row_of(sp + vs.at(tl.n, tl.h, tl.w0 + i, tl.j), K, xb.data()),
+                       row_of(tp + vt.at(tl.n, tl.h, tl.w0 + i, tl.j), K, tb.data()), K, A(beta), lb.data(),
+                       gb.data());
           A r = 0;
           for (int64_t k = 0; k < K; ++k) r += lb[k];
           row[i] = r;
