@@ -7,7 +7,7 @@ namespace kdops {
 namespace {
 
 enum Decoder { kDistance = 0, kGfl = 1, kDelta = 2 };
-constexpr int64_t kLocTile = 128;
+constexpr int64_t kLocTile = 256;
 constexpr int64_t kLocChunk = 1024;  // anchors per task (the gap pass streams this many per class)  // anchors per task: all of a tile's buffers stay in L1/L2
 
 // Loss 1 - GIoU (mode 0) or 1 - max(IoU, eps) (mode 1) of aligned boxes, as mmdet's
@@ -227,47 +227,47 @@ void loc_cpu(const LocArgs& a, const View5& vsr, const View5& vtr, const View5& 
       }
       double task_loss = 0.0;
       for (int64_t off = 0; off < big.len; off += kLocTile) {
-      Tile t = big;
-      t.w0 += off;
-      t.len = std::min(kLocTile, big.len - off);
-      const int64_t len = t.len;
-      const A* gapt = gap.data() + off;
-      for (int64_t i = 0; i < len; ++i) anchors[i] = anchor_of(vsr, t, i);
-      gather(srp, vsr, t, rs.data(), kLocTile);
-      gather(trp, vtr, t, rt.data(), kLocTile);
-      decode_tile<A>(a, rs.data(), pri, st, anchors.data(), len, ds.data(), bs.data());
-      decode_tile<A>(a, rt.data(), pri, st, anchors.data(), len, dt.data(), bt.data());
-      iou_block(a.mode, A(1e-6), bs.data(), bt.data(), len, per.data(), gb.data());
-      for (int64_t i = 0; i < len; ++i) {
-        const A wa = gapt[i] * (w ? w[anchors[i]] : A(1));
-        task_loss += double(wa) * double(per[i]);
-        if (gw) gw[anchors[i]] = A(a.scale) * gapt[i] * per[i];
-        f[i] = A(a.scale) * wa;
-      }
-      if (!gp) continue;
-      const A *g0 = gb.data(), *g1 = g0 + kLocTile, *g2 = g1 + kLocTile, *g3 = g2 + kLocTile;
-      if (a.decoder == kDelta) {
-        const A mr = A(a.max_ratio);
+        Tile t = big;
+        t.w0 += off;
+        t.len = std::min(kLocTile, big.len - off);
+        const int64_t len = t.len;
+        const A* gapt = gap.data() + off;
+        for (int64_t i = 0; i < len; ++i) anchors[i] = anchor_of(vsr, t, i);
+        gather(srp, vsr, t, rs.data(), kLocTile);
+        gather(trp, vtr, t, rt.data(), kLocTile);
+        decode_tile<A>(a, rs.data(), pri, st, anchors.data(), len, ds.data(), bs.data());
+        decode_tile<A>(a, rt.data(), pri, st, anchors.data(), len, dt.data(), bt.data());
+        iou_block(a.mode, A(1e-6), bs.data(), bt.data(), len, per.data(), gb.data());
         for (int64_t i = 0; i < len; ++i) {
-          const A dw = rs[2 * kLocTile + i] * A(a.stds[2]) + A(a.means[2]);
-          const A dh = rs[3 * kLocTile + i] * A(a.stds[3]) + A(a.means[3]);
-          const A* p = pri + (anchors[i] % a.M) * a.P;
-          gr[i] = (g0[i] + g2[i]) * (p[2] - p[0]) * A(a.stds[0]);
-          gr[kLocTile + i] = (g1[i] + g3[i]) * (p[3] - p[1]) * A(a.stds[1]);
-          gr[2 * kLocTile + i] = (dw > -mr && dw < mr) ? A(0.5) * (g2[i] - g0[i]) * ds[i] * A(a.stds[2]) : A(0);
-          gr[3 * kLocTile + i] = (dh > -mr && dh < mr) ? A(0.5) * (g3[i] - g1[i]) * ds[kLocTile + i] * A(a.stds[3]) : A(0);
+          const A wa = gapt[i] * (w ? w[anchors[i]] : A(1));
+          task_loss += double(wa) * double(per[i]);
+          if (gw) gw[anchors[i]] = A(a.scale) * gapt[i] * per[i];
+          f[i] = A(a.scale) * wa;
         }
-      } else if (a.decoder == kDistance) {
-        for (int64_t i = 0; i < len; ++i) {
-          gr[i] = -g0[i];
-          gr[kLocTile + i] = -g1[i];
-          gr[2 * kLocTile + i] = g2[i];
-          gr[3 * kLocTile + i] = g3[i];
+        if (!gp) continue;
+        const A *g0 = gb.data(), *g1 = g0 + kLocTile, *g2 = g1 + kLocTile, *g3 = g2 + kLocTile;
+        if (a.decoder == kDelta) {
+          const A mr = A(a.max_ratio);
+          for (int64_t i = 0; i < len; ++i) {
+            const A dw = rs[2 * kLocTile + i] * A(a.stds[2]) + A(a.means[2]);
+            const A dh = rs[3 * kLocTile + i] * A(a.stds[3]) + A(a.means[3]);
+            const A* p = pri + (anchors[i] % a.M) * a.P;
+            gr[i] = (g0[i] + g2[i]) * (p[2] - p[0]) * A(a.stds[0]);
+            gr[kLocTile + i] = (g1[i] + g3[i]) * (p[3] - p[1]) * A(a.stds[1]);
+            gr[2 * kLocTile + i] = (dw > -mr && dw < mr) ? A(0.5) * (g2[i] - g0[i]) * ds[i] * A(a.stds[2]) : A(0);
+            gr[3 * kLocTile + i] = (dh > -mr && dh < mr) ? A(0.5) * (g3[i] - g1[i]) * ds[kLocTile + i] * A(a.stds[3]) : A(0);
+          }
+        } else if (a.decoder == kDistance) {
+          for (int64_t i = 0; i < len; ++i) {
+            gr[i] = -g0[i];
+            gr[kLocTile + i] = -g1[i];
+            gr[2 * kLocTile + i] = g2[i];
+            gr[3 * kLocTile + i] = g3[i];
+          }
+        } else {
+          gfl_grad_tile(rs.data(), ds.data(), gb.data(), a.R1, len, gr.data());
         }
-      } else {
-        gfl_grad_tile(rs.data(), ds.data(), gb.data(), a.R1, len, gr.data());
-      }
-      scatter(gp, vg, t, gr.data(), f.data(), kLocTile);
+        scatter(gp, vg, t, gr.data(), f.data(), kLocTile);
       }
       part[task] = task_loss;
     }
