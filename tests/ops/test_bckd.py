@@ -431,3 +431,29 @@ def test_triton_empty():
     s = torch.zeros(0, 4, device=triton_device())
     loss, g, _ = bckd_cls_fwd(anchor_view(s, 4), anchor_view(s, 4), None, 1.0, 1.0, True, False)
     assert loss.item() == 0 and g.shape == (1, 1, 0, 1, 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_general_strided_layouts_read_in_place(dtype):
+    # (A,K) views with neither anchors nor classes contiguous, and a transposed (K,A) buffer
+    # (anchors contiguous): every kernel path; the results must not depend on the layout.
+    sr, tr, sl, tl, pri, w = make_loc("gfl", 1, 3, 7, 1, K=6, seed=30)
+    wide = lambda x: torch.stack([x, torch.zeros_like(x)], -1).reshape(x.shape[0], -1)[:, ::2]  # noqa: E731
+    trans = lambda x: x.t().contiguous().t()  # noqa: E731
+    tol = F64 if dtype == F64 else torch.float16
+    for conv in (wide, trans):
+        a, b = conv(sl.to(dtype)), conv(tl.to(dtype))
+        assert not a.is_contiguous()
+        A1, A2 = leaf(a), leaf(sl.to(dtype))
+        kdops.bckd_cls_loss(A1, b, weight=w, beta=2.0).backward()
+        ref = kdops.bckd_cls_loss(A2, tl.to(dtype), weight=w, beta=2.0)
+        ref.backward()
+        close(A1.grad, A2.grad, tol, scale=A2.grad.abs().max().item())
+        R1, R2 = leaf(conv(sr.to(dtype))), leaf(sr.to(dtype))
+        x = kdops.bckd_loc_loss(R1, conv(tr.to(dtype)), a, b, pri, decoder="gfl", strides=8.0, reg_max=4)
+        y = kdops.bckd_loc_loss(R2, tr.to(dtype), sl.to(dtype), tl.to(dtype), pri, decoder="gfl", strides=8.0,
+                                reg_max=4)
+        x.backward()
+        y.backward()
+        close(x, y, tol, scale=10)
+        close(R1.grad, R2.grad, tol, scale=R2.grad.abs().max().item())
