@@ -128,9 +128,10 @@ void cls_block(int mode, const A* x, const A* t, int64_t n, A beta, A* l, A* g) 
 #define KD_GAP_BLOCK(A)                                                       \
   KDOPS_SIMD_CLONES void gap_block(const A* x, const A* t, int64_t n, A* out) { \
     _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) {                     \
-      const A q = sigmoid_of(x[i], exp_nonpos(-std::fabs(x[i])));             \
-      const A p = sigmoid_of(t[i], exp_nonpos(-std::fabs(t[i])));             \
-      out[i] = std::fabs(p - q);                                              \
+      const A ex = exp_nonpos(-std::fabs(x[i])), et = exp_nonpos(-std::fabs(t[i])); \
+      const A ax = x[i] >= A(0) ? A(1) : ex, at = t[i] >= A(0) ? A(1) : et;  \
+      const A dx = A(1) + ex, dt = A(1) + et;                                 \
+      out[i] = x[i] == t[i] ? A(0) : std::fabs(at * dx - ax * dt) / (dx * dt); /* |sigmoid(t) - sigmoid(x)| */ \
     }                                                                         \
   }
 KD_GAP_BLOCK(float)

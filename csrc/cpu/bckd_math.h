@@ -38,9 +38,9 @@ KDOPS_INLINE float exp_nonpos(float x) {
 }
 KDOPS_INLINE double exp_nonpos(double x) { return std::exp(x); }
 
-// log(1 + e) for 0 <= e <= 1 via 2 atanh(e / (2 + e)): no cancellation for small e.
-KDOPS_INLINE float log1p_unit(float e) {
-  const float s = e / (2.0f + e);
+// 2 atanh(s) = log((1 + s) / (1 - s)) for 0 <= s <= 1/3, as a series; with s = e / (2 + e)
+// it is log(1 + e) without cancellation for small e.
+KDOPS_INLINE float log1p_series(float s) {
   const float s2 = s * s;
   float p = 1.0f / 15.0f;
   p = p * s2 + 1.0f / 13.0f;
@@ -52,7 +52,9 @@ KDOPS_INLINE float log1p_unit(float e) {
   p = p * s2 + 1.0f;
   return 2.0f * s * p;
 }
-KDOPS_INLINE double log1p_unit(double e) { return std::log1p(e); }
+// log(1 + e) given e and s = e / (2 + e): the series in float, libm in double.
+KDOPS_INLINE float log1p_pair(float, float s) { return log1p_series(s); }
+KDOPS_INLINE double log1p_pair(double e, double) { return std::log1p(e); }
 
 template <typename T>
 KDOPS_INLINE T sigmoid_of(T x, T e /* exp(-|x|) */) {
@@ -74,10 +76,13 @@ template <int MODE, typename T>
 KDOPS_INLINE void cls_elem(T x, T t, T beta, T& loss, T& grad) {
   const T ex = exp_nonpos(-std::fabs(x));
   const T et = exp_nonpos(-std::fabs(t));
-  const T q = sigmoid_of(x, ex);
-  const T p = sigmoid_of(t, et);
-  const T bce = (T(1) - p) * x + (x < T(0) ? -x : T(0)) + log1p_unit(ex);
-  const T d = p - q;
+  // one division for sigmoid(x), sigmoid(t) and log1p's e/(2+e): r = 1/((1+ex)(1+et)(2+ex))
+  const T dx = T(1) + ex, dt = T(1) + et, d2 = T(2) + ex;
+  const T r = T(1) / (dx * dt * d2);
+  const T q = (x >= T(0) ? T(1) : ex) * dt * d2 * r;
+  const T p = (t >= T(0) ? T(1) : et) * dx * d2 * r;
+  const T bce = (T(1) - p) * x + (x < T(0) ? -x : T(0)) + log1p_pair(ex, ex * dx * dt * r);
+  const T d = x == t ? T(0) : p - q;  // exact 0 on ties (bf16 logits tie often), whatever FMA contraction does
   const T ad = std::fabs(d);
   const T sgn = T(d > T(0)) - T(d < T(0));
   const T qq = q * (T(1) - q);
