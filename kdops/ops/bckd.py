@@ -11,6 +11,15 @@ gradcheck). Classification, per element with :math:`p=\sigma(t)`, :math:`q=\sigm
 (the gap weight is not detached on the student side, as in the authors' code).
 Localisation: the chain GIoU -> box -> decoder (distances; GFL's softmax integral,
 :math:`\partial z_b = g_d\,p_b(b-d)`; DeltaXYWH with its clamp), written out in the kernels.
+
+Conventions, matching PyTorch autograd of the eager formulas: ties of max/min (e.g. a student
+box edge equal to the teacher's) split the gradient evenly; ``clamp`` passes no gradient at its
+bounds (IoU-loss floor, zero-width intersections, DeltaXYWH's ``wh_ratio_clip``). Where
+:math:`p = q` exactly the gap's gradient is 0 (for ``beta < 1`` PyTorch gives NaN there).
+``avg_factor`` divides as mmdet's ``weight_reduce_loss``: ``sum / (avg_factor + 1.19e-7)``.
+Unlike the authors' head, the terms are not replaced by 0 for a level without positives
+(that branch needs a host sync). No copy is made of logits or regression maps in either
+supported layout; priors, per-anchor weights and strides are cast to float32 (small).
 """
 from __future__ import annotations
 

@@ -457,3 +457,41 @@ def test_general_strided_layouts_read_in_place(dtype):
         y.backward()
         close(x, y, tol, scale=10)
         close(R1.grad, R2.grad, tol, scale=R2.grad.abs().max().item())
+
+
+def test_loc_reductions_avg_factor_tensor_and_points_with_strides():
+    sr, tr, sl, tl, pri, w = make_loc("distance", 2, 3, 4, 2, seed=31)
+    A = sr.shape[0]
+    base = R.bckd_loc_loss(sr, tr, sl, tl, pri, weight=w)
+    close(kdops.bckd_loc_loss(sr, tr, sl, tl, pri, weight=w, reduction="mean"), base / A, F64)
+    eps = torch.finfo(torch.float32).eps
+    af = torch.tensor(6.0, dtype=F64, requires_grad=True)
+    out = kdops.bckd_loc_loss(sr, tr, sl, tl, pri, weight=w, avg_factor=af)
+    close(out, base / (6.0 + eps), F64)
+    out.backward()
+    close(af.grad, -base / (6.0 + eps) ** 2, F64)  # a tensor avg_factor stays differentiable
+    st = torch.rand(A, dtype=F64) * 8 + 1  # per-anchor strides divide the points
+    S, S2 = leaf(sr), leaf(sr)
+    a = kdops.bckd_loc_loss(S, tr, sl, tl, pri, strides=st)
+    b = R.bckd_loc_loss(S2, tr, sl, tl, pri, strides=st)
+    a.backward()
+    b.backward()
+    close(a, b, F64)
+    close(S.grad, S2.grad, F64)
+
+
+@pytest.mark.triton
+def test_triton_loc_points_and_stride_tensor():
+    from kdops.triton.bckd import bckd_loc_fwd
+
+    dev = triton_device()
+    sr, tr, sl, tl, pri, w = [x.float() for x in make_loc("distance", 1, 3, 4, 1, K=5, seed=32)]
+    st = torch.rand(sr.shape[0]) * 8 + 1
+    out, g, _ = bckd_loc_fwd(anchor_view(sr, 4).to(dev), anchor_view(tr, 4).to(dev), anchor_view(sl, 5).to(dev),
+                             anchor_view(tl, 5).to(dev), pri.to(dev), None, st.to(dev), 0.0, 0, 0, 4, [0.0] * 4,
+                             [1.0] * 4, 4.1, 1.0, True, False)
+    S = leaf(sr.double())
+    ref = R.bckd_loc_loss(S, tr.double(), sl.double(), tl.double(), pri.double(), strides=st.double())
+    ref.backward()
+    close(out.cpu(), ref, torch.float32, scale=10)
+    close(g.cpu().reshape(S.shape), S.grad, torch.float32, scale=S.grad.abs().max().item())
