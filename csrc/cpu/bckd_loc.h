@@ -81,7 +81,7 @@ KD_IOU_BLOCK(double)
 
 // GFL integral in place: z (4*(R+1) x kLocTile logits) -> softmax probabilities; dist = sum_b b p_b.
 template <typename A>
-KDOPS_INLINE void integral_impl(A* z, int64_t R1, int64_t len, A* dist) {
+KDOPS_INLINE void integral_impl(A* z, int64_t R1, int64_t len, A* dist, bool want_p) {
   A m[kLocTile], sum[kLocTile], ex[kLocTile];
   for (int64_t s = 0; s < 4; ++s) {
     A* zs = z + s * R1 * kLocTile;
@@ -108,13 +108,18 @@ KDOPS_INLINE void integral_impl(A* z, int64_t R1, int64_t len, A* dist) {
       m[i] = A(1) / sum[i];  // reused as 1/sum
       dist[s * kLocTile + i] = ex[i] * m[i];
     }
+    if (!want_p) continue;  // the teacher's probabilities are never needed
     for (int64_t b = 0; b < R1; ++b)
 #pragma omp simd
       for (int64_t i = 0; i < len; ++i) zs[b * kLocTile + i] *= m[i];
   }
 }
-KDOPS_SIMD_CLONES void integral_tile(float* z, int64_t R1, int64_t len, float* dist) { integral_impl(z, R1, len, dist); }
-KDOPS_SIMD_CLONES void integral_tile(double* z, int64_t R1, int64_t len, double* dist) { integral_impl(z, R1, len, dist); }
+KDOPS_SIMD_CLONES void integral_tile(float* z, int64_t R1, int64_t len, float* dist, bool want_p) {
+  integral_impl(z, R1, len, dist, want_p);
+}
+KDOPS_SIMD_CLONES void integral_tile(double* z, int64_t R1, int64_t len, double* dist, bool want_p) {
+  integral_impl(z, R1, len, dist, want_p);
+}
 
 // d z_b = g_d p_b (b - d) for the 4 sides; p (probabilities) in z's layout.
 template <typename A>
@@ -147,8 +152,8 @@ struct LocArgs {
 // reg: D x kLocTile raw regression (softmax probabilities after this call for GFL).
 template <typename A>
 void decode_tile(const LocArgs& a, A* reg, const A* pri, const A* st, const int64_t* anchors, int64_t len, A* dist,
-                 A* box) {
-  if (a.decoder == kGfl) integral_tile(reg, a.R1, len, dist);
+                 A* box, bool want_p) {
+  if (a.decoder == kGfl) integral_tile(reg, a.R1, len, dist, want_p);
   for (int64_t i = 0; i < len; ++i) {
     const A* p = pri + (anchors[i] % a.M) * a.P;
     if (a.decoder == kDelta) {
@@ -235,8 +240,8 @@ void loc_cpu(const LocArgs& a, const View5& vsr, const View5& vtr, const View5& 
         for (int64_t i = 0; i < len; ++i) anchors[i] = anchor_of(vsr, t, i);
         gather(srp, vsr, t, rs.data(), kLocTile);
         gather(trp, vtr, t, rt.data(), kLocTile);
-        decode_tile<A>(a, rs.data(), pri, st, anchors.data(), len, ds.data(), bs.data());
-        decode_tile<A>(a, rt.data(), pri, st, anchors.data(), len, dt.data(), bt.data());
+        decode_tile<A>(a, rs.data(), pri, st, anchors.data(), len, ds.data(), bs.data(), gp != nullptr);
+        decode_tile<A>(a, rt.data(), pri, st, anchors.data(), len, dt.data(), bt.data(), false);
         iou_block(a.mode, A(1e-6), bs.data(), bt.data(), len, per.data(), gb.data());
         for (int64_t i = 0; i < len; ++i) {
           const A wa = gapt[i] * (w ? w[anchors[i]] : A(1));
