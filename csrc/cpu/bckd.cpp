@@ -63,6 +63,14 @@ inline int64_t anchor_of(const View5& v, const Tile& t, int64_t i) {
   return ((t.n * v.H + t.h) * v.W + t.w0 + i) * v.J + t.j;
 }
 
+// Rows of a (N,C,H,W) map start a new page each, where hardware prefetchers stop: ask for
+// the next row while this one is processed.
+template <typename T>
+KDOPS_INLINE void prefetch_row(const T* p, int64_t n) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t o = 0; o < n * int64_t(sizeof(T)); o += 64) __builtin_prefetch(c + o);
+}
+
 // Tile <-> class-major buffer buf[c * kTile + i]; contiguous fast paths for the two layouts
 // that matter: anchors contiguous (mmdet's (N,C,H,W)) and classes contiguous ((A,K)).
 template <typename scalar_t, typename A>
@@ -71,6 +79,7 @@ void gather(const scalar_t* p, const View5& v, const Tile& t, A* buf, int64_t T 
   if (v.sW == 1) {
     for (int64_t c = 0; c < v.C; ++c) {
       const scalar_t* src = b + c * v.sC;
+      if (c + 1 < v.C) prefetch_row(src + v.sC, t.len);
       A* dst = buf + c * T;
       for (int64_t i = 0; i < t.len; ++i) dst[i] = A(src[i]);
     }

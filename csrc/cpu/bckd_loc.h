@@ -212,6 +212,10 @@ void loc_cpu(const LocArgs& a, const View5& vsr, const View5& vtr, const View5& 
         const scalar_t* s0 = slp + vsl.at(big.n, big.h, big.w0, big.j);
         const scalar_t* t0 = tlp + vtl.at(big.n, big.h, big.w0, big.j);
         for (int64_t k = 0; k < K; ++k) {
+          if (k + 1 < K) {
+            prefetch_row(s0 + (k + 1) * vsl.sC, big.len);
+            prefetch_row(t0 + (k + 1) * vtl.sC, big.len);
+          }
           gap_block(row_of(s0 + k * vsl.sC, big.len, xb.data()), row_of(t0 + k * vtl.sC, big.len, tb.data()), big.len,
                     xb.data());
           for (int64_t i = 0; i < big.len; ++i) gap[i] = std::max(gap[i], xb[i]);
