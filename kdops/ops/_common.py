@@ -136,7 +136,7 @@ def check_avg_factor(op: str, avg_factor, like: torch.Tensor):
         if avg_factor.numel() != 1 or not avg_factor.is_floating_point() and avg_factor.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"kdops.{op}: `avg_factor` must be a number or a 1-element tensor, got shape "
                              f"{_shape(avg_factor)} {avg_factor.dtype}")
-        if avg_factor.device != like.device:
+        if avg_factor.device != like.device and not (avg_factor.dim() == 0 and avg_factor.device.type == "cpu"):
             raise ValueError(f"kdops.{op}: `avg_factor` is on {avg_factor.device} but the inputs are on {like.device}")
         return avg_factor.reshape(())
     raise TypeError(f"kdops.{op}: `avg_factor` must be None, a number or a tensor, got {type(avg_factor).__name__}")
