@@ -164,7 +164,12 @@ def anchor_view(x: torch.Tensor, per_anchor: int) -> torch.Tensor:
 def scale_grad(g: torch.Tensor, gloss: torch.Tensor) -> torch.Tensor:
     """g * gloss for a gradient computed in forward. On the CPU, when the incoming gradient is
     exactly 1 (``loss.backward()`` on a sum), g itself is returned: a pass over the gradient and
-    an allocation saved. Reading gloss there costs no device sync; never on GPU or when tracing."""
+    an allocation saved. Reading gloss there costs no device sync; never on GPU or when tracing.
+
+    The returned gradient shares its version counter with the saved g, so with
+    ``retain_graph=True`` an in-place change of ``.grad`` (e.g. ``zero_grad(set_to_none=False)``)
+    before a second backward raises PyTorch's standard "modified by an inplace operation"
+    error instead of giving a wrong gradient (``set_to_none=True``, the default, is fine)."""
     if (g.device.type == "cpu" and type(gloss) is torch.Tensor and gloss.device.type == "cpu"
             and gloss.numel() == 1 and not torch.compiler.is_compiling()
             and not torch._C._functorch.is_functorch_wrapped_tensor(gloss) and bool(gloss == 1)):

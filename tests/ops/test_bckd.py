@@ -495,3 +495,16 @@ def test_triton_loc_points_and_stride_tensor():
     ref.backward()
     close(out.cpu(), ref, torch.float32, scale=10)
     close(g.cpu().reshape(S.shape), S.grad, torch.float32, scale=S.grad.abs().max().item())
+
+
+def test_retain_graph_second_backward():
+    s, t = leaf(logits((8, 5), 40)), logits((8, 5), 41)
+    loss = kdops.bckd_cls_loss(s, t)
+    loss.backward(retain_graph=True)
+    g1 = s.grad.clone()
+    s.grad = None
+    loss.backward()
+    assert torch.equal(s.grad, g1)
+    s.grad.zero_()  # the gradient handed out is the saved one: autograd's version check guards it
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
