@@ -503,7 +503,7 @@ def test_retain_graph_second_backward():
     loss.backward(retain_graph=True)
     g1 = s.grad.clone()
     s.grad = None
-    loss.backward()
+    loss.backward(retain_graph=True)
     assert torch.equal(s.grad, g1)
     s.grad.zero_()  # the gradient handed out is the saved one: autograd's version check guards it
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
