@@ -382,13 +382,14 @@ def test_bad_inputs_raise_clear_errors(fn, kwargs, exc, words):
 
 # ============================================================================ Triton (interpreter)
 @pytest.mark.triton
-@pytest.mark.parametrize("beta", [1.0, 1.5])
-def test_triton_cls_matches_reference(beta):
+@pytest.mark.parametrize("beta, dtype", [(1.0, torch.float32), (1.5, torch.float32), (1.0, torch.float16),
+                                         (2.0, torch.bfloat16)])
+def test_triton_cls_matches_reference(beta, dtype):
     from kdops.triton.bckd import bckd_cls_fwd
 
     dev = triton_device()
     N, H, W, J, K = 2, 3, 5, 3, 4
-    s, t = logits((N, J * K, H, W), 20, dtype=torch.float32), logits((N, J * K, H, W), 21, dtype=torch.float32)
+    s, t = logits((N, J * K, H, W), 20, dtype=dtype), logits((N, J * K, H, W), 21, dtype=dtype)
     w = torch.rand(N * H * W * J)
     loss, g, gw = bckd_cls_fwd(anchor_view(s.to(dev), K), anchor_view(t.to(dev), K), w.to(dev), beta, 0.5, True, True)
     S, Wt = leaf(s.double()), leaf(w.double())
@@ -396,7 +397,8 @@ def test_triton_cls_matches_reference(beta):
     ref.backward()
     close(loss.cpu(), ref, torch.float32, scale=10)
     g4 = g.cpu().permute(0, 3, 4, 1, 2).reshape(s.shape)
-    close(g4, S.grad, torch.float32)
+    assert g4.dtype == dtype
+    close(g4, S.grad, dtype, scale=S.grad.abs().max().item())
     close(gw.cpu(), Wt.grad, torch.float32, scale=10)
 
 
