@@ -158,7 +158,7 @@ def anchor_view(x: torch.Tensor, per_anchor: int) -> torch.Tensor:
     if x.dim() == 2:
         return x.unsqueeze(0).unsqueeze(0).unsqueeze(3)
     N, JC, H, W = x.shape
-    return x.unflatten(1, (JC // per_anchor, per_anchor)).permute(0, 3, 4, 1, 2)
+    return x.unflatten(1, (JC // per_anchor if per_anchor else 1, per_anchor)).permute(0, 3, 4, 1, 2)
 
 
 def scale_grad(g: torch.Tensor, gloss: torch.Tensor) -> torch.Tensor:

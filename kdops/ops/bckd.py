@@ -129,7 +129,7 @@ def bckd_cls_loss(student_logits: Levels, teacher_logits: Levels, *, weight=None
 
 
 def _cls_level(s, t, w, K, A, beta, reduction, avg_factor):
-    scale, post = kernel_scale(reduction, A, avg_factor)
+    scale, _ = kernel_scale(reduction, A, avg_factor)
     if not use_kernel("bckd_cls_loss", s.device):
         return reference.bckd_cls_loss(s, t, weight=w, beta=beta, reduction="sum") * scale
     acc = acc_dtype(s.dtype)
@@ -284,7 +284,7 @@ def _check_loc_level(op, sfx, D, decoder, sr, tr, sl, tl, pr, w, st):
 
 def _loc_level(sr, tr, sl, tl, pr, w, st, D, K, A, cfg, reduction, avg_factor, decoder, loss, wh_ratio_clip):
     dec, mode, reg_max, means, stds, max_ratio = cfg
-    scale, post = kernel_scale(reduction, A, avg_factor)
+    scale, _ = kernel_scale(reduction, A, avg_factor)
     if not use_kernel("bckd_loc_loss", sr.device):
         return reference.bckd_loc_loss(sr, tr, sl, tl, pr, decoder=decoder, loss=loss, weight=w,
                                        reduction="sum", reg_max=reg_max, strides=st, means=means, stds=stds,
