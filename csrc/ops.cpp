@@ -57,6 +57,20 @@ TORCH_LIBRARY(kdops, m) {
       "ms_deform_attn_bwd(Tensor grad_output, Tensor value, Tensor spatial_shapes, "
       "Tensor level_start_index, Tensor sampling_locations, Tensor attention_weights, "
       "bool grad_value, bool grad_sampling, bool deterministic) -> (Tensor, Tensor, Tensor)");
+  // BCKD classification: loss = scale * sum_a w_a sum_k BCE(s, sigmoid(t)) |sigmoid(t) - sigmoid(s)|^beta
+  // over (N,H,W,J,K) strided views (mmdet's (N,J*K,H,W) or (A,K) without a copy).
+  // returns (loss, grad_student, grad_weight)
+  m.def(
+      "bckd_cls_fwd(Tensor student, Tensor teacher, Tensor? weight, float beta, float scale, "
+      "bool grad_student, bool grad_weight) -> (Tensor, Tensor, Tensor)");
+  // BCKD localisation: loss = scale * sum_a max_k|sigmoid(tl) - sigmoid(sl)| w_a (1 - GIoU(dec(sr), dec(tr)))
+  // decoder 0 distance, 1 GFL integral, 2 DeltaXYWH; loss 0 GIoU, 1 IoU (linear).
+  // returns (loss, grad_student_reg, grad_weight)
+  m.def(
+      "bckd_loc_fwd(Tensor student_reg, Tensor teacher_reg, Tensor student_logits, Tensor teacher_logits, "
+      "Tensor priors, Tensor? weight, Tensor? stride, float stride_value, int decoder, int loss, int reg_max, "
+      "float[] means, float[] stds, float max_ratio, float scale, bool grad_reg, bool grad_weight) "
+      "-> (Tensor, Tensor, Tensor)");
 }
 
 // `import kdops._C` loads this library, which runs the registrations above.

@@ -12,12 +12,13 @@ See README.md and ``kdops info`` for which backend each op uses on this machine.
 from ._extension import HAS_C
 from . import losses, nn, reference
 from .ops import (
-    box_masks, box_paint, box_pool, box_ranges, gather_level_features, mask_pool, masked_mse, ms_deform_attn,
-    pcc_mse,
+    bckd_cls_loss, bckd_loc_loss, box_masks, box_paint, box_pool, box_ranges, gather_level_features, mask_pool,
+    masked_mse, ms_deform_attn, pcc_mse,
 )
 from .version import __version__
 
 __all__ = [
-    "HAS_C", "box_masks", "box_paint", "box_pool", "box_ranges", "gather_level_features", "losses", "mask_pool",
-    "masked_mse", "ms_deform_attn", "nn", "pcc_mse", "reference", "__version__",
+    "HAS_C", "bckd_cls_loss", "bckd_loc_loss", "box_masks", "box_paint", "box_pool", "box_ranges",
+    "gather_level_features", "losses", "mask_pool", "masked_mse", "ms_deform_attn", "nn", "pcc_mse", "reference",
+    "__version__",
 ]

@@ -1,5 +1,6 @@
 """Paper-level distillation losses built on kdops.ops."""
+from .bckd import BCKDLoss
 from .feature_mimic import FeatureMimicLoss, fgd_attention
 from .pkd import PKDLoss
 
-__all__ = ["FeatureMimicLoss", "PKDLoss", "fgd_attention"]
+__all__ = ["BCKDLoss", "FeatureMimicLoss", "PKDLoss", "fgd_attention"]

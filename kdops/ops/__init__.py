@@ -1,4 +1,5 @@
 """The public kernel API: validation, documentation and autograd over torch.ops.kdops.*."""
+from .bckd import bckd_cls_loss, bckd_loc_loss
 from .box_masks import box_masks
 from .box_pool import box_paint, box_pool
 from .box_ranges import box_ranges
@@ -9,6 +10,6 @@ from .ms_deform_attn import ms_deform_attn
 from .pcc_mse import pcc_mse
 
 __all__ = [
-    "box_masks", "box_paint", "box_pool", "box_ranges", "gather_level_features", "mask_pool", "masked_mse",
-    "ms_deform_attn", "pcc_mse",
+    "bckd_cls_loss", "bckd_loc_loss", "box_masks", "box_paint", "box_pool", "box_ranges", "gather_level_features",
+    "mask_pool", "masked_mse", "ms_deform_attn", "pcc_mse",
 ]

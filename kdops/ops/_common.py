@@ -215,3 +215,68 @@ def parse_sizes(op: str, sizes) -> tuple:
     if isinstance(sizes, (list, tuple)) and sizes and all(is_size(s) for s in sizes):
         return [tuple(s) for s in sizes], True
     raise ValueError(f"kdops.{op}: `sizes` must be one (N,H,W) or a sequence of (N,H,W) per level, got {sizes!r}")
+
+
+# --------------------------------------------------------------------------- dense-head helpers
+FLT_EPS = float(torch.finfo(torch.float32).eps)
+
+
+def check_avg_factor(op: str, avg_factor, like: torch.Tensor):
+    """None, a Python number or a 0-d/1-element tensor on the inputs' device (never read on the host)."""
+    if avg_factor is None or isinstance(avg_factor, (int, float)) and not isinstance(avg_factor, bool):
+        return avg_factor
+    if isinstance(avg_factor, torch.Tensor):
+        if avg_factor.numel() != 1 or not avg_factor.is_floating_point() and avg_factor.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"kdops.{op}: `avg_factor` must be a number or a 1-element tensor, got shape "
+                             f"{_shape(avg_factor)} {avg_factor.dtype}")
+        if avg_factor.device != like.device and not (avg_factor.dim() == 0 and avg_factor.device.type == "cpu"):
+            raise ValueError(f"kdops.{op}: `avg_factor` is on {avg_factor.device} but the inputs are on {like.device}")
+        return avg_factor.reshape(())
+    raise TypeError(f"kdops.{op}: `avg_factor` must be None, a number or a tensor, got {type(avg_factor).__name__}")
+
+
+def divide_by_avg_factor(loss: torch.Tensor, avg_factor) -> torch.Tensor:
+    """mmdet's weight_reduce_loss(reduction="mean", avg_factor): sum / (avg_factor + float32 eps)."""
+    if avg_factor is None:
+        return loss
+    return loss / (avg_factor + FLT_EPS)
+
+
+def anchor_view(x: torch.Tensor, per_anchor: int) -> torch.Tensor:
+    """A dense-head tensor as a strided (N,H,W,J,C) view, without a copy.
+
+    (A,C) -> (1,1,A,1,C); mmdet's (N,J*C,H,W) -> (N,H,W,J,C), anchors ordered (n,h,w,j)
+    exactly as ``x.permute(0,2,3,1).reshape(-1, C)`` orders them. Kernels read the strides.
+    """
+    if x.dim() == 2:
+        return x.unsqueeze(0).unsqueeze(0).unsqueeze(3)
+    N, JC, H, W = x.shape
+    return x.unflatten(1, (JC // per_anchor if per_anchor else 1, per_anchor)).permute(0, 3, 4, 1, 2)
+
+
+def scale_grad(g: torch.Tensor, gloss: torch.Tensor) -> torch.Tensor:
+    """g * gloss for a gradient computed in forward. On the CPU, when the incoming gradient is
+    exactly 1 (``loss.backward()`` on a sum), g itself is returned: a pass over the gradient and
+    an allocation saved. Reading gloss there costs no device sync; never on GPU or when tracing.
+
+    The returned gradient shares its version counter with the saved g, so with
+    ``retain_graph=True`` an in-place change of ``.grad`` (e.g. ``zero_grad(set_to_none=False)``)
+    before a second backward raises PyTorch's standard "modified by an inplace operation"
+    error instead of giving a wrong gradient (``set_to_none=True``, the default, is fine)."""
+    if (g.device.type == "cpu" and type(gloss) is torch.Tensor and gloss.device.type == "cpu"
+            and gloss.numel() == 1 and not torch.compiler.is_compiling()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(gloss) and bool(gloss == 1)):
+        return g
+    return g * gloss
+
+
+def kernel_scale(reduction: str, n: int, avg_factor):
+    """(scale applied inside the kernel, avg_factor left to divide by afterwards).
+
+    A Python-number avg_factor is folded into the kernel (loss * 1/(avg_factor + eps)); a tensor
+    one stays on the device and is divided afterwards (no host sync)."""
+    if avg_factor is None:
+        return (1.0 / max(n, 1) if reduction == "mean" else 1.0), None
+    if isinstance(avg_factor, torch.Tensor):
+        return 1.0, avg_factor
+    return 1.0 / (avg_factor + FLT_EPS), None

@@ -1,0 +1,228 @@
+"""Triton kernel of kdops::bckd_loc_fwd (imported by kdops.triton.bckd, the op's module).
+
+One program owns BLOCK_A anchors: the largest score gap over the classes, student and
+teacher boxes decoded in registers, (G)IoU loss and the gradient back through the
+decoder to the student regression; a partial loss per program.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import INTERPRET, acc_dtype, device_guard, grid_block
+from .bckd import _anchor_offsets
+
+
+@triton.jit
+def _side(ptr, off, sC, c, am, DEC: tl.constexpr, R1: tl.constexpr, R1P: tl.constexpr, ACC: tl.constexpr):
+    """One side's distance (gfl: softmax expectation; else the raw value) and bin probabilities."""
+    if DEC == 1:
+        b = tl.arange(0, R1P)
+        m = am[:, None] & (b < R1)[None, :]
+        z = tl.load(ptr + off[:, None] + (c * R1 + b)[None, :].to(tl.int64) * sC, mask=m, other=0.0).to(ACC)
+        z = tl.where(m, z, -1e30)
+        e = tl.exp(z - tl.max(z, axis=1)[:, None])
+        e = tl.where(m, e, 0.0)
+        p = e / tl.where(am, tl.sum(e, axis=1), 1.0)[:, None]  # masked anchors: no 0/0
+        d = tl.sum(p * b[None, :].to(ACC), axis=1)
+        return d, p
+    else:
+        d = tl.load(ptr + off + c * sC, mask=am, other=0.0).to(ACC)
+        return d, d[:, None]
+
+
+@triton.jit
+def _decode(ptr, off, sC, am, px1, py1, px2, py2, st, DEC: tl.constexpr, P: tl.constexpr, R1: tl.constexpr,
+            R1P: tl.constexpr, ACC: tl.constexpr, HAS_STRIDE: tl.constexpr, m0, m1, m2, m3, s0, s1, s2, s3,
+            max_ratio):
+    d0, p0 = _side(ptr, off, sC, 0, am, DEC, R1, R1P, ACC)
+    d1, p1 = _side(ptr, off, sC, 1, am, DEC, R1, R1P, ACC)
+    d2, p2 = _side(ptr, off, sC, 2, am, DEC, R1, R1P, ACC)
+    d3, p3 = _side(ptr, off, sC, 3, am, DEC, R1, R1P, ACC)
+    if DEC == 2:
+        dx = d0 * s0 + m0
+        dy = d1 * s1 + m1
+        dw = tl.minimum(tl.maximum(d2 * s2 + m2, -max_ratio), max_ratio)
+        dh = tl.minimum(tl.maximum(d3 * s3 + m3, -max_ratio), max_ratio)
+        pw = px2 - px1
+        ph = py2 - py1
+        gx = (px1 + px2) * 0.5 + pw * dx
+        gy = (py1 + py2) * 0.5 + ph * dy
+        gw = pw * tl.exp(dw)
+        gh = ph * tl.exp(dh)
+        return gx - gw * 0.5, gy - gh * 0.5, gx + gw * 0.5, gy + gh * 0.5, gw, gh, p0, p1, p2, p3, d0, d1, d2, d3
+    else:
+        if P == 2:
+            px = px1
+            py = py1
+        else:
+            px = (px2 + px1) / 2.0
+            py = (py2 + py1) / 2.0
+        if HAS_STRIDE:
+            px = px / st
+            py = py / st
+        return px - d0, py - d1, px + d2, py + d3, d0, d1, p0, p1, p2, p3, d0, d1, d2, d3
+
+
+@triton.jit
+def _share_max(a, b):
+    return tl.where(a > b, 1.0, tl.where(a == b, 0.5, 0.0))
+
+
+@triton.jit
+def _gfl_grad(g_ptr, go, gsC, c, gd, p, d, f, am, R1: tl.constexpr, R1P: tl.constexpr):
+    b = tl.arange(0, R1P)
+    m = am[:, None] & (b < R1)[None, :]
+    val = (f * gd)[:, None] * p * (b[None, :].to(p.dtype) - d[:, None])
+    tl.store(g_ptr + go[:, None] + (c * R1 + b)[None, :].to(tl.int64) * gsC, val.to(g_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _loc_kernel(sr_ptr, tr_ptr, sl_ptr, tl_ptr, pri_ptr, w_ptr, st_ptr, g_ptr, gw_ptr, part_ptr, A, K, H, W, J, M,
+                rN, rH, rW, rJ, rC, qN, qH, qW, qJ, qC, lN, lH, lW, lJ, lC, uN, uH, uW, uJ, uC,
+                gN, gH, gW, gJ, gC, stride_value, m0, m1, m2, m3, s0, s1, s2, s3, max_ratio, eps, scale,
+                DEC: tl.constexpr, MODE: tl.constexpr, P: tl.constexpr, R1: tl.constexpr, R1P: tl.constexpr,
+                HAS_W: tl.constexpr, HAS_ST: tl.constexpr, HAS_SV: tl.constexpr, WRITE_G: tl.constexpr,
+                WRITE_GW: tl.constexpr, ACC: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    a = pid.to(tl.int64) * BLOCK_A + tl.arange(0, BLOCK_A).to(tl.int64)
+    am = a < A
+    lo = _anchor_offsets(a, H, W, J, lN, lH, lW, lJ)
+    uo = _anchor_offsets(a, H, W, J, uN, uH, uW, uJ)
+    gap = tl.zeros([BLOCK_A], ACC)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        m = am[:, None] & (k < K)[None, :]
+        x = tl.load(sl_ptr + lo[:, None] + k[None, :] * lC, mask=m, other=0.0).to(ACC)
+        t = tl.load(tl_ptr + uo[:, None] + k[None, :] * uC, mask=m, other=0.0).to(ACC)
+        gap = tl.maximum(gap, tl.max(tl.where(m, tl.abs(tl.sigmoid(t) - tl.sigmoid(x)), 0.0), axis=1))
+    row = a % M
+    px1 = tl.load(pri_ptr + row * P, mask=am, other=0.0).to(ACC)
+    py1 = tl.load(pri_ptr + row * P + 1, mask=am, other=0.0).to(ACC)
+    px2 = px1
+    py2 = py1
+    if P == 4:
+        px2 = tl.load(pri_ptr + row * P + 2, mask=am, other=1.0).to(ACC)
+        py2 = tl.load(pri_ptr + row * P + 3, mask=am, other=1.0).to(ACC)
+    st = tl.full([BLOCK_A], 1.0, ACC) * stride_value
+    if HAS_ST:
+        st = tl.load(st_ptr + a, mask=am, other=1.0).to(ACC)
+    ro = _anchor_offsets(a, H, W, J, rN, rH, rW, rJ)
+    qo = _anchor_offsets(a, H, W, J, qN, qH, qW, qJ)
+    x1, y1, x2, y2, e0, e1, p0, p1, p2, p3, d0, d1, d2, d3 = _decode(
+        sr_ptr, ro, rC, am, px1, py1, px2, py2, st, DEC, P, R1, R1P, ACC, HAS_ST or HAS_SV,
+        m0, m1, m2, m3, s0, s1, s2, s3, max_ratio)
+    X1, Y1, X2, Y2, _e0, _e1, _p0, _p1, _p2, _p3, _d0, _d1, _d2, _d3 = _decode(
+        tr_ptr, qo, qC, am, px1, py1, px2, py2, st, DEC, P, R1, R1P, ACC, HAS_ST or HAS_SV,
+        m0, m1, m2, m3, s0, s1, s2, s3, max_ratio)
+    # mmdet bbox_overlaps(is_aligned=True) + GIoULoss / IoULoss(linear), and the gradient in the student box
+    w1 = x2 - x1
+    h1 = y2 - y1
+    area1 = w1 * h1
+    area2 = (X2 - X1) * (Y2 - Y1)
+    iwr = tl.minimum(x2, X2) - tl.maximum(x1, X1)
+    ihr = tl.minimum(y2, Y2) - tl.maximum(y1, Y1)
+    iw = tl.maximum(iwr, 0.0)
+    ih = tl.maximum(ihr, 0.0)
+    ov = iw * ih
+    ur = area1 + area2 - ov
+    u = tl.maximum(ur, eps)
+    iou = ov / u
+    if MODE == 0:
+        ewr = tl.maximum(x2, X2) - tl.minimum(x1, X1)
+        ehr = tl.maximum(y2, Y2) - tl.minimum(y1, Y1)
+        ew = tl.maximum(ewr, 0.0)
+        eh = tl.maximum(ehr, 0.0)
+        er = ew * eh
+        e = tl.maximum(er, eps)
+        per = 1.0 - (iou - (e - u) / e)
+        g_ov = -1.0 / u
+        g_u = ov / (u * u) - 1.0 / e
+    else:
+        mi = tl.where(iou > eps, 1.0, 0.0)
+        per = 1.0 - tl.maximum(iou, eps)
+        g_ov = -mi / u
+        g_u = mi * ov / (u * u)
+    wa = gap
+    if HAS_W:
+        wa = gap * tl.load(w_ptr + a, mask=am, other=0.0).to(ACC)
+    per = tl.where(am, per, 0.0)
+    tl.store(part_ptr + pid, tl.sum(wa * per, axis=0))
+    if WRITE_GW:
+        tl.store(gw_ptr + a, scale * gap * per, mask=am)
+    if WRITE_G:
+        g_ur = g_u * _share_max(ur, eps)
+        g_ovt = g_ov - g_ur
+        g_iw = tl.where(iwr > 0, g_ovt * ih, 0.0)
+        g_ih = tl.where(ihr > 0, g_ovt * iw, 0.0)
+        gx1 = -h1 * g_ur - _share_max(x1, X1) * g_iw
+        gx2 = h1 * g_ur + _share_max(X2, x2) * g_iw
+        gy1 = -w1 * g_ur - _share_max(y1, Y1) * g_ih
+        gy2 = w1 * g_ur + _share_max(Y2, y2) * g_ih
+        if MODE == 0:
+            g_er = ((u / (e * e)) * _share_max(er, eps))
+            g_ew = tl.where(ewr > 0, g_er * eh, 0.0)
+            g_eh = tl.where(ehr > 0, g_er * ew, 0.0)
+            gx1 -= _share_max(X1, x1) * g_ew
+            gx2 += _share_max(x2, X2) * g_ew
+            gy1 -= _share_max(Y1, y1) * g_eh
+            gy2 += _share_max(y2, Y2) * g_eh
+        f = scale * wa
+        go = _anchor_offsets(a, H, W, J, gN, gH, gW, gJ)
+        ty = g_ptr.dtype.element_ty
+        if DEC == 2:
+            dw = d2 * s2 + m2
+            dh = d3 * s3 + m3
+            r0 = (gx1 + gx2) * (px2 - px1) * s0
+            r1 = (gy1 + gy2) * (py2 - py1) * s1
+            r2 = tl.where((dw > -max_ratio) & (dw < max_ratio), 0.5 * (gx2 - gx1) * e0 * s2, 0.0)
+            r3 = tl.where((dh > -max_ratio) & (dh < max_ratio), 0.5 * (gy2 - gy1) * e1 * s3, 0.0)
+            tl.store(g_ptr + go, (f * r0).to(ty), mask=am)
+            tl.store(g_ptr + go + gC, (f * r1).to(ty), mask=am)
+            tl.store(g_ptr + go + 2 * gC, (f * r2).to(ty), mask=am)
+            tl.store(g_ptr + go + 3 * gC, (f * r3).to(ty), mask=am)
+        elif DEC == 0:
+            tl.store(g_ptr + go, (-f * gx1).to(ty), mask=am)
+            tl.store(g_ptr + go + gC, (-f * gy1).to(ty), mask=am)
+            tl.store(g_ptr + go + 2 * gC, (f * gx2).to(ty), mask=am)
+            tl.store(g_ptr + go + 3 * gC, (f * gy2).to(ty), mask=am)
+        else:
+            _gfl_grad(g_ptr, go, gC, 0, -gx1, p0, d0, f, am, R1, R1P)
+            _gfl_grad(g_ptr, go, gC, 1, -gy1, p1, d1, f, am, R1, R1P)
+            _gfl_grad(g_ptr, go, gC, 2, gx2, p2, d2, f, am, R1, R1P)
+            _gfl_grad(g_ptr, go, gC, 3, gy2, p3, d3, f, am, R1, R1P)
+
+
+def bckd_loc_fwd(student_reg, teacher_reg, student_logits, teacher_logits, priors, weight, stride, stride_value,
+                 decoder, loss, reg_max, means, stds, max_ratio, scale, grad_reg, grad_weight):
+    """Same contract as the kdops::bckd_loc_fwd schema (csrc/ops.cpp)."""
+    N, H, W, J, D = student_reg.shape
+    K = student_logits.shape[-1]
+    A = N * H * W * J
+    acc = torch.float64 if student_reg.dtype == torch.float64 else torch.float32
+    grad = torch.empty_like(student_reg) if grad_reg else student_reg.new_empty((0,))
+    w = weight.contiguous() if weight is not None else None
+    gw = student_reg.new_empty((A,), dtype=acc) if (grad_weight and w is not None) else student_reg.new_empty((0,), dtype=acc)
+    if A == 0:
+        return student_reg.new_zeros((), dtype=acc), grad, gw
+    pri = priors.contiguous()
+    st = stride.contiguous() if stride is not None else None
+    BLOCK_A = 64 if INTERPRET else 32
+    BLOCK_K = 128 if INTERPRET else 32
+    R1 = reg_max + 1
+    nprog = grid_block(A, BLOCK_A)
+    part = torch.empty(nprog, device=student_reg.device, dtype=acc)
+    s5 = lambda x: [int(v) for v in x.stride()]  # noqa: E731
+    with device_guard(student_reg):
+        _loc_kernel[(nprog,)](
+            student_reg, teacher_reg, student_logits, teacher_logits, pri, w if w is not None else part,
+            st if st is not None else part, grad if grad_reg else student_reg, gw if gw.numel() else part, part,
+            A, K, H, W, J, pri.shape[0], *s5(student_reg), *s5(teacher_reg), *s5(student_logits),
+            *s5(teacher_logits), *(s5(grad) if grad_reg else s5(student_reg)), float(stride_value),
+            *[float(v) for v in means], *[float(v) for v in stds], float(max_ratio), 1e-6, float(scale),
+            DEC=int(decoder), MODE=int(loss), P=pri.shape[1], R1=R1, R1P=triton.next_power_of_2(R1),
+            HAS_W=w is not None, HAS_ST=st is not None, HAS_SV=float(stride_value) > 0, WRITE_G=grad_reg,
+            WRITE_GW=gw.numel() > 0, ACC=acc_dtype(student_reg.dtype), BLOCK_A=BLOCK_A, BLOCK_K=BLOCK_K,
+            num_warps=4)
+    return part.sum() * scale, grad, gw
