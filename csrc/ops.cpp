@@ -2,26 +2,33 @@
 // csrc/cpu/<op>.cpp (CPU), kdops/triton/<op>.py (CUDA, registered from Python)
 // and csrc/cuda/<op>.cu where CUDA C++ beats Triton.
 //
-// Loss ops follow the "gradient in forward" pattern: the forward op returns the
-// loss and, when asked, the gradients of the loss itself; autograd (attached in
-// kdops/ops/<op>.py through torch.library) only scales them by the incoming
-// gradient. Gradients that were not asked for come back as empty (0-element) tensors.
+// Loss ops save their inputs (and, for pcc_mse, a few per-group coefficients) and
+// recompute the gradient in a backward op that reads grad_output on the device and
+// writes the scaled gradient once: no input-sized buffer lives between forward and
+// backward, and retain_graph / gradcheck work. Autograd is attached in kdops/ops/<op>.py.
+// Gradients that were not asked for come back as empty (0-element) tensors.
 #include <Python.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY(kdops, m) {
-  // loss = scale * sum_{n,c,h,w} pw[n,h,w] * cw[n,c] * (s - t)^2
-  // returns (loss, grad_student, grad_pixel_weight, grad_channel_weight)
+  // loss = scale * sum_{n,c,h,w} pw[n,h,w] * cw[n,c] * (s - t)^2  (0-d, accumulation dtype)
   m.def(
-      "masked_mse_fwd(Tensor student, Tensor teacher, Tensor? pixel_weight, "
-      "Tensor? channel_weight, float scale, bool grad_input, bool grad_weights) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
-  // loss = mean((norm(s) - norm(t))^2); norm 0 = per channel over (N,H,W) with
-  // unbiased std + eps (PKD), 1 = per (n,c) over (H,W) with sqrt(biased var + eps).
-  // returns (loss, grad_student, grad_teacher)
+      "masked_mse_fwd(Tensor student, Tensor teacher, Tensor? pixel_weight, Tensor? channel_weight, "
+      "float scale) -> Tensor");
+  // gradients of grad_loss * loss: (grad_student, grad_pixel_weight, grad_channel_weight);
+  // grad_teacher = -grad_student.
   m.def(
-      "pcc_mse_fwd(Tensor student, Tensor teacher, int norm, float eps, "
-      "bool grad_student, bool grad_teacher) -> (Tensor, Tensor, Tensor)");
+      "masked_mse_bwd(Tensor grad_loss, Tensor student, Tensor teacher, Tensor? pixel_weight, "
+      "Tensor? channel_weight, float scale, bool grad_input, bool grad_weights) -> (Tensor, Tensor, Tensor)");
+  // loss = mean((norm(s) - norm(t))^2); norm 0 = per channel over (N,H,W) with unbiased
+  // std + eps (PKD), 1 = per (n,c) over (H,W) with sqrt(biased var + eps).
+  // returns (loss, coeffs): coeffs (G,8) float64 per normalisation group
+  // [mu_s, mu_t, 1/d_s, 1/d_t, 2/(numel d_s), 2/(numel d_t), 1-k_s, 1-k_t].
+  m.def("pcc_mse_fwd(Tensor student, Tensor teacher, int norm, float eps) -> (Tensor, Tensor)");
+  // (grad_student, grad_teacher) of grad_loss * loss from the saved coefficients.
+  m.def(
+      "pcc_mse_bwd(Tensor grad_loss, Tensor student, Tensor teacher, Tensor coeffs, int norm, "
+      "bool grad_student, bool grad_teacher) -> (Tensor, Tensor)");
   // out[r] = features[level_r][batch_r, :, y_r, x_r] for index rows [level, batch, y, x];
   // rows out of range give zeros. (R,C) in the features' dtype.
   m.def("gather_level_features_fwd(Tensor[] features, Tensor index) -> Tensor");

@@ -10,12 +10,13 @@
 See README.md and ``kdops info`` for which backend each op uses on this machine.
 """
 from ._extension import HAS_C
+from . import losses, reference
 from .ops import (
     box_masks, box_paint, box_pool, box_ranges, gather_level_features, mask_pool, masked_mse, pcc_mse,
 )
 from .version import __version__
 
 __all__ = [
-    "HAS_C", "box_masks", "box_paint", "box_pool", "box_ranges", "gather_level_features", "mask_pool",
-    "masked_mse", "pcc_mse", "__version__",
+    "HAS_C", "box_masks", "box_paint", "box_pool", "box_ranges", "gather_level_features", "losses",
+    "mask_pool", "masked_mse", "pcc_mse", "reference", "__version__",
 ]

@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import warnings
 
+import torch  # noqa: F401  (loads libc10/libtorch, which kdops._C links against)
+
 HAS_C = False
 LOAD_ERROR: str | None = None
 

@@ -1,10 +1,9 @@
 // CPU kernel of kdops::masked_mse_fwd.
 //
-// Work is split into tasks of (image n, run of kPix pixels); each task walks all C
-// channels of its pixel run, so the pixel-weight gradient (a sum over channels) is
-// accumulated without atomics and every partial sum has a fixed owner: results are
-// bitwise reproducible whatever the thread count. One read of student and teacher,
-// one write of the gradient; no N*C*H*W weight tensor.
+// One read of student and teacher, one write of the gradient; no N*C*H*W weight tensor.
+// Every partial sum has a fixed owner (a plane, or a pixel run when weight gradients are
+// needed), so results are bitwise reproducible whatever the thread count. The loops live
+// in masked_mse_kernel.h, compiled for the baseline ISA and for AVX2+FMA.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -14,54 +13,38 @@
 
 #include "common.h"
 
+#define KDOPS_ISA base
+#include "masked_mse_kernel.h"
+#undef KDOPS_ISA
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#define KDOPS_ISA avx2
+#include "masked_mse_kernel.h"
+#undef KDOPS_ISA
+#pragma GCC pop_options
+
 namespace kdops {
 namespace {
 
-constexpr int64_t kPix = 1024;
-
-template <typename scalar_t, bool WRITE_GRAD, bool GRAD_W>
-void masked_mse_cpu_impl(const scalar_t* s, const scalar_t* t, const acc_t<scalar_t>* pw,
-                         const acc_t<scalar_t>* cw, int64_t N, int64_t C, int64_t HW,
-                         acc_t<scalar_t> scale, scalar_t* grad, acc_t<scalar_t>* gpw,
-                         acc_t<scalar_t>* gcw_part, std::vector<double>& loss_part) {
-  using acc = acc_t<scalar_t>;
-  const int64_t chunks = (HW + kPix - 1) / kPix;
-  at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc> ones(kPix, acc(1));
-    std::vector<acc> pw_acc(GRAD_W ? kPix : 0);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / chunks, k = task % chunks;
-      const int64_t lo = k * kPix, len = std::min(kPix, HW - lo);
-      const acc* pwp = pw ? pw + n * HW + lo : ones.data();
-      if (GRAD_W) std::fill(pw_acc.begin(), pw_acc.begin() + len, acc(0));
-      double task_loss = 0.0;
-      for (int64_t c = 0; c < C; ++c) {
-        const int64_t off = (n * C + c) * HW + lo;
-        const scalar_t* sp = s + off;
-        const scalar_t* tp = t + off;
-        const acc cwv = cw ? cw[n * C + c] : acc(1);
-        const acc g = acc(2) * scale * cwv;
-        acc run = 0;
-#pragma omp simd reduction(+ : run)
-        for (int64_t i = 0; i < len; ++i) {
-          const acc d = acc(sp[i]) - acc(tp[i]);
-          const acc dd = d * d;
-          run += pwp[i] * dd;
-          if (WRITE_GRAD) grad[off + i] = scalar_t(g * pwp[i] * d);
-          if (GRAD_W) pw_acc[i] += cwv * dd;
-        }
-        task_loss += double(cwv) * double(run);
-        if (GRAD_W) gcw_part[(n * C + c) * chunks + k] = run;
-      }
-      loss_part[task] = task_loss;
-      if (GRAD_W && gpw) {
-        for (int64_t i = 0; i < len; ++i) gpw[n * HW + lo + i] = scale * pw_acc[i];
-      }
-    }
-  });
+template <typename scalar_t>
+void run_masked_mse(const scalar_t* s, const scalar_t* t, const acc_t<scalar_t>* pw, const acc_t<scalar_t>* cw,
+                    int64_t N, int64_t C, int64_t HW, acc_t<scalar_t> scale, scalar_t* grad,
+                    acc_t<scalar_t>* gpw, acc_t<scalar_t>* gcw_part, bool weights, double* loss_part) {
+  const bool avx2 = cpu_has_avx2();
+#define KDOPS_CALL(ISA, G)                                                                              \
+  (weights ? ISA::masked_mse_pixel_runs<scalar_t, G>(s, t, pw, cw, N, C, HW, scale, grad, gpw, gcw_part, \
+                                                     loss_part)                                          \
+           : ISA::masked_mse_planes<scalar_t, G>(s, t, pw, cw, N, C, HW, scale, grad, loss_part))
+  if (grad) {
+    avx2 ? KDOPS_CALL(avx2, true) : KDOPS_CALL(base, true);
+  } else {
+    avx2 ? KDOPS_CALL(avx2, false) : KDOPS_CALL(base, false);
+  }
+#undef KDOPS_CALL
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_mse_fwd_cpu(
+// The loss and, when asked, the gradients of scale * loss (one pass over the data).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_mse_cpu(
     const at::Tensor& student, const at::Tensor& teacher,
     const c10::optional<at::Tensor>& pixel_weight, const c10::optional<at::Tensor>& channel_weight,
     double scale, bool grad_input, bool grad_weights) {
@@ -90,44 +73,53 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_mse_fwd_cpu(
   const bool want_gcw = grad_weights && cw.defined();
   auto gpw = want_gpw ? at::empty_like(pw) : no_grad_placeholder(loss);
   auto gcw = want_gcw ? at::empty_like(cw) : no_grad_placeholder(loss);
-  const int64_t chunks = (HW + kPix - 1) / kPix;
-  std::vector<double> loss_part(N * chunks, 0.0);
+  const int64_t runs = (HW + kVecBlock - 1) / kVecBlock;
+  std::vector<double> loss_part(grad_weights ? N * runs : N * C, 0.0);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "masked_mse_fwd", [&] {
     using acc = acc_t<scalar_t>;
-    const acc* pwp = pw.defined() ? pw.data_ptr<acc>() : nullptr;
-    const acc* cwp = cw.defined() ? cw.data_ptr<acc>() : nullptr;
-    scalar_t* gp = grad_input ? grad.data_ptr<scalar_t>() : nullptr;
     at::Tensor gcw_part;
-    if (grad_weights) gcw_part = at::empty({N * C * chunks}, loss.options());
+    if (grad_weights) gcw_part = at::empty({N * C * runs}, loss.options());
     acc* gcwp = grad_weights ? gcw_part.data_ptr<acc>() : nullptr;
-    acc* gpwp = want_gpw ? gpw.data_ptr<acc>() : nullptr;
-    const acc sc = static_cast<acc>(scale);
-    const auto* sp = s.data_ptr<scalar_t>();
-    const auto* tp = t.data_ptr<scalar_t>();
-    if (grad_input && grad_weights)
-      masked_mse_cpu_impl<scalar_t, true, true>(sp, tp, pwp, cwp, N, C, HW, sc, gp, gpwp, gcwp, loss_part);
-    else if (grad_input)
-      masked_mse_cpu_impl<scalar_t, true, false>(sp, tp, pwp, cwp, N, C, HW, sc, gp, gpwp, gcwp, loss_part);
-    else if (grad_weights)
-      masked_mse_cpu_impl<scalar_t, false, true>(sp, tp, pwp, cwp, N, C, HW, sc, gp, gpwp, gcwp, loss_part);
-    else
-      masked_mse_cpu_impl<scalar_t, false, false>(sp, tp, pwp, cwp, N, C, HW, sc, gp, gpwp, gcwp, loss_part);
+    run_masked_mse<scalar_t>(s.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(),
+                             pw.defined() ? pw.data_ptr<acc>() : nullptr, cw.defined() ? cw.data_ptr<acc>() : nullptr,
+                             N, C, HW, static_cast<acc>(scale), grad_input ? grad.data_ptr<scalar_t>() : nullptr,
+                             want_gpw ? gpw.data_ptr<acc>() : nullptr, gcwp, grad_weights, loss_part.data());
     if (want_gcw) {
       acc* out = gcw.data_ptr<acc>();
       for (int64_t nc = 0; nc < N * C; ++nc) {
         double v = 0.0;
-        for (int64_t k = 0; k < chunks; ++k) v += gcwp[nc * chunks + k];
+        for (int64_t k = 0; k < runs; ++k) v += gcwp[nc * runs + k];
         out[nc] = static_cast<acc>(v * scale);
       }
     }
-    loss.fill_(ordered_sum(loss_part) * scale);
   });
+  loss.fill_(ordered_sum(loss_part) * scale);
   return {loss, grad, gpw, gcw};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(kdops, CPU, m) { m.impl("masked_mse_fwd", &masked_mse_fwd_cpu); }
+at::Tensor masked_mse_fwd_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                              const c10::optional<at::Tensor>& pixel_weight,
+                              const c10::optional<at::Tensor>& channel_weight, double scale) {
+  return std::get<0>(masked_mse_cpu(student, teacher, pixel_weight, channel_weight, scale, false, false));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_mse_bwd_cpu(
+    const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
+    const c10::optional<at::Tensor>& pixel_weight, const c10::optional<at::Tensor>& channel_weight, double scale,
+    bool grad_input, bool grad_weights) {
+  TORCH_CHECK(grad_loss.numel() == 1, "kdops::masked_mse_bwd: grad_loss must have one element");
+  // On the CPU reading the incoming gradient costs nothing (no device synchronisation).
+  const double g = grad_loss.item<double>();
+  auto out = masked_mse_cpu(student, teacher, pixel_weight, channel_weight, scale * g, grad_input, grad_weights);
+  return {std::get<1>(out), std::get<2>(out), std::get<3>(out)};
+}
+
+TORCH_LIBRARY_IMPL(kdops, CPU, m) {
+  m.impl("masked_mse_fwd", &masked_mse_fwd_cpu);
+  m.impl("masked_mse_bwd", &masked_mse_bwd_cpu);
+}
 
 }  // namespace kdops

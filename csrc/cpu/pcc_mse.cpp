@@ -6,7 +6,8 @@
 // runs of H*W elements. Pass 1 computes the group's means, centred second moments
 // and co-moment of (s,t) by exact two-pass sums inside cache-sized blocks merged with
 // Chan's parallel formula (no sum-of-squares cancellation). Pass 2 reads s,t again
-// and produces the loss and the gradients, which are affine in (s,t) per group:
+// (from cache) for the exact loss and stores per-group coefficients; the backward op
+// reads s,t once more and writes the gradients, which are affine in (s,t) per group:
 //   a = (s-mu_s)/d_s, b = (t-mu_t)/d_t, L = sum (a-b)^2 / numel,
 //   dL/ds = 2/(numel d_s) * ((1-k_s) a - b), with k_s from the std's derivative
 // (see kdops/ops/pcc_mse.py for the derivation). Groups are owned by one task each,
@@ -23,8 +24,6 @@
 namespace kdops {
 namespace {
 
-constexpr int64_t kBlock = 512;
-
 struct Moments {
   double n = 0, ms = 0, mt = 0, m2s = 0, m2t = 0, cst = 0;
   // Chan et al.'s pairwise update with a block of nb elements.
@@ -40,37 +39,13 @@ struct Moments {
   }
 };
 
-template <typename scalar_t>
-void accumulate_run(const scalar_t* s, const scalar_t* t, int64_t len, Moments& m) {
-  using acc = acc_t<scalar_t>;
-  for (int64_t lo = 0; lo < len; lo += kBlock) {
-    const int64_t nb = std::min(kBlock, len - lo);
-    const scalar_t* sp = s + lo;
-    const scalar_t* tp = t + lo;
-    acc ss = 0, st = 0;
-#pragma omp simd reduction(+ : ss, st)
-    for (int64_t i = 0; i < nb; ++i) {
-      ss += acc(sp[i]);
-      st += acc(tp[i]);
-    }
-    const acc mus = ss / acc(nb), mut = st / acc(nb);
-    acc m2s = 0, m2t = 0, cst = 0;
-#pragma omp simd reduction(+ : m2s, m2t, cst)
-    for (int64_t i = 0; i < nb; ++i) {
-      const acc a = acc(sp[i]) - mus, b = acc(tp[i]) - mut;
-      m2s += a * a;
-      m2t += b * b;
-      cst += a * b;
-    }
-    m.merge(double(nb), double(mus), double(mut), double(m2s), double(m2t), double(cst));
-  }
-}
-
+// Per-group coefficients; the layout of one row of the (G,8) `coeffs` tensor.
 struct Coeffs {
   double mus, mut, ids, idt;  // means and 1/d
   double gs, gt;              // 2*scale/d
-  double ks, kt;              // std-derivative corrections
+  double one_ks, one_kt;      // 1 - std-derivative corrections
 };
+static_assert(sizeof(Coeffs) == 8 * sizeof(double), "Coeffs must match a (G,8) float64 row");
 
 Coeffs coefficients(const Moments& m, int64_t norm, double eps, double scale) {
   Coeffs c{};
@@ -91,11 +66,11 @@ Coeffs coefficients(const Moments& m, int64_t norm, double eps, double scale) {
   const double saa = m.m2s / (ds * ds), sbb = m.m2t / (dt * dt), sab = m.cst / (ds * dt);
   if (norm == 0) {
     // d sigma/ds_i = (s_i-mu)/((M-1) sigma); its limit term vanishes for a constant group.
-    c.ks = sig_s > 0 ? ds * (saa - sab) / ((M - 1) * sig_s) : 0.0;
-    c.kt = sig_t > 0 ? dt * (sbb - sab) / ((M - 1) * sig_t) : 0.0;
+    c.one_ks = 1.0 - (sig_s > 0 ? ds * (saa - sab) / ((M - 1) * sig_s) : 0.0);
+    c.one_kt = 1.0 - (sig_t > 0 ? dt * (sbb - sab) / ((M - 1) * sig_t) : 0.0);
   } else {
-    c.ks = (saa - sab) / M;
-    c.kt = (sbb - sab) / M;
+    c.one_ks = 1.0 - (saa - sab) / M;
+    c.one_kt = 1.0 - (sbb - sab) / M;
   }
   c.mus = m.ms;
   c.mut = m.mt;
@@ -106,84 +81,88 @@ Coeffs coefficients(const Moments& m, int64_t norm, double eps, double scale) {
   return c;
 }
 
-template <typename scalar_t>
-double loss_grad_run(const scalar_t* s, const scalar_t* t, int64_t len, const Coeffs& k,
-                     scalar_t* gs, scalar_t* gt) {
-  using acc = acc_t<scalar_t>;
-  const acc mus = acc(k.mus), mut = acc(k.mut), ids = acc(k.ids), idt = acc(k.idt);
-  const acc cs = acc(k.gs), ct = acc(k.gt), one_ks = acc(1.0 - k.ks), one_kt = acc(1.0 - k.kt);
-  double total = 0;
-  for (int64_t lo = 0; lo < len; lo += kBlock) {
-    const int64_t nb = std::min(kBlock, len - lo);
-    acc run = 0;
-#pragma omp simd reduction(+ : run)
-    for (int64_t i = lo; i < lo + nb; ++i) {
-      const acc a = (acc(s[i]) - mus) * ids, b = (acc(t[i]) - mut) * idt;
-      const acc d = a - b;
-      run += d * d;
-      if (gs) gs[i] = scalar_t(cs * (one_ks * a - b));
-      if (gt) gt[i] = scalar_t(ct * (one_kt * b - a));
-    }
-    total += double(run);
-  }
-  return total;
+}  // namespace
+}  // namespace kdops
+
+#define KDOPS_ISA base
+#include "pcc_mse_kernel.h"
+#undef KDOPS_ISA
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#define KDOPS_ISA avx2
+#include "pcc_mse_kernel.h"
+#undef KDOPS_ISA
+#pragma GCC pop_options
+
+namespace kdops {
+namespace {
+
+void check_pair(const at::Tensor& s, const at::Tensor& t, const char* op) {
+  TORCH_CHECK(s.dim() == 4 && s.sizes() == t.sizes(), op, ": student and teacher must be (N,C,H,W) of one shape");
+  TORCH_CHECK(s.scalar_type() == t.scalar_type(), op, ": student and teacher must share a dtype");
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> pcc_mse_fwd_cpu(const at::Tensor& student,
-                                                              const at::Tensor& teacher, int64_t norm,
-                                                              double eps, bool grad_student,
-                                                              bool grad_teacher) {
-  TORCH_CHECK(student.dim() == 4 && student.sizes() == teacher.sizes(),
-              "kdops::pcc_mse_fwd: student and teacher must be (N,C,H,W) of one shape");
-  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(),
-              "kdops::pcc_mse_fwd: student and teacher must share a dtype");
+// Group g covers `runs` runs of HW elements at g*HW + r*run_stride.
+struct Groups {
+  int64_t groups, runs, run_stride, HW;
+  Groups(const at::Tensor& s, int64_t norm)
+      : groups(norm == 0 ? s.size(1) : s.size(0) * s.size(1)),
+        runs(norm == 0 ? s.size(0) : 1),
+        run_stride(s.size(1) * s.size(2) * s.size(3)),
+        HW(s.size(2) * s.size(3)) {}
+};
+
+std::tuple<at::Tensor, at::Tensor> pcc_mse_fwd_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                                                   int64_t norm, double eps) {
+  check_pair(student, teacher, "kdops::pcc_mse_fwd");
   TORCH_CHECK(norm == 0 || norm == 1, "kdops::pcc_mse_fwd: norm must be 0 (channel) or 1 (instance)");
   const auto s = student.contiguous();
   const auto t = teacher.contiguous();
-  const int64_t N = s.size(0), C = s.size(1), HW = s.size(2) * s.size(3);
-  const int64_t numel = s.numel();
+  const Groups G(s, norm);
   auto loss = at::zeros({}, s.options().dtype(acc_dtype(s.scalar_type())));
-  auto gs = grad_student ? at::empty_like(s) : no_grad_placeholder(s);
-  auto gt = grad_teacher ? at::empty_like(t) : no_grad_placeholder(t);
-  if (numel == 0) {
-    return {loss, gs, gt};
-  }
-  const double scale = 1.0 / double(numel);
-  // Group g covers `runs` runs of HW elements at g*HW + r*run_stride.
-  const int64_t groups = norm == 0 ? C : N * C;
-  const int64_t runs = norm == 0 ? N : 1;
-  const int64_t run_stride = C * HW;
-  std::vector<double> part(groups, 0.0);
-
+  auto coeffs = at::zeros({G.groups, 8}, s.options().dtype(at::kDouble));
+  if (s.numel() == 0) return {loss, coeffs};
+  const double scale = 1.0 / double(s.numel());
+  std::vector<double> part(G.groups, 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "pcc_mse_fwd", [&] {
-    const auto* sp = s.data_ptr<scalar_t>();
-    const auto* tp = t.data_ptr<scalar_t>();
-    scalar_t* gsp = grad_student ? gs.data_ptr<scalar_t>() : nullptr;
-    scalar_t* gtp = grad_teacher ? gt.data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t g = begin; g < end; ++g) {
-        Moments m;
-        for (int64_t r = 0; r < runs; ++r) {
-          const int64_t off = g * HW + r * run_stride;
-          accumulate_run(sp + off, tp + off, HW, m);
-        }
-        const Coeffs k = coefficients(m, norm, eps, scale);
-        double total = 0;
-        for (int64_t r = 0; r < runs; ++r) {
-          const int64_t off = g * HW + r * run_stride;
-          total += loss_grad_run(sp + off, tp + off, HW, k, gsp ? gsp + off : nullptr,
-                                 gtp ? gtp + off : nullptr);
-        }
-        part[g] = total;
-      }
-    });
+    auto* fn = cpu_has_avx2() ? &avx2::pcc_forward<scalar_t> : &base::pcc_forward<scalar_t>;
+    fn(s.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), G.groups, G.runs, G.run_stride, G.HW, norm, eps, scale,
+       reinterpret_cast<Coeffs*>(coeffs.data_ptr<double>()), part.data());
   });
   loss.fill_(ordered_sum(part) * scale);
-  return {loss, gs, gt};
+  return {loss, coeffs};
+}
+
+std::tuple<at::Tensor, at::Tensor> pcc_mse_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& student,
+                                                   const at::Tensor& teacher, const at::Tensor& coeffs, int64_t norm,
+                                                   bool grad_student, bool grad_teacher) {
+  check_pair(student, teacher, "kdops::pcc_mse_bwd");
+  const auto s = student.contiguous();
+  const auto t = teacher.contiguous();
+  const Groups G(s, norm);
+  TORCH_CHECK(coeffs.scalar_type() == at::kDouble && coeffs.dim() == 2 && coeffs.size(0) == G.groups &&
+                  coeffs.size(1) == 8,
+              "kdops::pcc_mse_bwd: coeffs must be the (G,8) float64 tensor of pcc_mse_fwd");
+  TORCH_CHECK(grad_loss.numel() == 1, "kdops::pcc_mse_bwd: grad_loss must have one element");
+  auto gs = grad_student ? at::empty_like(s) : no_grad_placeholder(s);
+  auto gt = grad_teacher ? at::empty_like(t) : no_grad_placeholder(t);
+  if (s.numel() == 0 || !(grad_student || grad_teacher)) return {gs, gt};
+  const double gl = grad_loss.item<double>();  // free on the CPU
+  const auto c = coeffs.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "pcc_mse_bwd", [&] {
+    auto* fn = cpu_has_avx2() ? &avx2::pcc_backward<scalar_t> : &base::pcc_backward<scalar_t>;
+    fn(s.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), grad_student ? gs.data_ptr<scalar_t>() : nullptr,
+       grad_teacher ? gt.data_ptr<scalar_t>() : nullptr, G.groups, G.runs, G.run_stride, G.HW,
+       reinterpret_cast<const Coeffs*>(c.data_ptr<double>()), gl);
+  });
+  return {gs, gt};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(kdops, CPU, m) { m.impl("pcc_mse_fwd", &pcc_mse_fwd_cpu); }
+TORCH_LIBRARY_IMPL(kdops, CPU, m) {
+  m.impl("pcc_mse_fwd", &pcc_mse_fwd_cpu);
+  m.impl("pcc_mse_bwd", &pcc_mse_bwd_cpu);
+}
 
 }  // namespace kdops

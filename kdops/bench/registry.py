@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
@@ -57,7 +58,12 @@ def available_ops() -> List[str]:
 
 
 def cases_for(op: str, device: torch.device, dtype: torch.dtype, size: str) -> List[Case]:
+    """The cases of one op. KDOPS_BENCH_NO_COMPILE=1 drops the torch.compile implementations."""
     _load_all()
     if op not in _REGISTRY:
         raise ValueError(f"kdops bench: unknown op {op!r}; available: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[op](device, dtype, size)
+    cases = _REGISTRY[op](device, dtype, size)
+    if os.environ.get("KDOPS_BENCH_NO_COMPILE", "0") == "1":
+        for c in cases:
+            c.impls = [i for i in c.impls if not i.compile]
+    return cases

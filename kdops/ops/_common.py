@@ -116,6 +116,16 @@ def needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def forbid_double_backward(op: str) -> None:
+    """Loss ops compute their gradient in the forward pass: it carries no graph back to the
+    inputs, so higher-order gradients would silently be wrong. Refuse them clearly."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError(
+            f"kdops.{op} does not support double backward (create_graph=True): its gradient is "
+            f"computed in the forward pass. Use kdops.reference.{op} where you need higher-order gradients."
+        )
+
+
 def register_cuda(name: str, fn) -> None:
     """Registers a Python (Triton) launcher as the CUDA kernel of kdops::<name>."""
     _LIB.impl(name, fn, "CUDA")

@@ -8,8 +8,8 @@ import torch
 from .. import reference
 from .._extension import HAS_C
 from ._common import (
-    Levels, acc_dtype, as_levels, check_pair, check_tensor, match_levels, needs_grad, register_cuda,
-    use_kernel,
+    Levels, acc_dtype, as_levels, check_pair, check_tensor, forbid_double_backward, match_levels,
+    register_cuda, use_kernel,
 )
 
 OP = "masked_mse"
@@ -34,7 +34,8 @@ def masked_mse(
     feature loss of FitNet (Romero et al. 2015; no weights), FGFI (Wang et al. 2019;
     P = imitation mask), DeFeat (Guo et al. 2021; P = a fg / b bg weights) and FGD
     (Yang et al. 2022; P = (alpha M_fg + beta M_bg) A^S, Q = A^C). The N*C*H*W weight
-    tensor is never formed; the gradient is computed in the same pass.
+    tensor is never formed. Forward reads each input once; backward reads them again and
+    writes the gradient once (nothing input-sized is kept between the two).
 
     Args:
         student, teacher: (N,C,H,W) tensors of one shape, dtype (fp32/fp16/bf16/fp64)
@@ -77,47 +78,53 @@ def _level(s, t, pw, cw, reduction):
         return reference.masked_mse(s, t, pixel_weight=pw, channel_weight=cw, reduction=reduction)
     acc = acc_dtype(s.dtype)
     scale = 1.0 / max(s.numel(), 1) if reduction == "mean" else 1.0
-    loss, _, _, _ = torch.ops.kdops.masked_mse_fwd(
-        s, t,
-        pw.to(acc) if pw is not None else None,
-        cw.to(acc) if cw is not None else None,
-        scale, needs_grad(s, t), needs_grad(pw, cw),
+    return torch.ops.kdops.masked_mse_fwd(
+        s, t, pw.to(acc) if pw is not None else None, cw.to(acc) if cw is not None else None, scale
     )
-    return loss
 
 
-def _fake(s, t, pw, cw, scale, grad_input, grad_weights):
+def _fake_fwd(s, t, pw, cw, scale):
+    return s.new_empty((), dtype=acc_dtype(s.dtype))
+
+
+def _fake_bwd(gl, s, t, pw, cw, scale, grad_input, grad_weights):
     acc = acc_dtype(s.dtype)
     grad = s.new_empty(s.shape) if grad_input else s.new_empty((0,))
     gpw = pw.new_empty(pw.shape) if (grad_weights and pw is not None) else s.new_empty((0,), dtype=acc)
     gcw = cw.new_empty(cw.shape) if (grad_weights and cw is not None) else s.new_empty((0,), dtype=acc)
-    return s.new_empty((), dtype=acc), grad, gpw, gcw
+    return grad, gpw, gcw
 
 
 def _setup_context(ctx, inputs, output):
-    _, g, gpw, gcw = output
-    ctx.save_for_backward(g, gpw, gcw)
+    s, t, pw, cw, scale = inputs
+    ctx.save_for_backward(s, t, pw, cw)
+    ctx.scale = scale
 
 
-def _backward(ctx, gloss, *_unused):
-    g, gpw, gcw = ctx.saved_tensors
+def _backward(ctx, gloss):
+    forbid_double_backward(OP)
+    s, t, pw, cw = ctx.saved_tensors
     need = ctx.needs_input_grad
-    gs = g * gloss if (need[0] or need[1]) else None
+    grad, gpw, gcw = torch.ops.kdops.masked_mse_bwd(
+        gloss, s, t, pw, cw, ctx.scale, bool(need[0] or need[1]), bool(need[2] or need[3])
+    )
     return (
-        gs if need[0] else None,
-        -gs if need[1] else None,
-        gpw * gloss if need[2] else None,
-        gcw * gloss if need[3] else None,
-        None, None, None,
+        grad if need[0] else None,
+        -grad if need[1] else None,
+        gpw if need[2] else None,
+        gcw if need[3] else None,
+        None,
     )
 
 
 if HAS_C:
-    torch.library.register_fake("kdops::masked_mse_fwd")(_fake)
+    torch.library.register_fake("kdops::masked_mse_fwd")(_fake_fwd)
+    torch.library.register_fake("kdops::masked_mse_bwd")(_fake_bwd)
     torch.library.register_autograd("kdops::masked_mse_fwd", _backward, setup_context=_setup_context)
     from ..triton import HAS_TRITON
 
     if HAS_TRITON:
-        from ..triton.masked_mse import masked_mse_fwd as _triton_fwd
+        from ..triton import masked_mse as _triton
 
-        register_cuda("masked_mse_fwd", _triton_fwd)
+        register_cuda("masked_mse_fwd", _triton.masked_mse_fwd)
+        register_cuda("masked_mse_bwd", _triton.masked_mse_bwd)

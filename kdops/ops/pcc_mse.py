@@ -11,8 +11,8 @@ Gradient (derived here, checked by float64 gradcheck in the tests). Per group
 - instance norm (:math:`d = \sqrt{\mathrm{var}+\epsilon}`, biased var):
   the same with :math:`k_s = (\sum a^2 - \sum ab)/M`.
 
-The sums come from the first-pass moments, so the gradient is written in the
-second pass together with the loss.
+The sums come from the first-pass moments: forward keeps only 8 numbers per group
+(means, 1/d, k) and backward writes the gradient in one pass over the inputs.
 """
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ import torch
 
 from .. import reference
 from .._extension import HAS_C
-from ._common import Levels, acc_dtype, as_levels, check_pair, needs_grad, register_cuda, use_kernel
+from ._common import (
+    Levels, acc_dtype, as_levels, check_pair, forbid_double_backward, register_cuda, use_kernel,
+)
 
 OP = "pcc_mse"
 _NORMS = {"channel": (0, 1e-6), "instance": (1, 1e-5)}
@@ -83,33 +85,46 @@ def pcc_mse(student: Levels, teacher: Levels, *, norm: str = "channel", eps: Opt
 def _level(s, t, norm, code, eps):
     if not use_kernel(OP, s.device):
         return reference.pcc_mse(s, t, norm=norm, eps=eps)
-    loss, _, _ = torch.ops.kdops.pcc_mse_fwd(s, t, code, eps, needs_grad(s), needs_grad(t))
+    loss, _coeffs = torch.ops.kdops.pcc_mse_fwd(s, t, code, eps)
     return loss
 
 
-def _fake(s, t, norm, eps, grad_student, grad_teacher):
+def _groups(s, norm):
+    return s.shape[1] if norm == 0 else s.shape[0] * s.shape[1]
+
+
+def _fake_fwd(s, t, norm, eps):
+    return s.new_empty((), dtype=acc_dtype(s.dtype)), s.new_empty((_groups(s, norm), 8), dtype=torch.float64)
+
+
+def _fake_bwd(gl, s, t, coeffs, norm, grad_student, grad_teacher):
     gs = s.new_empty(s.shape) if grad_student else s.new_empty((0,))
     gt = t.new_empty(t.shape) if grad_teacher else t.new_empty((0,))
-    return s.new_empty((), dtype=acc_dtype(s.dtype)), gs, gt
+    return gs, gt
 
 
 def _setup_context(ctx, inputs, output):
-    _, gs, gt = output
-    ctx.save_for_backward(gs, gt)
+    s, t, norm, _eps = inputs
+    ctx.save_for_backward(s, t, output[1])
+    ctx.norm = norm
 
 
-def _backward(ctx, gloss, *_unused):
-    gs, gt = ctx.saved_tensors
+def _backward(ctx, gloss, _gcoeffs):
+    forbid_double_backward(OP)
+    s, t, coeffs = ctx.saved_tensors
     need = ctx.needs_input_grad
-    return (gs * gloss if need[0] else None, gt * gloss if need[1] else None, None, None, None, None)
+    gs, gt = torch.ops.kdops.pcc_mse_bwd(gloss, s, t, coeffs, ctx.norm, bool(need[0]), bool(need[1]))
+    return (gs if need[0] else None, gt if need[1] else None, None, None)
 
 
 if HAS_C:
-    torch.library.register_fake("kdops::pcc_mse_fwd")(_fake)
+    torch.library.register_fake("kdops::pcc_mse_fwd")(_fake_fwd)
+    torch.library.register_fake("kdops::pcc_mse_bwd")(_fake_bwd)
     torch.library.register_autograd("kdops::pcc_mse_fwd", _backward, setup_context=_setup_context)
     from ..triton import HAS_TRITON
 
     if HAS_TRITON:
-        from ..triton.pcc_mse import pcc_mse_fwd as _triton_fwd
+        from ..triton import pcc_mse as _triton
 
-        register_cuda("pcc_mse_fwd", _triton_fwd)
+        register_cuda("pcc_mse_fwd", _triton.pcc_mse_fwd)
+        register_cuda("pcc_mse_bwd", _triton.pcc_mse_bwd)

@@ -1,10 +1,11 @@
 """Triton kernels of kdops::masked_mse_fwd (the CUDA backend).
 
-Forward: one program per BLOCK elements of the flattened (N,C,H,W) tensor reads
-student and teacher once, gathers its pixel and channel weights (small, cache
-resident), writes the gradient 2*scale*w*(s-t) and one partial loss. Partials are
-summed by torch (deterministic). The weight gradients, needed only when a weight
-requires grad, come from a second kernel that walks the channels of a pixel run.
+One program per BLOCK elements of the flattened (N,C,H,W) tensor reads student and
+teacher once, gathers its pixel and channel weights (small, cache resident) and writes
+one partial loss (summed by torch: deterministic); in backward the same kernel writes
+the gradient 2*scale*g*w*(s-t), g = grad_output read on the device (no host sync).
+The weight gradients, needed only when a weight requires grad, come from a second
+kernel that walks the channels of a pixel run.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from . import acc_dtype, block_size, device_guard, grid_block
 
 
 @triton.jit
-def _masked_mse_fwd_kernel(s_ptr, t_ptr, pw_ptr, cw_ptr, g_ptr, part_ptr, numel, C, HW, gscale,
+def _masked_mse_kernel(s_ptr, t_ptr, pw_ptr, cw_ptr, g_ptr, gl_ptr, part_ptr, numel, C, HW, gscale,
                            HAS_PW: tl.constexpr, HAS_CW: tl.constexpr, WRITE_GRAD: tl.constexpr,
                            ACC: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
@@ -35,11 +36,12 @@ def _masked_mse_fwd_kernel(s_ptr, t_ptr, pw_ptr, cw_ptr, g_ptr, part_ptr, numel,
     wd = w * d
     tl.store(part_ptr + pid, tl.sum(wd * d, axis=0))
     if WRITE_GRAD:
-        tl.store(g_ptr + offs, (gscale * wd).to(g_ptr.dtype.element_ty), mask=m)
+        gs = gscale * tl.load(gl_ptr).to(ACC)
+        tl.store(g_ptr + offs, (gs * wd).to(g_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
-def _masked_mse_wgrad_kernel(s_ptr, t_ptr, pw_ptr, cw_ptr, gpw_ptr, gcw_part_ptr, C, HW, nblk, scale,
+def _masked_mse_wgrad_kernel(s_ptr, t_ptr, pw_ptr, cw_ptr, gl_ptr, gpw_ptr, gcw_part_ptr, C, HW, nblk, scale,
                              HAS_PW: tl.constexpr, HAS_CW: tl.constexpr, ACC: tl.constexpr,
                              BLOCK: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
@@ -60,46 +62,66 @@ def _masked_mse_wgrad_kernel(s_ptr, t_ptr, pw_ptr, cw_ptr, gpw_ptr, gcw_part_ptr
             acc += dd
         tl.store(gcw_part_ptr + (n * C + c) * nblk + k, tl.sum(pw * dd, axis=0))
     if HAS_PW:
-        tl.store(gpw_ptr + n * HW + hw, scale * acc, mask=m)
+        tl.store(gpw_ptr + n * HW + hw, scale * tl.load(gl_ptr).to(ACC) * acc, mask=m)
 
 
-def masked_mse_fwd(student, teacher, pixel_weight, channel_weight, scale: float, grad_input: bool,
-                   grad_weights: bool):
+def _launch(s, t, pw, cw, scale, grad_loss, grad, part):
+    N, C, H, W = s.shape
+    dummy = part  # never read when the matching HAS_* flag is off
+    BLOCK = block_size(1024)
+    _masked_mse_kernel[(part.numel(),)](
+        s, t, pw if pw is not None else dummy, cw if cw is not None else dummy,
+        grad if grad is not None else s, grad_loss if grad_loss is not None else dummy, part,
+        s.numel(), C, H * W, 2.0 * scale,
+        HAS_PW=pw is not None, HAS_CW=cw is not None, WRITE_GRAD=grad is not None,
+        ACC=acc_dtype(s.dtype), BLOCK=BLOCK, num_warps=4)
+
+
+def _acc(s):
+    return torch.float64 if s.dtype == torch.float64 else torch.float32
+
+
+def masked_mse_fwd(student, teacher, pixel_weight, channel_weight, scale: float):
     """Same contract as the kdops::masked_mse_fwd schema (csrc/ops.cpp)."""
     s, t = student.contiguous(), teacher.contiguous()
-    N, C, H, W = s.shape
-    HW, numel = H * W, s.numel()
-    acc = torch.float64 if s.dtype == torch.float64 else torch.float32
+    if s.numel() == 0:
+        return s.new_zeros((), dtype=_acc(s))
     pw = pixel_weight.contiguous() if pixel_weight is not None else None
     cw = channel_weight.contiguous() if channel_weight is not None else None
-    grad = torch.empty_like(s) if grad_input else s.new_empty((0,))
-    gpw = torch.empty_like(pw) if (grad_weights and pw is not None) else s.new_empty((0,), dtype=acc)
-    gcw = torch.empty_like(cw) if (grad_weights and cw is not None) else s.new_empty((0,), dtype=acc)
-    if numel == 0:
-        if gpw.numel():
-            gpw.zero_()
-        if gcw.numel():
-            gcw.zero_()
-        return s.new_zeros((), dtype=acc), grad, gpw, gcw
-    BLOCK = block_size(1024)
-    nprog = grid_block(numel, BLOCK)
-    part = torch.empty(nprog, device=s.device, dtype=acc)
-    dummy = part  # never read when the matching HAS_* flag is off
+    part = torch.empty(grid_block(s.numel(), block_size(1024)), device=s.device, dtype=_acc(s))
     with device_guard(s):
-        _masked_mse_fwd_kernel[(nprog,)](
-            s, t, pw if pw is not None else dummy, cw if cw is not None else dummy,
-            grad if grad_input else s, part, numel, C, HW, 2.0 * scale,
-            HAS_PW=pw is not None, HAS_CW=cw is not None, WRITE_GRAD=grad_input,
-            ACC=acc_dtype(s.dtype), BLOCK=BLOCK, num_warps=4)
+        _launch(s, t, pw, cw, scale, None, None, part)
+    return part.sum() * scale
+
+
+def masked_mse_bwd(grad_loss, student, teacher, pixel_weight, channel_weight, scale: float, grad_input: bool,
+                   grad_weights: bool):
+    """Same contract as the kdops::masked_mse_bwd schema (csrc/ops.cpp)."""
+    s, t = student.contiguous(), teacher.contiguous()
+    N, C, H, W = s.shape
+    HW, acc = H * W, _acc(s)
+    pw = pixel_weight.contiguous() if pixel_weight is not None else None
+    cw = channel_weight.contiguous() if channel_weight is not None else None
+    gl = grad_loss.reshape(1).to(acc)
+    grad = torch.empty_like(s) if grad_input else s.new_empty((0,))
+    gpw = torch.zeros_like(pw) if (grad_weights and pw is not None) else s.new_empty((0,), dtype=acc)
+    gcw = torch.zeros_like(cw) if (grad_weights and cw is not None) else s.new_empty((0,), dtype=acc)
+    if s.numel() == 0:
+        return grad, gpw, gcw
+    with device_guard(s):
+        if grad_input:
+            part = torch.empty(grid_block(s.numel(), block_size(1024)), device=s.device, dtype=acc)
+            _launch(s, t, pw, cw, scale, gl, grad, part)
         if grad_weights:
             WB = block_size(256)
             nblk = grid_block(HW, WB)
             gcw_part = torch.empty(N * C * nblk, device=s.device, dtype=acc)
+            dummy = gcw_part
             _masked_mse_wgrad_kernel[(N, nblk)](
-                s, t, pw if pw is not None else dummy, cw if cw is not None else dummy,
+                s, t, pw if pw is not None else dummy, cw if cw is not None else dummy, gl,
                 gpw if pw is not None else dummy, gcw_part, C, HW, nblk, scale,
                 HAS_PW=pw is not None, HAS_CW=cw is not None, ACC=acc_dtype(s.dtype), BLOCK=WB,
                 num_warps=4)
             if cw is not None:
-                gcw.copy_(gcw_part.view(N, C, nblk).sum(-1) * scale)
-    return part.sum() * scale, grad, gpw, gcw
+                gcw.copy_(gcw_part.view(N, C, nblk).sum(-1) * (scale * gl))
+    return grad, gpw, gcw

@@ -5,7 +5,8 @@ A group is what one mean/std is taken over (a channel over (N,H,W), or a plane
 program takes BLOCK elements of one group and writes (count, means, centred second
 moments, co-moment), exact within the block; torch merges them per group with the
 parallel-variance formula (in float64) and derives the per-group coefficients.
-Pass 2 reads s,t again and writes the loss partials and the gradients.
+Pass 2 reads s,t again for the exact loss. Backward runs the pass-2 kernel once more,
+writing the gradients scaled by grad_output (read on the device: no host sync).
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def _pcc_stats_kernel(s_ptr, t_ptr, part_ptr, M, HW, run_stride, nchunks,
 
 
 @triton.jit
-def _pcc_loss_grad_kernel(s_ptr, t_ptr, coef_ptr, gs_ptr, gt_ptr, part_ptr, M, HW, run_stride, nchunks,
+def _pcc_loss_grad_kernel(s_ptr, t_ptr, coef_ptr, gl_ptr, gs_ptr, gt_ptr, part_ptr, M, HW, run_stride, nchunks,
                           GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, ACC: tl.constexpr,
                           BLOCK: tl.constexpr):
     g = tl.program_id(0)
@@ -58,15 +59,16 @@ def _pcc_loss_grad_kernel(s_ptr, t_ptr, coef_ptr, gs_ptr, gt_ptr, part_ptr, M, H
     mut = tl.load(cp + 1)
     ids = tl.load(cp + 2)
     idt = tl.load(cp + 3)
-    a = (tl.load(s_ptr + off, mask=m, other=0.0).to(ACC) - mus) * ids
-    b = (tl.load(t_ptr + off, mask=m, other=0.0).to(ACC) - mut) * idt
-    d = tl.where(m, a - b, 0.0)
+    # masked-off lanes are zeroed so nothing out of range is even computed
+    a = tl.where(m, (tl.load(s_ptr + off, mask=m, other=0.0).to(ACC) - mus) * ids, 0.0)
+    b = tl.where(m, (tl.load(t_ptr + off, mask=m, other=0.0).to(ACC) - mut) * idt, 0.0)
+    d = a - b
     tl.store(part_ptr + g.to(tl.int64) * nchunks + k, tl.sum(d * d, axis=0))
     if GRAD_S:
-        gs = tl.load(cp + 4) * (tl.load(cp + 6) * a - b)
+        gs = tl.load(gl_ptr).to(ACC) * tl.load(cp + 4) * (tl.load(cp + 6) * a - b)
         tl.store(gs_ptr + off, gs.to(gs_ptr.dtype.element_ty), mask=m)
     if GRAD_T:
-        gt = tl.load(cp + 5) * (tl.load(cp + 7) * b - a)
+        gt = tl.load(gl_ptr).to(ACC) * tl.load(cp + 5) * (tl.load(cp + 7) * b - a)
         tl.store(gt_ptr + off, gt.to(gt_ptr.dtype.element_ty), mask=m)
 
 
@@ -100,29 +102,52 @@ def group_coefficients(parts: torch.Tensor, norm: int, eps: float, scale: float)
     return torch.stack([mus, mut, 1 / ds, 1 / dt, 2 * scale / ds, 2 * scale / dt, 1 - ks, 1 - kt], dim=1)
 
 
-def pcc_mse_fwd(student, teacher, norm: int, eps: float, grad_student: bool, grad_teacher: bool):
+def _geometry(s, norm):
+    N, C, H, W = s.shape
+    HW = H * W
+    G, M = (C, N * HW) if norm == 0 else (N * C, HW)
+    BLOCK = block_size(1024)
+    return G, M, HW, C * HW, BLOCK, grid_block(M, BLOCK)
+
+
+def _loss_grad(s, t, coef, gl, gs, gt, norm):
+    G, M, HW, run_stride, BLOCK, nchunks = _geometry(s, norm)
+    acc = torch.float64 if s.dtype == torch.float64 else torch.float32
+    part = torch.empty((G, nchunks), device=s.device, dtype=acc)
+    _pcc_loss_grad_kernel[(G, nchunks)](s, t, coef.to(acc).contiguous(), gl if gl is not None else part,
+                                        gs if gs is not None else s, gt if gt is not None else t,
+                                        part, M, HW, run_stride, nchunks,
+                                        GRAD_S=gs is not None, GRAD_T=gt is not None,
+                                        ACC=acc_dtype(s.dtype), BLOCK=BLOCK, num_warps=4)
+    return part
+
+
+def pcc_mse_fwd(student, teacher, norm: int, eps: float):
     """Same contract as the kdops::pcc_mse_fwd schema (csrc/ops.cpp)."""
     s, t = student.contiguous(), teacher.contiguous()
-    N, C, H, W = s.shape
-    HW, numel = H * W, s.numel()
     acc = torch.float64 if s.dtype == torch.float64 else torch.float32
-    gs = torch.empty_like(s) if grad_student else s.new_empty((0,))
-    gt = torch.empty_like(t) if grad_teacher else t.new_empty((0,))
-    if numel == 0:
-        return s.new_zeros((), dtype=acc), gs, gt
-    G, M = (C, N * HW) if norm == 0 else (N * C, HW)
-    run_stride = C * HW
-    BLOCK = block_size(1024)
-    nchunks = grid_block(M, BLOCK)
-    scale = 1.0 / numel
+    G, M, HW, run_stride, BLOCK, nchunks = _geometry(s, norm)
+    if s.numel() == 0:
+        return s.new_zeros((), dtype=acc), s.new_zeros((G, 8), dtype=torch.float64)
+    scale = 1.0 / s.numel()
     with device_guard(s):
         parts = torch.empty((G, nchunks, 6), device=s.device, dtype=acc)
         _pcc_stats_kernel[(G, nchunks)](s, t, parts, M, HW, run_stride, nchunks,
                                         ACC=acc_dtype(s.dtype), BLOCK=BLOCK, num_warps=4)
-        coef = group_coefficients(parts, norm, eps, scale).to(acc).contiguous()
-        loss_part = torch.empty((G, nchunks), device=s.device, dtype=acc)
-        _pcc_loss_grad_kernel[(G, nchunks)](s, t, coef, gs if grad_student else s, gt if grad_teacher else t,
-                                            loss_part, M, HW, run_stride, nchunks,
-                                            GRAD_S=grad_student, GRAD_T=grad_teacher,
-                                            ACC=acc_dtype(s.dtype), BLOCK=BLOCK, num_warps=4)
-    return loss_part.sum() * scale, gs, gt
+        coef = group_coefficients(parts, norm, eps, scale)
+        part = _loss_grad(s, t, coef, None, None, None, norm)
+    return part.sum() * scale, coef
+
+
+def pcc_mse_bwd(grad_loss, student, teacher, coeffs, norm: int, grad_student: bool, grad_teacher: bool):
+    """Same contract as the kdops::pcc_mse_bwd schema (csrc/ops.cpp)."""
+    s, t = student.contiguous(), teacher.contiguous()
+    gs = torch.empty_like(s) if grad_student else s.new_empty((0,))
+    gt = torch.empty_like(t) if grad_teacher else t.new_empty((0,))
+    if s.numel() == 0 or not (grad_student or grad_teacher):
+        return gs, gt
+    acc = torch.float64 if s.dtype == torch.float64 else torch.float32
+    with device_guard(s):
+        _loss_grad(s, t, coeffs, grad_loss.reshape(1).to(acc), gs if grad_student else None,
+                   gt if grad_teacher else None, norm)
+    return gs, gt

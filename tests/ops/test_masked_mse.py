@@ -197,7 +197,7 @@ def test_fake_tensor_shapes():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("weights", [False, True])
 def test_triton_kernel_matches_oracle(dtype, weights):
-    from kdops.triton.masked_mse import masked_mse_fwd
+    from kdops.triton.masked_mse import masked_mse_bwd, masked_mse_fwd
 
     dev = triton_device()
     s, t, pw, cw = make((2, 8, 13, 17), seed=3)
@@ -205,12 +205,14 @@ def test_triton_kernel_matches_oracle(dtype, weights):
     pwa = pw.to(dev, acc_dtype(dtype)) if weights else None
     cwa = cw.to(dev, acc_dtype(dtype)) if weights else None
     scale = 1.0 / S.numel()
-    loss, grad, gpw, gcw = masked_mse_fwd(S, T, pwa, cwa, scale, True, weights)
+    loss = masked_mse_fwd(S, T, pwa, cwa, scale)
+    gl = torch.tensor(1.5, device=dev)
+    grad, gpw, gcw = masked_mse_bwd(gl, S, T, pwa, cwa, scale, True, weights)
     ins = [leaf(S.double().cpu()), T.double().cpu(),
            leaf(pwa.double().cpu()) if weights else None, leaf(cwa.double().cpu()) if weights else None]
     ref = oracle(*ins, reduction="mean")
     req = [x for x in ins if x is not None and x.requires_grad]
-    rg = torch.autograd.grad(ref, req)
+    rg = torch.autograd.grad(ref * 1.5, req)
     close(loss.cpu(), ref, dtype)
     close(grad.cpu(), rg[0], dtype, scale=rg[0].abs().max().item())
     if weights:
@@ -220,9 +222,28 @@ def test_triton_kernel_matches_oracle(dtype, weights):
 
 @pytest.mark.triton
 def test_triton_kernel_empty():
-    from kdops.triton.masked_mse import masked_mse_fwd
+    from kdops.triton.masked_mse import masked_mse_bwd, masked_mse_fwd
 
     dev = triton_device()
     s = torch.zeros(0, 3, 4, 4, device=dev)
-    loss, grad, _, _ = masked_mse_fwd(s, s, None, None, 1.0, True, False)
-    assert loss.item() == 0 and grad.shape == s.shape
+    assert masked_mse_fwd(s, s, None, None, 1.0).item() == 0
+    grad, _, _ = masked_mse_bwd(torch.ones((), device=dev), s, s, None, None, 1.0, True, False)
+    assert grad.shape == s.shape
+
+
+def test_double_backward_refused_not_silently_wrong():
+    s, t, _, _ = make()
+    S = leaf(s)
+    (g,) = torch.autograd.grad(kdops.masked_mse(S, t), S, create_graph=False)
+    close(g, 2 * (s - t), torch.float64)
+    with pytest.raises(RuntimeError, match="does not support double backward"):
+        torch.autograd.grad(kdops.masked_mse(S, t), S, create_graph=True)
+
+
+def test_retain_graph_and_repeated_backward():
+    s, t, pw, _ = make()
+    S = leaf(s)
+    loss = kdops.masked_mse(S, t, pixel_weight=pw) * 3.0
+    loss.backward(retain_graph=True)
+    loss.backward()
+    close(S.grad, 2 * 6.0 * pw[:, None] * (s - t), torch.float64)
