@@ -17,6 +17,6 @@ from .ops import (
 from .version import __version__
 
 __all__ = [
-    "HAS_C", "box_masks", "box_paint", "box_pool", "box_ranges", "gather_level_features", "losses",
-    "mask_pool", "masked_mse", "pcc_mse", "reference", "__version__",
+    "HAS_C", "box_masks", "box_paint", "box_pool", "box_ranges", "gather_level_features", "losses", "mask_pool",
+    "masked_mse", "pcc_mse", "reference", "__version__",
 ]
