@@ -14,7 +14,7 @@ per-box H×W mask is ever formed (LGD's code multiplies dense per-object masks).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 import torch
 
