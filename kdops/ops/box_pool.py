@@ -14,7 +14,7 @@ per-box H×W mask is ever formed (LGD's code multiplies dense per-object masks).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 import torch
 
@@ -56,7 +56,9 @@ def box_pool(
 
     Returns:
         (K,C) for one map, (L,K,C) for a sequence; features' dtype, accumulated in
-        float64 on the CPU and float32 (float64 for float64) on the GPU.
+        float64 on the CPU and float32 (float64 for float64) on the GPU. (A float16 sum
+        over a large box of large activations can overflow float16: use reduce="mean" or
+        float32 features there.)
     """
     op = "box_pool"
     feats, is_seq = as_levels(op, "features", features)

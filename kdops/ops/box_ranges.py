@@ -107,7 +107,8 @@ def box_ranges(
     Rules (pixel (y, x) of a level with stride s and size H x W):
 
     - ``"center"``: inside iff :math:`x_1 < (x+\tfrac12)s < x_2` and
-      :math:`y_1 < (y+\tfrac12)s < y_2` (pixel centres strictly inside the box).
+      :math:`y_1 < (y+\tfrac12)s < y_2` (pixel centres strictly inside the box);
+      ``image_size`` is not used.
     - ``"lgd"``: LGD's ``get_inside_gt_mask`` (Zhang et al., "LGD: Label-Guided
       Self-Distillation for Object Detection", AAAI 2022): with r = feature size /
       padded image size per axis (1/s when ``image_size`` is None), inside iff

@@ -1,8 +1,6 @@
 """Reference of kdops.mask_pool: a loop over objects."""
 from __future__ import annotations
 
-import torch
-
 
 def mask_pool(feature, masks, batch_index):
     """out[k, c] = sum_{y,x} masks[k,y,x] * feature[b_k, c, y, x]."""

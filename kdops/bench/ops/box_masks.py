@@ -1,8 +1,6 @@
 """Bench entry box_masks: FGD's fg/bg masks over a COCO FPN, K sweep (no backward)."""
 from __future__ import annotations
 
-import torch
-
 import kdops
 from kdops import reference
 

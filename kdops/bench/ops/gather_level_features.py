@@ -45,5 +45,7 @@ def cases(device, dtype, size):
         out.append(Case(op="gather_level_features", label=f"FPN P3-P{2 + len(levels)} N={N} C={C} R={R}",
                         make_inputs=make, impls=[Impl("kdops", kd), Impl("eager (per-level loop)", ref),
                                Impl("compile", ref, compile=True)],
-                        grad_inputs=["features"], min_bytes=min_bytes, atol=0, rtol=0))
+                        grad_inputs=["features"], min_bytes=min_bytes,
+                        # rows hitting one pixel are summed in another order by index_put
+                        atol=1e-5 if dtype == torch.float32 else 2e-2, rtol=1e-5 if dtype == torch.float32 else 2e-2))
     return out
