@@ -13,15 +13,8 @@
 
 #include "common.h"
 
-#define KDOPS_ISA base
-#include "masked_mse_kernel.h"
-#undef KDOPS_ISA
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-#define KDOPS_ISA avx2
-#include "masked_mse_kernel.h"
-#undef KDOPS_ISA
-#pragma GCC pop_options
+#define KDOPS_KERNEL "masked_mse_kernel.h"
+#include "multi_isa.h"
 
 namespace kdops {
 namespace {

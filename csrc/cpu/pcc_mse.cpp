@@ -84,15 +84,8 @@ Coeffs coefficients(const Moments& m, int64_t norm, double eps, double scale) {
 }  // namespace
 }  // namespace kdops
 
-#define KDOPS_ISA base
-#include "pcc_mse_kernel.h"
-#undef KDOPS_ISA
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-#define KDOPS_ISA avx2
-#include "pcc_mse_kernel.h"
-#undef KDOPS_ISA
-#pragma GCC pop_options
+#define KDOPS_KERNEL "pcc_mse_kernel.h"
+#include "multi_isa.h"
 
 namespace kdops {
 namespace {

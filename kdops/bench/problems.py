@@ -20,3 +20,19 @@ def fpn(size: str):
     if size == "small":
         return 2, 32, SMALL_LEVELS, SMALL_STRIDES, SMALL_IMAGE
     raise ValueError(f"kdops bench: unknown --size {size!r}; use 'coco' or 'small'")
+
+
+def fpn_features(device, dtype, levels, N: int, C: int, seed: int = 0):
+    """Random student (requires grad) and teacher FPN levels, and the generator for more inputs."""
+    import torch
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    mk = lambda h, w: torch.randn(N, C, h, w, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    student = [mk(h, w).requires_grad_() for h, w in levels]
+    teacher = [mk(h, w) for h, w in levels]
+    return student, teacher, g
+
+
+def feature_pass_bytes(inputs) -> int:
+    """Minimal traffic of a feature loss: read student and teacher, write the student gradient."""
+    return sum(s.numel() for s in inputs["student"]) * inputs["student"][0].element_size() * 3

@@ -153,6 +153,25 @@ def register_cuda(name: str, fn) -> None:
 _LIB = torch.library.Library("kdops", "IMPL") if HAS_C else None
 
 
+def register_loss_op(name: str, *, fake_fwd, fake_bwd, backward, setup_context, triton_module: str) -> None:
+    """Attaches to kdops::<name>_fwd / <name>_bwd (schemas in csrc/ops.cpp) their fake kernels,
+    the autograd formula, and the Triton launchers of kdops/triton/<triton_module>.py as the
+    CUDA kernels. No-op without the compiled extension (the reference runs instead)."""
+    if not HAS_C:
+        return
+    torch.library.register_fake(f"kdops::{name}_fwd")(fake_fwd)
+    torch.library.register_fake(f"kdops::{name}_bwd")(fake_bwd)
+    torch.library.register_autograd(f"kdops::{name}_fwd", backward, setup_context=setup_context)
+    from ..triton import HAS_TRITON
+
+    if HAS_TRITON:
+        import importlib
+
+        mod = importlib.import_module(f"kdops.triton.{triton_module}")
+        register_cuda(f"{name}_fwd", getattr(mod, f"{name}_fwd"))
+        register_cuda(f"{name}_bwd", getattr(mod, f"{name}_bwd"))
+
+
 def check_levels(op: str, name: str, levels: list, is_seq: bool) -> torch.Tensor:
     """Per-level (N,C,H,W) maps with one N, C, dtype and device; returns the first level."""
     first = None

@@ -6,10 +6,9 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .. import reference
-from .._extension import HAS_C
 from ._common import (
     Levels, acc_dtype, as_levels, check_pair, check_tensor, forbid_double_backward, match_levels,
-    register_cuda, use_kernel,
+    register_loss_op, use_kernel,
 )
 
 OP = "masked_mse"
@@ -117,14 +116,5 @@ def _backward(ctx, gloss):
     )
 
 
-if HAS_C:
-    torch.library.register_fake("kdops::masked_mse_fwd")(_fake_fwd)
-    torch.library.register_fake("kdops::masked_mse_bwd")(_fake_bwd)
-    torch.library.register_autograd("kdops::masked_mse_fwd", _backward, setup_context=_setup_context)
-    from ..triton import HAS_TRITON
-
-    if HAS_TRITON:
-        from ..triton import masked_mse as _triton
-
-        register_cuda("masked_mse_fwd", _triton.masked_mse_fwd)
-        register_cuda("masked_mse_bwd", _triton.masked_mse_bwd)
+register_loss_op(OP, fake_fwd=_fake_fwd, fake_bwd=_fake_bwd, backward=_backward, setup_context=_setup_context,
+                 triton_module=OP)

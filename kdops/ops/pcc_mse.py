@@ -21,9 +21,8 @@ from typing import Optional
 import torch
 
 from .. import reference
-from .._extension import HAS_C
 from ._common import (
-    Levels, acc_dtype, as_levels, check_pair, forbid_double_backward, register_cuda, use_kernel,
+    Levels, acc_dtype, as_levels, check_pair, forbid_double_backward, register_loss_op, use_kernel,
 )
 
 OP = "pcc_mse"
@@ -117,14 +116,5 @@ def _backward(ctx, gloss, _gcoeffs):
     return (gs if need[0] else None, gt if need[1] else None, None, None)
 
 
-if HAS_C:
-    torch.library.register_fake("kdops::pcc_mse_fwd")(_fake_fwd)
-    torch.library.register_fake("kdops::pcc_mse_bwd")(_fake_bwd)
-    torch.library.register_autograd("kdops::pcc_mse_fwd", _backward, setup_context=_setup_context)
-    from ..triton import HAS_TRITON
-
-    if HAS_TRITON:
-        from ..triton import pcc_mse as _triton
-
-        register_cuda("pcc_mse_fwd", _triton.pcc_mse_fwd)
-        register_cuda("pcc_mse_bwd", _triton.pcc_mse_bwd)
+register_loss_op(OP, fake_fwd=_fake_fwd, fake_bwd=_fake_bwd, backward=_backward, setup_context=_setup_context,
+                 triton_module=OP)

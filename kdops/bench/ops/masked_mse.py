@@ -6,7 +6,7 @@ import torch
 import kdops
 from kdops import reference
 
-from ..problems import fpn
+from ..problems import feature_pass_bytes, fpn, fpn_features
 from ..registry import Case, Impl, register
 
 
@@ -27,11 +27,10 @@ def cases(device, dtype, size):
     N, C, levels, _, _ = fpn(size)
 
     def make():
-        g = torch.Generator(device="cpu").manual_seed(0)
-        mk = lambda *sh: torch.randn(*sh, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+        student, teacher, g = fpn_features(device, dtype, levels, N, C)
         return {
-            "student": [mk(N, C, h, w).requires_grad_() for h, w in levels],
-            "teacher": [mk(N, C, h, w) for h, w in levels],
+            "student": student,
+            "teacher": teacher,
             "pixel_weight": [torch.rand(N, h, w, generator=g).to(device) for h, w in levels],
             "channel_weight": [torch.rand(N, C, generator=g).to(device) for _ in levels],
         }
@@ -43,10 +42,8 @@ def cases(device, dtype, size):
         return reference.masked_mse(student, teacher, pixel_weight=pixel_weight, channel_weight=channel_weight)
 
     def min_bytes(inp):
-        e = inp["student"][0].element_size()
-        feats = sum(s.numel() for s in inp["student"])
         weights = sum(p.numel() * 4 for p in inp["pixel_weight"]) + sum(c.numel() * 4 for c in inp["channel_weight"])
-        return feats * e * 3 + weights  # read s, t; write grad_s
+        return feature_pass_bytes(inp) + weights
 
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     return [

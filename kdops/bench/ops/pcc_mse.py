@@ -6,7 +6,7 @@ import torch
 import kdops
 from kdops import reference
 
-from ..problems import fpn
+from ..problems import feature_pass_bytes, fpn, fpn_features
 from ..registry import Case, Impl, register
 
 
@@ -15,16 +15,8 @@ def cases(device, dtype, size):
     N, C, levels, _, _ = fpn(size)
 
     def make():
-        g = torch.Generator(device="cpu").manual_seed(0)
-        mk = lambda *sh: torch.randn(*sh, generator=g).to(device=device, dtype=dtype)  # noqa: E731
-        return {
-            "student": [mk(N, C, h, w).requires_grad_() for h, w in levels],
-            "teacher": [mk(N, C, h, w) for h, w in levels],
-        }
-
-    def min_bytes(inp):
-        e = inp["student"][0].element_size()
-        return sum(s.numel() for s in inp["student"]) * e * 3  # read s, t; write grad_s
+        student, teacher, _ = fpn_features(device, dtype, levels, N, C)
+        return {"student": student, "teacher": teacher}
 
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     out = []
@@ -36,6 +28,6 @@ def cases(device, dtype, size):
             op="pcc_mse", label=f"{paper}: norm={norm}, FPN P3-P{2 + len(levels)} N={N} C={C}",
             make_inputs=make,
             impls=[Impl("kdops", kd), Impl("eager", ref), Impl("compile", ref, compile=True)],
-            grad_inputs=["student"], min_bytes=min_bytes, atol=tol, rtol=tol,
+            grad_inputs=["student"], min_bytes=feature_pass_bytes, atol=tol, rtol=tol,
         ))
     return out
