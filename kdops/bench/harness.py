@@ -155,7 +155,9 @@ def time_case(case: Case, device: torch.device, reps: int, warmup: int,
         except Exception as e:  # a failing peer or compile must not stop the run
             row.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
     ref_name = case.impls[0].name
-    eager = next((r for r in rows if r.impl == "eager" and r.fwdbwd_ms), None)
+    # by convention the second implementation of a case is its eager baseline
+    base_name = case.impls[1].name if len(case.impls) > 1 else None
+    eager = next((r for r in rows if r.impl == base_name and r.fwdbwd_ms), None)
     for r in rows:
         if r.error:
             r.match = "error"

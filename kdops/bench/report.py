@@ -72,7 +72,7 @@ def markdown(rows: List[Dict], env: Dict[str, object], title: str) -> str:
         )
     head.append("")
     head.append("fwd+bwd: median wall time of forward + backward of the result (inputs that require grad); "
-                "x eager: eager fwd+bwd / this fwd+bwd; GB/s: the op's minimal bytes (read inputs, write "
+                "x eager: fwd+bwd of the case's eager baseline (its second row) / this fwd+bwd; GB/s: the op's minimal bytes (read inputs, write "
                 "gradients) / kdops fwd+bwd time; check: results and gradients against kdops.")
     return "\n".join(head) + "\n"
 
