@@ -38,29 +38,41 @@ def _info() -> int:
         print("CUDA: no GPU visible")
     print("\nbackend per op:")
     for name in op_names:
-        cpu = "C++ kernel" if kdops.HAS_C else "eager reference (extension missing)"
+        if not kdops.HAS_C:
+            cpu = "eager reference (extension missing)"
+        elif _has(name, "CPU"):
+            cpu = "C++ kernel"
+        else:
+            cpu = "torch ops (no custom kernel)"
         if not cuda:
             gpu = "- (no GPU)"
         elif kdops.HAS_C and HAS_TRITON:
             gpu = _cuda_backend(name)
         else:
             gpu = "eager reference"
-        print(f"  {name:<24} cpu: {cpu:<24} cuda: {gpu}")
+        print(f"  {name:<24} cpu: {cpu:<30} cuda: {gpu}")
     return 0
 
 
-def _cuda_backend(op: str) -> str:
+def _has(op: str, key: str) -> bool:
+    """Whether a kdops schema of this op (<op>_fwd, or without a "_loss" suffix) has a kernel for key."""
     import torch
 
-    try:
-        ops = [n for n in torch.ops.kdops.__dir__() if n.startswith(op)]
-        for n in ops:
-            kernels = torch._C._dispatch_dump(f"kdops::{n}")
-            if "CUDA" in kernels and "python" in kernels.split("CUDA", 1)[1][:80].lower():
-                return "Triton"
-        return "CUDA C++" if ops else "eager reference"
-    except Exception:
+    for schema in (f"{op}_fwd", f"{op[:-5]}_fwd" if op.endswith("_loss") else None):
+        if schema and hasattr(torch.ops.kdops, schema):
+            return torch._C._dispatch_has_kernel_for_dispatch_key(f"kdops::{schema}", key)
+    return False
+
+
+def _cuda_backend(op: str) -> str:
+    """Which kernel serves op on CUDA: ms_deform_attn has CUDA C++ and Triton, the others Triton."""
+    if op == "ms_deform_attn":
+        from kdops.ops.ms_deform_attn import cuda_backend
+
+        return {"cuda": "CUDA C++", "triton": "Triton"}.get(cuda_backend(), "eager reference")
+    if _has(op, "CUDA"):
         return "Triton"
+    return "torch ops (no custom kernel)"
 
 
 def _bench(args) -> int:
