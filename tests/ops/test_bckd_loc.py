@@ -10,18 +10,9 @@ import kdops
 from kdops import reference as R
 from kdops.reference import bckd as RB
 from kdops.ops._common import anchor_view
+from test_bckd import logits, to_nchw  # shared input builders
 
 F64 = torch.float64
-
-
-def logits(shape, seed, scale=3.0, dtype=F64):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=g, dtype=F64) * scale).to(dtype)
-
-
-def to_nchw(x, N, H, W):
-    """(A,C) in (n,h,w,j) order -> mmdet's (N,J*C,H,W) head layout."""
-    return x.reshape(N, H, W, -1).permute(0, 3, 1, 2).contiguous()
 
 
 def make_loc(decoder, N=2, H=3, W=5, J=1, K=6, reg_max=4, seed=0, dtype=F64):

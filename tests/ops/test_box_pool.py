@@ -3,7 +3,7 @@ import re
 
 import pytest
 import torch
-from helpers import LOW, close, compile_for_gpu, leaf, triton_device
+from helpers import LOW, assert_compiled_matches_eager, close, compile_for_gpu, leaf, triton_device
 
 import kdops
 from kdops.reference.box_pool import box_mask_dense
@@ -265,14 +265,7 @@ def test_torch_compile_fullgraph():
         return pooled.sum() + sum((p * x).sum() for p, x in zip(painted, feats))
 
     v = torch.randn(boxes.shape[0], 5)
-    a_in, b_in = [leaf(x) for x in feats], [leaf(x) for x in feats]
-    a = torch.compile(f, fullgraph=True, backend="aot_eager")(a_in, boxes, bi, v)
-    b = f(b_in, boxes, bi, v)
-    a.backward()
-    b.backward()
-    torch.testing.assert_close(a, b)
-    for x, y in zip(a_in, b_in):
-        torch.testing.assert_close(x.grad, y.grad)
+    assert_compiled_matches_eager(f, feats, boxes, bi, v)
 
 
 def test_fake_tensor_shapes():

@@ -3,7 +3,7 @@ import re
 
 import pytest
 import torch
-from helpers import LOW, close, compile_for_gpu, leaf, triton_device
+from helpers import LOW, assert_compiled_matches_eager, close, compile_for_gpu, leaf, triton_device
 
 import kdops
 
@@ -169,14 +169,7 @@ def test_torch_compile_fullgraph(validate):
     def f(feats, idx):
         return (kdops.gather_level_features(feats, idx, validate=validate) ** 2).sum()
 
-    a_in, b_in = [leaf(x) for x in feats], [leaf(x) for x in feats]
-    a = torch.compile(f, fullgraph=True, backend="aot_eager")(a_in, idx)
-    b = f(b_in, idx)
-    a.backward()
-    b.backward()
-    torch.testing.assert_close(a, b)
-    for x, y in zip(a_in, b_in):
-        torch.testing.assert_close(x.grad, y.grad)
+    assert_compiled_matches_eager(f, feats, idx)
 
 
 def test_fake_tensor_shapes():

@@ -3,7 +3,7 @@ import re
 
 import pytest
 import torch
-from helpers import LOW, close, grads_of, leaf, triton_device
+from helpers import LOW, assert_compiled_matches_eager, close, grads_of, leaf, triton_device
 
 import kdops
 from kdops.ops._common import acc_dtype
@@ -172,14 +172,7 @@ def test_torch_compile_fullgraph():
     def f(s, t, pw, cw):
         return kdops.masked_mse(s, t, pixel_weight=pw, channel_weight=cw) * 0.5
 
-    S1, S2 = leaf(s), leaf(s)
-    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
-    a = cf(S1, t, pw, cw)
-    b = f(S2, t, pw, cw)
-    a.backward()
-    b.backward()
-    torch.testing.assert_close(a, b)
-    torch.testing.assert_close(S1.grad, S2.grad)
+    assert_compiled_matches_eager(f, s, t, pw, cw)
 
 
 def test_fake_tensor_shapes():

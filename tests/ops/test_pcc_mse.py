@@ -4,7 +4,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import close, grads_of, leaf, triton_device
+from helpers import assert_compiled_matches_eager, close, grads_of, leaf, triton_device
 
 import kdops
 
@@ -165,13 +165,7 @@ def test_torch_compile_fullgraph():
     def f(s, t):
         return kdops.pcc_mse([s, s * 2], [t, t], norm="channel").sum() / 2
 
-    S1, S2 = leaf(s), leaf(s)
-    a = torch.compile(f, fullgraph=True, backend="aot_eager")(S1, t)
-    b = f(S2, t)
-    a.backward()
-    b.backward()
-    torch.testing.assert_close(a, b)
-    torch.testing.assert_close(S1.grad, S2.grad)
+    assert_compiled_matches_eager(f, s, t)
 
 
 def test_fake_tensor_shapes():
