@@ -12,7 +12,9 @@
 #else
 #define KDOPS_SIMD_CLONES
 #endif
+#ifndef KDOPS_INLINE
 #define KDOPS_INLINE inline __attribute__((always_inline))
+#endif
 
 namespace kdops {
 namespace bckd {

@@ -6,6 +6,10 @@
 #include <type_traits>
 #include <vector>
 
+#ifndef KDOPS_INLINE
+#define KDOPS_INLINE inline __attribute__((always_inline))
+#endif
+
 namespace kdops {
 
 // float for half/bfloat16/float, double for double: every kernel accumulates in it.

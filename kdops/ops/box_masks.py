@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from ._common import parse_sizes, per_level_numbers
-from .box_ranges import ImageSize, _check_rule, check_boxes, level_ranges
+from .box_ranges import ImageSize, _check_rule, all_level_ranges, check_boxes
 
 OP = "box_masks"
 
@@ -125,10 +125,11 @@ def box_masks(
         raise ValueError(f"kdops.{OP}: `mode` must be 'fgd' or 'binary', got {mode!r}")
     dtype = dtype or torch.float32
     fgs, bgs = [], []
-    for (N, H, W), s in zip(levels, st):
-        r = level_ranges(boxes, (H, W), s, rule, img)
+    hw = [(H, W) for _, H, W in levels]
+    ranges = all_level_ranges(boxes, hw, st, rule, img)
+    unclipped = all_level_ranges(boxes, hw, st, rule, img, clip=False) if mode == "fgd" else ranges
+    for (N, H, W), r, u in zip(levels, ranges, unclipped):
         if mode == "fgd":
-            u = level_ranges(boxes, (H, W), s, rule, img, clip=False)
             area = ((u[:, 2] - u[:, 0] + 1).clamp(min=0) * (u[:, 3] - u[:, 1] + 1).clamp(min=0)).double()
             weight = torch.where(area > 0, 1.0 / area.clamp(min=1), 0.0)
         else:

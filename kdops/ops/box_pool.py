@@ -23,7 +23,7 @@ from .._extension import HAS_C
 from ._common import (
     FLOAT_DTYPES, as_levels, check_levels, check_tensor, parse_sizes, per_level_numbers, register_cuda, use_kernel,
 )
-from .box_ranges import ImageSize, _check_rule, check_boxes, level_ranges
+from .box_ranges import ImageSize, _check_rule, all_level_ranges, check_boxes
 
 Sizes = Union[Sequence[int], Sequence[Sequence[int]]]
 
@@ -70,8 +70,8 @@ def box_pool(
         raise ValueError(f"kdops.{op}: `reduce` must be 'sum' or 'mean', got {reduce!r}")
     mean = reduce == "mean"
     outs = []
-    for f, s in zip(feats, st):
-        r = level_ranges(boxes, f.shape[-2:], s, rule, img)
+    ranges = all_level_ranges(boxes, [f.shape[-2:] for f in feats], st, rule, img)
+    for f, r in zip(feats, ranges):
         if use_kernel(op, f.device):
             outs.append(torch.ops.kdops.box_pool_fwd(f, r, batch_index, mean))
         else:
@@ -118,8 +118,8 @@ def box_paint(
     st = per_level_numbers(op, "strides", strides, L, is_seq)
     img = _check_rule(op, rule, image_size, boxes)
     outs = []
-    for (N, H, W), v, s in zip(levels, per_level, st):
-        r = level_ranges(boxes, (H, W), s, rule, img)
+    ranges = all_level_ranges(boxes, [(H, W) for _, H, W in levels], st, rule, img)
+    for (N, H, W), v, r in zip(levels, per_level, ranges):
         if use_kernel(op, values.device):
             outs.append(torch.ops.kdops.box_paint_fwd(v, r, batch_index, N, H, W, False))
         else:

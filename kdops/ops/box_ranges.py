@@ -48,8 +48,10 @@ def _check_rule(op: str, rule: str, image_size: ImageSize, boxes: torch.Tensor):
     raise ValueError(f"kdops.{op}: `image_size` must be None, (height, width) or a (K,2) tensor, got {image_size!r}")
 
 
-def _axis(lo: torch.Tensor, hi: torch.Tensor, size: int, stride: float, img, rule: str):
-    """Unclipped inclusive pixel range [a, b] of one axis (float tensors of integers)."""
+def _axis(lo: torch.Tensor, hi: torch.Tensor, size: torch.Tensor, stride: torch.Tensor, img, rule: str,
+          inv_stride: Optional[torch.Tensor]):
+    """Unclipped inclusive pixel range [a, b] of one axis (float tensors of integers); lo, hi
+    are (1,K) box coordinates, size and stride (L,1) per level."""
     if rule == "center":
         # x1 < (x + 0.5) s < x2 ; the estimate is corrected by one against the exact test
         a = torch.floor(lo / stride - 0.5) + 1
@@ -61,7 +63,7 @@ def _axis(lo: torch.Tensor, hi: torch.Tensor, size: int, stride: float, img, rul
         return a, b
     if rule == "lgd":
         # LGD get_inside_gt_mask: |x - (x1 r + x2 r)/2| / (x2 r - x1 r) <= 0.5, r = size / image
-        r = (1.0 / stride) if img is None else size / img
+        r = inv_stride if img is None else size / img
         lo_r, hi_r = lo * r, hi * r
         a, b = torch.ceil(lo_r), torch.floor(hi_r)
         b = torch.where(hi_r - lo_r > 0, b, a - 1)  # zero-size (or inverted) boxes cover nothing
@@ -72,23 +74,33 @@ def _axis(lo: torch.Tensor, hi: torch.Tensor, size: int, stride: float, img, rul
     return torch.floor(lo / img * size), torch.ceil(hi / img * size)
 
 
-def level_ranges(boxes: torch.Tensor, size: Tuple[int, int], stride: float, rule: str, img, clip: bool = True):
-    """(K,4) int64 [x_lo, y_lo, x_hi, y_hi] of one level; unclipped when clip=False."""
-    H, W = int(size[0]), int(size[1])
+def all_level_ranges(boxes: torch.Tensor, sizes: Sequence[Tuple[int, int]], strides: Sequence[float], rule: str, img,
+                     clip: bool = True) -> torch.Tensor:
+    """(L,K,4) int64 [x_lo, y_lo, x_hi, y_hi] of every level in one set of tensor ops
+    (levels broadcast along dim 0, so the cost does not grow with L op calls)."""
     dt = boxes.dtype if boxes.dtype in (torch.float32, torch.float64) else torch.float32
-    x1, y1, x2, y2 = boxes.to(dt).unbind(1)
+    sizes = [(int(s[-2]), int(s[-1])) for s in sizes]
+
+    def column(values):  # (L,1): one value per level, broadcast against the (1,K) box coordinates
+        return constant([[float(v)] for v in values], like=boxes, dtype=dt)
+
+    H, W = column([h for h, _ in sizes]), column([w for _, w in sizes])
+    st = column(strides)
+    x1, y1, x2, y2 = boxes.to(dt).t()[:, None, :]
     img_h, img_w = (None, None) if img is None else img
     if isinstance(img_w, torch.Tensor):
         img_h, img_w = img_h.to(dt), img_w.to(dt)
-    xa, xb = _axis(x1, x2, W, stride, img_w, rule)
-    ya, yb = _axis(y1, y2, H, stride, img_h, rule)
-    r = torch.stack([xa, ya, xb, yb], 1)
+    # LGD scales by 1/stride: the reciprocal is taken in float64 and rounded once to dt
+    inv = column([1.0 / float(s) for s in strides]) if rule == "lgd" and img is None else None
+    xa, xb = _axis(x1, x2, W, st, img_w, rule, inv)
+    ya, yb = _axis(y1, y2, H, st, img_h, rule, inv)
+    r = torch.stack(torch.broadcast_tensors(xa, ya, xb, yb), 2)  # (L,K,4)
     if clip:
-        lim = constant([W - 1, H - 1], like=boxes, dtype=dt)
-        a, b = r[:, :2], r[:, 2:]
+        lim = torch.stack([W - 1, H - 1], 2)  # (L,1,2)
+        a, b = r[..., :2], r[..., 2:]
         # empty (or NaN) on either axis -> the canonical empty range [1, 1, 0, 0]
-        empty = ((a > b) | (b < 0) | (a > lim) | a.isnan() | b.isnan()).any(1, keepdim=True)
-        r = torch.cat([torch.clamp(a, min=0), torch.minimum(b, lim)], 1)
+        empty = ((a > b) | (b < 0) | (a > lim) | a.isnan() | b.isnan()).any(2, keepdim=True)
+        r = torch.cat([torch.clamp(a, min=0), torch.minimum(b, lim)], 2)
         r = torch.where(empty, constant([1.0, 1.0, 0.0, 0.0], like=boxes, dtype=dt), r)
     else:
         r = torch.nan_to_num(r, nan=0.0).clamp(-(2.0 ** 40), 2.0 ** 40)
@@ -138,4 +150,4 @@ def box_ranges(
     L = len(feature_sizes)
     st = per_level_numbers(op, "strides", strides, L, True)
     img = _check_rule(op, rule, image_size, boxes)
-    return torch.stack([level_ranges(boxes, tuple(s)[-2:], st[i], rule, img) for i, s in enumerate(feature_sizes)])
+    return all_level_ranges(boxes, [tuple(s)[-2:] for s in feature_sizes], st, rule, img)

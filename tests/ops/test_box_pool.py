@@ -166,6 +166,29 @@ def test_pool_paint_adjoint(reduce):
     close(gv, p, torch.float64)
 
 
+@pytest.mark.parametrize("K", [3, 300])
+def test_pool_and_paint_wide_map_many_channels(K):
+    # a 37x83 map and C = 19 (two full blocks of 8 channels and a partial one); few boxes give
+    # long segments between box edges, many boxes short ones: both sweeps of the kernel
+    g = torch.Generator().manual_seed(K)
+    f = torch.randn(3, 19, 37, 83, generator=g, dtype=torch.float64)
+    xy = torch.rand(K, 2, generator=g, dtype=torch.float64) * torch.tensor([83 * 8.0, 37 * 8.0]) - 20
+    wh = torch.rand(K, 2, generator=g, dtype=torch.float64) ** 2 * torch.tensor([83 * 8.0, 37 * 8.0])
+    boxes = torch.cat([xy, xy + wh], 1)
+    bi = torch.randint(0, 3, (K,), generator=g)
+    m = box_mask_dense(boxes, (37, 83), 8, "center")
+    for reduce in ("sum", "mean"):
+        ref = torch.einsum("khw,kchw->kc", m, f[bi])
+        if reduce == "mean":
+            ref = ref / m.sum((1, 2))[:, None].clamp(min=1)
+        close(kdops.box_pool(f, boxes, bi, 8, reduce=reduce), ref, torch.float64)
+        close(kdops.box_pool(f.float(), boxes, bi, 8, reduce=reduce), ref, torch.float32, scale=ref.abs().max().item())
+    v = torch.randn(K, 19, generator=g, dtype=torch.float64)
+    ref_p = torch.einsum("khw,kc,kn->nchw", m, v, torch.nn.functional.one_hot(bi, 3).double())
+    close(kdops.box_paint(v, boxes, bi, (3, 37, 83), 8), ref_p, torch.float64)
+    close(kdops.box_paint(v.float(), boxes, bi, (3, 37, 83), 8), ref_p, torch.float32, scale=ref_p.abs().max().item())
+
+
 def test_gradcheck_pool_and_paint():
     boxes, bi = make_boxes(6, seed=7)
     f = leaf(torch.randn(2, 3, 6, 7, dtype=torch.float64))

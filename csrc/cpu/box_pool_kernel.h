@@ -1,0 +1,163 @@
+// Per-block kernels of box_pool / box_paint (see box_pool.cpp for the method). box_pool.cpp
+// includes this file twice with KDOPS_ISA = base / avx2 (no include guard on purpose).
+//
+// A block is kBoxLanes channels of one image, swept together row by row. The running rows
+// (V for pool, R for paint) keep one row per channel, V[c * ld + x], so the per-row work --
+// widening a feature row into V, writing a painted row from R -- is a contiguous vector
+// loop. At event rows the segments between the row's box edges are summed (pool) or
+// updated (paint) 4 columns at a time for all 8 channels at once (8 independent vector
+// chains), so per-row bookkeeping (edges, events) is paid once per block. Lanes past the
+// last channel read the block's first channel (valid memory) and their results are dropped.
+
+namespace kdops {
+namespace KDOPS_ISA {
+
+typedef double v4d __attribute__((vector_size(32)));
+
+KDOPS_INLINE v4d box_load(const double* p) {
+  v4d v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+KDOPS_INLINE void box_store(double* p, v4d v) { std::memcpy(p, &v, sizeof(v)); }
+
+// V[c] += feature row (columns [0, width) from each lane's base + offset).
+template <typename scalar_t>
+KDOPS_INLINE void box_add_row(const scalar_t* const* lanes, int64_t offset, int64_t sW, double* V, int64_t ld,
+                              int64_t width) {
+  for (int c = 0; c < kBoxLanes; ++c) {
+    const scalar_t* src = lanes[c] + offset;
+    double* v = V + c * ld;
+    if (sW == 1) {
+#pragma omp simd
+      for (int64_t x = 0; x < width; ++x) v[x] += double(src[x]);
+    } else {
+      for (int64_t x = 0; x < width; ++x) v[x] += double(src[x * sW]);
+    }
+  }
+}
+
+// Q[i * lanes + c] = sum of V[c] over columns [e[0], e[i]), for the row's ne sorted edges.
+// A segment of at least kVectorSegment columns is summed 4 columns at a time in 8
+// independent vector accumulators (one per lane), then its remaining columns; a shorter
+// one column by column in 8 scalar accumulators (no horizontal sums). The order depends
+// only on the edges, so results are reproducible.
+constexpr int64_t kVectorSegment = 8;
+
+KDOPS_INLINE void box_edge_sums(const double* V, int64_t ld, const int64_t* e, int64_t ne, double* Q) {
+  static_assert(kBoxLanes == 8, "written for 8 lanes");
+  double run[kBoxLanes] = {};
+  for (int c = 0; c < kBoxLanes; ++c) Q[c] = 0.0;
+  for (int64_t i = 0; i + 1 < ne; ++i) {
+    double* q = Q + (i + 1) * kBoxLanes;
+    if (e[i + 1] - e[i] >= kVectorSegment) {
+      v4d acc[kBoxLanes] = {};
+      int64_t x = e[i];
+      for (; x + 4 <= e[i + 1]; x += 4)
+        for (int c = 0; c < kBoxLanes; ++c) acc[c] += box_load(V + c * ld + x);
+      for (int c = 0; c < kBoxLanes; ++c) {
+        double s = (acc[c][0] + acc[c][1]) + (acc[c][2] + acc[c][3]);
+        for (int64_t t = x; t < e[i + 1]; ++t) s += V[c * ld + t];
+        q[c] = run[c] += s;
+      }
+    } else {
+      double r0 = run[0], r1 = run[1], r2 = run[2], r3 = run[3], r4 = run[4], r5 = run[5], r6 = run[6], r7 = run[7];
+      const double* v = V + e[i];
+      for (int64_t x = 0, n = e[i + 1] - e[i]; x < n; ++x) {
+        r0 += v[x];
+        r1 += v[ld + x];
+        r2 += v[2 * ld + x];
+        r3 += v[3 * ld + x];
+        r4 += v[4 * ld + x];
+        r5 += v[5 * ld + x];
+        r6 += v[6 * ld + x];
+        r7 += v[7 * ld + x];
+      }
+      q[0] = run[0] = r0, q[1] = run[1] = r1, q[2] = run[2] = r2, q[3] = run[3] = r3;
+      q[4] = run[4] = r4, q[5] = run[5] = r5, q[6] = run[6] = r6, q[7] = run[7] = r7;
+    }
+  }
+}
+
+// Pools one block: acc (boxes x lanes) receives every box's sum over its pixels.
+template <typename scalar_t>
+void box_pool_block(const ImagePlan& p, const scalar_t* const* lanes, int64_t sH, int64_t sW, double* V, double* Q,
+                    double* acc) {
+  const int64_t width = p.x_hi - p.x_lo, ld = width;
+  std::fill(V, V + width * kBoxLanes, 0.0);
+  std::fill(acc, acc + p.boxes.size() * kBoxLanes, 0.0);
+  int64_t y = p.rows.front().row;
+  for (const EventRow& er : p.rows) {
+    for (; y < er.row; ++y) box_add_row(lanes, y * sH, sW, V, ld, width);
+    box_edge_sums(V, ld, p.edges.data() + er.edge_begin, er.edge_end - er.edge_begin, Q);
+    for (int64_t q = er.ev_begin; q < er.ev_end; ++q) {
+      const Event& ev = p.events[q];
+      double* a = acc + ev.box * kBoxLanes;
+      const double* qa = Q + ev.a * kBoxLanes;
+      const double* qb = Q + ev.b * kBoxLanes;
+#pragma omp simd
+      for (int c = 0; c < kBoxLanes; ++c) a[c] += ev.sign * (qb[c] - qa[c]);
+    }
+  }
+}
+
+// Writes row `y` of every painted lane from R (zeros outside [x_lo, x_hi)).
+template <typename scalar_t>
+KDOPS_INLINE void box_emit_row(scalar_t* const* lanes, int cb, int64_t y, int64_t W, int64_t x_lo, int64_t x_hi,
+                               const double* R, int64_t ld) {
+  for (int c = 0; c < cb; ++c) {
+    scalar_t* dst = lanes[c] + y * W;
+    const double* r = R + c * ld - x_lo;
+    std::fill(dst, dst + x_lo, scalar_t(0));
+#pragma omp simd
+    for (int64_t x = x_lo; x < x_hi; ++x) dst[x] = static_cast<scalar_t>(r[x]);
+    std::fill(dst + x_hi, dst + W, scalar_t(0));
+  }
+}
+
+// Paints one block of cb channels (channel c0 + lane of values (K,C)) into its planes.
+template <typename scalar_t>
+void box_paint_block(const ImagePlan& p, const scalar_t* vp, int64_t C, int64_t c0, int cb, scalar_t* const* lanes,
+                     int64_t H, int64_t W, double* R, double* d) {
+  int64_t y = 0;
+  if (!p.rows.empty()) {
+    const int64_t width = p.x_hi - p.x_lo, ld = width;
+    std::fill(R, R + width * kBoxLanes, 0.0);
+    y = p.rows.front().row;
+    for (int c = 0; c < cb; ++c) std::fill(lanes[c], lanes[c] + y * W, scalar_t(0));
+    for (const EventRow& er : p.rows) {
+      for (; y < er.row; ++y) box_emit_row(lanes, cb, y, W, p.x_lo, p.x_hi, R, ld);
+      const int64_t* e = p.edges.data() + er.edge_begin;
+      const int64_t ne = er.edge_end - er.edge_begin;
+      std::fill(d, d + ne * kBoxLanes, 0.0);
+      for (int64_t q = er.ev_begin; q < er.ev_end; ++q) {
+        const Event& ev = p.events[q];
+        const scalar_t* v = vp + p.boxes[ev.box] * C + c0;
+        const double s = -ev.sign * p.scale[ev.box];
+        double* da = d + ev.a * kBoxLanes;
+        double* db = d + ev.b * kBoxLanes;
+        for (int c = 0; c < cb; ++c) {
+          const double val = s * double(v[c]);
+          da[c] += val;
+          db[c] -= val;
+        }
+      }
+      double run[kBoxLanes] = {};
+      for (int64_t i = 0; i + 1 < ne; ++i) {
+        const double* di = d + i * kBoxLanes;
+#pragma omp simd
+        for (int c = 0; c < kBoxLanes; ++c) run[c] += di[c];
+        int64_t x = e[i];
+        for (; x + 4 <= e[i + 1]; x += 4)
+          for (int c = 0; c < kBoxLanes; ++c) box_store(R + c * ld + x, box_load(R + c * ld + x) + run[c]);
+        for (; x < e[i + 1]; ++x)
+          for (int c = 0; c < kBoxLanes; ++c) R[c * ld + x] += run[c];
+      }
+    }
+  }
+  for (int c = 0; c < cb; ++c) std::fill(lanes[c] + y * W, lanes[c] + H * W, scalar_t(0));  // below every box
+}
+
+}  // namespace KDOPS_ISA
+}  // namespace kdops
