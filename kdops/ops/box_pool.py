@@ -8,9 +8,15 @@ With :math:`m_k` the 0/1 mask of box k on a level (a rectangle of whole pixels, 
     \mathrm{paint}(V)[n, c, y, x] = \sum_{k: b_k = n} m_k[y,x]\, V[k, c],
 
 so :math:`\langle \mathrm{pool}(F), V\rangle = \langle F, \mathrm{paint}(V)\rangle` and each
-is the other's gradient. Pooling reads summed-area tables, painting fills 2-D difference
-arrays and prefix-sums them: O(N·C·H·W + K·C) per level whatever the box areas, and no
-per-box H×W mask is ever formed (LGD's code multiplies dense per-object masks).
+is the other's gradient. Cost O(N·C·H·W + K·C) per level whatever the box areas, and no
+per-box H×W mask is ever formed (LGD's code multiplies dense per-object masks):
+
+- CPU: one sweep down each map. Column sums (float64) are summed between the box edges
+  only at the rows where a box starts or ends (pool), or a running row of box values is
+  updated there and written out (paint); only the bounding rectangle of an image's boxes
+  is read. 8 channels are swept together.
+- GPU (Triton): a summed-area table per plane (pool) and a 2-D difference array that is
+  prefix-summed (paint).
 """
 from __future__ import annotations
 
