@@ -44,6 +44,16 @@ TORCH_LIBRARY(kdops, m) {
   m.def(
       "box_paint_fwd(Tensor values, Tensor ranges, Tensor batch_index, SymInt N, SymInt H, "
       "SymInt W, bool mean) -> Tensor");
+  // General masks. feature (N,C,H,W), masks (K,H,W) in the feature's dtype, batch_index (K,)
+  // int64: out[k,c] = sum_{y,x} masks[k,y,x] * feature[b_k,c,y,x], (K,C); objects whose b_k is
+  // outside [0,N) give 0. One GEMM per image over its objects: O(K*C*H*W), no (N,C,K) product.
+  m.def("mask_pool_fwd(Tensor feature, Tensor masks, Tensor batch_index) -> Tensor");
+  // (grad_feature (N,C,H,W), grad_masks (K,H,W)) of <grad, out>:
+  // grad_feature[n] = sum_{k: b_k = n} grad[k,:]^T masks[k]; grad_masks[k] = sum_c grad[k,c] feature[b_k,c].
+  // Deterministic (per-image segments in a fixed order, no atomics).
+  m.def(
+      "mask_pool_bwd(Tensor grad, Tensor feature, Tensor masks, Tensor batch_index, bool grad_feature, "
+      "bool grad_masks) -> (Tensor, Tensor)");
   // Multi-scale deformable attention (Deformable DETR; mmcv's MultiScaleDeformableAttnFunction
   // without im2col_step). value (N,S,M,D), spatial_shapes (L,2) int64 [H,W],
   // level_start_index (L,) int64, sampling_locations (N,Q,M,L,P,2) [x,y] in [0,1],

@@ -1,9 +1,27 @@
-"""kdops.mask_pool: per-object sums of a feature map under arbitrary (K,H,W) masks."""
+r"""kdops.mask_pool: per-object sums of a feature map under arbitrary (K,H,W) masks.
+
+With :math:`M_k` the mask of object k and :math:`b_k` its image,
+
+.. math::
+    \mathrm{out}[k, c] = \sum_{y,x} M_k[y,x]\, F[b_k, c, y, x],
+
+    \frac{\partial L}{\partial F[n, c]} = \sum_{k: b_k = n} g[k, c]\, M_k, \qquad
+    \frac{\partial L}{\partial M_k} = \sum_c g[k, c]\, F[b_k, c]
+
+with :math:`g = \partial L / \partial \mathrm{out}`. Per image this is one matrix product
+over the image's objects, (K_n,HW) @ (HW,C), exactly LGD's ``aggregate_per_level``
+(``torch.mm(inst_masks[b], feat[b].T)`` per image, before its division by the mask area).
+The kernels (``kdops::mask_pool_fwd`` / ``_bwd``: C++ on the CPU, Triton on CUDA) group the
+objects by image themselves, so the cost is O(K·C·H·W) and nothing of size (N,C,K) or
+(N,K,H,W) is formed; the backward is deterministic (per-image segments, no atomics).
+"""
 from __future__ import annotations
 
 import torch
 
-from ._common import FLOAT_DTYPES, check_index_tensor, check_tensor
+from .. import reference
+from .._extension import HAS_C
+from ._common import FLOAT_DTYPES, check_index_tensor, check_tensor, register_cuda, use_kernel
 
 OP = "mask_pool"
 
@@ -14,20 +32,23 @@ def mask_pool(feature: torch.Tensor, masks: torch.Tensor, batch_index: torch.Ten
     .. math::
         \mathrm{out}[k, c] = \sum_{y,x} M_k[y,x]\, F[b_k, c, y, x]
 
-    LGD's instance-segmentation variant pools features under per-object masks instead of
-    boxes. The kernel is one batched product ``F[n] (C,HW) @ M^T (HW,K)`` for every image,
-    followed by picking column k of image b_k: exact, differentiable in both the feature
-    and the masks, and its only intermediate is (N,C,K) -- smaller than the inputs for
-    the usual N of 2-16. Boxes with an out-of-range batch index pool to 0 (no host check).
+    LGD (Zhang et al., "LGD: Label-Guided Self-Distillation for Object Detection", AAAI
+    2022) builds each object's appearance embedding by pooling the student's FPN features
+    under the object's mask -- its box mask, or its instance-segmentation mask when the
+    label maps are loaded -- one ``torch.mm`` per image (``aggregate_per_level``; divide by
+    ``masks.sum((1, 2)).clamp(min=1)`` for its normalised version). Rectangular box masks
+    are cheaper with :func:`kdops.box_pool`.
 
     Args:
         feature: (N,C,H,W) floating.
-        masks: (K,H,W) floating, bool or uint8 (cast to the feature's dtype; gradients flow
-            to floating masks).
-        batch_index: (K,) int64.
+        masks: (K,H,W) floating, bool or uint8. Floating masks get gradients (a float mask
+            of another dtype is cast to the feature's dtype first, differentiably);
+            bool/uint8 masks are cast to the feature's dtype and get none.
+        batch_index: (K,) int64 image of each mask. An object whose batch index is out of
+            range pools to 0 and receives no gradient (not checked on the host: no sync).
 
     Returns:
-        (K,C) in the feature's dtype.
+        (K,C) in the feature's dtype, accumulated in float32 (float64 for float64).
     """
     check_tensor(OP, "feature", feature, ndim=4, what="(N,C,H,W)")
     N, C, H, W = feature.shape
@@ -37,10 +58,72 @@ def mask_pool(feature: torch.Tensor, masks: torch.Tensor, batch_index: torch.Ten
     if masks.shape[1:] != (H, W):
         raise ValueError(f"kdops.{OP}: `masks` must have shape (K,{H},{W}) to match `feature`, got {tuple(masks.shape)}")
     check_index_tensor(OP, "batch_index", batch_index, like=feature, shape=(K,), what="(K,) image of each mask")
-    if N == 0:
-        return feature.new_zeros((K, C))
-    pooled = torch.matmul(feature.reshape(N, C, H * W), masks.to(feature.dtype).reshape(K, H * W).t())  # (N,C,K)
-    valid = (batch_index >= 0) & (batch_index < N)
-    b = batch_index.clamp(0, N - 1)
-    out = pooled[b, :, torch.arange(K, device=feature.device)]  # (K,C)
-    return out * valid.to(out.dtype)[:, None]
+    m = masks if masks.dtype == feature.dtype else masks.to(feature.dtype)
+    if not use_kernel(OP, feature.device):
+        return reference.mask_pool(feature, m, batch_index)
+    return torch.ops.kdops.mask_pool_fwd(feature, m, batch_index)
+
+
+def _fake_fwd(feature, masks, batch_index):
+    return feature.new_empty((masks.shape[0], feature.shape[1]))
+
+
+def _fake_bwd(grad, feature, masks, batch_index, grad_feature, grad_masks):
+    gf = feature.new_empty(feature.shape) if grad_feature else feature.new_empty((0,))
+    gm = masks.new_empty(masks.shape) if grad_masks else masks.new_empty((0,))
+    return gf, gm
+
+
+def _setup(ctx, inputs, output):
+    feature, masks, batch_index = inputs
+    ctx.save_for_backward(feature, masks, batch_index)
+
+
+def _backward(ctx, grad):
+    feature, masks, batch_index = ctx.saved_tensors
+    need_f, need_m = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    gf, gm = torch.ops.kdops.mask_pool_bwd(grad, feature, masks, batch_index, need_f, need_m)
+    return (gf if need_f else None), (gm if need_m else None), None
+
+
+def _bwd_setup(ctx, inputs, output):
+    grad, feature, masks, batch_index, grad_feature, grad_masks = inputs
+    ctx.flags = (grad_feature, grad_masks)
+    ctx.save_for_backward(grad, feature, masks, batch_index)
+
+
+def _bwd_backward(ctx, ggf, ggm):
+    # The backward is bilinear: (g, M) -> grad_F and (g, F) -> grad_M, so its own gradient
+    # is made of the same two ops (higher-order gradients, e.g. gradgradcheck, work).
+    grad, feature, masks, bi = ctx.saved_tensors
+    has_f, has_m = ctx.flags
+    use_f = has_f and ggf is not None and ggf.numel() == feature.numel()
+    use_m = has_m and ggm is not None and ggm.numel() == masks.numel()
+    need_g, need_f, need_m = ctx.needs_input_grad[:3]
+    d_grad = d_feature = d_masks = None
+    if need_g:
+        d_grad = torch.zeros_like(grad)
+        if use_f:
+            d_grad = d_grad + torch.ops.kdops.mask_pool_fwd(ggf, masks, bi)
+        if use_m:
+            d_grad = d_grad + torch.ops.kdops.mask_pool_fwd(feature, ggm, bi)
+    if need_f and use_m:
+        d_feature = torch.ops.kdops.mask_pool_bwd(grad, feature, ggm, bi, True, False)[0]
+    if need_m and use_f:
+        d_masks = torch.ops.kdops.mask_pool_bwd(grad, ggf, masks, bi, False, True)[1]
+    return d_grad, d_feature, d_masks, None, None, None
+
+
+if HAS_C:
+    torch.library.register_fake("kdops::mask_pool_fwd")(_fake_fwd)
+    torch.library.register_fake("kdops::mask_pool_bwd")(_fake_bwd)
+    torch.library.register_autograd("kdops::mask_pool_fwd", _backward, setup_context=_setup)
+    torch.library.register_autograd("kdops::mask_pool_bwd", _bwd_backward, setup_context=_bwd_setup)
+    from ..triton import HAS_TRITON
+
+    if HAS_TRITON:
+        from ..triton.mask_pool import mask_pool_bwd as _triton_bwd
+        from ..triton.mask_pool import mask_pool_fwd as _triton_fwd
+
+        register_cuda("mask_pool_fwd", _triton_fwd)
+        register_cuda("mask_pool_bwd", _triton_bwd)
