@@ -44,6 +44,13 @@ TORCH_LIBRARY(kdops, m) {
   m.def(
       "box_paint_fwd(Tensor values, Tensor ranges, Tensor batch_index, SymInt N, SymInt H, "
       "SymInt W, bool mean) -> Tensor");
+  // FGD's foreground mask: out[n,y,x] = max(0, max of weight[k] over the boxes k of image n whose
+  // inclusive range [x0,x1]x[y0,y1] (ranges (K,4) int64 [x_lo, y_lo, x_hi, y_hi]) covers (y,x)),
+  // (N,H,W) in `dtype`. weight (K,) float64; boxes with weight <= 0, empty ranges or batch index
+  // outside [0,N) are skipped, ranges are clipped. Exact (a max), deterministic; not differentiable.
+  m.def(
+      "box_max_paint(Tensor ranges, Tensor weight, Tensor batch_index, SymInt N, SymInt H, SymInt W, "
+      "ScalarType dtype) -> Tensor");
   // General masks. feature (N,C,H,W), masks (K,H,W) in the feature's dtype, batch_index (K,)
   // int64: out[k,c] = sum_{y,x} masks[k,y,x] * feature[b_k,c,y,x], (K,C); objects whose b_k is
   // outside [0,N) give 0. One GEMM per image over its objects: O(K*C*H*W), no (N,C,K) product.

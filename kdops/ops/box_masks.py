@@ -1,15 +1,33 @@
 r"""kdops.box_masks: FGD / FGFI / DeFeat foreground and background masks from GT boxes.
 
-Built on the boxes' device with tensor ops only -- no Python loop over boxes, no host
-synchronisation, no per-box H×W mask. The foreground weight of a pixel is a *maximum*
-over the boxes covering it, which difference arrays (sums) cannot express; it is
-computed with a 2-D sparse table instead: a box of h×w pixels is exactly covered by the
-four (possibly overlapping) 2^⌊log2 h⌋ × 2^⌊log2 w⌋ blocks at its corners, so each box
-writes 4 entries with ``scatter_reduce(amax)`` (order-free, hence deterministic), and
-log2(H)+log2(W) shifted-maximum passes (each over all block heights at once) push the
-blocks down to pixels. Cost
-O(N·H·W·log H·log W + K) per level; the table holds (⌊log2 H⌋+1)(⌊log2 W⌋+1) maps of
-(N,H,W) (56 for a 100×152 level).
+FGD (Yang et al., "Focal and Global Knowledge Distillation for Detectors", CVPR 2022;
+``mmdet/distillation/losses/fgd.py``, ``FeatureLoss.forward``) builds, per image n and FPN
+level, with :math:`R_k = [x^0_k, x^1_k] \times [y^0_k, y^1_k]` the inclusive feature-pixel
+range of GT box k (:func:`kdops.box_ranges`, rule "fgd") and :math:`A_k` its area,
+
+.. math::
+    M_{fg}[n,y,x] = \max\bigl(0, \max_{k:\, b_k = n,\ (y,x) \in R_k} 1/A_k\bigr), \qquad
+    M_{bg}[n] = \frac{[M_{fg}[n] = 0]}{\sum_{y,x} [M_{fg}[n] = 0]}
+
+(FGD's loop over images and boxes: ``Mask_fg[i][hmin:hmax+1, wmin:wmax+1] =
+torch.maximum(Mask_fg[i][...], area)``). FGFI / DeFeat use the binary union
+(:math:`1/A_k` replaced by 1, :math:`M_{bg} = 1 - M_{fg}`).
+
+The max-paint :math:`M_{fg}` is the op ``kdops::box_max_paint`` (schema in csrc/ops.cpp);
+no Python loop over boxes, no host synchronisation, no per-box H×W mask:
+
+- CPU (C++): per image, boxes sorted by weight (largest first, ties by index) paint only the
+  pixels not painted yet, skipping painted runs with a per-row "next unpainted column"
+  union-find: the first paint is the max, so the result is exact and order-free;
+  O(H·W + Σ box heights) per image, parallel over (image, row block), bitwise reproducible
+  for any thread count.
+- CUDA (Triton): one program per (box, row block) ``tl.atomic_max``-es the weight into a
+  zero-filled float32 buffer (max is exact and order-independent, so bitwise deterministic).
+- Elsewhere: a torch-ops 2-D sparse table (:func:`kdops.reference.box_max_paint_ranges`),
+  O(N·H·W·log H·log W).
+
+Masks are not differentiable (no autograd formula; FGD treats them as constants); the op
+has a fake kernel, so ``torch.compile(fullgraph=True)`` traces it.
 """
 from __future__ import annotations
 
@@ -17,56 +35,21 @@ from typing import Optional
 
 import torch
 
-from ._common import parse_sizes, per_level_numbers
+from .. import reference
+from .._extension import HAS_C
+from ._common import parse_sizes, per_level_numbers, register_cuda, use_kernel
 from .box_ranges import ImageSize, _check_rule, all_level_ranges, check_boxes
 
 OP = "box_masks"
 
 
-def _floor_log2(v: torch.Tensor) -> torch.Tensor:
-    """Exact floor(log2 v) of positive int64 values."""
-    j = torch.floor(torch.log2(v.double())).long()
-    j = torch.where(_pow2(j + 1) <= v, j + 1, j)
-    return torch.where(_pow2(j) > v, j - 1, j)
-
-
-def _pow2(j: torch.Tensor) -> torch.Tensor:
-    return torch.bitwise_left_shift(torch.ones_like(j), j)
-
-
-def _max_into(dst: torch.Tensor, src: torch.Tensor) -> None:
-    dst.copy_(torch.maximum(dst, src))
-
-
 def max_paint(ranges: torch.Tensor, weight: torch.Tensor, batch_index: torch.Tensor, size, dtype) -> torch.Tensor:
-    """out[n,y,x] = max(0, max of weight[k] over boxes k of image n whose range covers (y,x))."""
+    """out[n,y,x] = max(0, max of weight[k] over boxes k of image n whose range covers (y,x)):
+    kdops::box_max_paint where the device has a kernel, else the torch sparse table."""
     N, H, W = size
-    if N * H * W == 0:
-        return torch.zeros((N, H, W), dtype=dtype, device=ranges.device)
-    LY, LX = H.bit_length(), W.bit_length()
-    x0, y0, x1, y1 = ranges.unbind(1)
-    ok = (x0 <= x1) & (y0 <= y1) & (batch_index >= 0) & (batch_index < N) & (weight > 0)
-    h = torch.where(ok, y1 - y0 + 1, 1)
-    w = torch.where(ok, x1 - x0 + 1, 1)
-    jy, jx = _floor_log2(h), _floor_log2(w)
-    ys = torch.stack([y0, y0, y1 - _pow2(jy) + 1, y1 - _pow2(jy) + 1], 1)
-    xs = torch.stack([x0, x1 - _pow2(jx) + 1, x0, x1 - _pow2(jx) + 1], 1)
-    n = batch_index.clamp(0, N - 1)[:, None]
-    idx = ((((jy * LX + jx)[:, None] * N + n) * H + ys) * W + xs)
-    idx = torch.where(ok[:, None], idx, 0).reshape(-1)
-    src = torch.where(ok, weight.to(dtype), 0)[:, None].expand(-1, 4).reshape(-1)
-    table = torch.zeros(LY * LX * N * H * W, dtype=dtype, device=ranges.device)
-    table.scatter_reduce_(0, idx, src, "amax")
-    t = table.view(LY, LX, N, H, W)
-    for b in range(LX - 1, 0, -1):  # blocks 2^a x 2^b -> 2^a x 1, all heights a at once
-        half = 1 << (b - 1)
-        _max_into(t[:, b - 1], t[:, b])
-        _max_into(t[:, b - 1, :, :, half:], t[:, b, :, :, : W - half])
-    for a in range(LY - 1, 0, -1):  # 2^a x 1 -> 1 x 1
-        half = 1 << (a - 1)
-        _max_into(t[a - 1, 0], t[a, 0])
-        _max_into(t[a - 1, 0, :, half:], t[a, 0, :, : H - half])
-    return t[0, 0].clone()
+    if use_kernel(OP, ranges.device):
+        return torch.ops.kdops.box_max_paint(ranges, weight, batch_index, N, H, W, dtype)
+    return reference.box_max_paint_ranges(ranges, weight, batch_index, (N, H, W), dtype)
 
 
 def box_masks(
@@ -124,21 +107,42 @@ def box_masks(
     if mode not in ("fgd", "binary"):
         raise ValueError(f"kdops.{OP}: `mode` must be 'fgd' or 'binary', got {mode!r}")
     dtype = dtype or torch.float32
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
     fgs, bgs = [], []
     hw = [(H, W) for _, H, W in levels]
-    ranges = all_level_ranges(boxes, hw, st, rule, img)
-    unclipped = all_level_ranges(boxes, hw, st, rule, img, clip=False) if mode == "fgd" else ranges
-    for (N, H, W), r, u in zip(levels, ranges, unclipped):
-        if mode == "fgd":
-            area = ((u[:, 2] - u[:, 0] + 1).clamp(min=0) * (u[:, 3] - u[:, 1] + 1).clamp(min=0)).double()
-            weight = torch.where(area > 0, 1.0 / area.clamp(min=1), 0.0)
+    # (L,K,4) unclipped ranges: the kernels clip them to each map (and skip empty ones) themselves;
+    # boxes with a NaN coordinate get weight 0 (box_ranges' clipped ranges mark them empty).
+    ranges = all_level_ranges(boxes, hw, st, rule, img, clip=False)
+    valid = ~boxes.isnan().any(1)
+    if mode == "fgd":  # 1 / area of the unclipped range, every level at once (float64: no overflow)
+        u = ranges.double()
+        area = (u[..., 2] - u[..., 0] + 1).clamp(min=0) * (u[..., 3] - u[..., 1] + 1).clamp(min=0)
+        weights = torch.where(valid & (area > 0), 1.0 / area.clamp(min=1), 0.0)
+    else:
+        weights = valid.double().expand(len(levels), -1)
+    for l, (N, H, W) in enumerate(levels):
+        fg = max_paint(ranges[l], weights[l], batch_index, (N, H, W), dtype)
+        if mode == "fgd":  # 1 / (uncovered pixels of the image) there (0 everywhere if none)
+            bg = (fg == 0).to(acc)
+            bg = (bg / bg.sum((1, 2), keepdim=True).clamp(min=1)).to(dtype)
         else:
-            weight = torch.ones(boxes.shape[0], dtype=torch.float64, device=boxes.device)
-        fg = max_paint(r, weight, batch_index, (N, H, W), dtype)
-        bg = (fg == 0).to(dtype)
-        if mode == "fgd":
-            total = bg.sum((1, 2), keepdim=True)
-            bg = torch.where(total > 0, bg / total.clamp(min=1), bg)
+            bg = (fg == 0).to(dtype)
         fgs.append(fg)
         bgs.append(bg)
     return (fgs, bgs) if is_seq else (fgs[0], bgs[0])
+
+
+def _fake_max_paint(ranges, weight, batch_index, N, H, W, dtype):
+    return ranges.new_empty((N, H, W), dtype=dtype)
+
+
+if HAS_C:
+    # No autograd formula: the masks are built from integer box ranges and constant weights
+    # (FGD treats them as constants), so kdops::box_max_paint is not differentiable.
+    torch.library.register_fake("kdops::box_max_paint")(_fake_max_paint)
+    from ..triton import HAS_TRITON
+
+    if HAS_TRITON:
+        from ..triton.box_masks import box_max_paint as _triton_max_paint
+
+        register_cuda("box_max_paint", _triton_max_paint)

@@ -4,7 +4,7 @@ They are the test oracle, the baseline of ``kdops bench`` and the fallback on
 devices with no kernel. They favour clarity over speed and memory.
 """
 from .bckd import bckd_cls_loss, bckd_loc_loss
-from .box_masks import box_masks
+from .box_masks import box_masks, box_max_paint_ranges
 from .box_pool import box_paint, box_paint_ranges, box_pool, box_pool_ranges, box_ranges
 from .gather_level_features import gather_level_features
 from .mask_pool import mask_pool
@@ -13,6 +13,6 @@ from .ms_deform_attn import ms_deform_attn
 from .pcc_mse import pcc_mse
 
 __all__ = [
-    "bckd_cls_loss", "bckd_loc_loss", "box_masks", "box_paint", "box_paint_ranges", "box_pool", "box_pool_ranges",
-    "box_ranges", "gather_level_features", "mask_pool", "masked_mse", "ms_deform_attn", "pcc_mse",
+    "bckd_cls_loss", "bckd_loc_loss", "box_masks", "box_max_paint_ranges", "box_paint", "box_paint_ranges",
+    "box_pool", "box_pool_ranges", "box_ranges", "gather_level_features", "mask_pool", "masked_mse", "ms_deform_attn", "pcc_mse",
 ]
