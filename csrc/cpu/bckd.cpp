@@ -134,25 +134,6 @@ void cls_block(int mode, const A* x, const A* t, int64_t n, A beta, A* l, A* g) 
   else cls_block0(x, t, n, beta, l, g);
 }
 
-#define KD_GAP_BLOCK(A)                                                       \
-  KDOPS_SIMD_CLONES void gap_block(const A* x, const A* t, int64_t n, A* out) { \
-    _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) {                     \
-      const A ex = exp_nonpos(-std::fabs(x[i])), et = exp_nonpos(-std::fabs(t[i])); \
-      const A ax = x[i] >= A(0) ? A(1) : ex, at = t[i] >= A(0) ? A(1) : et;  \
-      const A dx = A(1) + ex, dt = A(1) + et;                                 \
-      out[i] = x[i] == t[i] ? A(0) : std::fabs(at * dx - ax * dt) / (dx * dt); /* |sigmoid(t) - sigmoid(x)| */ \
-    }                                                                         \
-  }
-KD_GAP_BLOCK(float)
-KD_GAP_BLOCK(double)
-
-#define KD_EXP_BLOCK(A)                                            \
-  KDOPS_SIMD_CLONES void exp_block(A* z, int64_t n) {              \
-    _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) z[i] = exp_nonpos(z[i]); \
-  }
-KD_EXP_BLOCK(float)
-KD_EXP_BLOCK(double)
-
 // ------------------------------------------------------------------ classification
 template <typename scalar_t, typename A>
 KDOPS_INLINE void load_row(const scalar_t* src, int64_t n, A* dst) {

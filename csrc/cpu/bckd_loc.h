@@ -1,15 +1,61 @@
-// kdops::bckd_loc_fwd (CPU), included by bckd.cpp: per tile of anchors, the largest
-// classification score gap, student and teacher boxes decoded in registers/tile buffers,
+// kdops::bckd_loc_fwd (CPU), included by bckd.cpp: per chunk of anchors, the largest
+// classification score gap; per tile, student and teacher boxes decoded in tile buffers,
 // GIoU (or IoU) loss and its gradient back through the decoder to the student regression.
+//
+// Float rows of anchor-contiguous maps (mmdet's (N,C,H,W)) are read and written in place:
+// the GFL integral reads its bins straight from the input and the gradient is written
+// straight into the output. Other layouts and fp16/bf16 go through class-major tile
+// buffers (gather / put). Every per-anchor loop is a plain loop over tile buffers that
+// GCC vectorises (SIMD clones: AVX-512, AVX2, baseline).
 #pragma once
 
 namespace kdops {
 namespace {
 
 enum Decoder { kDistance = 0, kGfl = 1, kDelta = 2 };
-constexpr int64_t kLocTile = 256;
-constexpr int64_t kLocChunk = 1024;  // anchors per task (the gap pass streams this many per class)  // anchors per task: all of a tile's buffers stay in L1/L2
+constexpr int64_t kLocTile = 256;    // anchors per decode tile: its buffers stay in L1/L2
+constexpr int64_t kLocChunk = 1024;  // anchors per task: the gap pass streams this many per class
 
+// ------------------------------------------------------------------ score gap
+// |sigmoid(t) - sigmoid(x)| as a fraction n / d (n = 0 exactly on ties, whatever FMA
+// contraction does), so that the max over classes takes no division per class: the running
+// max N / D is updated by cross-multiplying (all terms are positive and bounded).
+template <typename A>
+KDOPS_INLINE void gap_frac(A x, A t, A& n, A& d) {
+  const A ex = exp_nonpos(-std::fabs(x)), et = exp_nonpos(-std::fabs(t));
+  const A ax = x >= A(0) ? A(1) : ex, at = t >= A(0) ? A(1) : et;
+  const A dx = A(1) + ex, dt = A(1) + et;
+  n = x == t ? A(0) : std::fabs(at * dx - ax * dt);
+  d = dx * dt;
+}
+template <typename A>
+KDOPS_INLINE void frac_max(A n, A d, A& N, A& D) {
+  const bool gt = n * D > N * d;
+  N = gt ? n : N;
+  D = gt ? d : D;
+}
+
+// One class row over n anchors folded into the running maxima N[i] / D[i].
+#define KD_GAP_ROWS(A)                                                                    \
+  KDOPS_SIMD_CLONES void gap_rows(const A* x, const A* t, int64_t n, A* N, A* D) {        \
+    _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) {                                 \
+      A a, b;                                                                             \
+      gap_frac<A>(x[i], t[i], a, b);                                                      \
+      frac_max<A>(a, b, N[i], D[i]);                                                      \
+    }                                                                                     \
+  }
+KD_GAP_ROWS(float)
+KD_GAP_ROWS(double)
+
+// The fractions of n classes of one anchor (folded afterwards in class order).
+#define KD_GAP_FRACS(A)                                                                   \
+  KDOPS_SIMD_CLONES void gap_fracs(const A* x, const A* t, int64_t n, A* nn, A* dd) {     \
+    _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) gap_frac<A>(x[i], t[i], nn[i], dd[i]); \
+  }
+KD_GAP_FRACS(float)
+KD_GAP_FRACS(double)
+
+// ------------------------------------------------------------------ (G)IoU
 // Loss 1 - GIoU (mode 0) or 1 - max(IoU, eps) (mode 1) of aligned boxes, as mmdet's
 // bbox_overlaps(is_aligned=True, eps) + GIoULoss / IoULoss(linear) compute it, and its
 // gradient in the student box (teacher detached). Ties of max/min split the gradient
@@ -79,115 +125,230 @@ KDOPS_INLINE void iou_elem(int mode, A eps, const A* b, const A* B, A& per, A* g
 KD_IOU_BLOCK(float)
 KD_IOU_BLOCK(double)
 
-// GFL integral in place: z (4*(R+1) x kLocTile logits) -> softmax probabilities; dist = sum_b b p_b.
-template <typename A>
-KDOPS_INLINE void integral_impl(A* z, int64_t R1, int64_t len, A* dist, bool want_p) {
+// ------------------------------------------------------------------ GFL integral
+// GFL's Integral over the 4 sides of a tile, bins read from rows z[(s*R1 + b) * sz + i]
+// (the input itself or a gather buffer): dist = sum_b b softmax(z)_b. For the student it
+// also keeps the unnormalised e_b = exp(z_b - max) (rows of kLocTile) and inv = 1 / sum_b e_b.
+template <typename A, bool KEEP>
+KDOPS_INLINE void integral_impl(const A* z, int64_t sz, int64_t R1, int64_t len, A* e, A* dist, A* inv) {
   A m[kLocTile], sum[kLocTile], ex[kLocTile];
   for (int64_t s = 0; s < 4; ++s) {
-    A* zs = z + s * R1 * kLocTile;
+    const A* zs = z + s * R1 * sz;
+#pragma omp simd
     for (int64_t i = 0; i < len; ++i) {
       m[i] = zs[i];
       sum[i] = 0;
       ex[i] = 0;
     }
-    for (int64_t b = 1; b < R1; ++b)
+    for (int64_t b = 1; b < R1; ++b) {
+      const A* zb = zs + b * sz;
+      if (b + 1 < R1) prefetch_row(zb + sz, len);
+      else if (s < 3) prefetch_row(zs + R1 * sz, len);  // the next side's first row
 #pragma omp simd
-      for (int64_t i = 0; i < len; ++i) m[i] = std::max(m[i], zs[b * kLocTile + i]);
+      for (int64_t i = 0; i < len; ++i) m[i] = std::max(m[i], zb[i]);
+    }
     for (int64_t b = 0; b < R1; ++b) {
-      A* zb = zs + b * kLocTile;
+      const A* zb = zs + b * sz;
+      A* eb = KEEP ? e + (s * R1 + b) * kLocTile : nullptr;
 #pragma omp simd
       for (int64_t i = 0; i < len; ++i) {
-        const A e = exp_nonpos(zb[i] - m[i]);
-        zb[i] = e;
-        sum[i] += e;
-        ex[i] += e * A(b);
+        const A v = exp_nonpos(zb[i] - m[i]);
+        if (KEEP) eb[i] = v;
+        sum[i] += v;
+        ex[i] += v * A(b);
       }
     }
+    A* ds = dist + s * kLocTile;
+    A* is = inv + s * kLocTile;
 #pragma omp simd
     for (int64_t i = 0; i < len; ++i) {
-      m[i] = A(1) / sum[i];  // reused as 1/sum
-      dist[s * kLocTile + i] = ex[i] * m[i];
+      const A r = A(1) / sum[i];
+      ds[i] = ex[i] * r;
+      if (KEEP) is[i] = r;
     }
-    if (!want_p) continue;  // the teacher's probabilities are never needed
-    for (int64_t b = 0; b < R1; ++b)
-#pragma omp simd
-      for (int64_t i = 0; i < len; ++i) zs[b * kLocTile + i] *= m[i];
   }
 }
-KDOPS_SIMD_CLONES void integral_tile(float* z, int64_t R1, int64_t len, float* dist, bool want_p) {
-  integral_impl(z, R1, len, dist, want_p);
-}
-KDOPS_SIMD_CLONES void integral_tile(double* z, int64_t R1, int64_t len, double* dist, bool want_p) {
-  integral_impl(z, R1, len, dist, want_p);
-}
+#define KD_INTEGRAL(A)                                                                              \
+  KDOPS_SIMD_CLONES void integral_tile(const A* z, int64_t sz, int64_t R1, int64_t len, A* e, A* dist, A* inv) { \
+    if (e) integral_impl<A, true>(z, sz, R1, len, e, dist, inv);                                    \
+    else integral_impl<A, false>(z, sz, R1, len, e, dist, inv);                                     \
+  }
+KD_INTEGRAL(float)
+KD_INTEGRAL(double)
 
-// d z_b = g_d p_b (b - d) for the 4 sides; p (probabilities) in z's layout.
+// d z_b = g_d p_b (b - d), p_b = e_b / sum, times the anchor factor f, for the 4 sides,
+// written to rows out[(s*R1 + b) * so + i] (the gradient itself or a buffer).
 template <typename A>
-KDOPS_INLINE void gfl_grad_impl(const A* p, const A* dist, const A* gb, int64_t R1, int64_t len, A* gr) {
+KDOPS_INLINE void gfl_grad_impl(const A* e, const A* dist, const A* inv, const A* gb, const A* f, int64_t R1,
+                                int64_t len, A* out, int64_t so) {
+  A c[kLocTile];
   for (int64_t s = 0; s < 4; ++s) {
     const A sign = s < 2 ? A(-1) : A(1);
-    const A* gs = gb + s * kLocTile;
-    const A* ds = dist + s * kLocTile;
-    for (int64_t b = 0; b < R1; ++b) {
-      const int64_t c = (s * R1 + b) * kLocTile;
+    const A *gs = gb + s * kLocTile, *ds = dist + s * kLocTile, *is = inv + s * kLocTile;
 #pragma omp simd
-      for (int64_t i = 0; i < len; ++i) gr[c + i] = sign * gs[i] * p[c + i] * (A(b) - ds[i]);
+    for (int64_t i = 0; i < len; ++i) c[i] = sign * gs[i] * f[i] * is[i];
+    for (int64_t b = 0; b < R1; ++b) {
+      const A* eb = e + (s * R1 + b) * kLocTile;
+      A* ob = out + (s * R1 + b) * so;
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) ob[i] = c[i] * eb[i] * (A(b) - ds[i]);
     }
   }
 }
-KDOPS_SIMD_CLONES void gfl_grad_tile(const float* p, const float* d, const float* g, int64_t R1, int64_t n, float* gr) {
-  gfl_grad_impl(p, d, g, R1, n, gr);
-}
-KDOPS_SIMD_CLONES void gfl_grad_tile(const double* p, const double* d, const double* g, int64_t R1, int64_t n,
-                                     double* gr) {
-  gfl_grad_impl(p, d, g, R1, n, gr);
-}
+#define KD_GFL_GRAD(A)                                                                                    \
+  KDOPS_SIMD_CLONES void gfl_grad_tile(const A* e, const A* d, const A* inv, const A* gb, const A* f, int64_t R1, \
+                                       int64_t len, A* out, int64_t so) {                                 \
+    gfl_grad_impl(e, d, inv, gb, f, R1, len, out, so);                                                     \
+  }
+KD_GFL_GRAD(float)
+KD_GFL_GRAD(double)
 
+// ------------------------------------------------------------------ decoders
 struct LocArgs {
   int decoder, mode;
   int64_t R1, M, P;
   double means[4], stds[4], max_ratio, stride_value, scale;
 };
 
-// reg: D x kLocTile raw regression (softmax probabilities after this call for GFL).
+// Per anchor of a tile (anchors a0, a0 + J, ...): the point (x, y) for the distance decoders
+// (divided by the stride), or the prior's centre and size (cx, cy, w, h) for DeltaXYWH; rows
+// of kLocTile in q. Prior rows are shared by the images: row = anchor mod M, kept as a running
+// index (no division per anchor).
 template <typename A>
-void decode_tile(const LocArgs& a, A* reg, const A* pri, const A* st, const int64_t* anchors, int64_t len, A* dist,
-                 A* box, bool want_p) {
-  if (a.decoder == kGfl) integral_tile(reg, a.R1, len, dist, want_p);
+void prior_tile(const LocArgs& a, const A* pri, const A* st, int64_t a0, int64_t J, int64_t len, A* q) {
+  int64_t r = a0 % a.M;
+  const int64_t step = J % a.M;
+  const bool div = st || a.stride_value > 0;
   for (int64_t i = 0; i < len; ++i) {
-    const A* p = pri + (anchors[i] % a.M) * a.P;
+    const A* p = pri + r * a.P;
     if (a.decoder == kDelta) {
-      const A dx = reg[i] * A(a.stds[0]) + A(a.means[0]), dy = reg[kLocTile + i] * A(a.stds[1]) + A(a.means[1]);
-      A dw = reg[2 * kLocTile + i] * A(a.stds[2]) + A(a.means[2]);
-      A dh = reg[3 * kLocTile + i] * A(a.stds[3]) + A(a.means[3]);
-      const A mr = A(a.max_ratio);
-      dw = std::min(std::max(dw, -mr), mr);
-      dh = std::min(std::max(dh, -mr), mr);
-      const A px = (p[0] + p[2]) * A(0.5), py = (p[1] + p[3]) * A(0.5);
-      const A pw = p[2] - p[0], ph = p[3] - p[1];
-      const A gx = px + pw * dx, gy = py + ph * dy;
-      const A gw = pw * std::exp(dw), gh = ph * std::exp(dh);
-      dist[i] = gw;  // kept for the backward pass
-      dist[kLocTile + i] = gh;
-      box[i] = gx - gw * A(0.5);
-      box[kLocTile + i] = gy - gh * A(0.5);
-      box[2 * kLocTile + i] = gx + gw * A(0.5);
-      box[3 * kLocTile + i] = gy + gh * A(0.5);
+      q[i] = (p[0] + p[2]) * A(0.5);
+      q[kLocTile + i] = (p[1] + p[3]) * A(0.5);
+      q[2 * kLocTile + i] = p[2] - p[0];
+      q[3 * kLocTile + i] = p[3] - p[1];
     } else {
       A px = a.P == 2 ? p[0] : (p[2] + p[0]) / A(2);
       A py = a.P == 2 ? p[1] : (p[3] + p[1]) / A(2);
-      const A s = st ? st[anchors[i]] : A(a.stride_value);
-      if (st || a.stride_value > 0) {
+      if (div) {
+        const A s = st ? st[a0 + i * J] : A(a.stride_value);
         px = px / s;
         py = py / s;
       }
-      const A* d = a.decoder == kGfl ? dist : reg;
-      box[i] = px - d[i];
-      box[kLocTile + i] = py - d[kLocTile + i];
-      box[2 * kLocTile + i] = px + d[2 * kLocTile + i];
-      box[3 * kLocTile + i] = py + d[3 * kLocTile + i];
+      q[i] = px;
+      q[kLocTile + i] = py;
+    }
+    r += step;
+    if (r >= a.M) r -= a.M;
+  }
+}
+
+// Distance decoders: box = (x - d0, y - d1, x + d2, y + d3), d in rows of stride sd.
+template <typename A>
+KDOPS_INLINE void dist_boxes_impl(const A* d, int64_t sd, const A* q, int64_t len, A* box) {
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) {
+    box[i] = q[i] - d[i];
+    box[kLocTile + i] = q[kLocTile + i] - d[sd + i];
+    box[2 * kLocTile + i] = q[i] + d[2 * sd + i];
+    box[3 * kLocTile + i] = q[kLocTile + i] + d[3 * sd + i];
+  }
+}
+#define KD_DIST_BOXES(A)                                                                           \
+  KDOPS_SIMD_CLONES void dist_boxes(const A* d, int64_t sd, const A* q, int64_t len, A* box) {     \
+    dist_boxes_impl(d, sd, q, len, box);                                                           \
+  }
+KD_DIST_BOXES(float)
+KD_DIST_BOXES(double)
+
+// mmdet's DeltaXYWHBBoxCoder.decode of rows r (stride sr), ms = (means, stds, max_ratio); wh keeps (w, h) and whether dw, dh
+// were inside the clamp (1 / 0) for the gradient.
+template <typename A>
+KDOPS_INLINE void delta_boxes_impl(const A* r, int64_t sr, const A* q, const A* ms, int64_t len, A* wh, A* box) {
+  const A m0 = ms[0], m1 = ms[1], m2 = ms[2], m3 = ms[3], s0 = ms[4], s1 = ms[5], s2 = ms[6], s3 = ms[7], mr = ms[8];
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) {
+    const A dx = r[i] * s0 + m0, dy = r[sr + i] * s1 + m1;
+    const A dwr = r[2 * sr + i] * s2 + m2, dhr = r[3 * sr + i] * s3 + m3;
+    const A dw = std::min(std::max(dwr, -mr), mr), dh = std::min(std::max(dhr, -mr), mr);
+    const A gx = q[i] + q[2 * kLocTile + i] * dx, gy = q[kLocTile + i] + q[3 * kLocTile + i] * dy;
+    const A gw = q[2 * kLocTile + i] * exp_any(dw), gh = q[3 * kLocTile + i] * exp_any(dh);
+    wh[i] = gw;
+    wh[kLocTile + i] = gh;
+    wh[2 * kLocTile + i] = (dwr > -mr && dwr < mr) ? A(1) : A(0);
+    wh[3 * kLocTile + i] = (dhr > -mr && dhr < mr) ? A(1) : A(0);
+    box[i] = gx - gw * A(0.5);
+    box[kLocTile + i] = gy - gh * A(0.5);
+    box[2 * kLocTile + i] = gx + gw * A(0.5);
+    box[3 * kLocTile + i] = gy + gh * A(0.5);
+  }
+}
+#define KD_DELTA_BOXES(A)                                                                                  \
+  KDOPS_SIMD_CLONES void delta_boxes(const A* r, int64_t sr, const A* q, const A* ms, int64_t len, A* wh, A* box) { \
+    delta_boxes_impl(r, sr, q, ms, len, wh, box);                                                           \
+  }
+KD_DELTA_BOXES(float)
+KD_DELTA_BOXES(double)
+
+// Gradient of the 4 regression values (DeltaXYWH or distances) times f, to rows out (stride so).
+template <typename A>
+KDOPS_INLINE void box4_grad_impl(int dec, const A* gb, const A* q, const A* wh, const A* ms, const A* f, int64_t len,
+                                 A* out, int64_t so) {
+  const A *g0 = gb, *g1 = gb + kLocTile, *g2 = g1 + kLocTile, *g3 = g2 + kLocTile;
+  if (dec == kDelta) {
+    const A s0 = ms[4], s1 = ms[5], s2 = ms[6], s3 = ms[7];
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) {
+      out[i] = f[i] * ((g0[i] + g2[i]) * q[2 * kLocTile + i] * s0);
+      out[so + i] = f[i] * ((g1[i] + g3[i]) * q[3 * kLocTile + i] * s1);
+      out[2 * so + i] = f[i] * (wh[2 * kLocTile + i] * (A(0.5) * (g2[i] - g0[i]) * wh[i] * s2));
+      out[3 * so + i] = f[i] * (wh[3 * kLocTile + i] * (A(0.5) * (g3[i] - g1[i]) * wh[kLocTile + i] * s3));
+    }
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) {
+      out[i] = -f[i] * g0[i];
+      out[so + i] = -f[i] * g1[i];
+      out[2 * so + i] = f[i] * g2[i];
+      out[3 * so + i] = f[i] * g3[i];
     }
   }
+}
+#define KD_BOX4_GRAD(A)                                                                                     \
+  KDOPS_SIMD_CLONES void box4_grad(int dec, const A* gb, const A* q, const A* wh, const A* ms, const A* f, \
+                                   int64_t len, A* out, int64_t so) {                                       \
+    box4_grad_impl(dec, gb, q, wh, ms, f, len, out, so);                                                    \
+  }
+KD_BOX4_GRAD(float)
+KD_BOX4_GRAD(double)
+
+// Class-major buffer rows (stride T) -> the tile of a strided (N,H,W,J,C) tensor.
+template <typename scalar_t, typename A>
+void put(scalar_t* p, const View5& v, const Tile& t, const A* buf, int64_t T) {
+  scalar_t* b = p + v.at(t.n, t.h, t.w0, t.j);
+  if (v.sW == 1) {
+    for (int64_t c = 0; c < v.C; ++c) {
+      scalar_t* dst = b + c * v.sC;
+      const A* src = buf + c * T;
+      for (int64_t i = 0; i < t.len; ++i) dst[i] = scalar_t(src[i]);
+    }
+  } else if (v.sC == 1) {
+    for (int64_t i = 0; i < t.len; ++i) {
+      scalar_t* dst = b + i * v.sW;
+      for (int64_t c = 0; c < v.C; ++c) dst[c] = scalar_t(buf[c * T + i]);
+    }
+  } else {
+    for (int64_t c = 0; c < v.C; ++c)
+      for (int64_t i = 0; i < t.len; ++i) b[c * v.sC + i * v.sW] = scalar_t(buf[c * T + i]);
+  }
+}
+
+// Rows of a tile read in place: float data with anchors contiguous. Else nullptr (gather).
+template <typename scalar_t, typename A>
+KDOPS_INLINE const A* rows_in_place(const scalar_t* p, const View5& v, const Tile& t) {
+  if constexpr (std::is_same<scalar_t, A>::value) {
+    if (v.sW == 1) return p + v.at(t.n, t.h, t.w0, t.j);
+  }
+  return nullptr;
 }
 
 template <typename scalar_t>
@@ -196,19 +357,29 @@ void loc_cpu(const LocArgs& a, const View5& vsr, const View5& vtr, const View5& 
              scalar_t* gp, const acc_t<scalar_t>* pri, const acc_t<scalar_t>* w, const acc_t<scalar_t>* st,
              acc_t<scalar_t>* gw, std::vector<double>& part, int64_t chunks) {
   using A = acc_t<scalar_t>;
-  const int64_t K = vsl.C, D = vsr.C;
+  const int64_t K = vsl.C, D = vsr.C, J = vsr.J;
+  const bool gfl = a.decoder == kGfl;
+  A ms[9];
+  for (int c = 0; c < 4; ++c) {
+    ms[c] = A(a.means[c]);
+    ms[4 + c] = A(a.stds[c]);
+  }
+  ms[8] = A(a.max_ratio);
   at::parallel_for(0, (int64_t)part.size(), 1, [&](int64_t begin, int64_t end) {
     const bool anchor_rows = vsl.sW == 1 && vtl.sW == 1;
-    std::vector<A> xb(std::max(K, kLocChunk)), tb(std::max(K, kLocChunk));
-    std::vector<A> rs(D * kLocTile), rt(D * kLocTile), gr(D * kLocTile);
-    std::vector<A> ds(4 * kLocTile), dt(4 * kLocTile), bs(4 * kLocTile), bt(4 * kLocTile), gb(4 * kLocTile), per(kLocTile),
-        gap(kLocChunk), f(kLocTile);
-    std::vector<int64_t> anchors(kLocTile);
+    const int64_t KB = std::max(K, kLocChunk);
+    std::vector<A> xb(KB), tb(KB), nb(KB), db(KB);
+    std::vector<A> rs(D * kLocTile), rt(D * kLocTile), gr(D * kLocTile), ev(gfl ? D * kLocTile : 0);
+    std::vector<A> ds(4 * kLocTile), dt(4 * kLocTile), inv(4 * kLocTile), q(4 * kLocTile), wh(4 * kLocTile),
+        bs(4 * kLocTile), bt(4 * kLocTile), gb(4 * kLocTile), per(kLocTile), gap(kLocChunk), gd(kLocChunk),
+        f(kLocTile);
     for (int64_t task = begin; task < end; ++task) {
       const Tile big = tile_of(vsr, task, chunks, kLocChunk);
+      const int64_t c0 = anchor_of(vsr, big, 0);
       // gap over the whole chunk, row by row: long contiguous runs per class on (N,C,H,W) maps
-      std::fill(gap.begin(), gap.end(), A(0));
       if (anchor_rows) {
+        std::fill(gap.begin(), gap.end(), A(0));  // running max numerators
+        std::fill(gd.begin(), gd.end(), A(1));    // and denominators
         const scalar_t* s0 = slp + vsl.at(big.n, big.h, big.w0, big.j);
         const scalar_t* t0 = tlp + vtl.at(big.n, big.h, big.w0, big.j);
         for (int64_t k = 0; k < K; ++k) {
@@ -216,10 +387,10 @@ void loc_cpu(const LocArgs& a, const View5& vsr, const View5& vtr, const View5& 
             prefetch_row(s0 + (k + 1) * vsl.sC, big.len);
             prefetch_row(t0 + (k + 1) * vtl.sC, big.len);
           }
-          gap_block(row_of(s0 + k * vsl.sC, big.len, xb.data()), row_of(t0 + k * vtl.sC, big.len, tb.data()), big.len,
-                    xb.data());
-          for (int64_t i = 0; i < big.len; ++i) gap[i] = std::max(gap[i], xb[i]);
+          gap_rows(row_of(s0 + k * vsl.sC, big.len, xb.data()), row_of(t0 + k * vtl.sC, big.len, tb.data()),
+                   big.len, gap.data(), gd.data());
         }
+        for (int64_t i = 0; i < big.len; ++i) gap[i] /= gd[i];
       } else {  // classes contiguous ((A,K)) or any other layout: one anchor's classes at a time
         for (int64_t i = 0; i < big.len; ++i) {
           const scalar_t* s0 = slp + vsl.at(big.n, big.h, big.w0 + i, big.j);
@@ -228,10 +399,10 @@ void loc_cpu(const LocArgs& a, const View5& vsr, const View5& vtr, const View5& 
             xb[k] = A(s0[k * vsl.sC]);
             tb[k] = A(t0[k * vtl.sC]);
           }
-          gap_block(xb.data(), tb.data(), K, xb.data());
-          A mx = 0;
-          for (int64_t k = 0; k < K; ++k) mx = std::max(mx, xb[k]);
-          gap[i] = mx;
+          gap_fracs(xb.data(), tb.data(), K, nb.data(), db.data());
+          A N = 0, Dn = 1;
+          for (int64_t k = 0; k < K; ++k) frac_max(nb[k], db[k], N, Dn);
+          gap[i] = N / Dn;
         }
       }
       double task_loss = 0.0;
@@ -239,44 +410,51 @@ void loc_cpu(const LocArgs& a, const View5& vsr, const View5& vtr, const View5& 
         Tile t = big;
         t.w0 += off;
         t.len = std::min(kLocTile, big.len - off);
-        const int64_t len = t.len;
+        const int64_t len = t.len, a0 = c0 + off * J;
         const A* gapt = gap.data() + off;
-        for (int64_t i = 0; i < len; ++i) anchors[i] = anchor_of(vsr, t, i);
-        gather(srp, vsr, t, rs.data(), kLocTile);
-        gather(trp, vtr, t, rt.data(), kLocTile);
-        decode_tile<A>(a, rs.data(), pri, st, anchors.data(), len, ds.data(), bs.data(), gp != nullptr);
-        decode_tile<A>(a, rt.data(), pri, st, anchors.data(), len, dt.data(), bt.data(), false);
+        prior_tile<A>(a, pri, st, a0, J, len, q.data());
+        // student and teacher regression rows: in place, or gathered into class-major buffers
+        const A* zs = rows_in_place<scalar_t, A>(srp, vsr, t);
+        const A* zt = rows_in_place<scalar_t, A>(trp, vtr, t);
+        const int64_t szs = zs ? vsr.sC : kLocTile, szt = zt ? vtr.sC : kLocTile;
+        if (!zs) {
+          gather(srp, vsr, t, rs.data(), kLocTile);
+          zs = rs.data();
+        }
+        if (!zt) {
+          gather(trp, vtr, t, rt.data(), kLocTile);
+          zt = rt.data();
+        }
+        if (gfl) {
+          integral_tile(zs, szs, a.R1, len, gp ? ev.data() : (A*)nullptr, ds.data(), inv.data());
+          integral_tile(zt, szt, a.R1, len, (A*)nullptr, dt.data(), inv.data());
+          dist_boxes(ds.data(), kLocTile, q.data(), len, bs.data());
+          dist_boxes(dt.data(), kLocTile, q.data(), len, bt.data());
+        } else if (a.decoder == kDistance) {
+          dist_boxes(zs, szs, q.data(), len, bs.data());
+          dist_boxes(zt, szt, q.data(), len, bt.data());
+        } else {
+          delta_boxes(zs, szs, q.data(), ms, len, wh.data(), bs.data());
+          delta_boxes(zt, szt, q.data(), ms, len, ds.data(), bt.data());  // ds: scratch
+        }
         iou_block(a.mode, A(1e-6), bs.data(), bt.data(), len, per.data(), gb.data());
         for (int64_t i = 0; i < len; ++i) {
-          const A wa = gapt[i] * (w ? w[anchors[i]] : A(1));
+          const A wa = gapt[i] * (w ? w[a0 + i * J] : A(1));
           task_loss += double(wa) * double(per[i]);
-          if (gw) gw[anchors[i]] = A(a.scale) * gapt[i] * per[i];
+          if (gw) gw[a0 + i * J] = A(a.scale) * gapt[i] * per[i];
           f[i] = A(a.scale) * wa;
         }
         if (!gp) continue;
-        const A *g0 = gb.data(), *g1 = g0 + kLocTile, *g2 = g1 + kLocTile, *g3 = g2 + kLocTile;
-        if (a.decoder == kDelta) {
-          const A mr = A(a.max_ratio);
-          for (int64_t i = 0; i < len; ++i) {
-            const A dw = rs[2 * kLocTile + i] * A(a.stds[2]) + A(a.means[2]);
-            const A dh = rs[3 * kLocTile + i] * A(a.stds[3]) + A(a.means[3]);
-            const A* p = pri + (anchors[i] % a.M) * a.P;
-            gr[i] = (g0[i] + g2[i]) * (p[2] - p[0]) * A(a.stds[0]);
-            gr[kLocTile + i] = (g1[i] + g3[i]) * (p[3] - p[1]) * A(a.stds[1]);
-            gr[2 * kLocTile + i] = (dw > -mr && dw < mr) ? A(0.5) * (g2[i] - g0[i]) * ds[i] * A(a.stds[2]) : A(0);
-            gr[3 * kLocTile + i] = (dh > -mr && dh < mr) ? A(0.5) * (g3[i] - g1[i]) * ds[kLocTile + i] * A(a.stds[3]) : A(0);
-          }
-        } else if (a.decoder == kDistance) {
-          for (int64_t i = 0; i < len; ++i) {
-            gr[i] = -g0[i];
-            gr[kLocTile + i] = -g1[i];
-            gr[2 * kLocTile + i] = g2[i];
-            gr[3 * kLocTile + i] = g3[i];
-          }
-        } else {
-          gfl_grad_tile(rs.data(), ds.data(), gb.data(), a.R1, len, gr.data());
+        // the gradient straight into the output (float, anchors contiguous) or via a buffer
+        A* out = nullptr;
+        if constexpr (std::is_same<scalar_t, A>::value) {
+          if (vg.sW == 1) out = gp + vg.at(t.n, t.h, t.w0, t.j);
         }
-        scatter(gp, vg, t, gr.data(), f.data(), kLocTile);
+        const int64_t so = out ? vg.sC : kLocTile;
+        A* dst = out ? out : gr.data();
+        if (gfl) gfl_grad_tile(ev.data(), ds.data(), inv.data(), gb.data(), f.data(), a.R1, len, dst, so);
+        else box4_grad(a.decoder, gb.data(), q.data(), wh.data(), ms, f.data(), len, dst, so);
+        if (!out) put(gp, vg, t, gr.data(), kLocTile);
       }
       part[task] = task_loss;
     }

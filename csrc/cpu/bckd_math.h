@@ -37,6 +37,13 @@ KDOPS_INLINE float exp_nonpos(float x) {
   return p * two_n;
 }
 KDOPS_INLINE double exp_nonpos(double x) { return std::exp(x); }
+// exp(x) of any x, vectorisable: exp_nonpos's reduction also holds for 0 < x <= 88; above
+// float's range (x > 88.72) it is inf as expf's.
+KDOPS_INLINE float exp_any(float x) {
+  const float y = exp_nonpos(x > 88.0f ? 88.0f : x);
+  return x > 88.7228f ? __builtin_inff() : y;
+}
+KDOPS_INLINE double exp_any(double x) { return std::exp(x); }
 
 // 2 atanh(s) = log((1 + s) / (1 - s)) for 0 <= s <= 1/3, as a series; with s = e / (2 + e)
 // it is log(1 + e) without cancellation for small e.
