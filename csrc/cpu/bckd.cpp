@@ -12,6 +12,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -25,10 +31,35 @@ using namespace bckd;
 constexpr int64_t kTile = 256;  // anchors per task: long contiguous runs per class for (N,C,H,W) maps
 
 struct View5 {  // a (N,H,W,J,C) strided view
-  int64_t N, H, W, J, C, sN, sH, sW, sJ, sC;
+  int64_t N = 0, H = 0, W = 0, J = 0, C = 0, sN = 0, sH = 0, sW = 0, sJ = 0, sC = 0;
+  View5() = default;
   explicit View5(const at::Tensor& t)
       : N(t.size(0)), H(t.size(1)), W(t.size(2)), J(t.size(3)), C(t.size(4)), sN(t.stride(0)),
         sH(t.stride(1)), sW(t.stride(2)), sJ(t.stride(3)), sC(t.stride(4)) {}
+  // A dense-head tensor itself, without a view op: (A,C) -> (1,1,A,1,C); mmdet's (N,J*C,H,W)
+  // -> (N,H,W,J,C), anchors ordered (n,h,w,j) as kdops.ops._common.anchor_view orders them.
+  static View5 of_head(const at::Tensor& t, int64_t J) {
+    View5 v;
+    if (t.dim() == 2) {
+      v.N = v.H = v.J = 1;
+      v.W = t.size(0);
+      v.C = t.size(1);
+      v.sW = t.stride(0);
+      v.sC = t.stride(1);
+    } else {
+      v.N = t.size(0);
+      v.H = t.size(2);
+      v.W = t.size(3);
+      v.J = J;
+      v.C = J > 0 ? t.size(1) / J : 0;
+      v.sN = t.stride(0);
+      v.sH = t.stride(2);
+      v.sW = t.stride(3);
+      v.sC = t.stride(1);
+      v.sJ = v.C * t.stride(1);
+    }
+    return v;
+  }
   int64_t at(int64_t n, int64_t h, int64_t w, int64_t j) const { return n * sN + h * sH + w * sW + j * sJ; }
   bool hw_mergeable() const { return H <= 1 || sH == W * sW; }
   void merge_hw() {  // (h, w) -> one run of H*W positions: longer tiles on (N,C,H,W) maps

@@ -351,13 +351,53 @@ KDOPS_INLINE const A* rows_in_place(const scalar_t* p, const View5& v, const Til
   return nullptr;
 }
 
+// One FPN level: strided views of the head tensors (h,w merged where possible), data
+// pointers (typed by the dispatch on `dtype`), its own priors, weight, strides and scale.
+struct LocLevel {
+  LocArgs a;
+  View5 sr, tr, sl, tl, g;
+  const void *srp = nullptr, *trp = nullptr, *slp = nullptr, *tlp = nullptr, *pri = nullptr, *w = nullptr,
+             *st = nullptr;
+  void *gp = nullptr, *gw = nullptr;
+  at::ScalarType dtype = at::kFloat;
+  int64_t chunks = 0, tasks = 0;
+};
+
+// Per-thread tile buffers, sized for the largest level.
+template <typename A>
+struct LocWork {
+  std::vector<A> xb, tb, nb, db, rs, rt, gr, ev, ds, dt, inv, q, wh, bs, bt, gb, per, gap, gd, f;
+  LocWork(int64_t K, int64_t D, bool gfl) {
+    const int64_t KB = std::max(K, kLocChunk), T4 = 4 * kLocTile;
+    for (auto* v : {&xb, &tb, &nb, &db}) v->resize(KB);
+    for (auto* v : {&rs, &rt, &gr}) v->resize(D * kLocTile);
+    ev.resize(gfl ? D * kLocTile : 0);
+    for (auto* v : {&ds, &dt, &inv, &q, &wh, &bs, &bt, &gb}) v->resize(T4);
+    for (auto* v : {&per, &f}) v->resize(kLocTile);
+    for (auto* v : {&gap, &gd}) v->resize(kLocChunk);
+  }
+};
+
+struct LocSlots {  // a thread's workspaces, made on first use
+  std::unique_ptr<LocWork<float>> f;
+  std::unique_ptr<LocWork<double>> d;
+  std::unique_ptr<LocWork<float>>& get(float*) { return f; }
+  std::unique_ptr<LocWork<double>>& get(double*) { return d; }
+};
+
+// One task: a chunk of up to kLocChunk anchors along a (merged) row of one level. Returns its
+// partial loss (before the level's scale).
 template <typename scalar_t>
-void loc_cpu(const LocArgs& a, const View5& vsr, const View5& vtr, const View5& vsl, const View5& vtl,
-             const View5& vg, const scalar_t* srp, const scalar_t* trp, const scalar_t* slp, const scalar_t* tlp,
-             scalar_t* gp, const acc_t<scalar_t>* pri, const acc_t<scalar_t>* w, const acc_t<scalar_t>* st,
-             acc_t<scalar_t>* gw, std::vector<double>& part, int64_t chunks) {
+double loc_task(const LocLevel& lv, int64_t task, LocWork<acc_t<scalar_t>>& wk) {
   using A = acc_t<scalar_t>;
-  const int64_t K = vsl.C, D = vsr.C, J = vsr.J;
+  const LocArgs& a = lv.a;
+  const View5 &vsr = lv.sr, &vtr = lv.tr, &vsl = lv.sl, &vtl = lv.tl, &vg = lv.g;
+  const auto *srp = static_cast<const scalar_t*>(lv.srp), *trp = static_cast<const scalar_t*>(lv.trp),
+             *slp = static_cast<const scalar_t*>(lv.slp), *tlp = static_cast<const scalar_t*>(lv.tlp);
+  auto* gp = static_cast<scalar_t*>(lv.gp);
+  const auto *pri = static_cast<const A*>(lv.pri), *w = static_cast<const A*>(lv.w), *st = static_cast<const A*>(lv.st);
+  auto* gw = static_cast<A*>(lv.gw);
+  const int64_t K = vsl.C, J = vsr.J;
   const bool gfl = a.decoder == kGfl;
   A ms[9];
   for (int c = 0; c < 4; ++c) {
@@ -365,157 +405,267 @@ void loc_cpu(const LocArgs& a, const View5& vsr, const View5& vtr, const View5& 
     ms[4 + c] = A(a.stds[c]);
   }
   ms[8] = A(a.max_ratio);
-  at::parallel_for(0, (int64_t)part.size(), 1, [&](int64_t begin, int64_t end) {
-    const bool anchor_rows = vsl.sW == 1 && vtl.sW == 1;
-    const int64_t KB = std::max(K, kLocChunk);
-    std::vector<A> xb(KB), tb(KB), nb(KB), db(KB);
-    std::vector<A> rs(D * kLocTile), rt(D * kLocTile), gr(D * kLocTile), ev(gfl ? D * kLocTile : 0);
-    std::vector<A> ds(4 * kLocTile), dt(4 * kLocTile), inv(4 * kLocTile), q(4 * kLocTile), wh(4 * kLocTile),
-        bs(4 * kLocTile), bt(4 * kLocTile), gb(4 * kLocTile), per(kLocTile), gap(kLocChunk), gd(kLocChunk),
-        f(kLocTile);
-    for (int64_t task = begin; task < end; ++task) {
-      const Tile big = tile_of(vsr, task, chunks, kLocChunk);
-      const int64_t c0 = anchor_of(vsr, big, 0);
-      // gap over the whole chunk, row by row: long contiguous runs per class on (N,C,H,W) maps
-      if (anchor_rows) {
-        std::fill(gap.begin(), gap.end(), A(0));  // running max numerators
-        std::fill(gd.begin(), gd.end(), A(1));    // and denominators
-        const scalar_t* s0 = slp + vsl.at(big.n, big.h, big.w0, big.j);
-        const scalar_t* t0 = tlp + vtl.at(big.n, big.h, big.w0, big.j);
-        for (int64_t k = 0; k < K; ++k) {
-          if (k + 1 < K) {
-            prefetch_row(s0 + (k + 1) * vsl.sC, big.len);
-            prefetch_row(t0 + (k + 1) * vtl.sC, big.len);
-          }
-          gap_rows(row_of(s0 + k * vsl.sC, big.len, xb.data()), row_of(t0 + k * vtl.sC, big.len, tb.data()),
-                   big.len, gap.data(), gd.data());
-        }
-        for (int64_t i = 0; i < big.len; ++i) gap[i] /= gd[i];
-      } else {  // classes contiguous ((A,K)) or any other layout: one anchor's classes at a time
-        for (int64_t i = 0; i < big.len; ++i) {
-          const scalar_t* s0 = slp + vsl.at(big.n, big.h, big.w0 + i, big.j);
-          const scalar_t* t0 = tlp + vtl.at(big.n, big.h, big.w0 + i, big.j);
-          for (int64_t k = 0; k < K; ++k) {
-            xb[k] = A(s0[k * vsl.sC]);
-            tb[k] = A(t0[k * vtl.sC]);
-          }
-          gap_fracs(xb.data(), tb.data(), K, nb.data(), db.data());
-          A N = 0, Dn = 1;
-          for (int64_t k = 0; k < K; ++k) frac_max(nb[k], db[k], N, Dn);
-          gap[i] = N / Dn;
-        }
+  A *gap = wk.gap.data(), *gd = wk.gd.data();
+  const Tile big = tile_of(vsr, task, lv.chunks, kLocChunk);
+  const int64_t c0 = anchor_of(vsr, big, 0);
+  // gap over the whole chunk, row by row: long contiguous runs per class on (N,C,H,W) maps
+  if (vsl.sW == 1 && vtl.sW == 1) {
+    std::fill(gap, gap + big.len, A(0));  // running max numerators
+    std::fill(gd, gd + big.len, A(1));    // and denominators
+    const scalar_t* s0 = slp + vsl.at(big.n, big.h, big.w0, big.j);
+    const scalar_t* t0 = tlp + vtl.at(big.n, big.h, big.w0, big.j);
+    for (int64_t k = 0; k < K; ++k) {
+      if (k + 1 < K) {
+        prefetch_row(s0 + (k + 1) * vsl.sC, big.len);
+        prefetch_row(t0 + (k + 1) * vtl.sC, big.len);
       }
-      double task_loss = 0.0;
-      for (int64_t off = 0; off < big.len; off += kLocTile) {
-        Tile t = big;
-        t.w0 += off;
-        t.len = std::min(kLocTile, big.len - off);
-        const int64_t len = t.len, a0 = c0 + off * J;
-        const A* gapt = gap.data() + off;
-        prior_tile<A>(a, pri, st, a0, J, len, q.data());
-        // student and teacher regression rows: in place, or gathered into class-major buffers
-        const A* zs = rows_in_place<scalar_t, A>(srp, vsr, t);
-        const A* zt = rows_in_place<scalar_t, A>(trp, vtr, t);
-        const int64_t szs = zs ? vsr.sC : kLocTile, szt = zt ? vtr.sC : kLocTile;
-        if (!zs) {
-          gather(srp, vsr, t, rs.data(), kLocTile);
-          zs = rs.data();
-        }
-        if (!zt) {
-          gather(trp, vtr, t, rt.data(), kLocTile);
-          zt = rt.data();
-        }
-        if (gfl) {
-          integral_tile(zs, szs, a.R1, len, gp ? ev.data() : (A*)nullptr, ds.data(), inv.data());
-          integral_tile(zt, szt, a.R1, len, (A*)nullptr, dt.data(), inv.data());
-          dist_boxes(ds.data(), kLocTile, q.data(), len, bs.data());
-          dist_boxes(dt.data(), kLocTile, q.data(), len, bt.data());
-        } else if (a.decoder == kDistance) {
-          dist_boxes(zs, szs, q.data(), len, bs.data());
-          dist_boxes(zt, szt, q.data(), len, bt.data());
-        } else {
-          delta_boxes(zs, szs, q.data(), ms, len, wh.data(), bs.data());
-          delta_boxes(zt, szt, q.data(), ms, len, ds.data(), bt.data());  // ds: scratch
-        }
-        iou_block(a.mode, A(1e-6), bs.data(), bt.data(), len, per.data(), gb.data());
-        for (int64_t i = 0; i < len; ++i) {
-          const A wa = gapt[i] * (w ? w[a0 + i * J] : A(1));
-          task_loss += double(wa) * double(per[i]);
-          if (gw) gw[a0 + i * J] = A(a.scale) * gapt[i] * per[i];
-          f[i] = A(a.scale) * wa;
-        }
-        if (!gp) continue;
-        // the gradient straight into the output (float, anchors contiguous) or via a buffer
-        A* out = nullptr;
-        if constexpr (std::is_same<scalar_t, A>::value) {
-          if (vg.sW == 1) out = gp + vg.at(t.n, t.h, t.w0, t.j);
-        }
-        const int64_t so = out ? vg.sC : kLocTile;
-        A* dst = out ? out : gr.data();
-        if (gfl) gfl_grad_tile(ev.data(), ds.data(), inv.data(), gb.data(), f.data(), a.R1, len, dst, so);
-        else box4_grad(a.decoder, gb.data(), q.data(), wh.data(), ms, f.data(), len, dst, so);
-        if (!out) put(gp, vg, t, gr.data(), kLocTile);
-      }
-      part[task] = task_loss;
+      gap_rows(row_of(s0 + k * vsl.sC, big.len, wk.xb.data()), row_of(t0 + k * vtl.sC, big.len, wk.tb.data()),
+               big.len, gap, gd);
     }
+    for (int64_t i = 0; i < big.len; ++i) gap[i] /= gd[i];
+  } else {  // classes contiguous ((A,K)) or any other layout: one anchor's classes at a time
+    for (int64_t i = 0; i < big.len; ++i) {
+      const scalar_t* s0 = slp + vsl.at(big.n, big.h, big.w0 + i, big.j);
+      const scalar_t* t0 = tlp + vtl.at(big.n, big.h, big.w0 + i, big.j);
+      for (int64_t k = 0; k < K; ++k) {
+        wk.xb[k] = A(s0[k * vsl.sC]);
+        wk.tb[k] = A(t0[k * vtl.sC]);
+      }
+      gap_fracs(wk.xb.data(), wk.tb.data(), K, wk.nb.data(), wk.db.data());
+      A N = 0, Dn = 1;
+      for (int64_t k = 0; k < K; ++k) frac_max(wk.nb[k], wk.db[k], N, Dn);
+      gap[i] = N / Dn;
+    }
+  }
+  double task_loss = 0.0;
+  A *q = wk.q.data(), *ds = wk.ds.data(), *dt = wk.dt.data(), *bs = wk.bs.data(), *bt = wk.bt.data(),
+    *gb = wk.gb.data(), *per = wk.per.data(), *f = wk.f.data(), *inv = wk.inv.data(), *wh = wk.wh.data();
+  for (int64_t off = 0; off < big.len; off += kLocTile) {
+    Tile t = big;
+    t.w0 += off;
+    t.len = std::min(kLocTile, big.len - off);
+    const int64_t len = t.len, a0 = c0 + off * J;
+    const A* gapt = gap + off;
+    prior_tile<A>(a, pri, st, a0, J, len, q);
+    // student and teacher regression rows: in place, or gathered into class-major buffers
+    const A* zs = rows_in_place<scalar_t, A>(srp, vsr, t);
+    const A* zt = rows_in_place<scalar_t, A>(trp, vtr, t);
+    const int64_t szs = zs ? vsr.sC : kLocTile, szt = zt ? vtr.sC : kLocTile;
+    if (!zs) {
+      gather(srp, vsr, t, wk.rs.data(), kLocTile);
+      zs = wk.rs.data();
+    }
+    if (!zt) {
+      gather(trp, vtr, t, wk.rt.data(), kLocTile);
+      zt = wk.rt.data();
+    }
+    if (gfl) {
+      integral_tile(zs, szs, a.R1, len, gp ? wk.ev.data() : (A*)nullptr, ds, inv);
+      integral_tile(zt, szt, a.R1, len, (A*)nullptr, dt, inv);
+      dist_boxes(ds, kLocTile, q, len, bs);
+      dist_boxes(dt, kLocTile, q, len, bt);
+    } else if (a.decoder == kDistance) {
+      dist_boxes(zs, szs, q, len, bs);
+      dist_boxes(zt, szt, q, len, bt);
+    } else {
+      delta_boxes(zs, szs, q, ms, len, wh, bs);
+      delta_boxes(zt, szt, q, ms, len, ds, bt);  // ds: scratch
+    }
+    iou_block(a.mode, A(1e-6), bs, bt, len, per, gb);
+    for (int64_t i = 0; i < len; ++i) {
+      const A wa = gapt[i] * (w ? w[a0 + i * J] : A(1));
+      task_loss += double(wa) * double(per[i]);
+      if (gw) gw[a0 + i * J] = A(a.scale) * gapt[i] * per[i];
+      f[i] = A(a.scale) * wa;
+    }
+    if (!gp) continue;
+    // the gradient straight into the output (float, anchors contiguous) or via a buffer
+    A* out = nullptr;
+    if constexpr (std::is_same<scalar_t, A>::value) {
+      if (vg.sW == 1) out = gp + vg.at(t.n, t.h, t.w0, t.j);
+    }
+    const int64_t so = out ? vg.sC : kLocTile;
+    A* dst = out ? out : wk.gr.data();
+    if (gfl) gfl_grad_tile(wk.ev.data(), ds, inv, gb, f, a.R1, len, dst, so);
+    else box4_grad(a.decoder, gb, q, wh, ms, f, len, dst, so);
+    if (!out) put(gp, vg, t, wk.gr.data(), kLocTile);
+  }
+  return task_loss;
+}
+
+// Runs worker() on the calling thread and on up to at::get_num_threads() - 1 helpers from
+// ATen's inter-op pool; workers take task indices from a shared counter until none is left,
+// and the caller returns once every task is done. The caller waits only for tasks a helper
+// has claimed, never for a helper to start: on a machine shared with other processes a
+// descheduled helper costs nothing, where a fork-join region (at::parallel_for) waits for it
+// at its barrier for a whole scheduler time slice. Results never depend on who ran a task.
+class TaskPool {
+ public:
+  explicit TaskPool(int64_t total) : st_(std::make_shared<State>()) { st_->total = total; }
+  // make() -> per-thread state; task(state, t) for every t in [0, total).
+  template <typename Make, typename Task>
+  void run(const Make& make, const Task& task) {
+    State& st = *st_;
+    std::function<void()> body = [&]() {
+      auto local = make();
+      for (int64_t t; (t = st.next.fetch_add(1)) < st.total;) {
+        try {
+          task(local, t);
+        } catch (...) {
+          std::lock_guard<std::mutex> g(st.mu);
+          if (!st.error) st.error = std::current_exception();
+        }
+        st.done.fetch_add(1);
+      }
+    };
+    const int64_t helpers = std::min<int64_t>(at::get_num_threads(), st.total) - 1;
+    for (int64_t h = 0; h < helpers; ++h) {
+      at::launch([keep = st_, b = &body]() {
+        // `body` lives on the caller's stack: a helper registers as active before it looks
+        // for work, and the caller waits for active helpers, so a late one finds the counter
+        // spent and leaves without touching it.
+        keep->active.fetch_add(1);
+        if (keep->next.load() < keep->total) (*b)();
+        keep->active.fetch_sub(1);
+      });
+    }
+    body();
+    while (st.done.load() < st.total || st.active.load() > 0) std::this_thread::yield();
+    if (st.error) std::rethrow_exception(st.error);
+  }
+
+ private:
+  struct State {
+    std::atomic<int64_t> next{0}, done{0}, active{0};
+    int64_t total = 0;
+    std::exception_ptr error;
+    std::mutex mu;
+  };
+  std::shared_ptr<State> st_;
+};
+
+// Every level in one pool of tasks (largest level first, so the small levels fill in behind
+// it). Each task owns one partial; levels sum theirs in a fixed order (deterministic).
+void loc_levels_cpu(const std::vector<LocLevel>& lv, int64_t K, int64_t D, std::vector<double>& part,
+                    const std::vector<int64_t>& first) {
+  const int64_t total = (int64_t)part.size();
+  if (total == 0) return;
+  const bool gfl = lv[0].a.decoder == kGfl;
+  TaskPool(total).run([] { return LocSlots(); }, [&](LocSlots& slots, int64_t task) {
+    size_t l = 0;
+    while (l + 1 < lv.size() && first[l + 1] <= task) ++l;
+    const LocLevel& L = lv[l];
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, L.dtype, "bckd_loc_fwd", [&] {
+      using Acc = acc_t<scalar_t>;
+      auto& slot = slots.get(static_cast<Acc*>(nullptr));
+      if (!slot) slot = std::make_unique<LocWork<Acc>>(K, D, gfl);
+      part[task] = loc_task<scalar_t>(L, task - first[l], *slot);
+    });
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bckd_loc_fwd_cpu(
-    const at::Tensor& student_reg, const at::Tensor& teacher_reg, const at::Tensor& student_logits,
-    const at::Tensor& teacher_logits, const at::Tensor& priors, const c10::optional<at::Tensor>& weight,
-    const c10::optional<at::Tensor>& stride, double stride_value, int64_t decoder, int64_t loss_mode,
-    int64_t reg_max, at::ArrayRef<double> means, at::ArrayRef<double> stds, double max_ratio, double scale,
-    bool grad_reg, bool grad_weight) {
-  TORCH_CHECK(student_reg.dim() == 5 && student_reg.sizes() == teacher_reg.sizes(),
-              "kdops::bckd_loc_fwd: student_reg and teacher_reg must be (N,H,W,J,D) views of one shape");
-  TORCH_CHECK(student_logits.dim() == 5 && student_logits.sizes() == teacher_logits.sizes(),
-              "kdops::bckd_loc_fwd: logits must be (N,H,W,J,K) views of one shape");
-  for (int64_t d = 0; d < 4; ++d)
-    TORCH_CHECK(student_logits.size(d) == student_reg.size(d), "kdops::bckd_loc_fwd: anchor grids differ");
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> bckd_loc_fwd_cpu(
+    at::TensorList student_reg, at::TensorList teacher_reg, at::TensorList student_logits,
+    at::TensorList teacher_logits, at::TensorList priors, const c10::List<c10::optional<at::Tensor>>& weight,
+    const c10::List<c10::optional<at::Tensor>>& stride, at::ArrayRef<double> stride_value, int64_t decoder,
+    int64_t loss_mode, int64_t reg_max, at::ArrayRef<double> means, at::ArrayRef<double> stds, double max_ratio,
+    at::ArrayRef<double> scale, bool grad_reg, bool grad_weight) {
+  const int64_t L = (int64_t)student_reg.size();
+  TORCH_CHECK(L > 0 && (int64_t)teacher_reg.size() == L && (int64_t)student_logits.size() == L &&
+                  (int64_t)teacher_logits.size() == L && (int64_t)priors.size() == L && (int64_t)weight.size() == L &&
+                  (int64_t)stride.size() == L && (int64_t)stride_value.size() == L && (int64_t)scale.size() == L,
+              "kdops::bckd_loc_fwd: every per-level argument needs one entry per level");
+  TORCH_CHECK(decoder >= 0 && decoder <= 2 && reg_max >= 0 && means.size() == 4 && stds.size() == 4,
+              "kdops::bckd_loc_fwd: bad decoder arguments");
   const int64_t R1 = reg_max + 1;
   const int64_t D = decoder == kGfl ? 4 * R1 : 4;
-  TORCH_CHECK(student_reg.size(4) == D && decoder >= 0 && decoder <= 2 && means.size() == 4 && stds.size() == 4,
-              "kdops::bckd_loc_fwd: bad decoder arguments");
-  const auto acc_type = acc_dtype(student_reg.scalar_type());
-  const View5 v(student_reg);
-  const int64_t A_ = v.N * v.H * v.W * v.J;
-  const auto pri = priors.contiguous();
-  TORCH_CHECK(pri.dim() == 2 && pri.scalar_type() == acc_type && (pri.size(1) == 4 || (pri.size(1) == 2 && decoder != kDelta)),
-              "kdops::bckd_loc_fwd: priors must be (M,4) (or (M,2) points) in the acc dtype");
-  TORCH_CHECK(A_ == 0 || (pri.size(0) > 0 && A_ % pri.size(0) == 0), "kdops::bckd_loc_fwd: priors rows must divide A");
-  at::Tensor w, st;
-  if (weight.has_value()) {
-    w = weight->contiguous();
-    TORCH_CHECK(w.scalar_type() == acc_type && w.numel() == A_, "kdops::bckd_loc_fwd: weight must be (A,)");
+  bool any_double = false;
+  for (const auto& t : student_reg) any_double |= t.scalar_type() == at::kDouble;
+  auto loss = at::empty({L}, student_reg[0].options().dtype(any_double ? at::kDouble : at::kFloat));
+  std::vector<at::Tensor> grads, gws, keep;  // keep: converted priors / weights / strides
+  std::vector<LocLevel> lv(L);
+  std::vector<int64_t> first(L + 1, 0);
+  int64_t K = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    const at::Tensor &sr = student_reg[l], &tr = teacher_reg[l], &sl = student_logits[l], &tl = teacher_logits[l];
+    TORCH_CHECK((sr.dim() == 2 || sr.dim() == 4) && sr.sizes() == tr.sizes() && sr.scalar_type() == tr.scalar_type() &&
+                    sl.sizes() == tl.sizes() && sl.scalar_type() == sr.scalar_type() &&
+                    tl.scalar_type() == sr.scalar_type() && sl.dim() == sr.dim() && sr.size(1) % D == 0 &&
+                    (sr.dim() == 4 || sr.size(1) == D),
+                "kdops::bckd_loc_fwd: level ", l, ": student/teacher regression (A,D) or (N,J*D,H,W) of one dtype "
+                "with logits of the same layout expected");
+    const int64_t J = sr.dim() == 4 ? sr.size(1) / D : 1;
+    TORCH_CHECK(sr.dim() == 2 ? sl.size(0) == sr.size(0)
+                              : (sl.size(0) == sr.size(0) && sl.size(2) == sr.size(2) && sl.size(3) == sr.size(3) &&
+                                 J > 0 && sl.size(1) % J == 0),
+                "kdops::bckd_loc_fwd: level ", l, ": logits must cover the regression's anchors");
+    LocLevel& v = lv[l];
+    v.dtype = sr.scalar_type();
+    const auto acc = acc_dtype(v.dtype);
+    v.sr = View5::of_head(sr, J);
+    v.tr = View5::of_head(tr, J);
+    v.sl = View5::of_head(sl, J);
+    v.tl = View5::of_head(tl, J);
+    K = std::max(K, v.sl.C);
+    const int64_t A_ = v.sr.N * v.sr.H * v.sr.W * v.sr.J;
+    const auto pri = priors[l].to(acc).contiguous();
+    TORCH_CHECK(pri.dim() == 2 && (pri.size(1) == 4 || (pri.size(1) == 2 && decoder != kDelta)) &&
+                    (A_ == 0 || (pri.size(0) > 0 && A_ % pri.size(0) == 0)),
+                "kdops::bckd_loc_fwd: level ", l, ": priors must be (M,4) (or (M,2) points) with M dividing A");
+    keep.push_back(pri);
+    v.pri = pri.data_ptr();
+    at::Tensor w, st, gw_acc;
+    if (weight.get(l).has_value()) {
+      w = weight.get(l)->to(acc).contiguous();
+      TORCH_CHECK(w.numel() == A_, "kdops::bckd_loc_fwd: level ", l, ": weight must hold A values");
+      keep.push_back(w);
+      v.w = w.data_ptr();
+    }
+    if (stride.get(l).has_value()) {
+      st = stride.get(l)->to(acc).contiguous();
+      TORCH_CHECK(st.numel() == A_, "kdops::bckd_loc_fwd: level ", l, ": stride must hold A values");
+      keep.push_back(st);
+      v.st = st.data_ptr();
+    }
+    v.a = LocArgs{(int)decoder, (int)loss_mode, R1, std::max<int64_t>(pri.size(0), 1), pri.size(1), {}, {},
+                  max_ratio, stride_value[l], scale[l]};
+    for (int c = 0; c < 4; ++c) {
+      v.a.means[c] = means[c];
+      v.a.stds[c] = stds[c];
+    }
+    at::Tensor g = grad_reg ? at::empty_like(sr) : no_grad_placeholder(sr);
+    v.g = grad_reg ? View5::of_head(g, J) : v.sr;
+    v.gp = grad_reg && g.numel() ? g.data_ptr() : nullptr;
+    grads.push_back(g);
+    if (grad_weight && w.defined()) {
+      gw_acc = at::empty({A_}, w.options());
+      v.gw = gw_acc.data_ptr();
+    }
+    gws.push_back(gw_acc);
+    v.srp = sr.data_ptr();
+    v.trp = tr.data_ptr();
+    v.slp = sl.data_ptr();
+    v.tlp = tl.data_ptr();
+    merge_all({&v.sr, &v.tr, &v.sl, &v.tl, &v.g});
+    v.chunks = (v.sr.W + kLocChunk - 1) / kLocChunk;
+    v.tasks = A_ == 0 ? 0 : v.sr.N * v.sr.H * v.sr.J * v.chunks;
+    first[l + 1] = first[l] + v.tasks;
   }
-  if (stride.has_value()) {
-    st = stride->contiguous();
-    TORCH_CHECK(st.scalar_type() == acc_type && st.numel() == A_, "kdops::bckd_loc_fwd: stride must be (A,)");
+  std::vector<double> part(first[L], 0.0);
+  loc_levels_cpu(lv, K, D, part, first);
+  for (int64_t l = 0; l < L; ++l) {
+    double s = 0.0;
+    for (int64_t t = first[l]; t < first[l + 1]; ++t) s += part[t];
+    if (any_double) loss.data_ptr<double>()[l] = s * scale[l];
+    else loss.data_ptr<float>()[l] = float(s * scale[l]);
+    if (gws[l].defined()) {
+      const auto& wt = *weight.get(l);
+      gws[l] = gws[l].view(wt.sizes()).to(wt.scalar_type());
+    } else {
+      gws[l] = no_grad_placeholder(loss);
+    }
   }
-  LocArgs a{(int)decoder, (int)loss_mode, R1, std::max<int64_t>(pri.size(0), 1), pri.size(1), {}, {}, max_ratio,
-            stride_value, scale};
-  for (int c = 0; c < 4; ++c) {
-    a.means[c] = means[c];
-    a.stds[c] = stds[c];
-  }
-  auto loss = at::empty({}, student_reg.options().dtype(acc_type));
-  auto g = grad_reg ? at::empty_like(student_reg) : no_grad_placeholder(student_reg);
-  auto gw = (grad_weight && w.defined()) ? at::empty({A_}, loss.options()) : no_grad_placeholder(loss);
-  View5 vsr(student_reg), vtr(teacher_reg), vsl(student_logits), vtl(teacher_logits), vg(grad_reg ? g : student_reg);
-  merge_all({&vsr, &vtr, &vsl, &vtl, &vg});
-  const int64_t chunks = (vsr.W + kLocChunk - 1) / kLocChunk;
-  std::vector<double> part(A_ == 0 ? 0 : vsr.N * vsr.H * vsr.J * chunks, 0.0);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student_reg.scalar_type(), "bckd_loc_fwd", [&] {
-    using Acc = acc_t<scalar_t>;
-    loc_cpu<scalar_t>(a, vsr, vtr, vsl, vtl, vg, student_reg.data_ptr<scalar_t>(), teacher_reg.data_ptr<scalar_t>(),
-                      student_logits.data_ptr<scalar_t>(), teacher_logits.data_ptr<scalar_t>(),
-                      grad_reg ? g.data_ptr<scalar_t>() : nullptr, pri.data_ptr<Acc>(),
-                      w.defined() ? w.data_ptr<Acc>() : nullptr, st.defined() ? st.data_ptr<Acc>() : nullptr,
-                      gw.numel() ? gw.data_ptr<Acc>() : nullptr, part, chunks);
-  });
-  loss.fill_(ordered_sum(part) * scale);
-  return {loss, g, gw};
+  return {loss, grads, gws};
 }
 
 }  // namespace

@@ -273,20 +273,47 @@ def anchor_view(x: torch.Tensor, per_anchor: int) -> torch.Tensor:
     return x.unflatten(1, (JC // per_anchor if per_anchor else 1, per_anchor)).permute(0, 3, 4, 1, 2)
 
 
-def scale_grad(g: torch.Tensor, gloss: torch.Tensor) -> torch.Tensor:
-    """g * gloss for a gradient computed in forward. On the CPU, when the incoming gradient is
-    exactly 1 (``loss.backward()`` on a sum), g itself is returned: a pass over the gradient and
-    an allocation saved. Reading gloss there costs no device sync; never on GPU or when tracing.
+def _host_gloss(gloss: torch.Tensor) -> bool:
+    """The incoming gradient may be read on the host: a plain CPU tensor outside tracing."""
+    return (type(gloss) is torch.Tensor and gloss.device.type == "cpu" and not gloss.requires_grad
+            and not torch.compiler.is_compiling() and not torch._C._functorch.is_functorch_wrapped_tensor(gloss))
+
+
+def level_grads(gloss: torch.Tensor, n_levels: int) -> list:
+    """The incoming gradient of a (L,) per-level loss as L factors for :func:`scale_grad`: Python
+    floats read once on the CPU (one read for all levels), else 0-d views (no device sync)."""
+    if _host_gloss(gloss):
+        return gloss.tolist()
+    return list(gloss.unbind(0)) if n_levels > 1 else [gloss.reshape(())]
+
+
+def saved_grads_reusable(gloss: torch.Tensor) -> bool:
+    """True in an eager backward that frees its graph afterwards (no ``retain_graph``): a gradient
+    saved by the forward pass is then needed by nobody else, so it may be scaled in place instead
+    of copied (PyTorch's compiled backward donates saved buffers on the same condition)."""
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return (keep_graph is not None and type(gloss) is torch.Tensor and not gloss.requires_grad
+            and not torch.compiler.is_compiling() and not torch._C._functorch.is_functorch_wrapped_tensor(gloss)
+            and not keep_graph())
+
+
+def scale_grad(g: torch.Tensor, gloss, in_place: bool = False) -> torch.Tensor:
+    """g * gloss for a gradient computed in forward; ``in_place`` (see saved_grads_reusable) scales
+    the saved g itself: no allocation, one pass less over memory. On the CPU, when the incoming
+    gradient is exactly 1 (``loss.backward()`` on a sum), g itself is returned. Reading gloss there
+    costs no device sync; never on GPU or when tracing. ``gloss`` may be a float read on the host
+    already (level_grads).
 
     The returned gradient shares its version counter with the saved g, so with
     ``retain_graph=True`` an in-place change of ``.grad`` (e.g. ``zero_grad(set_to_none=False)``)
     before a second backward raises PyTorch's standard "modified by an inplace operation"
     error instead of giving a wrong gradient (``set_to_none=True``, the default, is fine)."""
-    if (g.device.type == "cpu" and type(gloss) is torch.Tensor and gloss.device.type == "cpu"
-            and gloss.numel() == 1 and not torch.compiler.is_compiling()
-            and not torch._C._functorch.is_functorch_wrapped_tensor(gloss) and bool(gloss == 1)):
+    if isinstance(gloss, float):
+        if gloss == 1.0:
+            return g
+    elif _host_gloss(gloss) and g.device.type == "cpu" and gloss.numel() == 1 and bool(gloss == 1):
         return g
-    return g * gloss
+    return g.mul_(gloss) if in_place else g * gloss
 
 
 def kernel_scale(reduction: str, n: int, avg_factor):

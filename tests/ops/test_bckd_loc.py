@@ -226,14 +226,14 @@ def test_torch_compile_fullgraph_and_fake_tensors():
 @pytest.mark.triton
 @pytest.mark.parametrize("decoder", ["distance", "gfl", "delta_xywh"])
 def test_triton_loc_matches_reference(decoder):
-    from kdops.triton.bckd import bckd_loc_fwd
+    from kdops.triton.bckd import bckd_loc_level_fwd
 
     dev = triton_device()
     sr, tr, sl, tl, pri, w = [x.float() for x in make_loc(decoder, 2, 3, 4, 1, K=5, seed=22)]
     D, K = sr.shape[1], sl.shape[1]
     kw = KW[decoder]
     for loss, mode in (("giou", 0), ("iou", 1)):
-        out, g, gw = bckd_loc_fwd(
+        out, g, gw = bckd_loc_level_fwd(
             anchor_view(sr, D).to(dev), anchor_view(tr, D).to(dev), anchor_view(sl, K).to(dev),
             anchor_view(tl, K).to(dev), pri.to(dev), w.to(dev), None, float(kw.get("strides", 0.0)),
             {"distance": 0, "gfl": 1, "delta_xywh": 2}[decoder], mode, 4, list(kw.get("means", (0.0,) * 4)),
@@ -270,12 +270,12 @@ def test_loc_reductions_avg_factor_tensor_and_points_with_strides():
 
 @pytest.mark.triton
 def test_triton_loc_points_and_stride_tensor():
-    from kdops.triton.bckd import bckd_loc_fwd
+    from kdops.triton.bckd import bckd_loc_level_fwd
 
     dev = triton_device()
     sr, tr, sl, tl, pri, w = [x.float() for x in make_loc("distance", 1, 3, 4, 1, K=5, seed=32)]
     st = torch.rand(sr.shape[0]) * 8 + 1
-    out, g, _ = bckd_loc_fwd(anchor_view(sr, 4).to(dev), anchor_view(tr, 4).to(dev), anchor_view(sl, 5).to(dev),
+    out, g, _ = bckd_loc_level_fwd(anchor_view(sr, 4).to(dev), anchor_view(tr, 4).to(dev), anchor_view(sl, 5).to(dev),
                              anchor_view(tl, 5).to(dev), pri.to(dev), None, st.to(dev), 0.0, 0, 0, 4, [0.0] * 4,
                              [1.0] * 4, 4.1, 1.0, True, False)
     S = leaf(sr.double())
