@@ -32,7 +32,7 @@ from .. import reference
 from .._extension import HAS_C
 from ._common import (
     acc_dtype, anchor_view, as_levels, check_avg_factor, check_tensor, divide_by_avg_factor,
-    kernel_scale, level_grads, match_levels, needs_grad, register_cuda, saved_grads_reusable, scale_grad, use_kernel,
+    _LIB, kernel_scale, level_grads, match_levels, needs_grad, register_cuda, saved_grads_reusable, scale_grad, use_kernel,
 )
 
 Levels = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -292,14 +292,11 @@ def _loc_kernel(op, levels, cfg, reduction, avg_factor):
     """Every level in one kdops::bckd_loc_fwd call (one autograd node); returns (L,) losses."""
     dec, mode, reg_max, means, stds, max_ratio = cfg
     dev = levels[0][0].device
-    weights_need_grad = needs_grad(*[lv[5] for lv in levels])
     srs, trs, sls, tls, prs, ws, sts, st_vals, scales = [], [], [], [], [], [], [], [], []
     for i, (sr, tr, sl, tl, pr, w, st, D, K, A) in enumerate(levels):
         if sr.device != dev:
             raise ValueError(f"kdops.{op}: `student_reg[{i}]` is on {sr.device} but `student_reg[0]` on {dev}; "
                              "move every level to one device")
-        if w is None and weights_need_grad:  # a list holding None gets no gradients (torch.library)
-            w = torch.ones(A, dtype=acc_dtype(sr.dtype), device=sr.device)
         srs.append(sr)
         trs.append(tr)
         sls.append(sl)
@@ -333,34 +330,58 @@ def _loc_fake(srs, trs, sls, tls, prs, ws, sts, st_vals, dec, mode, reg_max, mea
     return srs[0].new_empty((len(srs),), dtype=acc), gs, gws
 
 
-def _loc_setup(ctx, inputs, output):
-    ctx.set_materialize_grads(False)  # see _cls_setup
-    # backward must mirror the inputs' structure: a list per list of tensors, else one None
-    ctx.structure = tuple(len(x) if isinstance(x, list) and all(isinstance(t, torch.Tensor) for t in x) else 0
-                          for x in inputs)
-    ctx.save_for_backward(*output[1], *output[2])
+class _LocAutograd(torch.autograd.Function):
+    """Autograd of kdops::bckd_loc_fwd: the op runs below autograd and its loss is this
+    Function's only output; its differentiable inputs are just the student regressions and the
+    weights (the other L-long lists pass through as one opaque argument). The op's gradient
+    outputs are handed back through ``out`` as plain tensors. (torch.library.register_autograd
+    would flatten all seven L-long tensor lists with pytree on every call and in backward:
+    ~0.4 ms per step for five FPN levels, more than the whole backward pass otherwise costs.)"""
 
+    @staticmethod
+    def forward(ctx, keyset, args, out, *tensors):
+        with torch._C._AutoDispatchBelowAutograd():
+            loss, gs, gws = torch.ops.kdops.bckd_loc_fwd.default.redispatch(
+                keyset & torch._C._after_autograd_keyset, *args)
+        L = len(gs)
+        ctx.set_materialize_grads(False)
+        ctx.levels = L
+        ctx.weighted = [i for i, w in enumerate(args[5]) if w is not None]  # weight index per extra input
+        ctx.save_for_backward(*gs, *(gws[i] for i in ctx.weighted))
+        out.extend((gs, gws))
+        return loss
 
-def _loc_backward(ctx, gloss, *_):
-    grads = {}
-    L = ctx.structure[0]
-    if gloss is not None:
+    @staticmethod
+    def backward(ctx, gloss):
+        n_in = ctx.levels + len(ctx.weighted)
+        if gloss is None:
+            return (None,) * (3 + n_in)
+        L = ctx.levels
         saved = ctx.saved_tensors
-        # per-element flags for lists of tensors, one bool otherwise
-        need_r, need_w = ([n] * L if isinstance(n, bool) else n for n in ctx.needs_input_grad[::5][:2])
+        need = ctx.needs_input_grad[3:]
         scales, reuse = level_grads(gloss, L), saved_grads_reusable(gloss)
-        grads[0] = [scale_grad(g, s, reuse) if n else None for g, s, n in zip(saved[:L], scales, need_r)]
-        if ctx.structure[5]:
-            grads[5] = [scale_grad(gw, s, reuse) if n and gw.numel() else None
-                        for gw, s, n in zip(saved[L:], scales, need_w)]
-    return tuple(grads.get(i, [None] * n if n else None) for i, n in enumerate(ctx.structure))
+        greg = [scale_grad(g, s, reuse) if n else None for g, s, n in zip(saved[:L], scales, need[:L])]
+        gw = [scale_grad(g, scales[i], reuse) if n and g.numel() else None
+              for g, i, n in zip(saved[L:], ctx.weighted, need[L:])]
+        return (None, None, None, *greg, *gw)
+
+
+def _loc_autograd(keyset, *args):
+    srs, ws = args[0], args[5]
+    tensors = [*srs, *(w for w in ws if w is not None)]
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        with torch._C._AutoDispatchBelowAutograd():
+            return torch.ops.kdops.bckd_loc_fwd.default.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+    out = []
+    loss = _LocAutograd.apply(keyset, args, out, *tensors)
+    return loss, out[0], out[1]
 
 
 if HAS_C:
     torch.library.register_fake("kdops::bckd_cls_fwd")(_cls_fake)
     torch.library.register_autograd("kdops::bckd_cls_fwd", _cls_backward, setup_context=_cls_setup)
     torch.library.register_fake("kdops::bckd_loc_fwd")(_loc_fake)
-    torch.library.register_autograd("kdops::bckd_loc_fwd", _loc_backward, setup_context=_loc_setup)
+    _LIB.impl("bckd_loc_fwd", _loc_autograd, "Autograd", with_keyset=True)
     from ..triton import HAS_TRITON
 
     if HAS_TRITON:
