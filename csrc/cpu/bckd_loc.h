@@ -35,17 +35,35 @@ KDOPS_INLINE void frac_max(A n, A d, A& N, A& D) {
   D = gt ? d : D;
 }
 
-// One class row over n anchors folded into the running maxima N[i] / D[i].
-#define KD_GAP_ROWS(A)                                                                    \
-  KDOPS_SIMD_CLONES void gap_rows(const A* x, const A* t, int64_t n, A* N, A* D) {        \
-    _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) {                                 \
-      A a, b;                                                                             \
-      gap_frac<A>(x[i], t[i], a, b);                                                      \
-      frac_max<A>(a, b, N[i], D[i]);                                                      \
-    }                                                                                     \
+// One class row over n anchors folded into the running maxima N[i] / D[i]. xn / tn (or null):
+// the next rows (es bytes per value), fetched a few lines per block of this one so that the
+// requests stay spread out instead of filling the line-fill buffers in one burst.
+#define KD_GAP_ROWS(A)                                                                       \
+  KDOPS_SIMD_CLONES void gap_rows(const A* x, const A* t, int64_t n, A* N, A* D, const char* xn,  \
+                                  const char* tn, int64_t es) {                              \
+    constexpr int64_t B = 256 / sizeof(A);                                                   \
+    for (int64_t b0 = 0; b0 < n; b0 += B) {                                                  \
+      const int64_t b1 = std::min(n, b0 + B);                                                \
+      if (xn)                                                                                \
+        for (int64_t o = b0 * es; o < b1 * es; o += 64) {                                    \
+          __builtin_prefetch(xn + o);                                                        \
+          __builtin_prefetch(tn + o);                                                        \
+        }                                                                                    \
+      _Pragma("omp simd") for (int64_t i = b0; i < b1; ++i) {                                \
+        A a, b;                                                                              \
+        gap_frac<A>(x[i], t[i], a, b);                                                       \
+        frac_max<A>(a, b, N[i], D[i]);                                                       \
+      }                                                                                      \
+    }                                                                                        \
   }
 KD_GAP_ROWS(float)
 KD_GAP_ROWS(double)
+
+// Fetches rows [r0, r1) of n values (es bytes each, stride sz values) into L2.
+KDOPS_INLINE void prefetch_rows_l2(const char* p, int64_t sz, int64_t es, int64_t r0, int64_t r1, int64_t n) {
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t o = 0; o < n * es; o += 64) __builtin_prefetch(p + r * sz * es + o, 0, 2);
+}
 
 // The fractions of n classes of one anchor (folded afterwards in class order).
 #define KD_GAP_FRACS(A)                                                                   \
@@ -129,8 +147,10 @@ KD_IOU_BLOCK(double)
 // GFL's Integral over the 4 sides of a tile, bins read from rows z[(s*R1 + b) * sz + i]
 // (the input itself or a gather buffer): dist = sum_b b softmax(z)_b. For the student it
 // also keeps the unnormalised e_b = exp(z_b - max) (rows of kLocTile) and inv = 1 / sum_b e_b.
+// zn (or null): the next tile's rows, fetched into L2 one row per row done here.
 template <typename A, bool KEEP>
-KDOPS_INLINE void integral_impl(const A* z, int64_t sz, int64_t R1, int64_t len, A* e, A* dist, A* inv) {
+KDOPS_INLINE void integral_impl(const A* z, int64_t sz, int64_t R1, int64_t len, A* e, A* dist, A* inv,
+                                const A* zn) {
   A m[kLocTile], sum[kLocTile], ex[kLocTile];
   for (int64_t s = 0; s < 4; ++s) {
     const A* zs = z + s * R1 * sz;
@@ -142,13 +162,12 @@ KDOPS_INLINE void integral_impl(const A* z, int64_t sz, int64_t R1, int64_t len,
     }
     for (int64_t b = 1; b < R1; ++b) {
       const A* zb = zs + b * sz;
-      if (b + 1 < R1) prefetch_row(zb + sz, len);
-      else if (s < 3) prefetch_row(zs + R1 * sz, len);  // the next side's first row
 #pragma omp simd
       for (int64_t i = 0; i < len; ++i) m[i] = std::max(m[i], zb[i]);
     }
     for (int64_t b = 0; b < R1; ++b) {
       const A* zb = zs + b * sz;
+      if (zn) prefetch_rows_l2(reinterpret_cast<const char*>(zn), sz, sizeof(A), s * R1 + b, s * R1 + b + 1, len);
       A* eb = KEEP ? e + (s * R1 + b) * kLocTile : nullptr;
 #pragma omp simd
       for (int64_t i = 0; i < len; ++i) {
@@ -169,9 +188,10 @@ KDOPS_INLINE void integral_impl(const A* z, int64_t sz, int64_t R1, int64_t len,
   }
 }
 #define KD_INTEGRAL(A)                                                                              \
-  KDOPS_SIMD_CLONES void integral_tile(const A* z, int64_t sz, int64_t R1, int64_t len, A* e, A* dist, A* inv) { \
-    if (e) integral_impl<A, true>(z, sz, R1, len, e, dist, inv);                                    \
-    else integral_impl<A, false>(z, sz, R1, len, e, dist, inv);                                     \
+  KDOPS_SIMD_CLONES void integral_tile(const A* z, int64_t sz, int64_t R1, int64_t len, A* e, A* dist, A* inv, \
+                                       const A* zn) {                                               \
+    if (e) integral_impl<A, true>(z, sz, R1, len, e, dist, inv, zn);                                \
+    else integral_impl<A, false>(z, sz, R1, len, e, dist, inv, zn);                                 \
   }
 KD_INTEGRAL(float)
 KD_INTEGRAL(double)
@@ -414,13 +434,18 @@ double loc_task(const LocLevel& lv, int64_t task, LocWork<acc_t<scalar_t>>& wk) 
     std::fill(gd, gd + big.len, A(1));    // and denominators
     const scalar_t* s0 = slp + vsl.at(big.n, big.h, big.w0, big.j);
     const scalar_t* t0 = tlp + vtl.at(big.n, big.h, big.w0, big.j);
+    // the first tile's regression rows (in place) are fetched into L2 during this pass
+    const scalar_t* r0s = vsr.sW == 1 ? srp + vsr.at(big.n, big.h, big.w0, big.j) : nullptr;
+    const scalar_t* r0t = vtr.sW == 1 ? trp + vtr.at(big.n, big.h, big.w0, big.j) : nullptr;
+    const int64_t rlen = std::min(kLocTile, big.len), D = vsr.C, es = sizeof(scalar_t);
     for (int64_t k = 0; k < K; ++k) {
-      if (k + 1 < K) {
-        prefetch_row(s0 + (k + 1) * vsl.sC, big.len);
-        prefetch_row(t0 + (k + 1) * vtl.sC, big.len);
-      }
+      const bool more = k + 1 < K;
       gap_rows(row_of(s0 + k * vsl.sC, big.len, wk.xb.data()), row_of(t0 + k * vtl.sC, big.len, wk.tb.data()),
-               big.len, gap, gd);
+               big.len, gap, gd, more ? reinterpret_cast<const char*>(s0 + (k + 1) * vsl.sC) : nullptr,
+               more ? reinterpret_cast<const char*>(t0 + (k + 1) * vtl.sC) : nullptr, es);
+      const int64_t q0 = k * D / K, q1 = (k + 1) * D / K;
+      if (r0s) prefetch_rows_l2(reinterpret_cast<const char*>(r0s), vsr.sC, es, q0, q1, rlen);
+      if (r0t) prefetch_rows_l2(reinterpret_cast<const char*>(r0t), vtr.sC, es, q0, q1, rlen);
     }
     for (int64_t i = 0; i < big.len; ++i) gap[i] /= gd[i];
   } else {  // classes contiguous ((A,K)) or any other layout: one anchor's classes at a time
@@ -460,8 +485,12 @@ double loc_task(const LocLevel& lv, int64_t task, LocWork<acc_t<scalar_t>>& wk) 
       zt = wk.rt.data();
     }
     if (gfl) {
-      integral_tile(zs, szs, a.R1, len, gp ? wk.ev.data() : (A*)nullptr, ds, inv);
-      integral_tile(zt, szt, a.R1, len, (A*)nullptr, dt, inv);
+      // rows read in place: fetch the next tile's while this one is computed
+      const bool next = off + kLocTile < big.len;
+      const A* zsn = next && szs != kLocTile ? zs + kLocTile : nullptr;
+      const A* ztn = next && szt != kLocTile ? zt + kLocTile : nullptr;
+      integral_tile(zs, szs, a.R1, len, gp ? wk.ev.data() : (A*)nullptr, ds, inv, zsn);
+      integral_tile(zt, szt, a.R1, len, (A*)nullptr, dt, inv, ztn);
       dist_boxes(ds, kLocTile, q, len, bs);
       dist_boxes(dt, kLocTile, q, len, bt);
     } else if (a.decoder == kDistance) {
