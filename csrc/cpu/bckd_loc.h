@@ -50,9 +50,11 @@ KDOPS_INLINE void frac_max(A n, A d, A& N, A& D) {
           __builtin_prefetch(tn + o);                                                        \
         }                                                                                    \
       _Pragma("omp simd") for (int64_t i = b0; i < b1; ++i) {                                \
-        A a, b;                                                                              \
+        A a, b, Ni = N[i], Di = D[i]; /* blend and store always: no branch on the mask */   \
         gap_frac<A>(x[i], t[i], a, b);                                                       \
-        frac_max<A>(a, b, N[i], D[i]);                                                       \
+        frac_max<A>(a, b, Ni, Di);                                                           \
+        N[i] = Ni;                                                                           \
+        D[i] = Di;                                                                           \
       }                                                                                      \
     }                                                                                        \
   }
