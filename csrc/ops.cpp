@@ -57,6 +57,10 @@ TORCH_LIBRARY(kdops, m) {
       "ms_deform_attn_bwd(Tensor grad_output, Tensor value, Tensor spatial_shapes, "
       "Tensor level_start_index, Tensor sampling_locations, Tensor attention_weights, "
       "bool grad_value, bool grad_sampling, bool deterministic) -> (Tensor, Tensor, Tensor)");
+  // grads[i] *= factors[i] in place (CPU): loss ops whose gradient is computed in the forward
+  // pass scale it with the incoming gradient in backward. The storage of a dense tensor is
+  // scaled whatever its strides.
+  m.def("scale_grads_(Tensor(a!)[] grads, float[] factors) -> ()");
   // BCKD classification: loss = scale * sum_a w_a sum_k BCE(s, sigmoid(t)) |sigmoid(t) - sigmoid(s)|^beta
   // over (N,H,W,J,K) strided views (mmdet's (N,J*K,H,W) or (A,K) without a copy).
   // returns (loss, grad_student, grad_weight)

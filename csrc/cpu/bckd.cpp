@@ -12,12 +12,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
-#include <exception>
-#include <functional>
-#include <memory>
-#include <mutex>
-#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -288,7 +282,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bckd_cls_fwd_cpu(
 
 #include "bckd_loc.h"
 
+namespace kdops {
+namespace {
+
+// grads[i] *= factors[i] in place, every tensor in one pool of 64K-element tasks (see TaskPool:
+// no fork-join barrier, so a backward pass on a busy machine does not wait for a descheduled
+// thread). Dense tensors are scaled through their storage span whatever their strides.
+void scale_grads_cpu(at::TensorList grads, at::ArrayRef<double> factors) {
+  TORCH_CHECK(grads.size() == factors.size(), "kdops::scale_grads_: one factor per tensor expected");
+  constexpr int64_t kChunk = 1 << 16;
+  std::vector<int64_t> tensor, start;
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const at::Tensor& g = grads[i];
+    if (factors[i] == 1.0 || g.numel() == 0) continue;
+    if (!g.is_non_overlapping_and_dense()) {
+      g.mul_(factors[i]);
+      continue;
+    }
+    for (int64_t o = 0; o < g.numel(); o += kChunk) {
+      tensor.push_back((int64_t)i);
+      start.push_back(o);
+    }
+  }
+  TaskPool((int64_t)tensor.size()).run([] { return 0; }, [&](int, int64_t t) {
+    const at::Tensor& g = grads[tensor[t]];
+    const int64_t o = start[t], n = std::min(kChunk, g.numel() - o);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "scale_grads_", [&] {
+      using Acc = acc_t<scalar_t>;
+      scalar_t* p = g.data_ptr<scalar_t>() + o;
+      const Acc f = Acc(factors[tensor[t]]);
+      for (int64_t i = 0; i < n; ++i) p[i] = scalar_t(Acc(p[i]) * f);
+    });
+  });
+}
+
+}  // namespace
+}  // namespace kdops
+
 TORCH_LIBRARY_IMPL(kdops, CPU, m) {
+  m.impl("scale_grads_", &kdops::scale_grads_cpu);
   m.impl("bckd_cls_fwd", &kdops::bckd_cls_fwd_cpu);
   m.impl("bckd_loc_fwd", &kdops::bckd_loc_fwd_cpu);
 }

@@ -151,6 +151,8 @@ def register_cuda(name: str, fn) -> None:
 
 
 _LIB = torch.library.Library("kdops", "IMPL") if HAS_C else None
+if HAS_C:
+    torch.library.register_fake("kdops::scale_grads_")(lambda grads, factors: None)
 
 
 def register_loss_op(name: str, *, fake_fwd, fake_bwd, backward, setup_context, triton_module: str) -> None:
@@ -283,7 +285,7 @@ def level_grads(gloss: torch.Tensor, n_levels: int) -> list:
     """The incoming gradient of a (L,) per-level loss as L factors for :func:`scale_grad`: Python
     floats read once on the CPU (one read for all levels), else 0-d views (no device sync)."""
     if _host_gloss(gloss):
-        return gloss.tolist()
+        return gloss.reshape(-1).tolist()
     return list(gloss.unbind(0)) if n_levels > 1 else [gloss.reshape(())]
 
 
@@ -314,6 +316,20 @@ def scale_grad(g: torch.Tensor, gloss, in_place: bool = False) -> torch.Tensor:
     elif _host_gloss(gloss) and g.device.type == "cpu" and gloss.numel() == 1 and bool(gloss == 1):
         return g
     return g.mul_(gloss) if in_place else g * gloss
+
+
+def scale_grads(grads: list, factors: list, in_place: bool) -> list:
+    """:func:`scale_grad` over a list (None entries stay None). In place on the CPU with factors
+    read on the host, every tensor is scaled by one kdops::scale_grads_ call: one pool of tasks
+    instead of one OpenMP region per tensor, each of which waits out a whole scheduler time slice
+    for a descheduled thread when other processes keep the cores busy."""
+    if (in_place and HAS_C and all(isinstance(f, float) for f in factors)
+            and all(g is None or g.device.type == "cpu" for g in grads)):
+        todo = [(g, f) for g, f in zip(grads, factors) if g is not None and f != 1.0 and g.numel()]
+        if todo:
+            torch.ops.kdops.scale_grads_([g for g, _ in todo], [f for _, f in todo])
+        return list(grads)
+    return [None if g is None else scale_grad(g, f, in_place) for g, f in zip(grads, factors)]
 
 
 def kernel_scale(reduction: str, n: int, avg_factor):

@@ -32,7 +32,7 @@ from .. import reference
 from .._extension import HAS_C
 from ._common import (
     acc_dtype, anchor_view, as_levels, check_avg_factor, check_tensor, divide_by_avg_factor,
-    _LIB, kernel_scale, level_grads, match_levels, needs_grad, register_cuda, saved_grads_reusable, scale_grad, use_kernel,
+    _LIB, kernel_scale, level_grads, match_levels, needs_grad, register_cuda, saved_grads_reusable, scale_grads, use_kernel,
 )
 
 Levels = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -158,9 +158,9 @@ def _cls_backward(ctx, gloss, *_):
         return (None,) * 7
     g, gw = ctx.saved_tensors
     need = ctx.needs_input_grad
-    reuse = saved_grads_reusable(gloss)
-    return (scale_grad(g, gloss, reuse) if need[0] else None, None, scale_grad(gw, gloss, reuse) if need[2] else None,
-            None, None, None, None)
+    f = level_grads(gloss, 1)[0]
+    g, gw = scale_grads([g if need[0] else None, gw if need[2] else None], [f, f], saved_grads_reusable(gloss))
+    return (g, None, gw, None, None, None, None)
 
 
 # =========================================================================== localisation
@@ -360,10 +360,9 @@ class _LocAutograd(torch.autograd.Function):
         saved = ctx.saved_tensors
         need = ctx.needs_input_grad[3:]
         scales, reuse = level_grads(gloss, L), saved_grads_reusable(gloss)
-        greg = [scale_grad(g, s, reuse) if n else None for g, s, n in zip(saved[:L], scales, need[:L])]
-        gw = [scale_grad(g, scales[i], reuse) if n and g.numel() else None
-              for g, i, n in zip(saved[L:], ctx.weighted, need[L:])]
-        return (None, None, None, *greg, *gw)
+        # one entry per differentiable input (regressions, then the given weights), in order
+        todo = [g if n else None for g, n in zip(saved, need)]
+        return (None, None, None, *scale_grads(todo, scales + [scales[i] for i in ctx.weighted], reuse))
 
 
 def _loc_autograd(keyset, *args):
