@@ -285,6 +285,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bckd_cls_fwd_cpu(
 namespace kdops {
 namespace {
 
+#define KD_SCALE_BLOCK(A)                                                    \
+  KDOPS_SIMD_CLONES void scale_block(A* p, int64_t n, A f) {                 \
+    _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) p[i] *= f;           \
+  }
+KD_SCALE_BLOCK(float)
+KD_SCALE_BLOCK(double)
+
+template <typename scalar_t>
+void scale_span(scalar_t* p, int64_t n, acc_t<scalar_t> f) {
+  if constexpr (std::is_same<scalar_t, acc_t<scalar_t>>::value) {
+    scale_block(p, n, f);
+  } else {
+    for (int64_t i = 0; i < n; ++i) p[i] = scalar_t(acc_t<scalar_t>(p[i]) * f);
+  }
+}
+
 // grads[i] *= factors[i] in place, every tensor in one pool of 64K-element tasks (see TaskPool:
 // no fork-join barrier, so a backward pass on a busy machine does not wait for a descheduled
 // thread). Dense tensors are scaled through their storage span whatever their strides.
@@ -308,10 +324,7 @@ void scale_grads_cpu(at::TensorList grads, at::ArrayRef<double> factors) {
     const at::Tensor& g = grads[tensor[t]];
     const int64_t o = start[t], n = std::min(kChunk, g.numel() - o);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "scale_grads_", [&] {
-      using Acc = acc_t<scalar_t>;
-      scalar_t* p = g.data_ptr<scalar_t>() + o;
-      const Acc f = Acc(factors[tensor[t]]);
-      for (int64_t i = 0; i < n; ++i) p[i] = scalar_t(Acc(p[i]) * f);
+      scale_span(g.data_ptr<scalar_t>() + o, n, acc_t<scalar_t>(factors[tensor[t]]));
     });
   });
 }
