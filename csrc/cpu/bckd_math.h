@@ -1,7 +1,8 @@
 // Element-wise math of the BCKD kernels, written so that GCC vectorises the loops that
 // call it (`#pragma omp simd`): exp and log1p are polynomial (float, ~1 ulp) or libm
 // (double), and the loops are compiled for AVX-512, AVX2 and baseline x86-64 with a
-// run-time pick (target_clones), so one build runs fast on any x86-64.
+// run-time pick (target_clones), so one build runs fast on any x86-64. The selects (clamps,
+// sign picks) only vectorise below AVX-512 with -fno-trapping-math (setup.py passes it).
 #pragma once
 #include <cmath>
 #include <cstdint>

@@ -31,8 +31,8 @@ import torch
 from .. import reference
 from .._extension import HAS_C
 from ._common import (
-    acc_dtype, anchor_view, as_levels, check_avg_factor, check_tensor, divide_by_avg_factor,
-    _LIB, kernel_scale, level_grads, match_levels, needs_grad, register_cuda, saved_grads_reusable, scale_grads, use_kernel,
+    _LIB, acc_dtype, anchor_view, as_levels, check_avg_factor, check_tensor, divide_by_avg_factor, kernel_scale,
+    level_grads, match_levels, needs_grad, register_cuda, saved_grads_reusable, scale_grads, use_kernel,
 )
 
 Levels = Union[torch.Tensor, Sequence[torch.Tensor]]

@@ -2,7 +2,8 @@
 
 One program owns BLOCK_A anchors: the largest score gap over the classes, student and
 teacher boxes decoded in registers, (G)IoU loss and the gradient back through the
-decoder to the student regression; a partial loss per program.
+decoder to the student regression; a partial loss per program. The op takes every FPN
+level in one call; ``bckd_loc_fwd`` launches the per-level kernel once per level.
 """
 from __future__ import annotations
 
