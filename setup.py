@@ -16,7 +16,10 @@ def _extensions():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension, CUDA_HOME
 
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-fopenmp", "-DKDOPS_WITH_OPENMP"]
+    # -fno-trapping-math changes no value (no reassociation, no finite-math assumptions); without it
+    # GCC 12 will not if-convert the selects (clamps, sign picks) of the kernels' elementwise loops
+    # for SSE/AVX2 targets, and those loops stay scalar there (only AVX-512 masks them).
+    cxx = ["-O3", "-fno-trapping-math", "-fopenmp", "-DKDOPS_WITH_OPENMP"]
     link = ["-fopenmp"]
     force_cuda = os.environ.get("FORCE_CUDA", "0") == "1"
     with_cuda = (force_cuda or torch.cuda.is_available()) and CUDA_HOME is not None

@@ -74,20 +74,31 @@ TORCH_LIBRARY(kdops, m) {
       "ms_deform_attn_bwd(Tensor grad_output, Tensor value, Tensor spatial_shapes, "
       "Tensor level_start_index, Tensor sampling_locations, Tensor attention_weights, "
       "bool grad_value, bool grad_sampling, bool deterministic) -> (Tensor, Tensor, Tensor)");
+  // grads[i] *= factors[i] in place (CPU): loss ops whose gradient is computed in the forward
+  // pass scale it with the incoming gradient in backward. The storage of a dense tensor is
+  // scaled whatever its strides.
+  m.def("scale_grads_(Tensor(a!)[] grads, float[] factors) -> ()");
   // BCKD classification: loss = scale * sum_a w_a sum_k BCE(s, sigmoid(t)) |sigmoid(t) - sigmoid(s)|^beta
   // over (N,H,W,J,K) strided views (mmdet's (N,J*K,H,W) or (A,K) without a copy).
   // returns (loss, grad_student, grad_weight)
   m.def(
       "bckd_cls_fwd(Tensor student, Tensor teacher, Tensor? weight, float beta, float scale, "
       "bool grad_student, bool grad_weight) -> (Tensor, Tensor, Tensor)");
-  // BCKD localisation: loss = scale * sum_a max_k|sigmoid(tl) - sigmoid(sl)| w_a (1 - GIoU(dec(sr), dec(tr)))
-  // decoder 0 distance, 1 GFL integral, 2 DeltaXYWH; loss 0 GIoU, 1 IoU (linear).
-  // returns (loss, grad_student_reg, grad_weight)
+  // BCKD localisation, every FPN level in one call (one parallel region, one autograd node):
+  // loss[l] = scale[l] * sum_a max_k|sigmoid(tl) - sigmoid(sl)| w_a (1 - GIoU(dec(sr), dec(tr)))
+  // per level l. Regression (A,D) or mmdet's (N,J*D,H,W), logits (A,K) or (N,J*K,H,W) in the
+  // same layout, read in place through their strides; D = 4 (decoder 0 distance, 2 DeltaXYWH)
+  // or 4*(reg_max+1) (1 GFL integral); loss 0 GIoU, 1 IoU (linear). priors (M,4) anchors or
+  // (M,2) points, M dividing A; weight and stride (per-anchor strides) hold A values or are
+  // None; stride_value > 0 divides the points (0: no stride). Priors, weights and strides are
+  // read in the accumulation dtype.
+  // returns (loss (L,), grad_student_reg per level (input's shape), grad_weight per level
+  // (weight's shape and dtype)); a gradient not asked for is an empty tensor.
   m.def(
-      "bckd_loc_fwd(Tensor student_reg, Tensor teacher_reg, Tensor student_logits, Tensor teacher_logits, "
-      "Tensor priors, Tensor? weight, Tensor? stride, float stride_value, int decoder, int loss, int reg_max, "
-      "float[] means, float[] stds, float max_ratio, float scale, bool grad_reg, bool grad_weight) "
-      "-> (Tensor, Tensor, Tensor)");
+      "bckd_loc_fwd(Tensor[] student_reg, Tensor[] teacher_reg, Tensor[] student_logits, "
+      "Tensor[] teacher_logits, Tensor[] priors, Tensor?[] weight, Tensor?[] stride, float[] stride_value, "
+      "int decoder, int loss, int reg_max, float[] means, float[] stds, float max_ratio, float[] scale, "
+      "bool grad_reg, bool grad_weight) -> (Tensor, Tensor[], Tensor[])");
 }
 
 // `import kdops._C` loads this library, which runs the registrations above.

@@ -25,10 +25,35 @@ using namespace bckd;
 constexpr int64_t kTile = 256;  // anchors per task: long contiguous runs per class for (N,C,H,W) maps
 
 struct View5 {  // a (N,H,W,J,C) strided view
-  int64_t N, H, W, J, C, sN, sH, sW, sJ, sC;
+  int64_t N = 0, H = 0, W = 0, J = 0, C = 0, sN = 0, sH = 0, sW = 0, sJ = 0, sC = 0;
+  View5() = default;
   explicit View5(const at::Tensor& t)
       : N(t.size(0)), H(t.size(1)), W(t.size(2)), J(t.size(3)), C(t.size(4)), sN(t.stride(0)),
         sH(t.stride(1)), sW(t.stride(2)), sJ(t.stride(3)), sC(t.stride(4)) {}
+  // A dense-head tensor itself, without a view op: (A,C) -> (1,1,A,1,C); mmdet's (N,J*C,H,W)
+  // -> (N,H,W,J,C), anchors ordered (n,h,w,j) as kdops.ops._common.anchor_view orders them.
+  static View5 of_head(const at::Tensor& t, int64_t J) {
+    View5 v;
+    if (t.dim() == 2) {
+      v.N = v.H = v.J = 1;
+      v.W = t.size(0);
+      v.C = t.size(1);
+      v.sW = t.stride(0);
+      v.sC = t.stride(1);
+    } else {
+      v.N = t.size(0);
+      v.H = t.size(2);
+      v.W = t.size(3);
+      v.J = J;
+      v.C = J > 0 ? t.size(1) / J : 0;
+      v.sN = t.stride(0);
+      v.sH = t.stride(2);
+      v.sW = t.stride(3);
+      v.sC = t.stride(1);
+      v.sJ = v.C * t.stride(1);
+    }
+    return v;
+  }
   int64_t at(int64_t n, int64_t h, int64_t w, int64_t j) const { return n * sN + h * sH + w * sW + j * sJ; }
   bool hw_mergeable() const { return H <= 1 || sH == W * sW; }
   void merge_hw() {  // (h, w) -> one run of H*W positions: longer tiles on (N,C,H,W) maps
@@ -133,25 +158,6 @@ void cls_block(int mode, const A* x, const A* t, int64_t n, A beta, A* l, A* g) 
   else if (mode == 2) cls_block2(x, t, n, beta, l, g);
   else cls_block0(x, t, n, beta, l, g);
 }
-
-#define KD_GAP_BLOCK(A)                                                       \
-  KDOPS_SIMD_CLONES void gap_block(const A* x, const A* t, int64_t n, A* out) { \
-    _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) {                     \
-      const A ex = exp_nonpos(-std::fabs(x[i])), et = exp_nonpos(-std::fabs(t[i])); \
-      const A ax = x[i] >= A(0) ? A(1) : ex, at = t[i] >= A(0) ? A(1) : et;  \
-      const A dx = A(1) + ex, dt = A(1) + et;                                 \
-      out[i] = x[i] == t[i] ? A(0) : std::fabs(at * dx - ax * dt) / (dx * dt); /* |sigmoid(t) - sigmoid(x)| */ \
-    }                                                                         \
-  }
-KD_GAP_BLOCK(float)
-KD_GAP_BLOCK(double)
-
-#define KD_EXP_BLOCK(A)                                            \
-  KDOPS_SIMD_CLONES void exp_block(A* z, int64_t n) {              \
-    _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) z[i] = exp_nonpos(z[i]); \
-  }
-KD_EXP_BLOCK(float)
-KD_EXP_BLOCK(double)
 
 // ------------------------------------------------------------------ classification
 template <typename scalar_t, typename A>
@@ -276,7 +282,58 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bckd_cls_fwd_cpu(
 
 #include "bckd_loc.h"
 
+namespace kdops {
+namespace {
+
+#define KD_SCALE_BLOCK(A)                                                    \
+  KDOPS_SIMD_CLONES void scale_block(A* p, int64_t n, A f) {                 \
+    _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) p[i] *= f;           \
+  }
+KD_SCALE_BLOCK(float)
+KD_SCALE_BLOCK(double)
+
+template <typename scalar_t>
+void scale_span(scalar_t* p, int64_t n, acc_t<scalar_t> f) {
+  if constexpr (std::is_same<scalar_t, acc_t<scalar_t>>::value) {
+    scale_block(p, n, f);
+  } else {
+    for (int64_t i = 0; i < n; ++i) p[i] = scalar_t(acc_t<scalar_t>(p[i]) * f);
+  }
+}
+
+// grads[i] *= factors[i] in place, every tensor in one pool of 64K-element tasks (see TaskPool:
+// no fork-join barrier, so a backward pass on a busy machine does not wait for a descheduled
+// thread). Dense tensors are scaled through their storage span whatever their strides.
+void scale_grads_cpu(at::TensorList grads, at::ArrayRef<double> factors) {
+  TORCH_CHECK(grads.size() == factors.size(), "kdops::scale_grads_: one factor per tensor expected");
+  constexpr int64_t kChunk = 1 << 16;
+  std::vector<int64_t> tensor, start;
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const at::Tensor& g = grads[i];
+    if (factors[i] == 1.0 || g.numel() == 0) continue;
+    if (!g.is_non_overlapping_and_dense()) {
+      g.mul_(factors[i]);
+      continue;
+    }
+    for (int64_t o = 0; o < g.numel(); o += kChunk) {
+      tensor.push_back((int64_t)i);
+      start.push_back(o);
+    }
+  }
+  TaskPool((int64_t)tensor.size()).run([] { return 0; }, [&](int, int64_t t) {
+    const at::Tensor& g = grads[tensor[t]];
+    const int64_t o = start[t], n = std::min(kChunk, g.numel() - o);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "scale_grads_", [&] {
+      scale_span(g.data_ptr<scalar_t>() + o, n, acc_t<scalar_t>(factors[tensor[t]]));
+    });
+  });
+}
+
+}  // namespace
+}  // namespace kdops
+
 TORCH_LIBRARY_IMPL(kdops, CPU, m) {
+  m.impl("scale_grads_", &kdops::scale_grads_cpu);
   m.impl("bckd_cls_fwd", &kdops::bckd_cls_fwd_cpu);
   m.impl("bckd_loc_fwd", &kdops::bckd_loc_fwd_cpu);
 }

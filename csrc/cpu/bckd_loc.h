@@ -1,15 +1,81 @@
-// kdops::bckd_loc_fwd (CPU), included by bckd.cpp: per tile of anchors, the largest
-// classification score gap, student and teacher boxes decoded in registers/tile buffers,
+// kdops::bckd_loc_fwd (CPU), included by bckd.cpp: per chunk of anchors, the largest
+// classification score gap; per tile, student and teacher boxes decoded in tile buffers,
 // GIoU (or IoU) loss and its gradient back through the decoder to the student regression.
+//
+// Float rows of anchor-contiguous maps (mmdet's (N,C,H,W)) are read and written in place:
+// the GFL integral reads its bins straight from the input and the gradient is written
+// straight into the output. Other layouts and fp16/bf16 go through class-major tile
+// buffers (gather / put). Every per-anchor loop is a plain loop over tile buffers that
+// GCC vectorises (SIMD clones: AVX-512, AVX2, baseline).
 #pragma once
 
 namespace kdops {
 namespace {
 
 enum Decoder { kDistance = 0, kGfl = 1, kDelta = 2 };
-constexpr int64_t kLocTile = 256;
-constexpr int64_t kLocChunk = 1024;  // anchors per task (the gap pass streams this many per class)  // anchors per task: all of a tile's buffers stay in L1/L2
+constexpr int64_t kLocTile = 256;    // anchors per decode tile: its buffers stay in L1/L2
+constexpr int64_t kLocChunk = 1024;  // anchors per task: the gap pass streams this many per class
 
+// ------------------------------------------------------------------ score gap
+// |sigmoid(t) - sigmoid(x)| as a fraction n / d (n = 0 exactly on ties, whatever FMA
+// contraction does), so that the max over classes takes no division per class: the running
+// max N / D is updated by cross-multiplying (all terms are positive and bounded).
+template <typename A>
+KDOPS_INLINE void gap_frac(A x, A t, A& n, A& d) {
+  const A ex = exp_nonpos(-std::fabs(x)), et = exp_nonpos(-std::fabs(t));
+  const A ax = x >= A(0) ? A(1) : ex, at = t >= A(0) ? A(1) : et;
+  const A dx = A(1) + ex, dt = A(1) + et;
+  n = x == t ? A(0) : std::fabs(at * dx - ax * dt);
+  d = dx * dt;
+}
+template <typename A>
+KDOPS_INLINE void frac_max(A n, A d, A& N, A& D) {
+  const bool gt = n * D > N * d;
+  N = gt ? n : N;
+  D = gt ? d : D;
+}
+
+// One class row over n anchors folded into the running maxima N[i] / D[i]. xn / tn (or null):
+// the next rows (es bytes per value), fetched a few lines per block of this one so that the
+// requests stay spread out instead of filling the line-fill buffers in one burst.
+#define KD_GAP_ROWS(A)                                                                       \
+  KDOPS_SIMD_CLONES void gap_rows(const A* x, const A* t, int64_t n, A* N, A* D, const char* xn,  \
+                                  const char* tn, int64_t es) {                              \
+    constexpr int64_t B = 256 / sizeof(A);                                                   \
+    for (int64_t b0 = 0; b0 < n; b0 += B) {                                                  \
+      const int64_t b1 = std::min(n, b0 + B);                                                \
+      if (xn)                                                                                \
+        for (int64_t o = b0 * es; o < b1 * es; o += 64) {                                    \
+          __builtin_prefetch(xn + o);                                                        \
+          __builtin_prefetch(tn + o);                                                        \
+        }                                                                                    \
+      _Pragma("omp simd") for (int64_t i = b0; i < b1; ++i) {                                \
+        A a, b, Ni = N[i], Di = D[i]; /* blend and store always: no branch on the mask */   \
+        gap_frac<A>(x[i], t[i], a, b);                                                       \
+        frac_max<A>(a, b, Ni, Di);                                                           \
+        N[i] = Ni;                                                                           \
+        D[i] = Di;                                                                           \
+      }                                                                                      \
+    }                                                                                        \
+  }
+KD_GAP_ROWS(float)
+KD_GAP_ROWS(double)
+
+// Fetches rows [r0, r1) of n values (es bytes each, stride sz values) into L2.
+KDOPS_INLINE void prefetch_rows_l2(const char* p, int64_t sz, int64_t es, int64_t r0, int64_t r1, int64_t n) {
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t o = 0; o < n * es; o += 64) __builtin_prefetch(p + r * sz * es + o, 0, 2);
+}
+
+// The fractions of n classes of one anchor (folded afterwards in class order).
+#define KD_GAP_FRACS(A)                                                                   \
+  KDOPS_SIMD_CLONES void gap_fracs(const A* x, const A* t, int64_t n, A* nn, A* dd) {     \
+    _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) gap_frac<A>(x[i], t[i], nn[i], dd[i]); \
+  }
+KD_GAP_FRACS(float)
+KD_GAP_FRACS(double)
+
+// ------------------------------------------------------------------ (G)IoU
 // Loss 1 - GIoU (mode 0) or 1 - max(IoU, eps) (mode 1) of aligned boxes, as mmdet's
 // bbox_overlaps(is_aligned=True, eps) + GIoULoss / IoULoss(linear) compute it, and its
 // gradient in the student box (teacher detached). Ties of max/min split the gradient
@@ -79,265 +145,514 @@ KDOPS_INLINE void iou_elem(int mode, A eps, const A* b, const A* B, A& per, A* g
 KD_IOU_BLOCK(float)
 KD_IOU_BLOCK(double)
 
-// GFL integral in place: z (4*(R+1) x kLocTile logits) -> softmax probabilities; dist = sum_b b p_b.
-template <typename A>
-KDOPS_INLINE void integral_impl(A* z, int64_t R1, int64_t len, A* dist, bool want_p) {
+// ------------------------------------------------------------------ GFL integral
+// GFL's Integral over the 4 sides of a tile, bins read from rows z[(s*R1 + b) * sz + i]
+// (the input itself or a gather buffer): dist = sum_b b softmax(z)_b. For the student it
+// also keeps the unnormalised e_b = exp(z_b - max) (rows of kLocTile) and inv = 1 / sum_b e_b.
+// zn (or null): the next tile's rows, fetched into L2 one row per row done here.
+template <typename A, bool KEEP>
+KDOPS_INLINE void integral_impl(const A* z, int64_t sz, int64_t R1, int64_t len, A* e, A* dist, A* inv,
+                                const A* zn) {
   A m[kLocTile], sum[kLocTile], ex[kLocTile];
   for (int64_t s = 0; s < 4; ++s) {
-    A* zs = z + s * R1 * kLocTile;
+    const A* zs = z + s * R1 * sz;
+#pragma omp simd
     for (int64_t i = 0; i < len; ++i) {
       m[i] = zs[i];
       sum[i] = 0;
       ex[i] = 0;
     }
-    for (int64_t b = 1; b < R1; ++b)
+    for (int64_t b = 1; b < R1; ++b) {
+      const A* zb = zs + b * sz;
 #pragma omp simd
-      for (int64_t i = 0; i < len; ++i) m[i] = std::max(m[i], zs[b * kLocTile + i]);
+      for (int64_t i = 0; i < len; ++i) m[i] = std::max(m[i], zb[i]);
+    }
     for (int64_t b = 0; b < R1; ++b) {
-      A* zb = zs + b * kLocTile;
+      const A* zb = zs + b * sz;
+      if (zn) prefetch_rows_l2(reinterpret_cast<const char*>(zn), sz, sizeof(A), s * R1 + b, s * R1 + b + 1, len);
+      A* eb = KEEP ? e + (s * R1 + b) * kLocTile : nullptr;
 #pragma omp simd
       for (int64_t i = 0; i < len; ++i) {
-        const A e = exp_nonpos(zb[i] - m[i]);
-        zb[i] = e;
-        sum[i] += e;
-        ex[i] += e * A(b);
+        const A v = exp_nonpos(zb[i] - m[i]);
+        if (KEEP) eb[i] = v;
+        sum[i] += v;
+        ex[i] += v * A(b);
       }
     }
+    A* ds = dist + s * kLocTile;
+    A* is = inv + s * kLocTile;
 #pragma omp simd
     for (int64_t i = 0; i < len; ++i) {
-      m[i] = A(1) / sum[i];  // reused as 1/sum
-      dist[s * kLocTile + i] = ex[i] * m[i];
+      const A r = A(1) / sum[i];
+      ds[i] = ex[i] * r;
+      if (KEEP) is[i] = r;
     }
-    if (!want_p) continue;  // the teacher's probabilities are never needed
-    for (int64_t b = 0; b < R1; ++b)
-#pragma omp simd
-      for (int64_t i = 0; i < len; ++i) zs[b * kLocTile + i] *= m[i];
   }
 }
-KDOPS_SIMD_CLONES void integral_tile(float* z, int64_t R1, int64_t len, float* dist, bool want_p) {
-  integral_impl(z, R1, len, dist, want_p);
-}
-KDOPS_SIMD_CLONES void integral_tile(double* z, int64_t R1, int64_t len, double* dist, bool want_p) {
-  integral_impl(z, R1, len, dist, want_p);
-}
+#define KD_INTEGRAL(A)                                                                              \
+  KDOPS_SIMD_CLONES void integral_tile(const A* z, int64_t sz, int64_t R1, int64_t len, A* e, A* dist, A* inv, \
+                                       const A* zn) {                                               \
+    if (e) integral_impl<A, true>(z, sz, R1, len, e, dist, inv, zn);                                \
+    else integral_impl<A, false>(z, sz, R1, len, e, dist, inv, zn);                                 \
+  }
+KD_INTEGRAL(float)
+KD_INTEGRAL(double)
 
-// d z_b = g_d p_b (b - d) for the 4 sides; p (probabilities) in z's layout.
+// d z_b = g_d p_b (b - d), p_b = e_b / sum, times the anchor factor f, for the 4 sides,
+// written to rows out[(s*R1 + b) * so + i] (the gradient itself or a buffer).
 template <typename A>
-KDOPS_INLINE void gfl_grad_impl(const A* p, const A* dist, const A* gb, int64_t R1, int64_t len, A* gr) {
+KDOPS_INLINE void gfl_grad_impl(const A* e, const A* dist, const A* inv, const A* gb, const A* f, int64_t R1,
+                                int64_t len, A* out, int64_t so) {
+  A c[kLocTile];
   for (int64_t s = 0; s < 4; ++s) {
     const A sign = s < 2 ? A(-1) : A(1);
-    const A* gs = gb + s * kLocTile;
-    const A* ds = dist + s * kLocTile;
-    for (int64_t b = 0; b < R1; ++b) {
-      const int64_t c = (s * R1 + b) * kLocTile;
+    const A *gs = gb + s * kLocTile, *ds = dist + s * kLocTile, *is = inv + s * kLocTile;
 #pragma omp simd
-      for (int64_t i = 0; i < len; ++i) gr[c + i] = sign * gs[i] * p[c + i] * (A(b) - ds[i]);
+    for (int64_t i = 0; i < len; ++i) c[i] = sign * gs[i] * f[i] * is[i];
+    for (int64_t b = 0; b < R1; ++b) {
+      const A* eb = e + (s * R1 + b) * kLocTile;
+      A* ob = out + (s * R1 + b) * so;
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) ob[i] = c[i] * eb[i] * (A(b) - ds[i]);
     }
   }
 }
-KDOPS_SIMD_CLONES void gfl_grad_tile(const float* p, const float* d, const float* g, int64_t R1, int64_t n, float* gr) {
-  gfl_grad_impl(p, d, g, R1, n, gr);
-}
-KDOPS_SIMD_CLONES void gfl_grad_tile(const double* p, const double* d, const double* g, int64_t R1, int64_t n,
-                                     double* gr) {
-  gfl_grad_impl(p, d, g, R1, n, gr);
-}
+#define KD_GFL_GRAD(A)                                                                                    \
+  KDOPS_SIMD_CLONES void gfl_grad_tile(const A* e, const A* d, const A* inv, const A* gb, const A* f, int64_t R1, \
+                                       int64_t len, A* out, int64_t so) {                                 \
+    gfl_grad_impl(e, d, inv, gb, f, R1, len, out, so);                                                     \
+  }
+KD_GFL_GRAD(float)
+KD_GFL_GRAD(double)
 
+// ------------------------------------------------------------------ decoders
 struct LocArgs {
   int decoder, mode;
   int64_t R1, M, P;
   double means[4], stds[4], max_ratio, stride_value, scale;
 };
 
-// reg: D x kLocTile raw regression (softmax probabilities after this call for GFL).
+// Per anchor of a tile (anchors a0, a0 + J, ...): the point (x, y) for the distance decoders
+// (divided by the stride), or the prior's centre and size (cx, cy, w, h) for DeltaXYWH; rows
+// of kLocTile in q. Prior rows are shared by the images: row = anchor mod M, kept as a running
+// index (no division per anchor).
 template <typename A>
-void decode_tile(const LocArgs& a, A* reg, const A* pri, const A* st, const int64_t* anchors, int64_t len, A* dist,
-                 A* box, bool want_p) {
-  if (a.decoder == kGfl) integral_tile(reg, a.R1, len, dist, want_p);
+void prior_tile(const LocArgs& a, const A* pri, const A* st, int64_t a0, int64_t J, int64_t len, A* q) {
+  int64_t r = a0 % a.M;
+  const int64_t step = J % a.M;
+  const bool div = st || a.stride_value > 0;
   for (int64_t i = 0; i < len; ++i) {
-    const A* p = pri + (anchors[i] % a.M) * a.P;
+    const A* p = pri + r * a.P;
     if (a.decoder == kDelta) {
-      const A dx = reg[i] * A(a.stds[0]) + A(a.means[0]), dy = reg[kLocTile + i] * A(a.stds[1]) + A(a.means[1]);
-      A dw = reg[2 * kLocTile + i] * A(a.stds[2]) + A(a.means[2]);
-      A dh = reg[3 * kLocTile + i] * A(a.stds[3]) + A(a.means[3]);
-      const A mr = A(a.max_ratio);
-      dw = std::min(std::max(dw, -mr), mr);
-      dh = std::min(std::max(dh, -mr), mr);
-      const A px = (p[0] + p[2]) * A(0.5), py = (p[1] + p[3]) * A(0.5);
-      const A pw = p[2] - p[0], ph = p[3] - p[1];
-      const A gx = px + pw * dx, gy = py + ph * dy;
-      const A gw = pw * std::exp(dw), gh = ph * std::exp(dh);
-      dist[i] = gw;  // kept for the backward pass
-      dist[kLocTile + i] = gh;
-      box[i] = gx - gw * A(0.5);
-      box[kLocTile + i] = gy - gh * A(0.5);
-      box[2 * kLocTile + i] = gx + gw * A(0.5);
-      box[3 * kLocTile + i] = gy + gh * A(0.5);
+      q[i] = (p[0] + p[2]) * A(0.5);
+      q[kLocTile + i] = (p[1] + p[3]) * A(0.5);
+      q[2 * kLocTile + i] = p[2] - p[0];
+      q[3 * kLocTile + i] = p[3] - p[1];
     } else {
       A px = a.P == 2 ? p[0] : (p[2] + p[0]) / A(2);
       A py = a.P == 2 ? p[1] : (p[3] + p[1]) / A(2);
-      const A s = st ? st[anchors[i]] : A(a.stride_value);
-      if (st || a.stride_value > 0) {
+      if (div) {
+        const A s = st ? st[a0 + i * J] : A(a.stride_value);
         px = px / s;
         py = py / s;
       }
-      const A* d = a.decoder == kGfl ? dist : reg;
-      box[i] = px - d[i];
-      box[kLocTile + i] = py - d[kLocTile + i];
-      box[2 * kLocTile + i] = px + d[2 * kLocTile + i];
-      box[3 * kLocTile + i] = py + d[3 * kLocTile + i];
+      q[i] = px;
+      q[kLocTile + i] = py;
     }
+    r += step;
+    if (r >= a.M) r -= a.M;
   }
 }
 
-template <typename scalar_t>
-void loc_cpu(const LocArgs& a, const View5& vsr, const View5& vtr, const View5& vsl, const View5& vtl,
-             const View5& vg, const scalar_t* srp, const scalar_t* trp, const scalar_t* slp, const scalar_t* tlp,
-             scalar_t* gp, const acc_t<scalar_t>* pri, const acc_t<scalar_t>* w, const acc_t<scalar_t>* st,
-             acc_t<scalar_t>* gw, std::vector<double>& part, int64_t chunks) {
-  using A = acc_t<scalar_t>;
-  const int64_t K = vsl.C, D = vsr.C;
-  at::parallel_for(0, (int64_t)part.size(), 1, [&](int64_t begin, int64_t end) {
-    const bool anchor_rows = vsl.sW == 1 && vtl.sW == 1;
-    std::vector<A> xb(std::max(K, kLocChunk)), tb(std::max(K, kLocChunk));
-    std::vector<A> rs(D * kLocTile), rt(D * kLocTile), gr(D * kLocTile);
-    std::vector<A> ds(4 * kLocTile), dt(4 * kLocTile), bs(4 * kLocTile), bt(4 * kLocTile), gb(4 * kLocTile), per(kLocTile),
-        gap(kLocChunk), f(kLocTile);
-    std::vector<int64_t> anchors(kLocTile);
-    for (int64_t task = begin; task < end; ++task) {
-      const Tile big = tile_of(vsr, task, chunks, kLocChunk);
-      // gap over the whole chunk, row by row: long contiguous runs per class on (N,C,H,W) maps
-      std::fill(gap.begin(), gap.end(), A(0));
-      if (anchor_rows) {
-        const scalar_t* s0 = slp + vsl.at(big.n, big.h, big.w0, big.j);
-        const scalar_t* t0 = tlp + vtl.at(big.n, big.h, big.w0, big.j);
-        for (int64_t k = 0; k < K; ++k) {
-          if (k + 1 < K) {
-            prefetch_row(s0 + (k + 1) * vsl.sC, big.len);
-            prefetch_row(t0 + (k + 1) * vtl.sC, big.len);
-          }
-          gap_block(row_of(s0 + k * vsl.sC, big.len, xb.data()), row_of(t0 + k * vtl.sC, big.len, tb.data()), big.len,
-                    xb.data());
-          for (int64_t i = 0; i < big.len; ++i) gap[i] = std::max(gap[i], xb[i]);
-        }
-      } else {  // classes contiguous ((A,K)) or any other layout: one anchor's classes at a time
-        for (int64_t i = 0; i < big.len; ++i) {
-          const scalar_t* s0 = slp + vsl.at(big.n, big.h, big.w0 + i, big.j);
-          const scalar_t* t0 = tlp + vtl.at(big.n, big.h, big.w0 + i, big.j);
-          for (int64_t k = 0; k < K; ++k) {
-            xb[k] = A(s0[k * vsl.sC]);
-            tb[k] = A(t0[k * vtl.sC]);
-          }
-          gap_block(xb.data(), tb.data(), K, xb.data());
-          A mx = 0;
-          for (int64_t k = 0; k < K; ++k) mx = std::max(mx, xb[k]);
-          gap[i] = mx;
-        }
-      }
-      double task_loss = 0.0;
-      for (int64_t off = 0; off < big.len; off += kLocTile) {
-        Tile t = big;
-        t.w0 += off;
-        t.len = std::min(kLocTile, big.len - off);
-        const int64_t len = t.len;
-        const A* gapt = gap.data() + off;
-        for (int64_t i = 0; i < len; ++i) anchors[i] = anchor_of(vsr, t, i);
-        gather(srp, vsr, t, rs.data(), kLocTile);
-        gather(trp, vtr, t, rt.data(), kLocTile);
-        decode_tile<A>(a, rs.data(), pri, st, anchors.data(), len, ds.data(), bs.data(), gp != nullptr);
-        decode_tile<A>(a, rt.data(), pri, st, anchors.data(), len, dt.data(), bt.data(), false);
-        iou_block(a.mode, A(1e-6), bs.data(), bt.data(), len, per.data(), gb.data());
-        for (int64_t i = 0; i < len; ++i) {
-          const A wa = gapt[i] * (w ? w[anchors[i]] : A(1));
-          task_loss += double(wa) * double(per[i]);
-          if (gw) gw[anchors[i]] = A(a.scale) * gapt[i] * per[i];
-          f[i] = A(a.scale) * wa;
-        }
-        if (!gp) continue;
-        const A *g0 = gb.data(), *g1 = g0 + kLocTile, *g2 = g1 + kLocTile, *g3 = g2 + kLocTile;
-        if (a.decoder == kDelta) {
-          const A mr = A(a.max_ratio);
-          for (int64_t i = 0; i < len; ++i) {
-            const A dw = rs[2 * kLocTile + i] * A(a.stds[2]) + A(a.means[2]);
-            const A dh = rs[3 * kLocTile + i] * A(a.stds[3]) + A(a.means[3]);
-            const A* p = pri + (anchors[i] % a.M) * a.P;
-            gr[i] = (g0[i] + g2[i]) * (p[2] - p[0]) * A(a.stds[0]);
-            gr[kLocTile + i] = (g1[i] + g3[i]) * (p[3] - p[1]) * A(a.stds[1]);
-            gr[2 * kLocTile + i] = (dw > -mr && dw < mr) ? A(0.5) * (g2[i] - g0[i]) * ds[i] * A(a.stds[2]) : A(0);
-            gr[3 * kLocTile + i] = (dh > -mr && dh < mr) ? A(0.5) * (g3[i] - g1[i]) * ds[kLocTile + i] * A(a.stds[3]) : A(0);
-          }
-        } else if (a.decoder == kDistance) {
-          for (int64_t i = 0; i < len; ++i) {
-            gr[i] = -g0[i];
-            gr[kLocTile + i] = -g1[i];
-            gr[2 * kLocTile + i] = g2[i];
-            gr[3 * kLocTile + i] = g3[i];
-          }
-        } else {
-          gfl_grad_tile(rs.data(), ds.data(), gb.data(), a.R1, len, gr.data());
-        }
-        scatter(gp, vg, t, gr.data(), f.data(), kLocTile);
-      }
-      part[task] = task_loss;
+// Distance decoders: box = (x - d0, y - d1, x + d2, y + d3), d in rows of stride sd.
+template <typename A>
+KDOPS_INLINE void dist_boxes_impl(const A* d, int64_t sd, const A* q, int64_t len, A* box) {
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) {
+    box[i] = q[i] - d[i];
+    box[kLocTile + i] = q[kLocTile + i] - d[sd + i];
+    box[2 * kLocTile + i] = q[i] + d[2 * sd + i];
+    box[3 * kLocTile + i] = q[kLocTile + i] + d[3 * sd + i];
+  }
+}
+#define KD_DIST_BOXES(A)                                                                           \
+  KDOPS_SIMD_CLONES void dist_boxes(const A* d, int64_t sd, const A* q, int64_t len, A* box) {     \
+    dist_boxes_impl(d, sd, q, len, box);                                                           \
+  }
+KD_DIST_BOXES(float)
+KD_DIST_BOXES(double)
+
+// mmdet's DeltaXYWHBBoxCoder.decode of rows r (stride sr), ms = (means, stds, max_ratio); wh keeps (w, h) and whether dw, dh
+// were inside the clamp (1 / 0) for the gradient.
+template <typename A>
+KDOPS_INLINE void delta_boxes_impl(const A* r, int64_t sr, const A* q, const A* ms, int64_t len, A* wh, A* box) {
+  const A m0 = ms[0], m1 = ms[1], m2 = ms[2], m3 = ms[3], s0 = ms[4], s1 = ms[5], s2 = ms[6], s3 = ms[7], mr = ms[8];
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) {
+    const A dx = r[i] * s0 + m0, dy = r[sr + i] * s1 + m1;
+    const A dwr = r[2 * sr + i] * s2 + m2, dhr = r[3 * sr + i] * s3 + m3;
+    const A dw = std::min(std::max(dwr, -mr), mr), dh = std::min(std::max(dhr, -mr), mr);
+    const A gx = q[i] + q[2 * kLocTile + i] * dx, gy = q[kLocTile + i] + q[3 * kLocTile + i] * dy;
+    const A gw = q[2 * kLocTile + i] * exp_any(dw), gh = q[3 * kLocTile + i] * exp_any(dh);
+    wh[i] = gw;
+    wh[kLocTile + i] = gh;
+    wh[2 * kLocTile + i] = (dwr > -mr && dwr < mr) ? A(1) : A(0);
+    wh[3 * kLocTile + i] = (dhr > -mr && dhr < mr) ? A(1) : A(0);
+    box[i] = gx - gw * A(0.5);
+    box[kLocTile + i] = gy - gh * A(0.5);
+    box[2 * kLocTile + i] = gx + gw * A(0.5);
+    box[3 * kLocTile + i] = gy + gh * A(0.5);
+  }
+}
+#define KD_DELTA_BOXES(A)                                                                                  \
+  KDOPS_SIMD_CLONES void delta_boxes(const A* r, int64_t sr, const A* q, const A* ms, int64_t len, A* wh, A* box) { \
+    delta_boxes_impl(r, sr, q, ms, len, wh, box);                                                           \
+  }
+KD_DELTA_BOXES(float)
+KD_DELTA_BOXES(double)
+
+// Gradient of the 4 regression values (DeltaXYWH or distances) times f, to rows out (stride so).
+template <typename A>
+KDOPS_INLINE void box4_grad_impl(int dec, const A* gb, const A* q, const A* wh, const A* ms, const A* f, int64_t len,
+                                 A* out, int64_t so) {
+  const A *g0 = gb, *g1 = gb + kLocTile, *g2 = g1 + kLocTile, *g3 = g2 + kLocTile;
+  if (dec == kDelta) {
+    const A s0 = ms[4], s1 = ms[5], s2 = ms[6], s3 = ms[7];
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) {
+      out[i] = f[i] * ((g0[i] + g2[i]) * q[2 * kLocTile + i] * s0);
+      out[so + i] = f[i] * ((g1[i] + g3[i]) * q[3 * kLocTile + i] * s1);
+      out[2 * so + i] = f[i] * (wh[2 * kLocTile + i] * (A(0.5) * (g2[i] - g0[i]) * wh[i] * s2));
+      out[3 * so + i] = f[i] * (wh[3 * kLocTile + i] * (A(0.5) * (g3[i] - g1[i]) * wh[kLocTile + i] * s3));
     }
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) {
+      out[i] = -f[i] * g0[i];
+      out[so + i] = -f[i] * g1[i];
+      out[2 * so + i] = f[i] * g2[i];
+      out[3 * so + i] = f[i] * g3[i];
+    }
+  }
+}
+#define KD_BOX4_GRAD(A)                                                                                     \
+  KDOPS_SIMD_CLONES void box4_grad(int dec, const A* gb, const A* q, const A* wh, const A* ms, const A* f, \
+                                   int64_t len, A* out, int64_t so) {                                       \
+    box4_grad_impl(dec, gb, q, wh, ms, f, len, out, so);                                                    \
+  }
+KD_BOX4_GRAD(float)
+KD_BOX4_GRAD(double)
+
+// Class-major buffer rows (stride T) -> the tile of a strided (N,H,W,J,C) tensor.
+template <typename scalar_t, typename A>
+void put(scalar_t* p, const View5& v, const Tile& t, const A* buf, int64_t T) {
+  scalar_t* b = p + v.at(t.n, t.h, t.w0, t.j);
+  if (v.sW == 1) {
+    for (int64_t c = 0; c < v.C; ++c) {
+      scalar_t* dst = b + c * v.sC;
+      const A* src = buf + c * T;
+      for (int64_t i = 0; i < t.len; ++i) dst[i] = scalar_t(src[i]);
+    }
+  } else if (v.sC == 1) {
+    for (int64_t i = 0; i < t.len; ++i) {
+      scalar_t* dst = b + i * v.sW;
+      for (int64_t c = 0; c < v.C; ++c) dst[c] = scalar_t(buf[c * T + i]);
+    }
+  } else {
+    for (int64_t c = 0; c < v.C; ++c)
+      for (int64_t i = 0; i < t.len; ++i) b[c * v.sC + i * v.sW] = scalar_t(buf[c * T + i]);
+  }
+}
+
+// Rows of a tile read in place: float data with anchors contiguous. Else nullptr (gather).
+template <typename scalar_t, typename A>
+KDOPS_INLINE const A* rows_in_place(const scalar_t* p, const View5& v, const Tile& t) {
+  if constexpr (std::is_same<scalar_t, A>::value) {
+    if (v.sW == 1) return p + v.at(t.n, t.h, t.w0, t.j);
+  }
+  return nullptr;
+}
+
+// One FPN level: strided views of the head tensors (h,w merged where possible), data
+// pointers (typed by the dispatch on `dtype`), its own priors, weight, strides and scale.
+struct LocLevel {
+  LocArgs a;
+  View5 sr, tr, sl, tl, g;
+  const void *srp = nullptr, *trp = nullptr, *slp = nullptr, *tlp = nullptr, *pri = nullptr, *w = nullptr,
+             *st = nullptr;
+  void *gp = nullptr, *gw = nullptr;
+  at::ScalarType dtype = at::kFloat;
+  int64_t chunks = 0, tasks = 0;
+};
+
+// Per-thread tile buffers, sized for the largest level.
+template <typename A>
+struct LocWork {
+  // Uninitialised (every element is written before it is read): no 0.3 MB memset per call.
+  struct Buf {
+    std::unique_ptr<A[]> p;
+    void resize(int64_t n) { p.reset(n > 0 ? new A[n] : nullptr); }
+    A* data() { return p.get(); }
+    A& operator[](int64_t i) { return p[i]; }
+  };
+  Buf xb, tb, nb, db, rs, rt, gr, ev, ds, dt, inv, q, wh, bs, bt, gb, per, gap, gd, f;
+  LocWork(int64_t K, int64_t D, bool gfl) {
+    const int64_t KB = std::max(K, kLocChunk), T4 = 4 * kLocTile;
+    for (auto* v : {&xb, &tb, &nb, &db}) v->resize(KB);
+    for (auto* v : {&rs, &rt, &gr}) v->resize(D * kLocTile);
+    ev.resize(gfl ? D * kLocTile : 0);
+    for (auto* v : {&ds, &dt, &inv, &q, &wh, &bs, &bt, &gb}) v->resize(T4);
+    for (auto* v : {&per, &f}) v->resize(kLocTile);
+    for (auto* v : {&gap, &gd}) v->resize(kLocChunk);
+  }
+};
+
+struct LocSlots {  // a thread's workspaces, made on first use
+  std::unique_ptr<LocWork<float>> f;
+  std::unique_ptr<LocWork<double>> d;
+  std::unique_ptr<LocWork<float>>& get(float*) { return f; }
+  std::unique_ptr<LocWork<double>>& get(double*) { return d; }
+};
+
+// One task: a chunk of up to kLocChunk anchors along a (merged) row of one level. Returns its
+// partial loss (before the level's scale).
+template <typename scalar_t>
+double loc_task(const LocLevel& lv, int64_t task, LocWork<acc_t<scalar_t>>& wk) {
+  using A = acc_t<scalar_t>;
+  const LocArgs& a = lv.a;
+  const View5 &vsr = lv.sr, &vtr = lv.tr, &vsl = lv.sl, &vtl = lv.tl, &vg = lv.g;
+  const auto *srp = static_cast<const scalar_t*>(lv.srp), *trp = static_cast<const scalar_t*>(lv.trp),
+             *slp = static_cast<const scalar_t*>(lv.slp), *tlp = static_cast<const scalar_t*>(lv.tlp);
+  auto* gp = static_cast<scalar_t*>(lv.gp);
+  const auto *pri = static_cast<const A*>(lv.pri), *w = static_cast<const A*>(lv.w), *st = static_cast<const A*>(lv.st);
+  auto* gw = static_cast<A*>(lv.gw);
+  const int64_t K = vsl.C, J = vsr.J;
+  const bool gfl = a.decoder == kGfl;
+  A ms[9];
+  for (int c = 0; c < 4; ++c) {
+    ms[c] = A(a.means[c]);
+    ms[4 + c] = A(a.stds[c]);
+  }
+  ms[8] = A(a.max_ratio);
+  A *gap = wk.gap.data(), *gd = wk.gd.data();
+  const Tile big = tile_of(vsr, task, lv.chunks, kLocChunk);
+  const int64_t c0 = anchor_of(vsr, big, 0);
+  // gap over the whole chunk, row by row: long contiguous runs per class on (N,C,H,W) maps
+  if (vsl.sW == 1 && vtl.sW == 1) {
+    std::fill(gap, gap + big.len, A(0));  // running max numerators
+    std::fill(gd, gd + big.len, A(1));    // and denominators
+    const scalar_t* s0 = slp + vsl.at(big.n, big.h, big.w0, big.j);
+    const scalar_t* t0 = tlp + vtl.at(big.n, big.h, big.w0, big.j);
+    // the first tile's regression rows (in place) are fetched into L2 during this pass
+    const scalar_t* r0s = vsr.sW == 1 ? srp + vsr.at(big.n, big.h, big.w0, big.j) : nullptr;
+    const scalar_t* r0t = vtr.sW == 1 ? trp + vtr.at(big.n, big.h, big.w0, big.j) : nullptr;
+    const int64_t rlen = std::min(kLocTile, big.len), D = vsr.C, es = sizeof(scalar_t);
+    for (int64_t k = 0; k < K; ++k) {
+      const bool more = k + 1 < K;
+      gap_rows(row_of(s0 + k * vsl.sC, big.len, wk.xb.data()), row_of(t0 + k * vtl.sC, big.len, wk.tb.data()),
+               big.len, gap, gd, more ? reinterpret_cast<const char*>(s0 + (k + 1) * vsl.sC) : nullptr,
+               more ? reinterpret_cast<const char*>(t0 + (k + 1) * vtl.sC) : nullptr, es);
+      const int64_t q0 = k * D / K, q1 = (k + 1) * D / K;
+      if (r0s) prefetch_rows_l2(reinterpret_cast<const char*>(r0s), vsr.sC, es, q0, q1, rlen);
+      if (r0t) prefetch_rows_l2(reinterpret_cast<const char*>(r0t), vtr.sC, es, q0, q1, rlen);
+    }
+    for (int64_t i = 0; i < big.len; ++i) gap[i] /= gd[i];
+  } else {  // classes contiguous ((A,K)) or any other layout: one anchor's classes at a time
+    for (int64_t i = 0; i < big.len; ++i) {
+      const scalar_t* s0 = slp + vsl.at(big.n, big.h, big.w0 + i, big.j);
+      const scalar_t* t0 = tlp + vtl.at(big.n, big.h, big.w0 + i, big.j);
+      for (int64_t k = 0; k < K; ++k) {
+        wk.xb[k] = A(s0[k * vsl.sC]);
+        wk.tb[k] = A(t0[k * vtl.sC]);
+      }
+      gap_fracs(wk.xb.data(), wk.tb.data(), K, wk.nb.data(), wk.db.data());
+      A N = 0, Dn = 1;
+      for (int64_t k = 0; k < K; ++k) frac_max(wk.nb[k], wk.db[k], N, Dn);
+      gap[i] = N / Dn;
+    }
+  }
+  double task_loss = 0.0;
+  A *q = wk.q.data(), *ds = wk.ds.data(), *dt = wk.dt.data(), *bs = wk.bs.data(), *bt = wk.bt.data(),
+    *gb = wk.gb.data(), *per = wk.per.data(), *f = wk.f.data(), *inv = wk.inv.data(), *wh = wk.wh.data();
+  for (int64_t off = 0; off < big.len; off += kLocTile) {
+    Tile t = big;
+    t.w0 += off;
+    t.len = std::min(kLocTile, big.len - off);
+    const int64_t len = t.len, a0 = c0 + off * J;
+    const A* gapt = gap + off;
+    prior_tile<A>(a, pri, st, a0, J, len, q);
+    // student and teacher regression rows: in place, or gathered into class-major buffers
+    const A* zs = rows_in_place<scalar_t, A>(srp, vsr, t);
+    const A* zt = rows_in_place<scalar_t, A>(trp, vtr, t);
+    const int64_t szs = zs ? vsr.sC : kLocTile, szt = zt ? vtr.sC : kLocTile;
+    if (!zs) {
+      gather(srp, vsr, t, wk.rs.data(), kLocTile);
+      zs = wk.rs.data();
+    }
+    if (!zt) {
+      gather(trp, vtr, t, wk.rt.data(), kLocTile);
+      zt = wk.rt.data();
+    }
+    if (gfl) {
+      // rows read in place: fetch the next tile's while this one is computed
+      const bool next = off + kLocTile < big.len;
+      const A* zsn = next && szs != kLocTile ? zs + kLocTile : nullptr;
+      const A* ztn = next && szt != kLocTile ? zt + kLocTile : nullptr;
+      integral_tile(zs, szs, a.R1, len, gp ? wk.ev.data() : (A*)nullptr, ds, inv, zsn);
+      integral_tile(zt, szt, a.R1, len, (A*)nullptr, dt, inv, ztn);
+      dist_boxes(ds, kLocTile, q, len, bs);
+      dist_boxes(dt, kLocTile, q, len, bt);
+    } else if (a.decoder == kDistance) {
+      dist_boxes(zs, szs, q, len, bs);
+      dist_boxes(zt, szt, q, len, bt);
+    } else {
+      delta_boxes(zs, szs, q, ms, len, wh, bs);
+      delta_boxes(zt, szt, q, ms, len, ds, bt);  // ds: scratch
+    }
+    iou_block(a.mode, A(1e-6), bs, bt, len, per, gb);
+    for (int64_t i = 0; i < len; ++i) {
+      const A wa = gapt[i] * (w ? w[a0 + i * J] : A(1));
+      task_loss += double(wa) * double(per[i]);
+      if (gw) gw[a0 + i * J] = A(a.scale) * gapt[i] * per[i];
+      f[i] = A(a.scale) * wa;
+    }
+    if (!gp) continue;
+    // the gradient straight into the output (float, anchors contiguous) or via a buffer
+    A* out = nullptr;
+    if constexpr (std::is_same<scalar_t, A>::value) {
+      if (vg.sW == 1) out = gp + vg.at(t.n, t.h, t.w0, t.j);
+    }
+    const int64_t so = out ? vg.sC : kLocTile;
+    A* dst = out ? out : wk.gr.data();
+    if (gfl) gfl_grad_tile(wk.ev.data(), ds, inv, gb, f, a.R1, len, dst, so);
+    else box4_grad(a.decoder, gb, q, wh, ms, f, len, dst, so);
+    if (!out) put(gp, vg, t, wk.gr.data(), kLocTile);
+  }
+  return task_loss;
+}
+
+// Every level in one pool of tasks (largest level first, so the small levels fill in behind
+// it). Each task owns one partial; levels sum theirs in a fixed order (deterministic).
+void loc_levels_cpu(const std::vector<LocLevel>& lv, int64_t K, int64_t D, std::vector<double>& part,
+                    const std::vector<int64_t>& first) {
+  const int64_t total = (int64_t)part.size();
+  if (total == 0) return;
+  const bool gfl = lv[0].a.decoder == kGfl;
+  TaskPool(total).run([] { return LocSlots(); }, [&](LocSlots& slots, int64_t task) {
+    size_t l = 0;
+    while (l + 1 < lv.size() && first[l + 1] <= task) ++l;
+    const LocLevel& L = lv[l];
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, L.dtype, "bckd_loc_fwd", [&] {
+      using Acc = acc_t<scalar_t>;
+      auto& slot = slots.get(static_cast<Acc*>(nullptr));
+      if (!slot) slot = std::make_unique<LocWork<Acc>>(K, D, gfl);
+      part[task] = loc_task<scalar_t>(L, task - first[l], *slot);
+    });
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bckd_loc_fwd_cpu(
-    const at::Tensor& student_reg, const at::Tensor& teacher_reg, const at::Tensor& student_logits,
-    const at::Tensor& teacher_logits, const at::Tensor& priors, const c10::optional<at::Tensor>& weight,
-    const c10::optional<at::Tensor>& stride, double stride_value, int64_t decoder, int64_t loss_mode,
-    int64_t reg_max, at::ArrayRef<double> means, at::ArrayRef<double> stds, double max_ratio, double scale,
-    bool grad_reg, bool grad_weight) {
-  TORCH_CHECK(student_reg.dim() == 5 && student_reg.sizes() == teacher_reg.sizes(),
-              "kdops::bckd_loc_fwd: student_reg and teacher_reg must be (N,H,W,J,D) views of one shape");
-  TORCH_CHECK(student_logits.dim() == 5 && student_logits.sizes() == teacher_logits.sizes(),
-              "kdops::bckd_loc_fwd: logits must be (N,H,W,J,K) views of one shape");
-  for (int64_t d = 0; d < 4; ++d)
-    TORCH_CHECK(student_logits.size(d) == student_reg.size(d), "kdops::bckd_loc_fwd: anchor grids differ");
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> bckd_loc_fwd_cpu(
+    at::TensorList student_reg, at::TensorList teacher_reg, at::TensorList student_logits,
+    at::TensorList teacher_logits, at::TensorList priors, const c10::List<c10::optional<at::Tensor>>& weight,
+    const c10::List<c10::optional<at::Tensor>>& stride, at::ArrayRef<double> stride_value, int64_t decoder,
+    int64_t loss_mode, int64_t reg_max, at::ArrayRef<double> means, at::ArrayRef<double> stds, double max_ratio,
+    at::ArrayRef<double> scale, bool grad_reg, bool grad_weight) {
+  const int64_t L = (int64_t)student_reg.size();
+  TORCH_CHECK(L > 0 && (int64_t)teacher_reg.size() == L && (int64_t)student_logits.size() == L &&
+                  (int64_t)teacher_logits.size() == L && (int64_t)priors.size() == L && (int64_t)weight.size() == L &&
+                  (int64_t)stride.size() == L && (int64_t)stride_value.size() == L && (int64_t)scale.size() == L,
+              "kdops::bckd_loc_fwd: every per-level argument needs one entry per level");
+  TORCH_CHECK(decoder >= 0 && decoder <= 2 && reg_max >= 0 && means.size() == 4 && stds.size() == 4,
+              "kdops::bckd_loc_fwd: bad decoder arguments");
   const int64_t R1 = reg_max + 1;
   const int64_t D = decoder == kGfl ? 4 * R1 : 4;
-  TORCH_CHECK(student_reg.size(4) == D && decoder >= 0 && decoder <= 2 && means.size() == 4 && stds.size() == 4,
-              "kdops::bckd_loc_fwd: bad decoder arguments");
-  const auto acc_type = acc_dtype(student_reg.scalar_type());
-  const View5 v(student_reg);
-  const int64_t A_ = v.N * v.H * v.W * v.J;
-  const auto pri = priors.contiguous();
-  TORCH_CHECK(pri.dim() == 2 && pri.scalar_type() == acc_type && (pri.size(1) == 4 || (pri.size(1) == 2 && decoder != kDelta)),
-              "kdops::bckd_loc_fwd: priors must be (M,4) (or (M,2) points) in the acc dtype");
-  TORCH_CHECK(A_ == 0 || (pri.size(0) > 0 && A_ % pri.size(0) == 0), "kdops::bckd_loc_fwd: priors rows must divide A");
-  at::Tensor w, st;
-  if (weight.has_value()) {
-    w = weight->contiguous();
-    TORCH_CHECK(w.scalar_type() == acc_type && w.numel() == A_, "kdops::bckd_loc_fwd: weight must be (A,)");
+  bool any_double = false;
+  for (const auto& t : student_reg) any_double |= t.scalar_type() == at::kDouble;
+  auto loss = at::empty({L}, student_reg[0].options().dtype(any_double ? at::kDouble : at::kFloat));
+  std::vector<at::Tensor> grads, gws, keep;  // keep: converted priors / weights / strides
+  std::vector<LocLevel> lv(L);
+  std::vector<int64_t> first(L + 1, 0);
+  int64_t K = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    const at::Tensor &sr = student_reg[l], &tr = teacher_reg[l], &sl = student_logits[l], &tl = teacher_logits[l];
+    TORCH_CHECK((sr.dim() == 2 || sr.dim() == 4) && sr.sizes() == tr.sizes() && sr.scalar_type() == tr.scalar_type() &&
+                    sl.sizes() == tl.sizes() && sl.scalar_type() == sr.scalar_type() &&
+                    tl.scalar_type() == sr.scalar_type() && sl.dim() == sr.dim() && sr.size(1) % D == 0 &&
+                    (sr.dim() == 4 || sr.size(1) == D),
+                "kdops::bckd_loc_fwd: level ", l, ": student/teacher regression (A,D) or (N,J*D,H,W) of one dtype "
+                "with logits of the same layout expected");
+    const int64_t J = sr.dim() == 4 ? sr.size(1) / D : 1;
+    TORCH_CHECK(sr.dim() == 2 ? sl.size(0) == sr.size(0)
+                              : (sl.size(0) == sr.size(0) && sl.size(2) == sr.size(2) && sl.size(3) == sr.size(3) &&
+                                 J > 0 && sl.size(1) % J == 0),
+                "kdops::bckd_loc_fwd: level ", l, ": logits must cover the regression's anchors");
+    LocLevel& v = lv[l];
+    v.dtype = sr.scalar_type();
+    const auto acc = acc_dtype(v.dtype);
+    v.sr = View5::of_head(sr, J);
+    v.tr = View5::of_head(tr, J);
+    v.sl = View5::of_head(sl, J);
+    v.tl = View5::of_head(tl, J);
+    K = std::max(K, v.sl.C);
+    const int64_t A_ = v.sr.N * v.sr.H * v.sr.W * v.sr.J;
+    const auto pri = priors[l].to(acc).contiguous();
+    TORCH_CHECK(pri.dim() == 2 && (pri.size(1) == 4 || (pri.size(1) == 2 && decoder != kDelta)) &&
+                    (A_ == 0 || (pri.size(0) > 0 && A_ % pri.size(0) == 0)),
+                "kdops::bckd_loc_fwd: level ", l, ": priors must be (M,4) (or (M,2) points) with M dividing A");
+    keep.push_back(pri);
+    v.pri = pri.data_ptr();
+    at::Tensor w, st, gw_acc;
+    if (weight.get(l).has_value()) {
+      w = weight.get(l)->to(acc).contiguous();
+      TORCH_CHECK(w.numel() == A_, "kdops::bckd_loc_fwd: level ", l, ": weight must hold A values");
+      keep.push_back(w);
+      v.w = w.data_ptr();
+    }
+    if (stride.get(l).has_value()) {
+      st = stride.get(l)->to(acc).contiguous();
+      TORCH_CHECK(st.numel() == A_, "kdops::bckd_loc_fwd: level ", l, ": stride must hold A values");
+      keep.push_back(st);
+      v.st = st.data_ptr();
+    }
+    v.a = LocArgs{(int)decoder, (int)loss_mode, R1, std::max<int64_t>(pri.size(0), 1), pri.size(1), {}, {},
+                  max_ratio, stride_value[l], scale[l]};
+    for (int c = 0; c < 4; ++c) {
+      v.a.means[c] = means[c];
+      v.a.stds[c] = stds[c];
+    }
+    at::Tensor g = grad_reg ? at::empty_like(sr) : no_grad_placeholder(sr);
+    v.g = grad_reg ? View5::of_head(g, J) : v.sr;
+    v.gp = grad_reg && g.numel() ? g.data_ptr() : nullptr;
+    grads.push_back(g);
+    if (grad_weight && w.defined()) {
+      gw_acc = at::empty({A_}, w.options());
+      v.gw = gw_acc.data_ptr();
+    }
+    gws.push_back(gw_acc);
+    v.srp = sr.data_ptr();
+    v.trp = tr.data_ptr();
+    v.slp = sl.data_ptr();
+    v.tlp = tl.data_ptr();
+    merge_all({&v.sr, &v.tr, &v.sl, &v.tl, &v.g});
+    v.chunks = (v.sr.W + kLocChunk - 1) / kLocChunk;
+    v.tasks = A_ == 0 ? 0 : v.sr.N * v.sr.H * v.sr.J * v.chunks;
+    first[l + 1] = first[l] + v.tasks;
   }
-  if (stride.has_value()) {
-    st = stride->contiguous();
-    TORCH_CHECK(st.scalar_type() == acc_type && st.numel() == A_, "kdops::bckd_loc_fwd: stride must be (A,)");
+  std::vector<double> part(first[L], 0.0);
+  loc_levels_cpu(lv, K, D, part, first);
+  for (int64_t l = 0; l < L; ++l) {
+    double s = 0.0;
+    for (int64_t t = first[l]; t < first[l + 1]; ++t) s += part[t];
+    if (any_double) loss.data_ptr<double>()[l] = s * scale[l];
+    else loss.data_ptr<float>()[l] = float(s * scale[l]);
+    if (gws[l].defined()) {
+      const auto& wt = *weight.get(l);
+      gws[l] = gws[l].view(wt.sizes()).to(wt.scalar_type());
+    } else {
+      gws[l] = no_grad_placeholder(loss);
+    }
   }
-  LocArgs a{(int)decoder, (int)loss_mode, R1, std::max<int64_t>(pri.size(0), 1), pri.size(1), {}, {}, max_ratio,
-            stride_value, scale};
-  for (int c = 0; c < 4; ++c) {
-    a.means[c] = means[c];
-    a.stds[c] = stds[c];
-  }
-  auto loss = at::empty({}, student_reg.options().dtype(acc_type));
-  auto g = grad_reg ? at::empty_like(student_reg) : no_grad_placeholder(student_reg);
-  auto gw = (grad_weight && w.defined()) ? at::empty({A_}, loss.options()) : no_grad_placeholder(loss);
-  View5 vsr(student_reg), vtr(teacher_reg), vsl(student_logits), vtl(teacher_logits), vg(grad_reg ? g : student_reg);
-  merge_all({&vsr, &vtr, &vsl, &vtl, &vg});
-  const int64_t chunks = (vsr.W + kLocChunk - 1) / kLocChunk;
-  std::vector<double> part(A_ == 0 ? 0 : vsr.N * vsr.H * vsr.J * chunks, 0.0);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student_reg.scalar_type(), "bckd_loc_fwd", [&] {
-    using Acc = acc_t<scalar_t>;
-    loc_cpu<scalar_t>(a, vsr, vtr, vsl, vtl, vg, student_reg.data_ptr<scalar_t>(), teacher_reg.data_ptr<scalar_t>(),
-                      student_logits.data_ptr<scalar_t>(), teacher_logits.data_ptr<scalar_t>(),
-                      grad_reg ? g.data_ptr<scalar_t>() : nullptr, pri.data_ptr<Acc>(),
-                      w.defined() ? w.data_ptr<Acc>() : nullptr, st.defined() ? st.data_ptr<Acc>() : nullptr,
-                      gw.numel() ? gw.data_ptr<Acc>() : nullptr, part, chunks);
-  });
-  loss.fill_(ordered_sum(part) * scale);
-  return {loss, g, gw};
+  return {loss, grads, gws};
 }
 
 }  // namespace

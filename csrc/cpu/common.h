@@ -2,7 +2,15 @@
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <atomic>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -79,5 +87,56 @@ inline void narrow(const acc_t<scalar_t>* buf, int64_t n, scalar_t* p) {
     for (int64_t i = 0; i < n; ++i) p[i] = static_cast<scalar_t>(buf[i]);
   }
 }
+
+// Runs tasks 0..total-1 on the calling thread and on up to at::get_num_threads() - 1 helpers
+// from ATen's inter-op pool; workers take task indices from a shared counter until none is
+// left, and the caller returns once every task is done. The caller waits only for tasks a helper
+// has claimed, never for a helper to start: on a machine shared with other processes a
+// descheduled helper costs nothing, where a fork-join region (at::parallel_for) waits for it
+// at its barrier for a whole scheduler time slice. Results never depend on who ran a task.
+class TaskPool {
+ public:
+  explicit TaskPool(int64_t total) : st_(std::make_shared<State>()) { st_->total = total; }
+  // make() -> per-thread state; task(state, t) for every t in [0, total).
+  template <typename Make, typename Task>
+  void run(const Make& make, const Task& task) {
+    State& st = *st_;
+    std::function<void()> body = [&]() {
+      auto local = make();
+      for (int64_t t; (t = st.next.fetch_add(1)) < st.total;) {
+        try {
+          task(local, t);
+        } catch (...) {
+          std::lock_guard<std::mutex> g(st.mu);
+          if (!st.error) st.error = std::current_exception();
+        }
+        st.done.fetch_add(1);
+      }
+    };
+    const int64_t helpers = std::min<int64_t>(at::get_num_threads(), st.total) - 1;
+    for (int64_t h = 0; h < helpers; ++h) {
+      at::launch([keep = st_, b = &body]() {
+        // `body` lives on the caller's stack: a helper registers as active before it looks
+        // for work, and the caller waits for active helpers, so a late one finds the counter
+        // spent and leaves without touching it.
+        keep->active.fetch_add(1);
+        if (keep->next.load() < keep->total) (*b)();
+        keep->active.fetch_sub(1);
+      });
+    }
+    body();
+    while (st.done.load() < st.total || st.active.load() > 0) std::this_thread::yield();
+    if (st.error) std::rethrow_exception(st.error);
+  }
+
+ private:
+  struct State {
+    std::atomic<int64_t> next{0}, done{0}, active{0};
+    int64_t total = 0;
+    std::exception_ptr error;
+    std::mutex mu;
+  };
+  std::shared_ptr<State> st_;
+};
 
 }  // namespace kdops

@@ -151,6 +151,8 @@ def register_cuda(name: str, fn) -> None:
 
 
 _LIB = torch.library.Library("kdops", "IMPL") if HAS_C else None
+if HAS_C:
+    torch.library.register_fake("kdops::scale_grads_")(lambda grads, factors: None)
 
 
 def register_loss_op(name: str, *, fake_fwd, fake_bwd, backward, setup_context, triton_module: str) -> None:
@@ -273,20 +275,61 @@ def anchor_view(x: torch.Tensor, per_anchor: int) -> torch.Tensor:
     return x.unflatten(1, (JC // per_anchor if per_anchor else 1, per_anchor)).permute(0, 3, 4, 1, 2)
 
 
-def scale_grad(g: torch.Tensor, gloss: torch.Tensor) -> torch.Tensor:
-    """g * gloss for a gradient computed in forward. On the CPU, when the incoming gradient is
-    exactly 1 (``loss.backward()`` on a sum), g itself is returned: a pass over the gradient and
-    an allocation saved. Reading gloss there costs no device sync; never on GPU or when tracing.
+def _host_gloss(gloss: torch.Tensor) -> bool:
+    """The incoming gradient may be read on the host: a plain CPU tensor outside tracing."""
+    return (type(gloss) is torch.Tensor and gloss.device.type == "cpu" and not gloss.requires_grad
+            and not torch.compiler.is_compiling() and not torch._C._functorch.is_functorch_wrapped_tensor(gloss))
+
+
+def level_grads(gloss: torch.Tensor, n_levels: int) -> list:
+    """The incoming gradient of a (L,) per-level loss as L factors for :func:`scale_grad`: Python
+    floats read once on the CPU (one read for all levels), else 0-d views (no device sync)."""
+    if _host_gloss(gloss):
+        return gloss.reshape(-1).tolist()
+    return list(gloss.unbind(0)) if n_levels > 1 else [gloss.reshape(())]
+
+
+def saved_grads_reusable(gloss: torch.Tensor) -> bool:
+    """True in an eager backward that frees its graph afterwards (no ``retain_graph``): a gradient
+    saved by the forward pass is then needed by nobody else, so it may be scaled in place instead
+    of copied (PyTorch's compiled backward donates saved buffers on the same condition)."""
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return (keep_graph is not None and type(gloss) is torch.Tensor and not gloss.requires_grad
+            and not torch.compiler.is_compiling() and not torch._C._functorch.is_functorch_wrapped_tensor(gloss)
+            and not keep_graph())
+
+
+def scale_grad(g: torch.Tensor, gloss, in_place: bool = False) -> torch.Tensor:
+    """g * gloss for a gradient computed in forward; ``in_place`` (see saved_grads_reusable) scales
+    the saved g itself: no allocation, one pass less over memory. On the CPU, when the incoming
+    gradient is exactly 1 (``loss.backward()`` on a sum), g itself is returned. Reading gloss there
+    costs no device sync; never on GPU or when tracing. ``gloss`` may be a float read on the host
+    already (level_grads).
 
     The returned gradient shares its version counter with the saved g, so with
     ``retain_graph=True`` an in-place change of ``.grad`` (e.g. ``zero_grad(set_to_none=False)``)
     before a second backward raises PyTorch's standard "modified by an inplace operation"
     error instead of giving a wrong gradient (``set_to_none=True``, the default, is fine)."""
-    if (g.device.type == "cpu" and type(gloss) is torch.Tensor and gloss.device.type == "cpu"
-            and gloss.numel() == 1 and not torch.compiler.is_compiling()
-            and not torch._C._functorch.is_functorch_wrapped_tensor(gloss) and bool(gloss == 1)):
+    if isinstance(gloss, float):
+        if gloss == 1.0:
+            return g
+    elif _host_gloss(gloss) and g.device.type == "cpu" and gloss.numel() == 1 and bool(gloss == 1):
         return g
-    return g * gloss
+    return g.mul_(gloss) if in_place else g * gloss
+
+
+def scale_grads(grads: list, factors: list, in_place: bool) -> list:
+    """:func:`scale_grad` over a list (None entries stay None). In place on the CPU with factors
+    read on the host, every tensor is scaled by one kdops::scale_grads_ call: one pool of tasks
+    instead of one OpenMP region per tensor, each of which waits out a whole scheduler time slice
+    for a descheduled thread when other processes keep the cores busy."""
+    if (in_place and HAS_C and all(isinstance(f, float) for f in factors)
+            and all(g is None or g.device.type == "cpu" for g in grads)):
+        todo = [(g, f) for g, f in zip(grads, factors) if g is not None and f != 1.0 and g.numel()]
+        if todo:
+            torch.ops.kdops.scale_grads_([g for g, _ in todo], [f for _, f in todo])
+        return list(grads)
+    return [None if g is None else scale_grad(g, f, in_place) for g, f in zip(grads, factors)]
 
 
 def kernel_scale(reduction: str, n: int, avg_factor):

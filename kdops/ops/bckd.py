@@ -31,8 +31,8 @@ import torch
 from .. import reference
 from .._extension import HAS_C
 from ._common import (
-    acc_dtype, anchor_view, as_levels, check_avg_factor, check_tensor, divide_by_avg_factor,
-    kernel_scale, match_levels, needs_grad, register_cuda, scale_grad, use_kernel,
+    _LIB, acc_dtype, anchor_view, as_levels, check_avg_factor, check_tensor, divide_by_avg_factor, kernel_scale,
+    level_grads, match_levels, needs_grad, register_cuda, saved_grads_reusable, scale_grads, use_kernel,
 )
 
 Levels = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -158,7 +158,9 @@ def _cls_backward(ctx, gloss, *_):
         return (None,) * 7
     g, gw = ctx.saved_tensors
     need = ctx.needs_input_grad
-    return (scale_grad(g, gloss) if need[0] else None, None, gw * gloss if need[2] else None, None, None, None, None)
+    f = level_grads(gloss, 1)[0]
+    g, gw = scale_grads([g if need[0] else None, gw if need[2] else None], [f, f], saved_grads_reusable(gloss))
+    return (g, None, gw, None, None, None, None)
 
 
 # =========================================================================== localisation
@@ -237,8 +239,12 @@ def bckd_loc_loss(student_reg: Levels, teacher_reg: Levels, student_logits: Leve
     avg_factor = check_avg_factor(op, avg_factor, srs[0])
     cfg = (_DECODERS[decoder], _LOSSES[loss], reg_max, [float(m) for m in means], [float(s) for s in stds],
            abs(math.log(wh_ratio_clip)))
-    out = [_loc_level(*lv, cfg, reduction, avg_factor, decoder, loss, wh_ratio_clip) for lv in levels]
-    res = torch.stack(out) if seq else out[0]
+    if use_kernel(op, srs[0].device):
+        res = _loc_kernel(op, levels, cfg, reduction, avg_factor)
+        res = res if seq else res.reshape(())
+    else:
+        out = [_loc_reference(*lv, cfg, reduction, avg_factor, decoder, loss, wh_ratio_clip) for lv in levels]
+        res = torch.stack(out) if seq else out[0]
     return divide_by_avg_factor(res, kernel_scale(reduction, 1, avg_factor)[1])
 
 
@@ -282,44 +288,99 @@ def _check_loc_level(op, sfx, D, decoder, sr, tr, sl, tl, pr, w, st):
     return sr, tr, sl, tl, pr, w, st, D, K, A
 
 
-def _loc_level(sr, tr, sl, tl, pr, w, st, D, K, A, cfg, reduction, avg_factor, decoder, loss, wh_ratio_clip):
+def _loc_kernel(op, levels, cfg, reduction, avg_factor):
+    """Every level in one kdops::bckd_loc_fwd call (one autograd node); returns (L,) losses."""
     dec, mode, reg_max, means, stds, max_ratio = cfg
+    dev = levels[0][0].device
+    srs, trs, sls, tls, prs, ws, sts, st_vals, scales = [], [], [], [], [], [], [], [], []
+    for i, (sr, tr, sl, tl, pr, w, st, D, K, A) in enumerate(levels):
+        if sr.device != dev:
+            raise ValueError(f"kdops.{op}: `student_reg[{i}]` is on {sr.device} but `student_reg[0]` on {dev}; "
+                             "move every level to one device")
+        srs.append(sr)
+        trs.append(tr)
+        sls.append(sl)
+        tls.append(tl)
+        prs.append(pr)
+        ws.append(w)
+        sts.append(st if isinstance(st, torch.Tensor) else None)
+        st_vals.append(float(st) if isinstance(st, (int, float)) else 0.0)
+        scales.append(kernel_scale(reduction, A, avg_factor)[0])
+    loss, _, _ = torch.ops.kdops.bckd_loc_fwd(
+        srs, trs, sls, tls, prs, ws, sts, st_vals, dec, mode, reg_max, means, stds, max_ratio, scales,
+        needs_grad(*srs), needs_grad(*ws))
+    return loss
+
+
+def _loc_reference(sr, tr, sl, tl, pr, w, st, D, K, A, cfg, reduction, avg_factor, decoder, loss, wh_ratio_clip):
+    """Devices without a kernel: the eager reference, one level."""
+    _, _, reg_max, means, stds, _ = cfg
     scale, _ = kernel_scale(reduction, A, avg_factor)
-    if not use_kernel("bckd_loc_loss", sr.device):
-        return reference.bckd_loc_loss(sr, tr, sl, tl, pr, decoder=decoder, loss=loss, weight=w,
-                                       reduction="sum", reg_max=reg_max, strides=st, means=means, stds=stds,
-                                       wh_ratio_clip=wh_ratio_clip) * scale
-    acc = acc_dtype(sr.dtype)
-    st_t = st.to(acc) if isinstance(st, torch.Tensor) else None
-    st_v = float(st) if isinstance(st, (int, float)) else 0.0
-    out, _, _ = torch.ops.kdops.bckd_loc_fwd(
-        anchor_view(sr, D), anchor_view(tr.detach(), D), anchor_view(sl.detach(), K), anchor_view(tl.detach(), K),
-        pr.detach().to(acc), w.to(acc) if w is not None else None, st_t, st_v, dec, mode, reg_max, means, stds,
-        max_ratio, scale, needs_grad(sr), needs_grad(w))
-    return out
+    return reference.bckd_loc_loss(sr, tr, sl, tl, pr, decoder=decoder, loss=loss, weight=w, reduction="sum",
+                                   reg_max=reg_max, strides=st, means=means, stds=stds,
+                                   wh_ratio_clip=wh_ratio_clip) * scale
 
 
-def _loc_fake(sr, tr, sl, tl, pr, w, st, st_v, dec, mode, reg_max, means, stds, max_ratio, scale, grad_reg,
-              grad_weight):
-    acc = acc_dtype(sr.dtype)
-    g = torch.empty_like(sr) if grad_reg else sr.new_empty((0,))
-    gw = w.new_empty((w.numel(),)) if (grad_weight and w is not None) else sr.new_empty((0,), dtype=acc)
-    return sr.new_empty((), dtype=acc), g, gw
+def _loc_fake(srs, trs, sls, tls, prs, ws, sts, st_vals, dec, mode, reg_max, means, stds, max_ratio, scales,
+              grad_reg, grad_weight):
+    acc = torch.float64 if any(s.dtype == torch.float64 for s in srs) else torch.float32
+    gs = [torch.empty_like(s) if grad_reg else s.new_empty((0,)) for s in srs]
+    gws = [w.new_empty(w.shape) if (grad_weight and w is not None) else s.new_empty((0,), dtype=acc)
+           for s, w in zip(srs, ws)]
+    return srs[0].new_empty((len(srs),), dtype=acc), gs, gws
 
 
-def _loc_backward(ctx, gloss, *_):
-    if gloss is None:
-        return (None,) * 17
-    g, gw = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    return (scale_grad(g, gloss) if need[0] else None, None, None, None, None, gw * gloss if need[5] else None) + (None,) * 11
+class _LocAutograd(torch.autograd.Function):
+    """Autograd of kdops::bckd_loc_fwd: the op runs below autograd and its loss is this
+    Function's only output; its differentiable inputs are just the student regressions and the
+    weights (the other L-long lists pass through as one opaque argument). The op's gradient
+    outputs are handed back through ``out`` as plain tensors. (torch.library.register_autograd
+    would flatten all seven L-long tensor lists with pytree on every call and in backward:
+    ~0.4 ms per step for five FPN levels, more than the whole backward pass otherwise costs.)"""
+
+    @staticmethod
+    def forward(ctx, keyset, args, out, *tensors):
+        with torch._C._AutoDispatchBelowAutograd():
+            loss, gs, gws = torch.ops.kdops.bckd_loc_fwd.default.redispatch(
+                keyset & torch._C._after_autograd_keyset, *args)
+        L = len(gs)
+        ctx.set_materialize_grads(False)
+        ctx.levels = L
+        ctx.weighted = [i for i, w in enumerate(args[5]) if w is not None]  # weight index per extra input
+        ctx.save_for_backward(*gs, *(gws[i] for i in ctx.weighted))
+        out.extend((gs, gws))
+        return loss
+
+    @staticmethod
+    def backward(ctx, gloss):
+        n_in = ctx.levels + len(ctx.weighted)
+        if gloss is None:
+            return (None,) * (3 + n_in)
+        L = ctx.levels
+        saved = ctx.saved_tensors
+        need = ctx.needs_input_grad[3:]
+        scales, reuse = level_grads(gloss, L), saved_grads_reusable(gloss)
+        # one entry per differentiable input (regressions, then the given weights), in order
+        todo = [g if n else None for g, n in zip(saved, need)]
+        return (None, None, None, *scale_grads(todo, scales + [scales[i] for i in ctx.weighted], reuse))
+
+
+def _loc_autograd(keyset, *args):
+    srs, ws = args[0], args[5]
+    tensors = [*srs, *(w for w in ws if w is not None)]
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        with torch._C._AutoDispatchBelowAutograd():
+            return torch.ops.kdops.bckd_loc_fwd.default.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+    out = []
+    loss = _LocAutograd.apply(keyset, args, out, *tensors)
+    return loss, out[0], out[1]
 
 
 if HAS_C:
     torch.library.register_fake("kdops::bckd_cls_fwd")(_cls_fake)
     torch.library.register_autograd("kdops::bckd_cls_fwd", _cls_backward, setup_context=_cls_setup)
     torch.library.register_fake("kdops::bckd_loc_fwd")(_loc_fake)
-    torch.library.register_autograd("kdops::bckd_loc_fwd", _loc_backward, setup_context=_cls_setup)
+    _LIB.impl("bckd_loc_fwd", _loc_autograd, "Autograd", with_keyset=True)
     from ..triton import HAS_TRITON
 
     if HAS_TRITON:

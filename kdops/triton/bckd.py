@@ -125,4 +125,4 @@ def bckd_cls_fwd(student, teacher, weight, beta: float, scale: float, grad_stude
     return part.sum() * scale, grad, gw
 
 
-from .bckd_loc import bckd_loc_fwd  # noqa: E402,F401  (the localisation kernel lives next door)
+from .bckd_loc import bckd_loc_fwd, bckd_loc_level_fwd  # noqa: E402,F401  (the localisation kernel lives next door)

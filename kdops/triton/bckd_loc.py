@@ -2,7 +2,8 @@
 
 One program owns BLOCK_A anchors: the largest score gap over the classes, student and
 teacher boxes decoded in registers, (G)IoU loss and the gradient back through the
-decoder to the student regression; a partial loss per program.
+decoder to the student regression; a partial loss per program. The op takes every FPN
+level in one call; ``bckd_loc_fwd`` launches the per-level kernel once per level.
 """
 from __future__ import annotations
 
@@ -194,9 +195,11 @@ def _loc_kernel(sr_ptr, tr_ptr, sl_ptr, tl_ptr, pri_ptr, w_ptr, st_ptr, g_ptr, g
             _gfl_grad(g_ptr, go, gC, 3, gy2, p3, d3, f, am, R1, R1P)
 
 
-def bckd_loc_fwd(student_reg, teacher_reg, student_logits, teacher_logits, priors, weight, stride, stride_value,
-                 decoder, loss, reg_max, means, stds, max_ratio, scale, grad_reg, grad_weight):
-    """Same contract as the kdops::bckd_loc_fwd schema (csrc/ops.cpp)."""
+def bckd_loc_level_fwd(student_reg, teacher_reg, student_logits, teacher_logits, priors, weight, stride, stride_value,
+                       decoder, loss, reg_max, means, stds, max_ratio, scale, grad_reg, grad_weight):
+    """One level: strided (N,H,W,J,C) views of the head tensors, priors / weight / stride in the
+    accumulation dtype (weight and stride flat (A,)); returns (0-d loss, grad in the view's
+    shape, grad_weight (A,))."""
     N, H, W, J, D = student_reg.shape
     K = student_logits.shape[-1]
     A = N * H * W * J
@@ -226,3 +229,38 @@ def bckd_loc_fwd(student_reg, teacher_reg, student_logits, teacher_logits, prior
             WRITE_GW=gw.numel() > 0, ACC=acc_dtype(student_reg.dtype), BLOCK_A=BLOCK_A, BLOCK_K=BLOCK_K,
             num_warps=4)
     return part.sum() * scale, grad, gw
+
+
+def _head_view(x, per_anchor):
+    """(A,C) -> (1,1,A,1,C); (N,J*C,H,W) -> (N,H,W,J,C), a view (kdops.ops._common.anchor_view)."""
+    if x.dim() == 2:
+        return x[None, None, :, None, :]
+    N, JC, H, W = x.shape
+    return x.unflatten(1, (JC // per_anchor if per_anchor else 1, per_anchor)).permute(0, 3, 4, 1, 2)
+
+
+def _unview(g, like):
+    """A gradient in _head_view's shape back to the head tensor's shape (a view when dense)."""
+    return g.reshape(like.shape) if like.dim() == 2 else g.permute(0, 3, 4, 1, 2).reshape(like.shape)
+
+
+def bckd_loc_fwd(student_reg, teacher_reg, student_logits, teacher_logits, priors, weight, stride, stride_value,
+                 decoder, loss, reg_max, means, stds, max_ratio, scale, grad_reg, grad_weight):
+    """Same contract as the kdops::bckd_loc_fwd schema (csrc/ops.cpp): every FPN level, one launch
+    per level; returns ((L,) losses, grads in the inputs' shapes, weight grads in the weights')."""
+    D = 4 * (reg_max + 1) if decoder == 1 else 4
+    acc = torch.float64 if any(s.dtype == torch.float64 for s in student_reg) else torch.float32
+    losses, grads, gws = [], [], []
+    for sr, tr, sl, tl_, pr, w, st, sv, sc in zip(student_reg, teacher_reg, student_logits, teacher_logits, priors,
+                                                   weight, stride, stride_value, scale):
+        J = sr.shape[1] // D if sr.dim() == 4 else 1
+        K = sl.shape[1] // J
+        lacc = torch.float64 if sr.dtype == torch.float64 else torch.float32
+        out, g, gw = bckd_loc_level_fwd(
+            _head_view(sr, D), _head_view(tr, D), _head_view(sl, K), _head_view(tl_, K), pr.to(lacc),
+            w.reshape(-1).to(lacc) if w is not None else None, st.reshape(-1).to(lacc) if st is not None else None,
+            sv, decoder, loss, reg_max, means, stds, max_ratio, sc, grad_reg, grad_weight and w is not None)
+        losses.append(out.to(acc))
+        grads.append(_unview(g, sr) if grad_reg else g)
+        gws.append(gw.reshape(w.shape).to(w.dtype) if (grad_weight and w is not None) else gw.to(acc))
+    return torch.stack(losses), grads, gws

@@ -226,14 +226,14 @@ def test_torch_compile_fullgraph_and_fake_tensors():
 @pytest.mark.triton
 @pytest.mark.parametrize("decoder", ["distance", "gfl", "delta_xywh"])
 def test_triton_loc_matches_reference(decoder):
-    from kdops.triton.bckd import bckd_loc_fwd
+    from kdops.triton.bckd import bckd_loc_level_fwd
 
     dev = triton_device()
     sr, tr, sl, tl, pri, w = [x.float() for x in make_loc(decoder, 2, 3, 4, 1, K=5, seed=22)]
     D, K = sr.shape[1], sl.shape[1]
     kw = KW[decoder]
     for loss, mode in (("giou", 0), ("iou", 1)):
-        out, g, gw = bckd_loc_fwd(
+        out, g, gw = bckd_loc_level_fwd(
             anchor_view(sr, D).to(dev), anchor_view(tr, D).to(dev), anchor_view(sl, K).to(dev),
             anchor_view(tl, K).to(dev), pri.to(dev), w.to(dev), None, float(kw.get("strides", 0.0)),
             {"distance": 0, "gfl": 1, "delta_xywh": 2}[decoder], mode, 4, list(kw.get("means", (0.0,) * 4)),
@@ -270,12 +270,12 @@ def test_loc_reductions_avg_factor_tensor_and_points_with_strides():
 
 @pytest.mark.triton
 def test_triton_loc_points_and_stride_tensor():
-    from kdops.triton.bckd import bckd_loc_fwd
+    from kdops.triton.bckd import bckd_loc_level_fwd
 
     dev = triton_device()
     sr, tr, sl, tl, pri, w = [x.float() for x in make_loc("distance", 1, 3, 4, 1, K=5, seed=32)]
     st = torch.rand(sr.shape[0]) * 8 + 1
-    out, g, _ = bckd_loc_fwd(anchor_view(sr, 4).to(dev), anchor_view(tr, 4).to(dev), anchor_view(sl, 5).to(dev),
+    out, g, _ = bckd_loc_level_fwd(anchor_view(sr, 4).to(dev), anchor_view(tr, 4).to(dev), anchor_view(sl, 5).to(dev),
                              anchor_view(tl, 5).to(dev), pri.to(dev), None, st.to(dev), 0.0, 0, 0, 4, [0.0] * 4,
                              [1.0] * 4, 4.1, 1.0, True, False)
     S = leaf(sr.double())
@@ -309,3 +309,80 @@ def test_general_strided_layouts_read_in_place(dtype):
         y.backward()
         close(x, y, tol, scale=10)
         close(R1.grad, R2.grad, tol, scale=R2.grad.abs().max().item())
+
+
+def _levels_gfl(seed, dtype=F64):
+    """Two FPN levels in mmdet's (N,C,H,W) layout (the CPU kernel's in-place path for floats)."""
+    lv = [make_loc("gfl", 2, h, w, 1, K=6, seed=seed + h, dtype=dtype) for h, w in [(4, 6), (2, 3)]]
+    nchw = [[to_nchw(x[i], 2, h, w) for x, (h, w) in zip(lv, [(4, 6), (2, 3)])] for i in range(4)]
+    return nchw, [x[4] for x in lv], [x[5].reshape(2, -1) for x in lv]
+
+
+def test_levels_weighted_backward_in_place_and_retain_graph():
+    # per-level incoming gradients != 1: the saved gradients are scaled in place when autograd
+    # frees the graph, out of place while it is retained; every pass gives the reference's
+    (sr, tr, sl, tl), pri, w = _levels_gfl(40)
+    kw = dict(decoder="gfl", strides=[8, 16], reg_max=4, avg_factor=3.0)
+    gl = torch.tensor([0.7, 1.9], dtype=F64)
+    S2, W2 = [leaf(x) for x in sr], [leaf(x) for x in w]
+    (R.bckd_loc_loss(S2, tr, sl, tl, pri, weight=W2, **kw) * gl).sum().backward()
+    S, W = [leaf(x) for x in sr], [leaf(x) for x in w]
+    out = (kdops.bckd_loc_loss(S, tr, sl, tl, pri, weight=W, **kw) * gl).sum()
+    for retain in (True, True, False):
+        for x in S + W:
+            x.grad = None
+        out.backward(retain_graph=retain)
+        for a, b in zip(S + W, S2 + W2):
+            close(a.grad, b.grad, F64)
+
+
+def test_weight_list_holding_none():
+    (sr, tr, sl, tl), pri, w = _levels_gfl(41)
+    kw = dict(decoder="gfl", strides=[8, 16], reg_max=4)
+    W0, W0r = leaf(w[0]), leaf(w[0])
+    S, S2 = leaf(sr[1]), leaf(sr[1])
+    a = kdops.bckd_loc_loss([sr[0], S], tr, sl, tl, pri, weight=[W0, None], **kw)
+    b = R.bckd_loc_loss([sr[0], S2], tr, sl, tl, pri, weight=[W0r, torch.ones_like(w[1])], **kw)
+    (a * torch.tensor([2.0, 3.0], dtype=F64)).sum().backward()
+    (b * torch.tensor([2.0, 3.0], dtype=F64)).sum().backward()
+    close(a, b, F64)
+    close(W0.grad, W0r.grad, F64)
+    close(S.grad, S2.grad, F64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_scale_grads_op(dtype):
+    g = torch.randn(2, 6, 5, 7).to(dtype)
+    cl = torch.randn(2, 6, 5, 7).to(dtype).to(memory_format=torch.channels_last)  # dense, not contiguous
+    sliced = torch.randn(4, 9).to(dtype)[:, ::2]  # not dense: the aten fallback
+    big = torch.randn(70000 * 3 + 5).to(dtype)  # several tasks, a partial last one
+    ones = torch.randn(3, 3).to(dtype)
+    xs = [g, cl, sliced, big, ones]
+    want = [x.float() * f for x, f in zip(xs, (0.5, -2.0, 3.0, 0.25, 1.0))]
+    torch.ops.kdops.scale_grads_(xs, [0.5, -2.0, 3.0, 0.25, 1.0])
+    assert cl.is_contiguous(memory_format=torch.channels_last)
+    for x, y in zip(xs, want):
+        torch.testing.assert_close(x.float(), y.to(dtype).float(), atol=0, rtol=0)
+
+
+@pytest.mark.triton
+def test_triton_levels_contract():
+    # kdops::bckd_loc_fwd's CUDA kernel (one launch per level) on head tensors as given:
+    # (L,) losses, gradients in the inputs' shapes, weight gradients in the weights'
+    from kdops.triton.bckd import bckd_loc_fwd
+
+    dev = triton_device()
+    (sr, tr, sl, tl), pri, w = _levels_gfl(42, torch.float32)
+    ins = [[x.to(dev) for x in xs] for xs in (sr, tr, sl, tl, pri, w)]
+    loss, g, gw = bckd_loc_fwd(*ins, [None, None], [8.0, 16.0], 1, 0, 4, [0.0] * 4, [1.0] * 4,
+                               abs(math.log(16 / 1000)), [1.0, 0.5], True, True)
+    S, Wt = [leaf(x.double()) for x in sr], [leaf(x.double()) for x in w]
+    ref = R.bckd_loc_loss(S, [x.double() for x in tr], [x.double() for x in sl], [x.double() for x in tl],
+                          [x.double() for x in pri], decoder="gfl", weight=Wt, strides=[8, 16], reg_max=4)
+    ref = ref * torch.tensor([1.0, 0.5], dtype=F64)
+    ref.sum().backward()
+    assert loss.shape == (2,) and [x.shape for x in g] == [x.shape for x in sr]
+    assert [x.shape for x in gw] == [x.shape for x in w]
+    close(loss.cpu(), ref.detach(), torch.float32, scale=10)
+    for a, b in zip(g + gw, S + Wt):
+        close(a.cpu(), b.grad, torch.float32, scale=b.grad.abs().max().item())
