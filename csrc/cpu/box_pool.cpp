@@ -57,8 +57,8 @@ struct ImagePlan {
 
 // Event plans per image, from the (K,4) inclusive ranges; boxes that are empty after
 // clipping to the HxW map, or whose image is out of range, are left out. Events are put in
-// row order with a counting sort (stable: box order within a row); images are planned in
-// parallel. O(K + N*H) plus the sorting of each row's few edges.
+// row order with a counting sort (stable: box order within a row). O(K + N*H) plus the
+// sorting of each row's few edges.
 std::vector<ImagePlan> plan_images(const at::Tensor& ranges, const at::Tensor& batch_index, int64_t N, int64_t H,
                                    int64_t W, bool mean, const char* op) {
   TORCH_CHECK(ranges.dim() == 2 && ranges.size(1) == 4 && ranges.scalar_type() == at::kLong, op,
@@ -82,7 +82,8 @@ std::vector<ImagePlan> plan_images(const at::Tensor& ranges, const at::Tensor& b
     per_image[n].push_back({k, x0, y0, x1 + 1, y1 + 1});
   }
   std::vector<ImagePlan> plans(N);
-  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+  // one thread: an image's plan is O(boxes + H) work, far less than waking a thread team
+  const auto plan_range = [&](int64_t begin, int64_t end) {
     std::vector<int64_t> count, order;
     for (int64_t n = begin; n < end; ++n) {
       const auto& bx = per_image[n];
@@ -139,11 +140,18 @@ std::vector<ImagePlan> plan_images(const at::Tensor& ranges, const at::Tensor& b
         i = end_i;
       }
     }
-  });
+  };
+  plan_range(0, N);
   return plans;
 }
 
 constexpr int kBoxLanes = 8;  // channels swept together (lane-interleaved scratch)
+
+// Blocks per task so that a task holds at least ~64K feature elements: small levels (P6, P7)
+// then run on the calling thread instead of paying a thread team's wake-up and barrier.
+inline int64_t block_grain(int64_t H, int64_t W) {
+  return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, H * W * kBoxLanes));
+}
 
 }  // namespace
 }  // namespace kdops
@@ -174,7 +182,7 @@ at::Tensor box_pool_fwd_cpu(const at::Tensor& feature, const at::Tensor& ranges,
     const scalar_t* fp = feature.data_ptr<scalar_t>();
     const int64_t sN = feature.stride(0), sC = feature.stride(1), sH = feature.stride(2), sW = feature.stride(3);
     scalar_t* op_ = out.data_ptr<scalar_t>();
-    at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, N * blocks, block_grain(H, W), [&](int64_t begin, int64_t end) {
       std::vector<double> V(W * kBoxLanes), Q((W + 2) * kBoxLanes), acc;
       const scalar_t* lanes[kBoxLanes];
       for (int64_t t = begin; t < end; ++t) {
@@ -214,7 +222,7 @@ at::Tensor box_paint_fwd_cpu(const at::Tensor& values, const at::Tensor& ranges,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "box_paint_fwd", [&] {
     const scalar_t* vp = v.data_ptr<scalar_t>();
     scalar_t* op_ = out.data_ptr<scalar_t>();
-    at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, N * blocks, block_grain(H, W), [&](int64_t begin, int64_t end) {
       std::vector<double> R(W * kBoxLanes), d((W + 2) * kBoxLanes);
       scalar_t* lanes[kBoxLanes];
       for (int64_t t = begin; t < end; ++t) {
