@@ -43,17 +43,25 @@ def _mm_acc(acc, a, b, DOT: tl.constexpr):
 
 
 @triton.jit
-def _pool_kernel(f_ptr, m_ptr, order_ptr, tile_ptr, out_ptr, C, HW, W, s_n, s_c, s_h, s_w, m_k, m_h, m_w,
-                 ACC: tl.constexpr, DOT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
-                 BLOCK_HW: tl.constexpr):
+def _tile_objects(order_ptr, tile_ptr, BLOCK_K: tl.constexpr):
+    """This program's tile (image n, objects order[lo:hi]): the row mask and the object indices
+    (masked loads only: an empty tile reads nothing)."""
     t = tl.program_id(0).to(tl.int64)
     n = tl.load(tile_ptr + 3 * t)
     lo = tl.load(tile_ptr + 3 * t + 1)
     hi = tl.load(tile_ptr + 3 * t + 2)
+    i = lo + tl.arange(0, BLOCK_K)
+    im = i < hi
+    k = tl.load(order_ptr + i, mask=im, other=0)
+    return n, lo, hi, im, k
+
+
+@triton.jit
+def _pool_kernel(f_ptr, m_ptr, order_ptr, tile_ptr, out_ptr, C, HW, W, s_n, s_c, s_h, s_w, m_k, m_h, m_w,
+                 ACC: tl.constexpr, DOT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+                 BLOCK_HW: tl.constexpr):
+    n, lo, hi, im, k = _tile_objects(order_ptr, tile_ptr, BLOCK_K)
     if lo < hi:
-        i = lo + tl.arange(0, BLOCK_K)
-        im = i < hi
-        k = tl.load(order_ptr + i, mask=im, other=0)
         cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         cm = cols < C
         f_img = f_ptr + n * s_n + cols.to(tl.int64) * s_c
@@ -101,14 +109,8 @@ def _grad_feature_kernel(g_ptr, m_ptr, order_ptr, bounds_ptr, gf_ptr, C, HW, W, 
 def _grad_masks_kernel(g_ptr, f_ptr, order_ptr, tile_ptr, gm_ptr, C, HW, W, s_n, s_c, s_h, s_w,
                        ACC: tl.constexpr, DOT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
                        BLOCK_HW: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
-    n = tl.load(tile_ptr + 3 * t)
-    lo = tl.load(tile_ptr + 3 * t + 1)
-    hi = tl.load(tile_ptr + 3 * t + 2)
+    n, lo, hi, im, k = _tile_objects(order_ptr, tile_ptr, BLOCK_K)
     if lo < hi:
-        i = lo + tl.arange(0, BLOCK_K)
-        im = i < hi
-        k = tl.load(order_ptr + i, mask=im, other=0)
         hw = tl.program_id(1) * BLOCK_HW + tl.arange(0, BLOCK_HW)
         hm = hw < HW
         y = hw // W
