@@ -16,7 +16,7 @@
 //   entering/leaving boxes add/subtract their value on [x0,x1] (a 1-D difference array
 //   over the same segments), then every row is written from R. Rows and columns outside
 //   every box are written as exact zeros.
-// Cost O(H*W) per plane plus O(boxes) per event row: never proportional to box areas.
+// Cost O(H*W) per plane plus O(W + boxes) per event row: never proportional to box areas.
 // Each block has one owner and a fixed summation order, so results are bitwise
 // reproducible for any thread count. Ranges are clipped to the map, and boxes with an
 // out-of-range batch index are skipped: no input is read or written out of bounds.
@@ -26,7 +26,6 @@
 
 #include <algorithm>
 #include <cstring>
-#include <type_traits>
 #include <vector>
 
 #include "common.h"
