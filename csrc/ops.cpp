@@ -35,15 +35,15 @@ TORCH_LIBRARY(kdops, m) {
   // Adjoint: one (N,C,H,W) map per level (shapes = L*4 sizes, flattened), rows summed per
   // destination in a fixed order (deterministic, no atomics); out-of-range rows dropped.
   m.def("gather_level_features_bwd(Tensor grad, Tensor index, SymInt[] shapes) -> Tensor[]");
-  // One level. ranges (K,4) int64 inclusive [x_lo, y_lo, x_hi, y_hi] in feature pixels,
-  // batch_index (K,) int64. out[k,c] = sum of feature[b_k, c] over the range (divided by
-  // max(count,1) when mean), through summed-area tables: O(N*C*H*W + K*C).
-  m.def("box_pool_fwd(Tensor feature, Tensor ranges, Tensor batch_index, bool mean) -> Tensor");
-  // Adjoint of box_pool_fwd: out[n,c,y,x] = sum over boxes k of image n covering (y,x) of
-  // values[k,c] (/count when mean), through 2-D difference arrays + prefix sums.
+  // All L levels in one call. ranges (L,K,4) int64 inclusive [x_lo, y_lo, x_hi, y_hi] in each
+  // level's pixels, batch_index (K,) int64. out[l,k,c] = sum of features[l][b_k, c] over the
+  // range (divided by max(count,1) when mean): (L,K,C), O(N*C*H*W + K*C) per level.
+  m.def("box_pool_fwd(Tensor[] features, Tensor ranges, Tensor batch_index, bool mean) -> Tensor");
+  // Adjoint of box_pool_fwd: out[l][n,c,y,x] = sum over boxes k of image n covering (y,x) on level l
+  // of values[l,k,c] (/count when mean). values (L,K,C) (any strides: a (K,C) expanded over L is
+  // read in place), sizes = (N,H,W) per level, flattened; returns L maps (N,C,H_l,W_l).
   m.def(
-      "box_paint_fwd(Tensor values, Tensor ranges, Tensor batch_index, SymInt N, SymInt H, "
-      "SymInt W, bool mean) -> Tensor");
+      "box_paint_fwd(Tensor values, Tensor ranges, Tensor batch_index, SymInt[] sizes, bool mean) -> Tensor[]");
   // FGD's foreground mask: out[n,y,x] = max(0, max of weight[k] over the boxes k of image n whose
   // inclusive range [x0,x1]x[y0,y1] (ranges (K,4) int64 [x_lo, y_lo, x_hi, y_hi]) covers (y,x)),
   // (N,H,W) in `dtype`. weight (K,) float64; boxes with weight <= 0, empty ranges or batch index

@@ -4,15 +4,18 @@
 // A block is kBoxLanes channels of one image, swept together row by row. The running rows
 // (V for pool, R for paint) keep one row per channel, V[c * ld + x], so the per-row work --
 // widening a feature row into V, writing a painted row from R -- is a contiguous vector
-// loop. At event rows the segments between the row's box edges are summed (pool) or
-// updated (paint) 4 columns at a time for all 8 channels at once (8 independent vector
-// chains), so per-row bookkeeping (edges, events) is paid once per block. Lanes past the
-// last channel read the block's first channel (valid memory) and their results are dropped.
+// loop. At event rows the work is done for all 8 channels at once, so per-row bookkeeping
+// (edges, events) is paid once per block: rows with few, long segments between their box edges
+// sum (pool) or update (paint) each segment 4 columns at a time in 8 independent vector
+// chains; rows with many short segments (many boxes) carry one running sum along the row in 4x4
+// transposed tiles instead, with no branch per segment. Lanes past the last channel read the
+// block's first channel (valid memory) and their results are dropped.
 
 namespace kdops {
 namespace KDOPS_ISA {
 
 typedef double v4d __attribute__((vector_size(32)));
+typedef int64_t v4di __attribute__((vector_size(32)));
 
 KDOPS_INLINE v4d box_load(const double* p) {
   v4d v;
@@ -24,12 +27,15 @@ KDOPS_INLINE void box_store(double* p, v4d v) { std::memcpy(p, &v, sizeof(v)); }
 
 // V[c] += feature row (columns [0, width) from each lane's base + offset).
 template <typename scalar_t>
-KDOPS_INLINE void box_add_row(const scalar_t* const* lanes, int64_t offset, int64_t sW, double* V, int64_t ld,
-                              int64_t width) {
+KDOPS_INLINE void box_add_row(const scalar_t* const* lanes, int64_t offset, int64_t sH, int64_t sW, double* V,
+                              int64_t ld, int64_t width) {
   for (int c = 0; c < kBoxLanes; ++c) {
     const scalar_t* src = lanes[c] + offset;
     double* v = V + c * ld;
     if (sW == 1) {
+      // the next row of this lane: event rows pause the stream, and the hardware prefetcher
+      // alone then runs too short a distance ahead of 8 interleaved streams
+      for (int64_t x = 0; x < width; x += 64 / sizeof(scalar_t)) __builtin_prefetch(src + sH + x);
 #pragma omp simd
       for (int64_t x = 0; x < width; ++x) v[x] += double(src[x]);
     } else {
@@ -80,17 +86,77 @@ KDOPS_INLINE void box_edge_sums(const double* V, int64_t ld, const int64_t* e, i
   }
 }
 
+// out[j][i] = in[i][j] for a 4x4 block of doubles (lanes <-> columns).
+KDOPS_INLINE void box_transpose4(const v4d* in, v4d* out) {
+  const v4d t0 = __builtin_shuffle(in[0], in[1], (v4di){0, 4, 2, 6});
+  const v4d t1 = __builtin_shuffle(in[0], in[1], (v4di){1, 5, 3, 7});
+  const v4d t2 = __builtin_shuffle(in[2], in[3], (v4di){0, 4, 2, 6});
+  const v4d t3 = __builtin_shuffle(in[2], in[3], (v4di){1, 5, 3, 7});
+  out[0] = __builtin_shuffle(t0, t2, (v4di){0, 1, 4, 5});
+  out[1] = __builtin_shuffle(t1, t3, (v4di){0, 1, 4, 5});
+  out[2] = __builtin_shuffle(t0, t2, (v4di){2, 3, 6, 7});
+  out[3] = __builtin_shuffle(t1, t3, (v4di){2, 3, 6, 7});
+}
+
+// Same result contract as box_edge_sums, for rows with many edges: short segments there make
+// the per-segment loops mispredict at almost every edge. Instead the running sum of all 8
+// lanes is carried along the whole span, 4 columns at a time transposed (lanes 0-3, 4-7) into
+// two vector chains with no branch per column, its value after every column is stored
+// column-major in P, and the edges' prefix sums are read from P.
+KDOPS_INLINE void box_edge_sums_dense(const double* V, int64_t ld, const int64_t* e, int64_t ne, double* Q,
+                                      double* P) {
+  const int64_t x0 = e[0], x_end = e[ne - 1];
+  v4d lo = {}, hi = {};
+  box_store(P, lo);
+  box_store(P + 4, hi);
+  double* out = P + kBoxLanes;
+  int64_t x = x0;
+  for (; x + 4 <= x_end; x += 4, out += 4 * kBoxLanes) {
+    v4d a[kBoxLanes];
+    for (int c = 0; c < kBoxLanes; ++c) a[c] = box_load(V + c * ld + x);
+    v4d col[2][4];  // col[h][j]: lanes 4h..4h+3 of column x + j
+    box_transpose4(a, col[0]);
+    box_transpose4(a + 4, col[1]);
+    for (int j = 0; j < 4; ++j) {
+      lo += col[0][j];
+      hi += col[1][j];
+      box_store(out + j * kBoxLanes, lo);
+      box_store(out + j * kBoxLanes + 4, hi);
+    }
+  }
+  for (; x < x_end; ++x, out += kBoxLanes) {
+    for (int c = 0; c < 4; ++c) lo[c] += V[c * ld + x];
+    for (int c = 0; c < 4; ++c) hi[c] += V[(c + 4) * ld + x];
+    box_store(out, lo);
+    box_store(out + 4, hi);
+  }
+  for (int64_t i = 0; i < ne; ++i) {
+    const double* pi = P + (e[i] - x0) * kBoxLanes;
+    box_store(Q + i * kBoxLanes, box_load(pi));
+    box_store(Q + i * kBoxLanes + 4, box_load(pi + 4));
+  }
+}
+
+// Rows whose segments average fewer columns than this take box_edge_sums_dense.
+constexpr int64_t kDenseSegment = 16;
+
 // Pools one block: acc (boxes x lanes) receives every box's sum over its pixels.
 template <typename scalar_t>
 void box_pool_block(const ImagePlan& p, const scalar_t* const* lanes, int64_t sH, int64_t sW, double* V, double* Q,
-                    double* acc) {
+                    double* P, double* acc) {
   const int64_t width = p.x_hi - p.x_lo, ld = width;
   std::fill(V, V + width * kBoxLanes, 0.0);
   std::fill(acc, acc + p.boxes.size() * kBoxLanes, 0.0);
   int64_t y = p.rows.front().row;
   for (const EventRow& er : p.rows) {
-    for (; y < er.row; ++y) box_add_row(lanes, y * sH, sW, V, ld, width);
-    box_edge_sums(V, ld, p.edges.data() + er.edge_begin, er.edge_end - er.edge_begin, Q);
+    for (; y < er.row; ++y) box_add_row(lanes, y * sH, sH, sW, V, ld, width);
+    const int64_t* e = p.edges.data() + er.edge_begin;
+    const int64_t ne = er.edge_end - er.edge_begin;
+    if (e[ne - 1] - e[0] < kDenseSegment * (ne - 1)) {
+      box_edge_sums_dense(V, ld, e, ne, Q, P);
+    } else {
+      box_edge_sums(V, ld, e, ne, Q);
+    }
     for (int64_t q = er.ev_begin; q < er.ev_end; ++q) {
       const Event& ev = p.events[q];
       double* a = acc + ev.box * kBoxLanes;
@@ -116,10 +182,44 @@ KDOPS_INLINE void box_emit_row(scalar_t* const* lanes, int cb, int64_t y, int64_
   }
 }
 
-// Paints one block of cb channels (channel c0 + lane of values (K,C)) into its planes.
+// R[c][x] += sum of d[i][c] over the row's edges i with e[i] <= x, for x in [e[0], e[ne-1]):
+// the running value of each segment in box_paint_block, carried column by column (the run
+// gains d[i] at column e[i] and exact zeros elsewhere, so it takes the same values) in two
+// vector chains and transposed back onto R 4 columns at a time, with no branch per segment.
+// D is column-major scratch for the span.
+KDOPS_INLINE void box_add_runs_dense(const double* d, const int64_t* e, int64_t ne, double* R, int64_t ld,
+                                     double* D) {
+  const int64_t x0 = e[0], span = e[ne - 1] - x0;
+  std::fill(D, D + span * kBoxLanes, 0.0);
+  for (int64_t i = 0; i + 1 < ne; ++i) {
+    box_store(D + (e[i] - x0) * kBoxLanes, box_load(d + i * kBoxLanes));
+    box_store(D + (e[i] - x0) * kBoxLanes + 4, box_load(d + i * kBoxLanes + 4));
+  }
+  v4d lo = {}, hi = {};
+  int64_t x = 0;
+  for (; x + 4 <= span; x += 4) {
+    v4d col[2][4], a[kBoxLanes];
+    for (int j = 0; j < 4; ++j) {
+      col[0][j] = lo += box_load(D + (x + j) * kBoxLanes);
+      col[1][j] = hi += box_load(D + (x + j) * kBoxLanes + 4);
+    }
+    box_transpose4(col[0], a);
+    box_transpose4(col[1], a + 4);
+    for (int c = 0; c < kBoxLanes; ++c) box_store(R + c * ld + x0 + x, box_load(R + c * ld + x0 + x) + a[c]);
+  }
+  for (; x < span; ++x) {
+    lo += box_load(D + x * kBoxLanes);
+    hi += box_load(D + x * kBoxLanes + 4);
+    for (int c = 0; c < 4; ++c) R[c * ld + x0 + x] += lo[c];
+    for (int c = 0; c < 4; ++c) R[(c + 4) * ld + x0 + x] += hi[c];
+  }
+}
+
+// Paints one block of cb channels into its planes; box k's values for the block's channels
+// are vp[k * sK + lane].
 template <typename scalar_t>
-void box_paint_block(const ImagePlan& p, const scalar_t* vp, int64_t C, int64_t c0, int cb, scalar_t* const* lanes,
-                     int64_t H, int64_t W, double* R, double* d) {
+void box_paint_block(const ImagePlan& p, const scalar_t* vp, int64_t sK, int cb, scalar_t* const* lanes,
+                     int64_t H, int64_t W, double* R, double* d, double* D) {
   int64_t y = 0;
   if (!p.rows.empty()) {
     const int64_t width = p.x_hi - p.x_lo, ld = width;
@@ -133,7 +233,7 @@ void box_paint_block(const ImagePlan& p, const scalar_t* vp, int64_t C, int64_t 
       std::fill(d, d + ne * kBoxLanes, 0.0);
       for (int64_t q = er.ev_begin; q < er.ev_end; ++q) {
         const Event& ev = p.events[q];
-        const scalar_t* v = vp + p.boxes[ev.box] * C + c0;
+        const scalar_t* v = vp + p.boxes[ev.box] * sK;
         const double s = -ev.sign * p.scale[ev.box];
         double* da = d + ev.a * kBoxLanes;
         double* db = d + ev.b * kBoxLanes;
@@ -143,16 +243,20 @@ void box_paint_block(const ImagePlan& p, const scalar_t* vp, int64_t C, int64_t 
           db[c] -= val;
         }
       }
-      double run[kBoxLanes] = {};
-      for (int64_t i = 0; i + 1 < ne; ++i) {
-        const double* di = d + i * kBoxLanes;
+      if (e[ne - 1] - e[0] < kDenseSegment * (ne - 1)) {
+        box_add_runs_dense(d, e, ne, R, ld, D);
+      } else {
+        double run[kBoxLanes] = {};
+        for (int64_t i = 0; i + 1 < ne; ++i) {
+          const double* di = d + i * kBoxLanes;
 #pragma omp simd
-        for (int c = 0; c < kBoxLanes; ++c) run[c] += di[c];
-        int64_t x = e[i];
-        for (; x + 4 <= e[i + 1]; x += 4)
-          for (int c = 0; c < kBoxLanes; ++c) box_store(R + c * ld + x, box_load(R + c * ld + x) + run[c]);
-        for (; x < e[i + 1]; ++x)
-          for (int c = 0; c < kBoxLanes; ++c) R[c * ld + x] += run[c];
+          for (int c = 0; c < kBoxLanes; ++c) run[c] += di[c];
+          int64_t x = e[i];
+          for (; x + 4 <= e[i + 1]; x += 4)
+            for (int c = 0; c < kBoxLanes; ++c) box_store(R + c * ld + x, box_load(R + c * ld + x) + run[c]);
+          for (; x < e[i + 1]; ++x)
+            for (int c = 0; c < kBoxLanes; ++c) R[c * ld + x] += run[c];
+        }
       }
     }
   }

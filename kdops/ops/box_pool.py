@@ -75,14 +75,12 @@ def box_pool(
     if reduce not in ("sum", "mean"):
         raise ValueError(f"kdops.{op}: `reduce` must be 'sum' or 'mean', got {reduce!r}")
     mean = reduce == "mean"
-    outs = []
     ranges = all_level_ranges(boxes, [f.shape[-2:] for f in feats], st, rule, img)
-    for f, r in zip(feats, ranges):
-        if use_kernel(op, f.device):
-            outs.append(torch.ops.kdops.box_pool_fwd(f, r, batch_index, mean))
-        else:
-            outs.append(reference.box_pool_ranges(f, r, batch_index, mean))
-    return torch.stack(outs) if is_seq else outs[0]
+    if use_kernel(op, first.device):
+        out = torch.ops.kdops.box_pool_fwd(list(feats), ranges, batch_index, mean)
+    else:
+        out = torch.stack([reference.box_pool_ranges(f, r, batch_index, mean) for f, r in zip(feats, ranges)])
+    return out if is_seq else out[0]
 
 
 def box_paint(
@@ -115,56 +113,56 @@ def box_paint(
     check_boxes(op, boxes, batch_index, like=values)
     K = boxes.shape[0]
     if values.dim() == 2 and values.shape[0] == K:
-        per_level = [values] * L
+        per_level = values.expand(L, *values.shape)  # read in place by the kernels, summed over L by autograd
     elif values.dim() == 3 and values.shape[:2] == (L, K):
-        per_level = list(values.unbind(0))
+        per_level = values
     else:
         raise ValueError(f"kdops.{op}: `values` must be (K,C) = ({K}, C) or (L,K,C) = ({L}, {K}, C), "
                          f"got {tuple(values.shape)}")
     st = per_level_numbers(op, "strides", strides, L, is_seq)
     img = _check_rule(op, rule, image_size, boxes)
-    outs = []
     ranges = all_level_ranges(boxes, [(H, W) for _, H, W in levels], st, rule, img)
-    for (N, H, W), v, r in zip(levels, per_level, ranges):
-        if use_kernel(op, values.device):
-            outs.append(torch.ops.kdops.box_paint_fwd(v, r, batch_index, N, H, W, False))
-        else:
-            outs.append(reference.box_paint_ranges(v, r, batch_index, (N, H, W), False))
+    if use_kernel(op, values.device):
+        outs = list(torch.ops.kdops.box_paint_fwd(per_level, ranges, batch_index, _flat_sizes(levels), False))
+    else:
+        outs = [reference.box_paint_ranges(v, r, batch_index, size, False)
+                for size, v, r in zip(levels, per_level, ranges)]
     return outs if is_seq else outs[0]
 
 
-def _fake_pool(feature, ranges, batch_index, mean):
-    return feature.new_empty((ranges.shape[0], feature.shape[1]))
+def _flat_sizes(levels) -> list:
+    return [s for size in levels for s in size]
 
 
-def _fake_paint(values, ranges, batch_index, N, H, W, mean):
-    return values.new_empty((N, values.shape[1], H, W))
+def _fake_pool(features, ranges, batch_index, mean):
+    return features[0].new_empty((len(features), ranges.shape[1], features[0].shape[1]))
+
+
+def _fake_paint(values, ranges, batch_index, sizes, mean):
+    return [values.new_empty((sizes[i], values.shape[2], sizes[i + 1], sizes[i + 2])) for i in range(0, len(sizes), 3)]
 
 
 def _pool_setup(ctx, inputs, output):
-    feature, ranges, batch_index, mean = inputs
-    ctx.size = (feature.shape[0], feature.shape[2], feature.shape[3])
+    features, ranges, batch_index, mean = inputs
+    ctx.sizes = _flat_sizes((f.shape[0], f.shape[2], f.shape[3]) for f in features)
     ctx.mean = mean
     ctx.save_for_backward(ranges, batch_index)
 
 
 def _pool_backward(ctx, grad):
     ranges, batch_index = ctx.saved_tensors
-    N, H, W = ctx.size
-    g = torch.ops.kdops.box_paint_fwd(grad, ranges, batch_index, N, H, W, ctx.mean)
-    return g, None, None, None
+    return list(torch.ops.kdops.box_paint_fwd(grad, ranges, batch_index, ctx.sizes, ctx.mean)), None, None, None
 
 
 def _paint_setup(ctx, inputs, output):
-    values, ranges, batch_index, N, H, W, mean = inputs
+    values, ranges, batch_index, sizes, mean = inputs
     ctx.mean = mean
     ctx.save_for_backward(ranges, batch_index)
 
 
-def _paint_backward(ctx, grad):
+def _paint_backward(ctx, grads):
     ranges, batch_index = ctx.saved_tensors
-    g = torch.ops.kdops.box_pool_fwd(grad, ranges, batch_index, ctx.mean)
-    return g, None, None, None, None, None, None
+    return torch.ops.kdops.box_pool_fwd(list(grads), ranges, batch_index, ctx.mean), None, None, None, None
 
 
 if HAS_C:

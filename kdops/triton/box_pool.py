@@ -69,8 +69,19 @@ def _sat(x, out):
                           BLOCK_W=triton.next_power_of_2(W), num_warps=4)
 
 
-def box_pool_fwd(feature, ranges, batch_index, mean: bool):
-    """Same contract as the kdops::box_pool_fwd schema (csrc/ops.cpp)."""
+def box_pool_fwd(features, ranges, batch_index, mean: bool):
+    """Same contract as the kdops::box_pool_fwd schema (csrc/ops.cpp): (L,K,C)."""
+    return torch.stack([pool_level(f, r, batch_index, mean) for f, r in zip(features, ranges)])
+
+
+def box_paint_fwd(values, ranges, batch_index, sizes, mean: bool):
+    """Same contract as the kdops::box_paint_fwd schema (csrc/ops.cpp): L maps (N,C,H_l,W_l)."""
+    return [paint_level(values[i // 3], ranges[i // 3], batch_index, *sizes[i:i + 3], mean)
+            for i in range(0, len(sizes), 3)]
+
+
+def pool_level(feature, ranges, batch_index, mean: bool):
+    """One level: (K,C) from (N,C,H,W) and (K,4) ranges."""
     N, C, H, W = feature.shape
     K = ranges.shape[0]
     out = feature.new_zeros((K, C))
@@ -107,8 +118,8 @@ def corner_entries(ranges, batch_index, N, H, W, mean: bool, dtype):
     return rows, coef.reshape(-1).contiguous(), keys
 
 
-def box_paint_fwd(values, ranges, batch_index, N, H, W, mean: bool):
-    """Same contract as the kdops::box_paint_fwd schema (csrc/ops.cpp)."""
+def paint_level(values, ranges, batch_index, N, H, W, mean: bool):
+    """One level: (N,C,H,W) from (K,C) values and (K,4) ranges."""
     N, H, W = int(N), int(H), int(W)
     K, C = values.shape
     acc = torch.float64 if values.dtype == torch.float64 else torch.float32

@@ -124,10 +124,11 @@ def test_fallback_references_on_ranges_match_kernels(mean):
     boxes, bi = make_boxes()
     f = make_feats()[0]
     r = kdops.box_ranges(boxes, [SIZES[0]], [8])[0]
-    close(reference.box_pool_ranges(f, r, bi, mean), torch.ops.kdops.box_pool_fwd(f, r, bi, mean), torch.float64)
+    close(reference.box_pool_ranges(f, r, bi, mean), torch.ops.kdops.box_pool_fwd([f], r[None], bi, mean)[0],
+          torch.float64)
     v = torch.randn(boxes.shape[0], 5, dtype=torch.float64)
     close(reference.box_paint_ranges(v, r, bi, (2, *SIZES[0]), mean),
-          torch.ops.kdops.box_paint_fwd(v, r, bi, 2, *SIZES[0], mean), torch.float64)
+          torch.ops.kdops.box_paint_fwd(v[None], r[None], bi, [2, *SIZES[0]], mean)[0], torch.float64)
 
 
 def test_paint_parity_float64_levels_and_values_per_level():
@@ -314,36 +315,36 @@ def test_triton_pool_and_paint_match_oracle(dtype, mean):
     r = kdops.box_ranges(boxes, [SIZES[0]], [8])[0]
     m = box_mask_dense(boxes, SIZES[0], 8, "center")
     cnt = m.sum((1, 2)).clamp(min=1)[:, None] if mean else 1.0
-    out = box_pool_fwd(f.to(dev, dtype), r.to(dev), bi.to(dev), mean)
+    out = box_pool_fwd([f.to(dev, dtype)], r[None].to(dev), bi.to(dev), mean)[0]
     ref = torch.einsum("khw,kchw->kc", m, f.to(dtype).double()[bi]) / cnt
     close(out.cpu(), ref, dtype, scale=ref.abs().max().item())
     v = torch.randn(boxes.shape[0], 6, dtype=torch.float64)
-    painted = box_paint_fwd(v.to(dev, dtype), r.to(dev), bi.to(dev), 2, *SIZES[0], mean)
+    painted = box_paint_fwd(v[None].to(dev, dtype), r[None].to(dev), bi.to(dev), [2, *SIZES[0]], mean)[0]
     onehot = torch.nn.functional.one_hot(bi, 2).double()
     ref_p = torch.einsum("khw,kc,kn->nchw", m, v.to(dtype).double() / cnt, onehot)
     assert painted.dtype == dtype
     close(painted.cpu(), ref_p, dtype, scale=ref_p.abs().max().item())
-    again = box_paint_fwd(v.to(dev, dtype), r.to(dev), bi.to(dev), 2, *SIZES[0], mean)
+    again = box_paint_fwd(v[None].to(dev, dtype), r[None].to(dev), bi.to(dev), [2, *SIZES[0]], mean)[0]
     assert torch.equal(painted, again)  # sorted segment sums, no atomics: bitwise reproducible
 
 
 @pytest.mark.triton
 def test_triton_empty_and_out_of_range_boxes():
-    from kdops.triton.box_pool import box_paint_fwd, box_pool_fwd
+    from kdops.triton.box_pool import paint_level, pool_level
 
     dev = triton_device()
     f = torch.randn(2, 3, 5, 6, device=dev)
     r = torch.tensor([[-9, -9, 40, 40], [3, 3, 2, 2], [0, 0, 1, 1]], device=dev)
     bi = torch.tensor([0, 1, 9], device=dev)
-    out = box_pool_fwd(f, r, bi, False)
+    out = pool_level(f, r, bi, False)
     torch.testing.assert_close(out[0], f[0].sum((1, 2)))
     assert not out[1:].any()
-    p = box_paint_fwd(torch.ones(3, 3, device=dev), r, bi, 2, 5, 6, False)
+    p = paint_level(torch.ones(3, 3, device=dev), r, bi, 2, 5, 6, False)
     assert p[0].eq(1).all() and not p[1].any()
-    assert box_pool_fwd(f, r[:0], bi[:0], False).shape == (0, 3)
+    assert pool_level(f, r[:0], bi[:0], False).shape == (0, 3)
     # strided maps are read through their strides
     cl = f.contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(box_pool_fwd(cl, r, bi, True), box_pool_fwd(f, r, bi, True))
+    torch.testing.assert_close(pool_level(cl, r, bi, True), pool_level(f, r, bi, True))
 
 
 def test_runs_under_deterministic_algorithms():
@@ -377,3 +378,21 @@ def test_triton_kernels_compile_for_sm90(dtype, acc):
     compile_for_gpu(_segment_sum_kernel, {"src_ptr": f"*{dtype}", "row_ptr": "*i64", "coef_ptr": f"*{acc}",
                                           "key_ptr": "*i64", "out_ptr": f"*{acc}", "J": i32, "C": i32, "key_lo": "i64",
                                           "key_hi": "i64", "HW": i32}, {"HAS_COEF": True, "ACC": ACC, "BLOCK_C": 128})
+
+
+def test_levels_with_mixed_layouts_and_strided_values():
+    # one op call serves every level: each level is read through its own strides, and (L,K,C)
+    # values are read through theirs (a (K,L,C) tensor transposed, or (K,C) expanded over L)
+    boxes, bi = make_boxes(25, seed=13)
+    feats = make_feats(C=11, seed=14)
+    mixed = [feats[0].contiguous(memory_format=torch.channels_last), feats[1][:, :, :, :].transpose(2, 3)
+             .contiguous().transpose(2, 3), feats[2]]
+    ref = oracle_pool(feats, boxes, bi, "center")
+    close(kdops.box_pool(mixed, boxes, bi, STRIDES), ref, torch.float64)
+    sizes = [(2, h, w) for h, w in SIZES]
+    vkl = torch.randn(boxes.shape[0], 3, 11, dtype=torch.float64)
+    onehot = torch.nn.functional.one_hot(bi, 2).double()
+    outs = kdops.box_paint(vkl.transpose(0, 1), boxes, bi, sizes, STRIDES)
+    for lvl, (H, W) in enumerate(SIZES):
+        m = box_mask_dense(boxes, (H, W), STRIDES[lvl], "center")
+        close(outs[lvl], torch.einsum("khw,kc,kn->nchw", m, vkl[:, lvl], onehot), torch.float64)
