@@ -35,6 +35,14 @@ TORCH_LIBRARY(kdops, m) {
   // Adjoint: one (N,C,H,W) map per level (shapes = L*4 sizes, flattened), rows summed per
   // destination in a fixed order (deterministic, no atomics); out-of-range rows dropped.
   m.def("gather_level_features_bwd(Tensor grad, Tensor index, SymInt[] shapes) -> Tensor[]");
+  // Image boxes (K,4) xyxy -> (L,K,4) int64 inclusive feature-pixel ranges [x_lo, y_lo, x_hi, y_hi]
+  // of L levels (heights, widths, strides one per level) under rule "center" | "lgd" | "fgd"
+  // (kdops.box_ranges). Image size: image_hw (K,2) (height, width) per box, or image_h, image_w > 0,
+  // or none (image_hw undefined, image_h = image_w = 0). clip: empty -> [1,1,0,0], else clipped to
+  // the map; no clip: NaN -> 0, clamped to +-2^40. Bitwise the tensor ops of kdops/ops/box_ranges.py.
+  m.def(
+      "box_ranges_fwd(Tensor boxes, int[] heights, int[] widths, float[] strides, str rule, Tensor? image_hw, "
+      "float image_h, float image_w, bool clip) -> Tensor");
   // All L levels in one call. ranges (L,K,4) int64 inclusive [x_lo, y_lo, x_hi, y_hi] in each
   // level's pixels, batch_index (K,) int64. out[l,k,c] = sum of features[l][b_k, c] over the
   // range (divided by max(count,1) when mean): (L,K,C), O(N*C*H*W + K*C) per level.

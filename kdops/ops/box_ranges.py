@@ -2,7 +2,8 @@
 
 Every method's box mask is an axis-aligned rectangle of whole feature pixels, so the
 box kernels (box_pool, box_paint, box_masks) work on integer ranges; this module holds
-every convention. Computed with tensor ops on the boxes' device: no host sync.
+every convention. On the CPU one C++ op computes them (kdops::box_ranges_fwd); elsewhere
+tensor ops on the boxes' device (no host sync) give the same numbers, bitwise.
 """
 from __future__ import annotations
 
@@ -11,10 +12,13 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 from .._device import constant
+from .._extension import HAS_C
 from ._common import check_tensor, per_level_numbers
 
 RULES = ("center", "lgd", "fgd")
 ImageSize = Optional[Union[Tuple[int, int], torch.Tensor]]
+# What _check_rule hands to all_level_ranges: None, (height, width) floats, or the (K,2) tensor.
+Image = Optional[Union[Tuple[float, float], torch.Tensor]]
 
 
 def check_boxes(op: str, boxes, batch_index=None, like: Optional[torch.Tensor] = None) -> None:
@@ -41,7 +45,7 @@ def _check_rule(op: str, rule: str, image_size: ImageSize, boxes: torch.Tensor):
         if image_size.shape != (boxes.shape[0], 2):
             raise ValueError(f"kdops.{op}: `image_size` must be (K,2) = ({boxes.shape[0]}, 2) per box, "
                              f"got {tuple(image_size.shape)}")
-        return image_size[:, 0], image_size[:, 1]
+        return image_size
     if (isinstance(image_size, (tuple, list)) and len(image_size) == 2
             and all(isinstance(v, (int, float)) and v > 0 for v in image_size)):
         return float(image_size[0]), float(image_size[1])
@@ -74,10 +78,29 @@ def _axis(lo: torch.Tensor, hi: torch.Tensor, size: torch.Tensor, stride: torch.
     return torch.floor(lo / img * size), torch.ceil(hi / img * size)
 
 
-def all_level_ranges(boxes: torch.Tensor, sizes: Sequence[Tuple[int, int]], strides: Sequence[float], rule: str, img,
-                     clip: bool = True) -> torch.Tensor:
-    """(L,K,4) int64 [x_lo, y_lo, x_hi, y_hi] of every level in one set of tensor ops
-    (levels broadcast along dim 0, so the cost does not grow with L op calls)."""
+def all_level_ranges(boxes: torch.Tensor, sizes: Sequence[Tuple[int, int]], strides: Sequence[float], rule: str,
+                     img: Image, clip: bool = True) -> torch.Tensor:
+    """(L,K,4) int64 [x_lo, y_lo, x_hi, y_hi] of every level (validated arguments; ``img`` as
+    :func:`_check_rule` returns it). clip=False leaves the ranges unclipped: NaN -> 0, clamped
+    to +-2^40 (box_masks counts FGD's areas on them).
+
+    On the CPU one kdops::box_ranges_fwd call (~0.015 ms at K = 10, ~0.15 ms at K = 1000 on the
+    COCO FPN): the tensor ops of _ranges_tensor_ops are ~40 small broadcast kernels (0.3-0.6 ms,
+    1-1.5 ms); the C++ loop does their arithmetic in the same float type and order, so the
+    result is bitwise the same."""
+    sizes = [(int(s[-2]), int(s[-1])) for s in sizes]
+    if HAS_C and boxes.device.type == "cpu":
+        per_box = img if isinstance(img, torch.Tensor) else None
+        img_h, img_w = (0.0, 0.0) if img is None or per_box is not None else img
+        return torch.ops.kdops.box_ranges_fwd(boxes, [h for h, _ in sizes], [w for _, w in sizes],
+                                              [float(s) for s in strides], rule, per_box, img_h, img_w, clip)
+    return _ranges_tensor_ops(boxes, sizes, strides, rule, img, clip)
+
+
+def _ranges_tensor_ops(boxes: torch.Tensor, sizes: Sequence[Tuple[int, int]], strides: Sequence[float], rule: str,
+                       img: Image, clip: bool = True) -> torch.Tensor:
+    """all_level_ranges in one set of tensor ops (levels broadcast along dim 0, so the cost does
+    not grow with L op calls): the GPU path, and the reference of the C++ op in the tests."""
     dt = boxes.dtype if boxes.dtype in (torch.float32, torch.float64) else torch.float32
     sizes = [(int(s[-2]), int(s[-1])) for s in sizes]
 
@@ -87,9 +110,10 @@ def all_level_ranges(boxes: torch.Tensor, sizes: Sequence[Tuple[int, int]], stri
     H, W = column([h for h, _ in sizes]), column([w for _, w in sizes])
     st = column(strides)
     x1, y1, x2, y2 = boxes.to(dt).t()[:, None, :]
-    img_h, img_w = (None, None) if img is None else img
-    if isinstance(img_w, torch.Tensor):
-        img_h, img_w = img_h.to(dt), img_w.to(dt)
+    if isinstance(img, torch.Tensor):
+        img_h, img_w = img[:, 0].to(dt), img[:, 1].to(dt)
+    else:
+        img_h, img_w = (None, None) if img is None else img
     # LGD scales by 1/stride: the reciprocal is taken in float64 and rounded once to dt
     inv = column([1.0 / float(s) for s in strides]) if rule == "lgd" and img is None else None
     xa, xb = _axis(x1, x2, W, st, img_w, rule, inv)
@@ -151,3 +175,12 @@ def box_ranges(
     st = per_level_numbers(op, "strides", strides, L, True)
     img = _check_rule(op, rule, image_size, boxes)
     return all_level_ranges(boxes, [tuple(s)[-2:] for s in feature_sizes], st, rule, img)
+
+
+def _fake_ranges(boxes, heights, widths, strides, rule, image_hw, image_h, image_w, clip):
+    return boxes.new_empty((len(strides), boxes.shape[0], 4), dtype=torch.int64)
+
+
+if HAS_C:
+    # No autograd formula: integer ranges (the boxes get no gradient through them)
+    torch.library.register_fake("kdops::box_ranges_fwd")(_fake_ranges)
