@@ -38,6 +38,10 @@ KDOPS_INLINE void box_add_row(const scalar_t* const* lanes, int64_t offset, int6
       for (int64_t x = 0; x < width; x += 64 / sizeof(scalar_t)) __builtin_prefetch(src + sH + x);
 #pragma omp simd
       for (int64_t x = 0; x < width; ++x) v[x] += double(src[x]);
+    } else if (sW == 0) {  // a row broadcast along x (e.g. the gradient of a sum, expanded)
+      const double a = double(src[0]);
+#pragma omp simd
+      for (int64_t x = 0; x < width; ++x) v[x] += a;
     } else {
       for (int64_t x = 0; x < width; ++x) v[x] += double(src[x * sW]);
     }

@@ -581,3 +581,15 @@ def test_levels_with_mixed_layouts_and_strided_values():
     for lvl, (H, W) in enumerate(SIZES):
         m = box_mask_dense(boxes, (H, W), STRIDES[lvl], "center")
         close(outs[lvl], torch.einsum("khw,kc,kn->nchw", m, vkl[:, lvl], onehot), torch.float64)
+
+
+def test_paint_backward_of_a_plain_sum_reads_broadcast_gradients():
+    # sum(p.sum()) hands box_paint's backward expanded (stride-0) gradients: read as such
+    boxes, bi = make_boxes(20, seed=15)
+    v = leaf(torch.randn(boxes.shape[0], 5, dtype=torch.float64))
+    sizes = [(2, h, w) for h, w in SIZES]
+    g = torch.autograd.grad(sum(p.sum() for p in kdops.box_paint(v, boxes, bi, sizes, STRIDES)), v)[0]
+    ones = [torch.ones(2, 5, h, w, dtype=torch.float64) for h, w in SIZES]
+    close(g, sum(kdops.box_pool(ones, boxes, bi, STRIDES)), torch.float64)
+    counts = sum(box_mask_dense(boxes, s, st, "center").sum((1, 2)) for s, st in zip(SIZES, STRIDES))
+    close(g, counts[:, None].expand(-1, 5) * (bi >= 0)[:, None], torch.float64)
