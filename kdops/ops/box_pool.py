@@ -11,10 +11,11 @@ so :math:`\langle \mathrm{pool}(F), V\rangle = \langle F, \mathrm{paint}(V)\rang
 is the other's gradient. Cost O(N·C·H·W + K·C) per level whatever the box areas, and no
 per-box H×W mask is ever formed (LGD's code multiplies dense per-object masks):
 
-- CPU: one sweep down each map. Column sums (float64) are summed between the box edges
-  only at the rows where a box starts or ends (pool), or a running row of box values is
-  updated there and written out (paint); only the bounding rectangle of an image's boxes
-  is read. 8 channels are swept together.
+- CPU: one op call for all levels (one pool of tasks, no barrier per level), and one sweep
+  down each map. Column sums (float64) are summed between the box edges only at the rows
+  where a box starts or ends (pool), or a running row of box values is updated there and
+  written out (paint); only the bounding rectangle of an image's boxes is read. 8 channels
+  are swept together.
 - GPU (Triton): a summed-area table per plane (pool) and a 2-D difference array that is
   prefix-summed (paint).
 """
