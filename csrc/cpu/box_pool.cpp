@@ -10,13 +10,15 @@
 //       pool[k] = sum_{x0..x1} V_{y1+1} - sum_{x0..x1} V_{y0}.
 //   The column sums over [x0,x1] come from prefix sums of V at the row's sorted, unique box
 //   edges: O(W) per event row, whatever the number or width of the boxes there.
-//   Rows above the first event row and columns left of the leftmost box cancel in the
-//   difference, so only the bounding rectangle of the image's boxes is read.
+//   A pixel that no box active at its row covers would add the same amount to both ends of
+//   every box's difference (or to neither), so only the pixels inside the union of the boxes
+//   are read: per row, the merged column spans of the boxes active there.
 // - paint: R[x] = sum of the values of the boxes covering (row, x); at an event row the
 //   entering/leaving boxes add/subtract their value on [x0,x1] (a 1-D difference array
 //   over the same edges), then every row is written from R. Rows and columns outside
 //   every box are written as exact zeros.
-// Cost O(H*W) per plane plus O(W + boxes) per event row: never proportional to box areas.
+// Cost O(H*W) per plane (pool: the boxes' union) plus O(W + boxes) per event row: never
+// proportional to the sum of the box areas.
 // Each block has one owner and a fixed summation order, so results are bitwise
 // reproducible for any thread count. Ranges are clipped to the map, and boxes with an
 // out-of-range batch index are skipped: no input is read or written out of bounds.
@@ -26,6 +28,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "common.h"
@@ -43,6 +46,7 @@ struct EventRow {
   int64_t row;
   int64_t ev_begin, ev_end;    // into ImagePlan::events
   int64_t edge_begin, edge_end;  // into ImagePlan::edges (sorted, unique, relative to x_lo)
+  int64_t span_begin, span_end;  // into ImagePlan::spans: the columns the boxes active below cover
 };
 
 struct ImagePlan {
@@ -51,6 +55,10 @@ struct ImagePlan {
   std::vector<EventRow> rows;   // increasing row
   std::vector<Event> events;
   std::vector<int64_t> edges;
+  // [a, b) column intervals (relative to x_lo), sorted and disjoint: the union of the boxes active
+  // from an event row to the next one. Pooling reads only these pixels: a pixel no active box
+  // covers adds the same amount to both ends of every box's difference (or to neither).
+  std::vector<std::pair<int64_t, int64_t>> spans;
   int64_t x_lo = 0, x_hi = 0;   // columns [x_lo, x_hi) hold every box of the image
 };
 
@@ -75,7 +83,8 @@ std::vector<ImagePlan> plan_images(const int64_t* rp, const int64_t* bp, int64_t
     per_image[n].push_back({k, x0, y0, x1 + 1, y1 + 1});
   }
   std::vector<ImagePlan> plans(N);
-  std::vector<int64_t> count, order;
+  std::vector<int64_t> count, order, active, pos;
+  std::vector<std::pair<int64_t, int64_t>> intervals;
   for (int64_t n = 0; n < N; ++n) {
     const auto& bx = per_image[n];
     ImagePlan& p = plans[n];
@@ -103,12 +112,14 @@ std::vector<ImagePlan> plan_images(const int64_t* rp, const int64_t* bp, int64_t
     }
     p.events.reserve(2 * nb);
     p.edges.reserve(4 * nb);
+    active.clear();
+    pos.assign(nb, -1);
     for (int64_t i = 0; i < 2 * nb;) {
       const auto row_of = [&](int64_t e) { return e & 1 ? bx[e >> 1].y1 : bx[e >> 1].y0; };
       const int64_t row = row_of(order[i]);
       int64_t end_i = i;
       while (end_i < 2 * nb && row_of(order[end_i]) == row) ++end_i;
-      EventRow er{row, int64_t(p.events.size()), 0, int64_t(p.edges.size()), 0};
+      EventRow er{row, int64_t(p.events.size()), 0, int64_t(p.edges.size()), 0, 0, 0};
       for (int64_t t = i; t < end_i; ++t) {
         const Box& b = bx[order[t] >> 1];
         p.edges.push_back(b.x0 - p.x_lo);
@@ -127,6 +138,29 @@ std::vector<ImagePlan> plan_images(const int64_t* rp, const int64_t* bp, int64_t
                             std::lower_bound(lo, hi, b.x1 - p.x_lo) - lo, e & 1 ? 1.0 : -1.0});
       }
       er.ev_end = int64_t(p.events.size());
+      for (int64_t t = i; t < end_i; ++t) {  // boxes entering / leaving at this row
+        const int64_t j = order[t] >> 1;
+        if (order[t] & 1) {
+          active[pos[j]] = active.back();
+          pos[active.back()] = pos[j];
+          active.pop_back();
+        } else {
+          pos[j] = int64_t(active.size());
+          active.push_back(j);
+        }
+      }
+      intervals.clear();
+      for (int64_t j : active) intervals.emplace_back(bx[j].x0 - p.x_lo, bx[j].x1 - p.x_lo);
+      std::sort(intervals.begin(), intervals.end());
+      er.span_begin = int64_t(p.spans.size());
+      for (const auto& iv : intervals) {
+        if (int64_t(p.spans.size()) > er.span_begin && iv.first <= p.spans.back().second) {
+          p.spans.back().second = std::max(p.spans.back().second, iv.second);
+        } else {
+          p.spans.push_back(iv);
+        }
+      }
+      er.span_end = int64_t(p.spans.size());
       p.rows.push_back(er);
       i = end_i;
     }

@@ -151,9 +151,16 @@ void box_pool_block(const ImagePlan& p, const scalar_t* const* lanes, int64_t sH
   const int64_t width = p.x_hi - p.x_lo, ld = width;
   std::fill(V, V + width * kBoxLanes, 0.0);
   std::fill(acc, acc + p.boxes.size() * kBoxLanes, 0.0);
-  int64_t y = p.rows.front().row;
+  const EventRow* above = nullptr;  // the previous event row: its spans hold for the rows up to this one
   for (const EventRow& er : p.rows) {
-    for (; y < er.row; ++y) box_add_row(lanes, y * sH, sH, sW, V, ld, width);
+    if (above != nullptr && above->span_end > above->span_begin) {
+      for (int64_t y = above->row; y < er.row; ++y)
+        for (int64_t s = above->span_begin; s < above->span_end; ++s) {
+          const auto [a, b] = p.spans[s];
+          box_add_row(lanes, y * sH + a * sW, sH, sW, V + a, ld, b - a);
+        }
+    }
+    above = &er;
     const int64_t* e = p.edges.data() + er.edge_begin;
     const int64_t ne = er.edge_end - er.edge_begin;
     if (e[ne - 1] - e[0] < kDenseSegment * (ne - 1)) {

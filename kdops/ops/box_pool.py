@@ -14,8 +14,8 @@ per-box H×W mask is ever formed (LGD's code multiplies dense per-object masks):
 - CPU: one op call for all levels (one pool of tasks, no barrier per level), and one sweep
   down each map. Column sums (float64) are summed between the box edges only at the rows
   where a box starts or ends (pool), or a running row of box values is updated there and
-  written out (paint); only the bounding rectangle of an image's boxes is read. 8 channels
-  are swept together.
+  written out (paint); pooling reads only the pixels inside the union of the boxes. 8
+  channels are swept together.
 - GPU (Triton): a summed-area table per plane (pool) and a 2-D difference array that is
   prefix-summed (paint).
 """

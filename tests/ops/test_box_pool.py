@@ -593,3 +593,21 @@ def test_paint_backward_of_a_plain_sum_reads_broadcast_gradients():
     close(g, sum(kdops.box_pool(ones, boxes, bi, STRIDES)), torch.float64)
     counts = sum(box_mask_dense(boxes, s, st, "center").sum((1, 2)) for s, st in zip(SIZES, STRIDES))
     close(g, counts[:, None].expand(-1, 5) * (bi >= 0)[:, None], torch.float64)
+
+
+def test_pool_reads_only_the_union_of_boxes_exactly():
+    # boxes whose union changes shape from row to row (gaps between boxes, overlaps, a single
+    # pixel, a box inside another): pooling reads only the union, and pixels outside every box
+    # must not matter at all -- huge values there leave the result unchanged
+    g = torch.Generator().manual_seed(16)
+    f = torch.randn(1, 3, 20, 30, generator=g, dtype=torch.float64)
+    r = torch.tensor([[3, 2, 8, 5], [20, 10, 25, 15], [6, 4, 22, 12], [14, 17, 14, 17], [7, 5, 9, 6], [0, 19, 29, 19]])
+    boxes = torch.cat([r[:, :2] * 8 + 1, (r[:, 2:] + 1) * 8 - 1], 1).double()  # centre rule -> exactly r
+    bi = torch.zeros(6, dtype=torch.int64)
+    assert torch.equal(kdops.box_ranges(boxes, [(20, 30)], [8])[0], r)
+    m = box_mask_dense(boxes, (20, 30), 8, "center")
+    ref = torch.einsum("khw,chw->kc", m, f[0])
+    close(kdops.box_pool(f, boxes, bi, 8), ref, torch.float64)
+    outside = m.sum(0) == 0
+    loud = torch.where(outside, torch.full_like(f, 1e12), f)
+    close(kdops.box_pool(loud, boxes, bi, 8), ref, torch.float64)
