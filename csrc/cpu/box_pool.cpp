@@ -62,15 +62,15 @@ struct ImagePlan {
   int64_t x_lo = 0, x_hi = 0;   // columns [x_lo, x_hi) hold every box of the image
 };
 
-// Event plans per image for one level, from its (K,4) inclusive ranges `rp`; boxes that are
-// empty after clipping to the HxW map, or whose image is out of range, are left out and listed
-// in `skipped` (their outputs are zero). Events are put in row order with a counting sort
-// (stable: box order within a row). O(K + N*H) plus the sorting of each row's few edges.
-std::vector<ImagePlan> plan_images(const int64_t* rp, const int64_t* bp, int64_t K, int64_t N, int64_t H, int64_t W,
-                                   bool mean, std::vector<int64_t>& skipped) {
-  struct Box {
-    int64_t k, x0, y0, x1, y1;  // clipped; x1, y1 exclusive
-  };
+struct Box {
+  int64_t k, x0, y0, x1, y1;  // clipped to the map; x1, y1 exclusive
+};
+
+// The boxes of each image on one level, from its (K,4) inclusive ranges `rp`, clipped to the
+// HxW map; boxes that are empty after clipping, or whose image is out of range, are left out
+// and listed in `skipped` (their outputs are zero).
+std::vector<std::vector<Box>> collect_boxes(const int64_t* rp, const int64_t* bp, int64_t K, int64_t N, int64_t H,
+                                            int64_t W, std::vector<int64_t>& skipped) {
   std::vector<std::vector<Box>> per_image(N);
   for (int64_t k = 0; k < K; ++k) {
     const int64_t n = bp[k];
@@ -82,90 +82,94 @@ std::vector<ImagePlan> plan_images(const int64_t* rp, const int64_t* bp, int64_t
     }
     per_image[n].push_back({k, x0, y0, x1 + 1, y1 + 1});
   }
-  std::vector<ImagePlan> plans(N);
+  return per_image;
+}
+
+struct PlanScratch {
   std::vector<int64_t> count, order, active, pos;
   std::vector<std::pair<int64_t, int64_t>> intervals;
-  for (int64_t n = 0; n < N; ++n) {
-    const auto& bx = per_image[n];
-    ImagePlan& p = plans[n];
-    const int64_t nb = static_cast<int64_t>(bx.size());
-    if (nb == 0) continue;
-    p.boxes.resize(nb);
-    p.scale.resize(nb);
-    p.x_lo = W;
-    p.x_hi = 0;
-    count.assign(H + 2, 0);
-    for (int64_t j = 0; j < nb; ++j) {
-      const Box& b = bx[j];
-      p.boxes[j] = b.k;
-      p.scale[j] = mean ? 1.0 / double((b.x1 - b.x0) * (b.y1 - b.y0)) : 1.0;
-      p.x_lo = std::min(p.x_lo, b.x0);
-      p.x_hi = std::max(p.x_hi, b.x1);
-      ++count[b.y0 + 1];
-      ++count[b.y1 + 1];
-    }
-    for (int64_t y = 0; y <= H; ++y) count[y + 1] += count[y];  // count[y] = first slot of row y
-    order.resize(2 * nb);  // event e = 2 j (+1 for the leaving one), in row order
-    for (int64_t j = 0; j < nb; ++j) {
-      order[count[bx[j].y0]++] = 2 * j;
-      order[count[bx[j].y1]++] = 2 * j + 1;
-    }
-    p.events.reserve(2 * nb);
-    p.edges.reserve(4 * nb);
-    active.clear();
-    pos.assign(nb, -1);
-    for (int64_t i = 0; i < 2 * nb;) {
-      const auto row_of = [&](int64_t e) { return e & 1 ? bx[e >> 1].y1 : bx[e >> 1].y0; };
-      const int64_t row = row_of(order[i]);
-      int64_t end_i = i;
-      while (end_i < 2 * nb && row_of(order[end_i]) == row) ++end_i;
-      EventRow er{row, int64_t(p.events.size()), 0, int64_t(p.edges.size()), 0, 0, 0};
-      for (int64_t t = i; t < end_i; ++t) {
-        const Box& b = bx[order[t] >> 1];
-        p.edges.push_back(b.x0 - p.x_lo);
-        p.edges.push_back(b.x1 - p.x_lo);
-      }
-      const auto first = p.edges.begin() + er.edge_begin;
-      std::sort(first, p.edges.end());
-      p.edges.erase(std::unique(first, p.edges.end()), p.edges.end());
-      er.edge_end = int64_t(p.edges.size());
-      const int64_t* lo = p.edges.data() + er.edge_begin;
-      const int64_t* hi = p.edges.data() + er.edge_end;
-      for (int64_t t = i; t < end_i; ++t) {
-        const int64_t e = order[t];
-        const Box& b = bx[e >> 1];
-        p.events.push_back({e >> 1, std::lower_bound(lo, hi, b.x0 - p.x_lo) - lo,
-                            std::lower_bound(lo, hi, b.x1 - p.x_lo) - lo, e & 1 ? 1.0 : -1.0});
-      }
-      er.ev_end = int64_t(p.events.size());
-      for (int64_t t = i; t < end_i; ++t) {  // boxes entering / leaving at this row
-        const int64_t j = order[t] >> 1;
-        if (order[t] & 1) {
-          active[pos[j]] = active.back();
-          pos[active.back()] = pos[j];
-          active.pop_back();
-        } else {
-          pos[j] = int64_t(active.size());
-          active.push_back(j);
-        }
-      }
-      intervals.clear();
-      for (int64_t j : active) intervals.emplace_back(bx[j].x0 - p.x_lo, bx[j].x1 - p.x_lo);
-      std::sort(intervals.begin(), intervals.end());
-      er.span_begin = int64_t(p.spans.size());
-      for (const auto& iv : intervals) {
-        if (int64_t(p.spans.size()) > er.span_begin && iv.first <= p.spans.back().second) {
-          p.spans.back().second = std::max(p.spans.back().second, iv.second);
-        } else {
-          p.spans.push_back(iv);
-        }
-      }
-      er.span_end = int64_t(p.spans.size());
-      p.rows.push_back(er);
-      i = end_i;
-    }
+};
+
+// The event plan of one image. Events are put in row order with a counting sort (stable: box
+// order within a row). O(boxes + H) plus the sorting of each event row's edges and spans.
+void plan_image(const std::vector<Box>& bx, int64_t H, int64_t W, bool mean, PlanScratch& sc, ImagePlan& p) {
+  auto& [count, order, active, pos, intervals] = sc;
+  const int64_t nb = static_cast<int64_t>(bx.size());
+  if (nb == 0) return;
+  p.boxes.resize(nb);
+  p.scale.resize(nb);
+  p.x_lo = W;
+  p.x_hi = 0;
+  count.assign(H + 2, 0);
+  for (int64_t j = 0; j < nb; ++j) {
+    const Box& b = bx[j];
+    p.boxes[j] = b.k;
+    p.scale[j] = mean ? 1.0 / double((b.x1 - b.x0) * (b.y1 - b.y0)) : 1.0;
+    p.x_lo = std::min(p.x_lo, b.x0);
+    p.x_hi = std::max(p.x_hi, b.x1);
+    ++count[b.y0 + 1];
+    ++count[b.y1 + 1];
   }
-  return plans;
+  for (int64_t y = 0; y <= H; ++y) count[y + 1] += count[y];  // count[y] = first slot of row y
+  order.resize(2 * nb);  // event e = 2 j (+1 for the leaving one), in row order
+  for (int64_t j = 0; j < nb; ++j) {
+    order[count[bx[j].y0]++] = 2 * j;
+    order[count[bx[j].y1]++] = 2 * j + 1;
+  }
+  p.events.reserve(2 * nb);
+  p.edges.reserve(4 * nb);
+  active.clear();
+  pos.assign(nb, -1);
+  for (int64_t i = 0; i < 2 * nb;) {
+    const auto row_of = [&](int64_t e) { return e & 1 ? bx[e >> 1].y1 : bx[e >> 1].y0; };
+    const int64_t row = row_of(order[i]);
+    int64_t end_i = i;
+    while (end_i < 2 * nb && row_of(order[end_i]) == row) ++end_i;
+    EventRow er{row, int64_t(p.events.size()), 0, int64_t(p.edges.size()), 0, 0, 0};
+    for (int64_t t = i; t < end_i; ++t) {
+      const Box& b = bx[order[t] >> 1];
+      p.edges.push_back(b.x0 - p.x_lo);
+      p.edges.push_back(b.x1 - p.x_lo);
+    }
+    const auto first = p.edges.begin() + er.edge_begin;
+    std::sort(first, p.edges.end());
+    p.edges.erase(std::unique(first, p.edges.end()), p.edges.end());
+    er.edge_end = int64_t(p.edges.size());
+    const int64_t* lo = p.edges.data() + er.edge_begin;
+    const int64_t* hi = p.edges.data() + er.edge_end;
+    for (int64_t t = i; t < end_i; ++t) {
+      const int64_t e = order[t];
+      const Box& b = bx[e >> 1];
+      p.events.push_back({e >> 1, std::lower_bound(lo, hi, b.x0 - p.x_lo) - lo,
+                          std::lower_bound(lo, hi, b.x1 - p.x_lo) - lo, e & 1 ? 1.0 : -1.0});
+    }
+    er.ev_end = int64_t(p.events.size());
+    for (int64_t t = i; t < end_i; ++t) {  // boxes entering / leaving at this row
+      const int64_t j = order[t] >> 1;
+      if (order[t] & 1) {
+        active[pos[j]] = active.back();
+        pos[active.back()] = pos[j];
+        active.pop_back();
+      } else {
+        pos[j] = int64_t(active.size());
+        active.push_back(j);
+      }
+    }
+    intervals.clear();
+    for (int64_t j : active) intervals.emplace_back(bx[j].x0 - p.x_lo, bx[j].x1 - p.x_lo);
+    std::sort(intervals.begin(), intervals.end());
+    er.span_begin = int64_t(p.spans.size());
+    for (const auto& iv : intervals) {
+      if (int64_t(p.spans.size()) > er.span_begin && iv.first <= p.spans.back().second) {
+        p.spans.back().second = std::max(p.spans.back().second, iv.second);
+      } else {
+        p.spans.push_back(iv);
+      }
+    }
+    er.span_end = int64_t(p.spans.size());
+    p.rows.push_back(er);
+    i = end_i;
+  }
 }
 
 constexpr int kBoxLanes = 8;  // channels swept together (lane-interleaved scratch)
@@ -202,11 +206,22 @@ LevelPlans plan_levels(const at::Tensor& ranges, const at::Tensor& batch_index, 
   const auto r = ranges.contiguous();
   const auto bi = batch_index.contiguous();
   LevelPlans lp;
-  lp.plans.resize(L);
+  lp.plans.assign(L, std::vector<ImagePlan>(N));
   lp.skipped.resize(L);
+  std::vector<std::vector<std::vector<Box>>> boxes(L);
   for (int64_t l = 0; l < L; ++l)
-    lp.plans[l] = plan_images(r.data_ptr<int64_t>() + l * K * 4, bi.data_ptr<int64_t>(), K, N, H[l], W[l], mean,
-                              lp.skipped[l]);
+    boxes[l] = collect_boxes(r.data_ptr<int64_t>() + l * K * 4, bi.data_ptr<int64_t>(), K, N, H[l], W[l],
+                             lp.skipped[l]);
+  const auto plan = [&](PlanScratch& sc, int64_t t) {
+    const int64_t l = t / N, n = t % N;
+    plan_image(boxes[l][n], H[l], W[l], mean, sc, lp.plans[l][n]);
+  };
+  if (K * L < 4096) {  // a few boxes: less work than waking a helper thread
+    PlanScratch sc;
+    for (int64_t t = 0; t < L * N; ++t) plan(sc, t);
+  } else {
+    TaskPool(L * N).run([] { return PlanScratch{}; }, plan);
+  }
   return lp;
 }
 

@@ -611,3 +611,21 @@ def test_pool_reads_only_the_union_of_boxes_exactly():
     outside = m.sum(0) == 0
     loud = torch.where(outside, torch.full_like(f, 1e12), f)
     close(kdops.box_pool(loud, boxes, bi, 8), ref, torch.float64)
+
+
+def test_many_boxes_plans_made_in_parallel():
+    # K*L >= 4096 boxes-levels: the event plans of the (level, image) pairs are made by a task
+    # pool; results must match the oracle and not depend on the thread count
+    boxes, bi = make_boxes(1400, seed=17)
+    feats = make_feats(C=9, seed=18)
+    ref = oracle_pool(feats, boxes, bi, "center", "mean")
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, max(threads, 2)):
+            torch.set_num_threads(n)
+            outs.append(kdops.box_pool(feats, boxes, bi, STRIDES, reduce="mean"))
+    finally:
+        torch.set_num_threads(threads)
+    close(outs[0], ref, torch.float64)
+    assert torch.equal(outs[0], outs[1])
