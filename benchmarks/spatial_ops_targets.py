@@ -1,5 +1,13 @@
-"""The issue-3 CPU targets, timed interleaved (each round runs every variant once, so load
-from other processes hits all of them alike); prints median and min over the rounds.
+"""The issue-3 CPU targets, timed two ways:
+
+- interleaved: each round runs every variant once, so load from other processes hits all of
+  them alike; but each variant then starts from the memory the previous one left, and a
+  fresh gradient buffer may have to be faulted in page by page (on these VMs ~1.2 us per
+  4 KiB page: ~9 ms for the 31 MB P3 gradient);
+- steady: each variant alone, 3 warm-up calls then the timed ones back to back, as in a
+  training loop that repeats the same step (the allocator then reuses the same pages).
+
+Prints median and min of each.
 
     PYTHONPATH=. python benchmarks/spatial_ops_targets.py [--threads 1] [--rounds 11]
 """
@@ -56,6 +64,7 @@ def main():
         "memset of the level gradients": lambda: [torch.zeros_like(f) for f in feats],
         "one read of the levels (sum)": fw(lambda: [f.sum() for f in feats]),
     }
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, COCO FPN N={N} C={C} fp32")
     ts = {k: [] for k in variants}
     for fn in variants.values():
         fn()
@@ -64,10 +73,27 @@ def main():
             t = time.perf_counter()
             fn()
             ts[k].append(time.perf_counter() - t)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, COCO FPN N={N} C={C} fp32")
-    med = {k: statistics.median(v) * 1e3 for k, v in ts.items()}
-    for k, v in ts.items():
-        print(f"{k:40s} median {med[k]:8.2f} ms   min {min(v) * 1e3:8.2f} ms")
+    steady = {}
+    for k, fn in variants.items():
+        for _ in range(3):
+            fn()
+        steady[k] = []
+        for _ in range(a.rounds):
+            t = time.perf_counter()
+            fn()
+            steady[k].append(time.perf_counter() - t)
+    for title, runs in (("interleaved", ts), ("steady", steady)):
+        print(f"-- {title}")
+        med = {k: statistics.median(v) * 1e3 for k, v in runs.items()}
+        for k, v in runs.items():
+            print(f"{k:40s} median {med[k]:8.2f} ms   min {min(v) * 1e3:8.2f} ms")
+        ratios(med)
+
+
+def ratios(med):
+    print(f"box_pool fwd in reads of the levels: K=10 {med['box_pool fwd K=10'] / med['one read of the levels (sum)']:.2f}, "
+          f"K=100 {med['box_pool fwd K=100'] / med['one read of the levels (sum)']:.2f}, "
+          f"K=1000 {med['box_pool fwd K=1000'] / med['one read of the levels (sum)']:.2f}")
     print(f"box_pool K=1000 / K=10: fwd {med['box_pool fwd K=1000'] / med['box_pool fwd K=10']:.2f}x, "
           f"fwd+bwd {med['box_pool fwd+bwd K=1000'] / med['box_pool fwd+bwd K=10']:.2f}x (target <= 1.5); "
           f"K=5000 / K=1000: fwd {med['box_pool fwd K=5000'] / med['box_pool fwd K=1000']:.2f}x")
