@@ -332,13 +332,10 @@ std::vector<at::Tensor> box_paint_fwd_cpu(const at::Tensor& values, const at::Te
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "box_paint_fwd", [&] {
     const scalar_t* vp = v.data_ptr<scalar_t>();
     struct Scratch {
-      std::vector<double> R, d, D;
+      std::vector<double> R, d;
     };
     TaskPool(int64_t(tasks.size())).run(
-        [&] {
-          return Scratch{std::vector<double>(w_max * kBoxLanes), std::vector<double>((w_max + 2) * kBoxLanes),
-                         std::vector<double>((w_max + 1) * kBoxLanes)};
-        },
+        [&] { return Scratch{std::vector<double>(w_max * kBoxLanes), std::vector<double>((w_max + 2) * kBoxLanes)}; },
         [&](Scratch& s, int64_t t) {
           const BlockTask& bt = tasks[t];
           const int64_t l = bt.level, Hl = H[l], Wl = W[l];
@@ -348,9 +345,9 @@ std::vector<at::Tensor> box_paint_fwd_cpu(const at::Tensor& values, const at::Te
           block_lanes(outs[l].data_ptr<scalar_t>() + bt.image * C * Hl * Wl, Hl * Wl, bt.c0, C, lanes);
           const scalar_t* vl = vp + l * v.stride(0) + bt.c0;
           if (avx2) {
-            avx2::box_paint_block(lp.plans[l][bt.image], vl, v.stride(1), cb, lanes, Hl, Wl, s.R.data(), s.d.data(), s.D.data());
+            avx2::box_paint_block(lp.plans[l][bt.image], vl, v.stride(1), cb, lanes, Hl, Wl, s.R.data(), s.d.data());
           } else {
-            base::box_paint_block(lp.plans[l][bt.image], vl, v.stride(1), cb, lanes, Hl, Wl, s.R.data(), s.d.data(), s.D.data());
+            base::box_paint_block(lp.plans[l][bt.image], vl, v.stride(1), cb, lanes, Hl, Wl, s.R.data(), s.d.data());
           }
         });
   });
