@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Issue 6 in one device call: build kdops against the machine's own torch, run the test suite with
+# the GPU tests (CUDA kernels vs references in every dtype, every op's no-host-sync and determinism
+# check, Triton kernels compiled for real), then `kdops bench --device cuda` in fp32 / bf16 / fp16.
+# Device time is scarce (15 minutes a session, start-up included), so every stage has its own time
+# limit and a failing stage does not stop the next one.
+#
+#   device run:  bash benchmarks/gpu_session.sh            (timeout_s ~ 600)
+#   stages:      STAGES="build tests bench" (default), e.g. STAGES="build bench" for a re-run
+#
+# Everything lands in $OUT (default /tmp/kdops-gpu): summary.txt and one gpu_results.tar.gz holding
+# the logs and benchmarks/results/<device>/bench_<dtype>_coco.{md,json,png} (the device tool brings
+# back at most 8 files). Unpack it in the repo root and commit benchmarks/results/.
+set -uo pipefail
+OUT=${OUT:-/tmp/kdops-gpu}
+STAGES=${STAGES:-build tests bench}
+PY=${PY:-python}
+mkdir -p "$OUT/logs"
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} FORCE_CUDA=1
+summary="$OUT/summary.txt"
+: >"$summary"
+note() { echo "$*" | tee -a "$summary"; }
+stage() {  # stage NAME SECONDS COMMAND...
+  local name=$1 limit=$2
+  shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" >"$OUT/logs/$name.log" 2>&1
+  local rc=$?
+  note "$(printf '%-16s rc=%-3s %4ss  %s' "$name" "$rc" "$((SECONDS - t0))" "$(tail -n 1 "$OUT/logs/$name.log")")"
+}
+
+note "kdops GPU session $(date -u +%FT%TZ) $(git rev-parse --short HEAD 2>/dev/null)"
+note "$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -1)"
+note "$($PY -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, "cuda", torch.version.cuda)' 2>&1)"
+
+if [[ " $STAGES " == *" build "* ]]; then
+  stage build 420 $PY -m pip install -q --no-build-isolation --no-deps -e .
+  stage import 60 $PY -c "import kdops, torch; assert kdops.HAS_C; print('kdops', kdops.__version__, torch.cuda.get_device_name())"
+fi
+if [[ " $STAGES " == *" tests "* ]]; then
+  # GPU tests are the ones that skip without CUDA: run them first, then the Triton kernels natively
+  stage tests-gpu 240 $PY -m pytest -q -x -m "not triton" -k "cuda or gpu or device or triton or sync" tests
+  stage tests-triton 240 $PY -m pytest -q -m triton tests
+  stage tests-all 300 $PY -m pytest -q -m "not triton" tests
+fi
+if [[ " $STAGES " == *" bench "* ]]; then
+  stage bench-fp32 300 $PY -m kdops.cli bench --device cuda --dtype float32 --out benchmarks/results
+  for dt in bfloat16 float16; do
+    KDOPS_BENCH_NO_COMPILE=1 stage "bench-$dt" 180 $PY -m kdops.cli bench --device cuda --dtype "$dt" --out benchmarks/results
+  done
+fi
+tar czf "$OUT/gpu_results.tar.gz" -C "$OUT" logs -C "$PWD" benchmarks/results 2>/dev/null
+note "packed $OUT/gpu_results.tar.gz"
