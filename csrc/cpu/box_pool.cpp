@@ -27,6 +27,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <utility>
 #include <vector>
@@ -189,8 +190,9 @@ inline void block_lanes(T* base, int64_t stride_c, int64_t c0, int64_t C, T** la
   for (int c = 0; c < kBoxLanes; ++c) lanes[c] = base + (c0 + c < C ? c0 + c : c0) * stride_c;
 }
 
-// Every level's plans, made on the calling thread (O(K + N*H) per level: far less than a
-// block's sweep). ranges (L,K,4), batch_index (K,).
+// Every level's plans from ranges (L,K,4) and batch_index (K,): O(K + N*H) per level plus the
+// sorting of each event row's edges and spans, on the calling thread for a few boxes and one
+// task per (level, image) in a task pool for many.
 struct LevelPlans {
   std::vector<std::vector<ImagePlan>> plans;    // [level][image]
   std::vector<std::vector<int64_t>> skipped;    // [level]: boxes that cover nothing there

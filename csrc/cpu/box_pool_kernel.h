@@ -35,7 +35,11 @@ KDOPS_INLINE void box_add_row(const scalar_t* const* lanes, int64_t offset, int6
     if (sW == 1) {
       // the next row of this lane: event rows pause the stream, and the hardware prefetcher
       // alone then runs too short a distance ahead of 8 interleaved streams
-      for (int64_t x = 0; x < width; x += 64 / sizeof(scalar_t)) __builtin_prefetch(src + sH + x);
+      // (address arithmetic on integers: the row below the last one lies outside the tensor, and
+      // a prefetch never faults, but a pointer past the end may not even be formed)
+      const uintptr_t next = reinterpret_cast<uintptr_t>(src + 0) + uintptr_t(sH) * sizeof(scalar_t);
+      for (int64_t x = 0; x < width; x += 64 / sizeof(scalar_t))
+        __builtin_prefetch(reinterpret_cast<const void*>(next + uintptr_t(x) * sizeof(scalar_t)));
 #pragma omp simd
       for (int64_t x = 0; x < width; ++x) v[x] += double(src[x]);
     } else if (sW == 0) {  // a row broadcast along x (e.g. the gradient of a sum, expanded)

@@ -94,9 +94,9 @@ at::Tensor gather_fwd_cpu(at::TensorList features, const at::Tensor& index) {
         const scalar_t* p = f.data_ptr<scalar_t>() + n * f.stride(0) + y * f.stride(2) + x * f.stride(3);
         const int64_t sc = f.stride(1);
         // one cache line per channel, a plane apart: prefetch a few channels ahead, which the
-        // hardware prefetchers do not do for page-crossing strides (a prefetch never faults)
+        // hardware prefetchers do not do for page-crossing strides (only channels that exist)
         for (int64_t c = 0; c < C; ++c) {
-          __builtin_prefetch(p + (c + 16) * sc);
+          if (c + 16 < C) __builtin_prefetch(p + (c + 16) * sc);
           o[r * C + c] = p[c * sc];
         }
       }
