@@ -1,9 +1,9 @@
 // CPU kernels of kdops::box_pool_fwd and its adjoint kdops::box_paint_fwd, all FPN levels per call.
 //
-// One task per (level, image, block of 8 channels), all levels' tasks in one TaskPool (no
-// barrier per level; box_pool_kernel.h sweeps a block's channels as vector lanes). Each plane is
-// read (pool) or written (paint) exactly once, row by row, with O(W) float64 scratch per channel
-// that stays in L1. For image n the boxes become "events": box k (clipped inclusive range
+// One task per (level, image, block of 16 (pool) or 8 (paint) channels), all levels' tasks in
+// one TaskPool (no barrier per level; box_pool_kernel.h sweeps 8 channels at a time as vector
+// lanes). Each plane is read (pool) or written (paint) exactly once, row by row, with O(W)
+// float64 scratch per channel that stays in L1. For image n the boxes become "events": box k (clipped inclusive range
 // [x0,x1]x[y0,y1]) enters at row y0 and leaves at row y1+1.
 // - pool: V[x] = sum of the rows read so far (column sums, float64). At an event row r,
 //   the sum of V over [x0, x1] is the box's sum over rows < r, so
@@ -87,14 +87,17 @@ std::vector<std::vector<Box>> collect_boxes(const int64_t* rp, const int64_t* bp
 }
 
 struct PlanScratch {
-  std::vector<int64_t> count, order, active, pos;
-  std::vector<std::pair<int64_t, int64_t>> intervals;
+  std::vector<int64_t> count, order, slot, cover;
+  std::vector<uint8_t> mark;
 };
 
 // The event plan of one image. Events are put in row order with a counting sort (stable: box
-// order within a row). O(boxes + H) plus the sorting of each event row's edges and spans.
+// order within a row). Each event row then takes one scan over the image's columns, which
+// yields the row's sorted unique edges (and each event's edge indices) and the union of the
+// boxes active below it (a coverage difference array updated by the row's events): O(boxes +
+// H) plus O(width) per event row, which is below the sweep's own O(width) per row per block.
 void plan_image(const std::vector<Box>& bx, int64_t H, int64_t W, bool mean, PlanScratch& sc, ImagePlan& p) {
-  auto& [count, order, active, pos, intervals] = sc;
+  auto& [count, order, slot, cover, mark] = sc;
   const int64_t nb = static_cast<int64_t>(bx.size());
   if (nb == 0) return;
   p.boxes.resize(nb);
@@ -117,63 +120,60 @@ void plan_image(const std::vector<Box>& bx, int64_t H, int64_t W, bool mean, Pla
     order[count[bx[j].y0]++] = 2 * j;
     order[count[bx[j].y1]++] = 2 * j + 1;
   }
+  const int64_t width = p.x_hi - p.x_lo;
+  slot.resize(width + 1);
+  cover.assign(width + 1, 0);  // cover[x] - cover[x-1]: change in the number of active boxes at x
+  mark.assign(width + 1, 0);
   p.events.reserve(2 * nb);
   p.edges.reserve(4 * nb);
-  active.clear();
-  pos.assign(nb, -1);
   for (int64_t i = 0; i < 2 * nb;) {
     const auto row_of = [&](int64_t e) { return e & 1 ? bx[e >> 1].y1 : bx[e >> 1].y0; };
     const int64_t row = row_of(order[i]);
     int64_t end_i = i;
     while (end_i < 2 * nb && row_of(order[end_i]) == row) ++end_i;
-    EventRow er{row, int64_t(p.events.size()), 0, int64_t(p.edges.size()), 0, 0, 0};
+    EventRow er{row, int64_t(p.events.size()), 0, int64_t(p.edges.size()), 0, int64_t(p.spans.size()), 0};
     for (int64_t t = i; t < end_i; ++t) {
       const Box& b = bx[order[t] >> 1];
-      p.edges.push_back(b.x0 - p.x_lo);
-      p.edges.push_back(b.x1 - p.x_lo);
+      const int64_t d = order[t] & 1 ? -1 : 1;  // entering / leaving
+      mark[b.x0 - p.x_lo] = mark[b.x1 - p.x_lo] = 1;
+      cover[b.x0 - p.x_lo] += d;
+      cover[b.x1 - p.x_lo] -= d;
     }
-    const auto first = p.edges.begin() + er.edge_begin;
-    std::sort(first, p.edges.end());
-    p.edges.erase(std::unique(first, p.edges.end()), p.edges.end());
+    int64_t active = 0, start = 0;
+    for (int64_t x = 0; x <= width; ++x) {
+      if (mark[x]) {
+        mark[x] = 0;
+        slot[x] = int64_t(p.edges.size()) - er.edge_begin;
+        p.edges.push_back(x);
+      }
+      const int64_t now = active + cover[x];
+      if ((now > 0) != (active > 0)) {
+        if (now > 0) {
+          start = x;
+        } else {
+          p.spans.emplace_back(start, x);
+        }
+      }
+      active = now;
+    }
     er.edge_end = int64_t(p.edges.size());
-    const int64_t* lo = p.edges.data() + er.edge_begin;
-    const int64_t* hi = p.edges.data() + er.edge_end;
+    er.span_end = int64_t(p.spans.size());
     for (int64_t t = i; t < end_i; ++t) {
       const int64_t e = order[t];
       const Box& b = bx[e >> 1];
-      p.events.push_back({e >> 1, std::lower_bound(lo, hi, b.x0 - p.x_lo) - lo,
-                          std::lower_bound(lo, hi, b.x1 - p.x_lo) - lo, e & 1 ? 1.0 : -1.0});
+      p.events.push_back({e >> 1, slot[b.x0 - p.x_lo], slot[b.x1 - p.x_lo], e & 1 ? 1.0 : -1.0});
     }
     er.ev_end = int64_t(p.events.size());
-    for (int64_t t = i; t < end_i; ++t) {  // boxes entering / leaving at this row
-      const int64_t j = order[t] >> 1;
-      if (order[t] & 1) {
-        active[pos[j]] = active.back();
-        pos[active.back()] = pos[j];
-        active.pop_back();
-      } else {
-        pos[j] = int64_t(active.size());
-        active.push_back(j);
-      }
-    }
-    intervals.clear();
-    for (int64_t j : active) intervals.emplace_back(bx[j].x0 - p.x_lo, bx[j].x1 - p.x_lo);
-    std::sort(intervals.begin(), intervals.end());
-    er.span_begin = int64_t(p.spans.size());
-    for (const auto& iv : intervals) {
-      if (int64_t(p.spans.size()) > er.span_begin && iv.first <= p.spans.back().second) {
-        p.spans.back().second = std::max(p.spans.back().second, iv.second);
-      } else {
-        p.spans.push_back(iv);
-      }
-    }
-    er.span_end = int64_t(p.spans.size());
     p.rows.push_back(er);
     i = end_i;
   }
 }
 
 constexpr int kBoxLanes = 8;  // channels swept together (lane-interleaved scratch)
+// Channels per pooling task: two sweeps, so that a task writes whole 64-byte lines of each box's
+// output row. With 8, neighbouring blocks (run at the same time by two threads) wrote halves of
+// the same lines, which then bounced between the cores: 9% of the K=1000 time at 2 threads.
+constexpr int64_t kTaskChannels = 2 * kBoxLanes;
 
 }  // namespace
 }  // namespace kdops
@@ -227,18 +227,18 @@ LevelPlans plan_levels(const at::Tensor& ranges, const at::Tensor& batch_index, 
   return lp;
 }
 
-// One task per (level, image, block of kBoxLanes channels) with boxes, largest levels first,
+// One task per (level, image, block of `step` channels) with boxes, largest levels first,
 // all levels in one pool (no barrier per level, and small levels' event work is shared too).
 struct BlockTask {
   int64_t level, image, c0;
 };
 
-std::vector<BlockTask> block_tasks(const LevelPlans& lp, int64_t C, bool all_images) {
+std::vector<BlockTask> block_tasks(const LevelPlans& lp, int64_t C, int64_t step, bool all_images) {
   std::vector<BlockTask> tasks;
   for (int64_t l = 0; l < int64_t(lp.plans.size()); ++l)
     for (int64_t n = 0; n < int64_t(lp.plans[l].size()); ++n)
       if (all_images || !lp.plans[l][n].rows.empty())
-        for (int64_t c0 = 0; c0 < C; c0 += kBoxLanes) tasks.push_back({l, n, c0});
+        for (int64_t c0 = 0; c0 < C; c0 += step) tasks.push_back({l, n, c0});
   return tasks;
 }
 
@@ -262,7 +262,7 @@ at::Tensor box_pool_fwd_cpu(at::TensorList features, const at::Tensor& ranges, c
   const int64_t K = ranges.size(1);
   auto out = at::empty({L, K, C}, f0.options());
   if (out.numel() == 0) return out;
-  const auto tasks = block_tasks(lp, C, false);
+  const auto tasks = block_tasks(lp, C, kTaskChannels, false);
   const int64_t w_max = *std::max_element(W.begin(), W.end());
   const bool avx2 = cpu_has_avx2();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f0.scalar_type(), "box_pool_fwd", [&] {
@@ -281,27 +281,35 @@ at::Tensor box_pool_fwd_cpu(at::TensorList features, const at::Tensor& ranges, c
           const BlockTask& bt = tasks[t];
           const at::Tensor& f = features[bt.level];
           const ImagePlan& p = lp.plans[bt.level][bt.image];
+          const int64_t nb = int64_t(p.boxes.size());
           const scalar_t* fp = f.data_ptr<scalar_t>();
           const int64_t sH = f.stride(2), sW = f.stride(3);
-          const scalar_t* lanes[kBoxLanes];
-          s.acc.resize(p.boxes.size() * kBoxLanes);
-          block_lanes(fp + bt.image * f.stride(0) + p.x_lo * sW, f.stride(1), bt.c0, C, lanes);
-          if (avx2) {
-            avx2::box_pool_block(p, lanes, sH, sW, s.V.data(), s.Q.data(), s.P.data(), s.acc.data());
-          } else {
-            base::box_pool_block(p, lanes, sH, sW, s.V.data(), s.Q.data(), s.P.data(), s.acc.data());
+          const int64_t cb = std::min<int64_t>(kTaskChannels, C - bt.c0);
+          s.acc.resize(nb * kTaskChannels);
+          for (int64_t c = 0; c < cb; c += kBoxLanes) {  // acc: the sweeps' (boxes x lanes) blocks in turn
+            const scalar_t* lanes[kBoxLanes];
+            block_lanes(fp + bt.image * f.stride(0) + p.x_lo * sW, f.stride(1), bt.c0 + c, C, lanes);
+            double* acc = s.acc.data() + (c / kBoxLanes) * nb * kBoxLanes;
+            if (avx2) {
+              avx2::box_pool_block(p, lanes, sH, sW, s.V.data(), s.Q.data(), s.P.data(), acc);
+            } else {
+              base::box_pool_block(p, lanes, sH, sW, s.V.data(), s.Q.data(), s.P.data(), acc);
+            }
           }
-          const int cb = static_cast<int>(std::min<int64_t>(kBoxLanes, C - bt.c0));
+          // a box's channels of this task fill whole cache lines of the (L,K,C) output
           scalar_t* o = op_ + bt.level * K * C + bt.c0;
           const double* acc = s.acc.data();
-          if (cb == kBoxLanes) {  // fixed trip count: one vector per box
-            for (size_t j = 0; j < p.boxes.size(); ++j)
-              for (int c = 0; c < kBoxLanes; ++c)
-                o[p.boxes[j] * C + c] = static_cast<scalar_t>(acc[j * kBoxLanes + c] * p.scale[j]);
-          } else {
-            for (size_t j = 0; j < p.boxes.size(); ++j)
-              for (int c = 0; c < cb; ++c)
-                o[p.boxes[j] * C + c] = static_cast<scalar_t>(acc[j * kBoxLanes + c] * p.scale[j]);
+          for (int64_t j = 0; j < nb; ++j) {
+            scalar_t* oj = o + p.boxes[j] * C;
+            const double sc = p.scale[j];
+            for (int64_t c = 0; c < cb; c += kBoxLanes) {
+              const double* a = acc + (c / kBoxLanes) * nb * kBoxLanes + j * kBoxLanes;
+              if (cb - c >= kBoxLanes) {  // fixed trip count: one vector
+                for (int l = 0; l < kBoxLanes; ++l) oj[c + l] = static_cast<scalar_t>(a[l] * sc);
+              } else {
+                for (int64_t l = 0; l < cb - c; ++l) oj[c + l] = static_cast<scalar_t>(a[l] * sc);
+              }
+            }
           }
         });
   });
@@ -328,7 +336,7 @@ std::vector<at::Tensor> box_paint_fwd_cpu(const at::Tensor& values, const at::Te
   for (int64_t l = 0; l < L; ++l) outs.push_back(at::empty({N, C, H[l], W[l]}, values.options()));
   // every element of every plane is written by its block's task (zeros outside the boxes)
   const auto v = values.stride(2) == 1 ? values : values.contiguous();
-  const auto tasks = block_tasks(lp, C, true);
+  const auto tasks = block_tasks(lp, C, kBoxLanes, true);
   const int64_t w_max = *std::max_element(W.begin(), W.end());
   const bool avx2 = cpu_has_avx2();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "box_paint_fwd", [&] {
