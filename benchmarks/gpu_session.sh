@@ -39,7 +39,7 @@ if [[ " $STAGES " == *" build "* ]]; then
 fi
 if [[ " $STAGES " == *" tests "* ]]; then
   # GPU tests are the ones that skip without CUDA: run them first, then the Triton kernels natively
-  stage tests-gpu 240 $PY -m pytest -q -x -m "not triton" -k "cuda or gpu or device or triton or sync" tests
+  stage tests-gpu 240 $PY -m pytest -q --maxfail=25 -m "not triton" -k "cuda or gpu or device or triton or sync" tests
   stage tests-triton 240 $PY -m pytest -q -m triton tests
   stage tests-all 300 $PY -m pytest -q -m "not triton" tests
 fi
