@@ -92,6 +92,18 @@ def distance2bbox(points: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
                         points[:, 0] + distance[:, 2], points[:, 1] + distance[:, 3]], -1)
 
 
+def clamp(x: torch.Tensor, min=None, max=None) -> torch.Tensor:
+    """``x.clamp(min, max)`` with its subgradient at the bounds pinned to 0, the convention of
+    torch 2.14's clamp (torch 2.11's passes the gradient there), so that the oracle of the
+    kernels' tie cases (zero-area boxes, ratios at the clip) does not depend on the torch version.
+    Same values as clamp for every non-NaN input."""
+    if min is not None:
+        x = torch.where(x > min, x, torch.full_like(x, min))
+    if max is not None:
+        x = torch.where(x < max, x, torch.full_like(x, max))
+    return x
+
+
 def delta2bbox(rois, deltas, means=(0.0, 0.0, 0.0, 0.0), stds=(1.0, 1.0, 1.0, 1.0), wh_ratio_clip=16 / 1000):
     """mmdet's DeltaXYWHBBoxCoder.decode (add_ctr_clamp=False, no max_shape)."""
     means = deltas.new_tensor(means).view(1, -1)
@@ -99,7 +111,7 @@ def delta2bbox(rois, deltas, means=(0.0, 0.0, 0.0, 0.0), stds=(1.0, 1.0, 1.0, 1.
     denorm = deltas * stds + means
     dxy, dwh = denorm[:, :2], denorm[:, 2:]
     max_ratio = abs(math.log(wh_ratio_clip))
-    dwh = dwh.clamp(min=-max_ratio, max=max_ratio)
+    dwh = clamp(dwh, min=-max_ratio, max=max_ratio)
     pxy = (rois[:, :2] + rois[:, 2:]) * 0.5
     pwh = rois[:, 2:] - rois[:, :2]
     gxy = pxy + pwh * dxy
@@ -113,13 +125,13 @@ def bbox_overlaps_aligned(b1, b2, mode="giou", eps=1e-6):
     area2 = (b2[:, 2] - b2[:, 0]) * (b2[:, 3] - b2[:, 1])
     lt = torch.max(b1[:, :2], b2[:, :2])
     rb = torch.min(b1[:, 2:], b2[:, 2:])
-    wh = (rb - lt).clamp(min=0)
+    wh = clamp(rb - lt, min=0)
     overlap = wh[:, 0] * wh[:, 1]
     union = torch.max(area1 + area2 - overlap, union_eps := overlap.new_tensor([eps]))
     ious = overlap / union
     if mode == "iou":
         return ious
-    enc_wh = (torch.max(b1[:, 2:], b2[:, 2:]) - torch.min(b1[:, :2], b2[:, :2])).clamp(min=0)
+    enc_wh = clamp(torch.max(b1[:, 2:], b2[:, 2:]) - torch.min(b1[:, :2], b2[:, :2]), min=0)
     enclose = torch.max(enc_wh[:, 0] * enc_wh[:, 1], union_eps)
     return ious - (enclose - union) / enclose
 
@@ -155,7 +167,7 @@ def _loc_level(sr, tr, ls, lt, priors, weight, stride, decoder, loss, reg_max, m
     if loss == "giou":
         per = 1 - bbox_overlaps_aligned(bs, bt, "giou", 1e-6)
     else:  # mmdet IoULoss(mode="linear"): 1 - clamp(iou, min=eps)
-        per = 1 - bbox_overlaps_aligned(bs, bt, "iou", 1e-6).clamp(min=1e-6)
+        per = 1 - clamp(bbox_overlaps_aligned(bs, bt, "iou", 1e-6), min=1e-6)
     return _reduce(per * w, weight, reduction, avg_factor)
 
 

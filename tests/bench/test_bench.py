@@ -1,4 +1,5 @@
 """The bench harness and CLI: cases build, implementations agree, tables and files are written."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -46,7 +47,10 @@ def test_cli_bench_writes_table_json_and_plot(tmp_path):
     data = json.loads((folder / "bench_float32_small.json").read_text())
     assert data["environment"]["torch"] == torch.__version__
     assert {r["impl"] for r in data["rows"]} == {"kdops", "eager"}
-    assert (folder / "bench_float32_small.png").stat().st_size > 1000
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (folder / "bench_float32_small.png").stat().st_size > 1000
+    else:  # e.g. the lent GPU machines: tables and JSON still written, and the user told why no plot
+        assert "--plot needs matplotlib" in out.stderr and not (folder / "bench_float32_small.png").exists()
     assert (folder / "bench_float32_small.md").read_text().startswith("# kdops bench")
 
 
