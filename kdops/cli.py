@@ -116,12 +116,32 @@ def _bench(args) -> int:
         try:
             plot(out_png, rows, env, title)
         except ImportError:
-            print("kdops bench: --plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
+            print("kdops bench: --plot needs matplotlib (pip install matplotlib); the JSON can be plotted "
+                  "later, elsewhere, with `kdops plot <json>`", file=sys.stderr)
+            out_png = None
     for p in (out_md, out_json, out_png):
         if p:
             print(f"wrote {p}", file=sys.stderr)
     bad = [r for r in rows if r["match"].startswith("MISMATCH") and r["impl"] in ("kdops", "eager")]
     return 1 if bad else 0
+
+
+def _plot(args) -> int:
+    import json
+
+    from kdops.bench.report import plot
+
+    with open(args.json) as f:
+        data = json.load(f)
+    env, rows = data["environment"], data["rows"]
+    out = args.out or os.path.splitext(args.json)[0] + ".png"
+    try:
+        plot(out, rows, env, f"kdops bench ({env.get('dtype', '?')}, {env.get('size', '?')})")
+    except ImportError:
+        print("kdops plot: needs matplotlib (pip install matplotlib)", file=sys.stderr)
+        return 2
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -139,9 +159,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     b.add_argument("--plot", help="write a PNG bar chart")
     b.add_argument("--markdown", help="write the markdown table")
     b.add_argument("--out", help="results folder: writes <out>/<device>/bench_<dtype>_<size>.{md,json,png}")
+    pl = sub.add_parser("plot", help="the PNG bar chart of a `kdops bench` JSON (e.g. one from a machine "
+                                      "without matplotlib)")
+    pl.add_argument("json", help="a JSON written by kdops bench")
+    pl.add_argument("--out", help="PNG path (default: the JSON's, with .png)")
     args = p.parse_args(argv)
     if args.cmd == "info":
         return _info()
+    if args.cmd == "plot":
+        return _plot(args)
     return _bench(args)
 
 

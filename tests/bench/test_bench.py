@@ -49,6 +49,12 @@ def test_cli_bench_writes_table_json_and_plot(tmp_path):
     assert {r["impl"] for r in data["rows"]} == {"kdops", "eager"}
     if importlib.util.find_spec("matplotlib") is not None:
         assert (folder / "bench_float32_small.png").stat().st_size > 1000
+        # the chart again from the JSON alone (how results from a machine without matplotlib get theirs)
+        png = tmp_path / "again.png"
+        again = subprocess.run([sys.executable, "-m", "kdops.cli", "plot", str(folder / "bench_float32_small.json"),
+                                "--out", str(png)], capture_output=True, text=True, env=env, timeout=300)
+        assert again.returncode == 0, again.stderr[-2000:]
+        assert png.stat().st_size > 1000
     else:  # e.g. the lent GPU machines: tables and JSON still written, and the user told why no plot
         assert "--plot needs matplotlib" in out.stderr and not (folder / "bench_float32_small.png").exists()
     assert (folder / "bench_float32_small.md").read_text().startswith("# kdops bench")
