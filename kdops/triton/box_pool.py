@@ -1,9 +1,10 @@
 """Triton kernels of kdops::box_pool_fwd and kdops::box_paint_fwd (the CUDA backend).
 
-- ``_sat_kernel``: one program per (n,c) plane walks the rows, carrying the running
-  column sums in registers, and writes the row-wise ``tl.cumsum`` of them: the inclusive
-  summed-area table S (or, applied to a difference array, the painted map). In place
-  when input and output are one buffer.
+- ``_sat_kernel``: one program per (n,c) plane walks the rows, a tile of up to 8 rows per
+  step, carrying the running column sums in registers, and writes the row-wise
+  ``tl.cumsum`` of them: the inclusive summed-area table S (or, applied to a difference
+  array, the painted map). In place when input and output are one buffer (a step reads its
+  rows before it writes them).
 - pool = SAT of the features into an fp32 (fp64 for fp64) buffer of the features'
   shape, then ``_box_query_kernel``: per (box, channel block) four corner reads.
   An fp32 table carries ~1e-7 of the plane's running total, so a box sum has an
@@ -26,18 +27,27 @@ from ._segments import segment_scatter
 
 
 @triton.jit
-def _sat_kernel(in_ptr, out_ptr, C, H, W, s_n, s_c, s_h, s_w, ACC: tl.constexpr, BLOCK_W: tl.constexpr):
+def _sat_kernel(in_ptr, out_ptr, C, H, W, s_n, s_c, s_h, s_w, ACC: tl.constexpr, BLOCK_W: tl.constexpr,
+                ROWS: tl.constexpr):
     p = tl.program_id(0).to(tl.int64)
     n = p // C
     c = p - n * C
     xs = tl.arange(0, BLOCK_W)
+    rs = tl.arange(0, ROWS)
     m = xs < W
-    src = in_ptr + n * s_n + c * s_c + xs * s_w
-    dst = out_ptr + p * H * W + xs
+    src = in_ptr + n * s_n + c * s_c + xs[None, :] * s_w
+    dst = out_ptr + p * H * W + xs[None, :]
     col = tl.zeros([BLOCK_W], ACC)
-    for y in range(0, H):
-        col += tl.load(src + y * s_h, mask=m, other=0.0).to(ACC)
-        tl.store(dst + y * W, tl.cumsum(col, axis=0).to(out_ptr.dtype.element_ty), mask=m)
+    # ROWS rows per step: ROWS loads in flight per column instead of one (the walk down the plane
+    # is otherwise bound by the latency of one row's load per step)
+    for y0 in range(0, H, ROWS):
+        ys = y0 + rs
+        mm = (ys < H)[:, None] & m[None, :]
+        tile = tl.load(src + ys[:, None].to(tl.int64) * s_h, mask=mm, other=0.0).to(ACC)
+        cols = col[None, :] + tl.cumsum(tile, axis=0)  # the running column sums at each row
+        col = tl.sum(tl.where(rs[:, None] == ROWS - 1, cols, 0.0), axis=0)  # its last row, exactly
+        tl.store(dst + ys[:, None].to(tl.int64) * W, tl.cumsum(cols, axis=1).to(out_ptr.dtype.element_ty),
+                 mask=mm)
 
 
 @triton.jit
@@ -65,8 +75,9 @@ def _box_query_kernel(sat_ptr, rng_ptr, bi_ptr, out_ptr, N, C, H, W, MEAN: tl.co
 
 def _sat(x, out):
     N, C, H, W = x.shape
-    _sat_kernel[(N * C,)](x, out, C, H, W, *x.stride(), ACC=acc_dtype(x.dtype),
-                          BLOCK_W=triton.next_power_of_2(W), num_warps=4)
+    block_w = triton.next_power_of_2(W)
+    _sat_kernel[(N * C,)](x, out, C, H, W, *x.stride(), ACC=acc_dtype(x.dtype), BLOCK_W=block_w,
+                          ROWS=max(1, min(8, 4096 // block_w)), num_warps=4)
 
 
 def box_pool_fwd(features, ranges, batch_index, mean: bool):
