@@ -6,7 +6,9 @@
   array, the painted map). In place when input and output are one buffer (a step reads its
   rows before it writes them).
 - pool = SAT of the features into an fp32 (fp64 for fp64) buffer of the features'
-  shape, then ``_box_query_kernel``: per (box, channel block) four corner reads.
+  shape, of which only the rows a box query reads are written (a box's last row and the
+  row above its first: with few boxes, the pass is little more than one read of the
+  maps), then ``_box_query_kernel``: per (box, channel block) four corner reads.
   An fp32 table carries ~1e-7 of the plane's running total, so a box sum has an
   absolute error of about 1e-7 x |plane sum| (the CPU kernel uses float64).
 - paint = the signed box values at the 4 corners of a difference array, added with the
@@ -17,6 +19,8 @@ stable ``torch.sort`` of the 4K corner keys and a few O(K) index computations.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -25,10 +29,12 @@ from .._device import constant
 from . import acc_dtype, device_guard
 from ._segments import segment_scatter
 
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
 
 @triton.jit
-def _sat_kernel(in_ptr, out_ptr, C, H, W, s_n, s_c, s_h, s_w, ACC: tl.constexpr, BLOCK_W: tl.constexpr,
-                ROWS: tl.constexpr):
+def _sat_kernel(in_ptr, out_ptr, need_ptr, C, H, W, s_n, s_c, s_h, s_w, ACC: tl.constexpr, BLOCK_W: tl.constexpr,
+                ROWS: tl.constexpr, HAS_NEED: tl.constexpr):
     p = tl.program_id(0).to(tl.int64)
     n = p // C
     c = p - n * C
@@ -46,6 +52,8 @@ def _sat_kernel(in_ptr, out_ptr, C, H, W, s_n, s_c, s_h, s_w, ACC: tl.constexpr,
         tile = tl.load(src + ys[:, None].to(tl.int64) * s_h, mask=mm, other=0.0).to(ACC)
         cols = col[None, :] + tl.cumsum(tile, axis=0)  # the running column sums at each row
         col = tl.sum(tl.where(rs[:, None] == ROWS - 1, cols, 0.0), axis=0)  # its last row, exactly
+        if HAS_NEED:  # only the rows some box query reads are written
+            mm = mm & (tl.load(need_ptr + n * H + ys, mask=ys < H, other=0) != 0)[:, None]
         tl.store(dst + ys[:, None].to(tl.int64) * W, tl.cumsum(cols, axis=1).to(out_ptr.dtype.element_ty),
                  mask=mm)
 
@@ -73,11 +81,26 @@ def _box_query_kernel(sat_ptr, rng_ptr, bi_ptr, out_ptr, N, C, H, W, MEAN: tl.co
     tl.store(out_ptr + k * C + cols, s.to(out_ptr.dtype.element_ty), mask=cm)
 
 
-def _sat(x, out):
+def _sat(x, out, need=None):
     N, C, H, W = x.shape
     block_w = triton.next_power_of_2(W)
-    _sat_kernel[(N * C,)](x, out, C, H, W, *x.stride(), ACC=acc_dtype(x.dtype), BLOCK_W=block_w,
-                          ROWS=max(1, min(8, 4096 // block_w)), num_warps=4)
+    _sat_kernel[(N * C,)](x, out, out if need is None else need, C, H, W, *x.stride(), ACC=acc_dtype(x.dtype),
+                          BLOCK_W=block_w, ROWS=max(1, min(8, 4096 // block_w)), HAS_NEED=need is not None,
+                          num_warps=4)
+
+
+def _query_rows(ranges, batch_index, N, H, W):
+    """(N*H+1,) uint8: 1 at each (image, row) whose summed-area row ``_box_query_kernel`` reads
+    (a box's last row and the row above its first, clipped as there); the last slot takes the
+    boxes that read nothing."""
+    y0 = ranges[:, 1].clamp(min=0)
+    y1 = ranges[:, 3].clamp(max=H - 1)
+    ok = (batch_index >= 0) & (batch_index < N) & (ranges[:, 0].clamp(min=0) <= ranges[:, 2].clamp(max=W - 1)) \
+        & (y0 <= y1)
+    none = N * H
+    rows = torch.cat([torch.where(ok, batch_index * H + y1, none),
+                      torch.where(ok & (y0 > 0), batch_index * H + y0 - 1, none)])
+    return torch.zeros(N * H + 1, dtype=torch.uint8, device=ranges.device).index_fill_(0, rows, 1)
 
 
 def box_pool_fwd(features, ranges, batch_index, mean: bool):
@@ -99,10 +122,15 @@ def pool_level(feature, ranges, batch_index, mean: bool):
     if K == 0 or C == 0 or N * H * W == 0:
         return out
     acc = torch.float64 if feature.dtype == torch.float64 else torch.float32
-    sat = torch.empty((N, C, H, W), device=feature.device, dtype=acc)
+    # rows of the table no box reads are never written; under the interpreter (the tests) the
+    # table starts as NaN, so a query that read such a row would show
+    if _INTERPRET:
+        sat = torch.full((N, C, H, W), float("nan"), device=feature.device, dtype=acc)
+    else:
+        sat = torch.empty((N, C, H, W), device=feature.device, dtype=acc)
     BLOCK_C = min(128, triton.next_power_of_2(C))
     with device_guard(feature):
-        _sat(feature, sat)
+        _sat(feature, sat, _query_rows(ranges, batch_index, N, H, W))
         _box_query_kernel[(K, triton.cdiv(C, BLOCK_C))](
             sat, ranges.contiguous(), batch_index.contiguous(), out, N, C, H, W, MEAN=mean, BLOCK_C=BLOCK_C)
     return out
