@@ -1,20 +1,21 @@
 """Triton kernels of kdops::box_pool_fwd and kdops::box_paint_fwd (the CUDA backend).
 
 - ``_sat_kernel``: one program per (n,c) plane walks the rows, a tile of up to 8 rows per
-  step, carrying the running column sums in registers, and writes the row-wise
-  ``tl.cumsum`` of them: the inclusive summed-area table S (or, applied to a difference
-  array, the painted map). In place when input and output are one buffer (a step reads its
-  rows before it writes them).
+  step (8 loads in flight instead of 1), carrying the running column sums in registers, and
+  writes the row-wise ``tl.cumsum`` of them: the inclusive summed-area table S.
 - pool = SAT of the features into an fp32 (fp64 for fp64) buffer of the features'
   shape, of which only the rows a box query reads are written (a box's last row and the
   row above its first: with few boxes, the pass is little more than one read of the
   maps), then ``_box_query_kernel``: per (box, channel block) four corner reads.
   An fp32 table carries ~1e-7 of the plane's running total, so a box sum has an
   absolute error of about 1e-7 x |plane sum| (the CPU kernel uses float64).
-- paint = the signed box values at the 4 corners of a difference array, added with the
-  deterministic sorted segment reduction of ``_segments.py`` (no atomics), then the SAT
-  pass in place, then a cast to the values' dtype.
-Cost O(N·C·H·W + K·C) per level; no per-box masks. Everything is Triton except the
+- paint = ``_paint_kernel``: the same walk down each plane, whose difference-array tiles are
+  built on the fly from the boxes' signed corner entries (sorted by destination with a
+  stable ``torch.sort``; a step's entries are one contiguous range), added in key order
+  (no atomics); each output pixel is written once, in the values' dtype. No dense
+  difference array, no zero fill, no cast pass.
+Cost O(N·C·H·W + K·C) per level for pool, O(N·C·H·W + K·C·W·8) for paint (each corner
+entry is added across its step's tile); no per-box masks. Everything is Triton except the
 stable ``torch.sort`` of the 4K corner keys and a few O(K) index computations.
 """
 from __future__ import annotations
@@ -27,14 +28,21 @@ import triton.language as tl
 
 from .._device import constant
 from . import acc_dtype, device_guard
-from ._segments import segment_scatter
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
+def _sat_step(tile, col, rs, ROWS: tl.constexpr):
+    """One step of the walk down a plane: the summed-area rows of a ROWS x W tile given the
+    column sums above it, and the column sums after it (the tile's last row, exactly)."""
+    cols = col[None, :] + tl.cumsum(tile, axis=0)  # the running column sums at each row
+    return tl.cumsum(cols, axis=1), tl.sum(tl.where(rs[:, None] == ROWS - 1, cols, 0.0), axis=0)
+
+
+@triton.jit
 def _sat_kernel(in_ptr, out_ptr, need_ptr, C, H, W, s_n, s_c, s_h, s_w, ACC: tl.constexpr, BLOCK_W: tl.constexpr,
-                ROWS: tl.constexpr, HAS_NEED: tl.constexpr):
+                ROWS: tl.constexpr):
     p = tl.program_id(0).to(tl.int64)
     n = p // C
     c = p - n * C
@@ -50,12 +58,10 @@ def _sat_kernel(in_ptr, out_ptr, need_ptr, C, H, W, s_n, s_c, s_h, s_w, ACC: tl.
         ys = y0 + rs
         mm = (ys < H)[:, None] & m[None, :]
         tile = tl.load(src + ys[:, None].to(tl.int64) * s_h, mask=mm, other=0.0).to(ACC)
-        cols = col[None, :] + tl.cumsum(tile, axis=0)  # the running column sums at each row
-        col = tl.sum(tl.where(rs[:, None] == ROWS - 1, cols, 0.0), axis=0)  # its last row, exactly
-        if HAS_NEED:  # only the rows some box query reads are written
-            mm = mm & (tl.load(need_ptr + n * H + ys, mask=ys < H, other=0) != 0)[:, None]
-        tl.store(dst + ys[:, None].to(tl.int64) * W, tl.cumsum(cols, axis=1).to(out_ptr.dtype.element_ty),
-                 mask=mm)
+        sat, col = _sat_step(tile, col, rs, ROWS)
+        # only the rows some box query reads are written
+        mm = mm & (tl.load(need_ptr + n * H + ys, mask=ys < H, other=0) != 0)[:, None]
+        tl.store(dst + ys[:, None].to(tl.int64) * W, sat.to(out_ptr.dtype.element_ty), mask=mm)
 
 
 @triton.jit
@@ -81,11 +87,46 @@ def _box_query_kernel(sat_ptr, rng_ptr, bi_ptr, out_ptr, N, C, H, W, MEAN: tl.co
     tl.store(out_ptr + k * C + cols, s.to(out_ptr.dtype.element_ty), mask=cm)
 
 
-def _sat(x, out, need=None):
-    N, C, H, W = x.shape
+@triton.jit
+def _paint_kernel(out_ptr, key_ptr, row_ptr, coef_ptr, start_ptr, val_ptr, s_k, s_c, C, H, W,
+                  ACC: tl.constexpr, BLOCK_W: tl.constexpr, ROWS: tl.constexpr):
+    # One program per (n,c) plane, as _sat_kernel, but the difference array is never stored:
+    # each step builds its ROWS x W tile of it from the step's corner entries (sorted by key, so
+    # a step's entries are one contiguous range, start_ptr[n*H + y]), then writes the painted
+    # rows. Every pixel is written once (zeros outside the boxes), in the output's dtype.
+    p = tl.program_id(0).to(tl.int64)
+    n = p // C
+    c = p - n * C
+    xs = tl.arange(0, BLOCK_W)
+    rs = tl.arange(0, ROWS)
+    m = xs < W
+    dst = out_ptr + p * H * W + xs[None, :]
+    col = tl.zeros([BLOCK_W], ACC)
+    for y0 in range(0, H, ROWS):
+        ys = y0 + rs
+        first = tl.load(start_ptr + n * H + y0)
+        last = tl.load(start_ptr + n * H + tl.minimum(y0 + ROWS, H))
+        tile = tl.zeros([ROWS, BLOCK_W], ACC)
+        base = (n * H + y0) * W
+        for e in range(first, last):  # in key order: a fixed summation order
+            rel = tl.load(key_ptr + e) - base
+            v = tl.load(val_ptr + tl.load(row_ptr + e) * s_k + c * s_c).to(ACC) * tl.load(coef_ptr + e).to(ACC)
+            hit = (rs[:, None] == rel // W) & (xs[None, :] == rel % W)
+            tile += tl.where(hit, v, 0.0)
+        painted, col = _sat_step(tile, col, rs, ROWS)
+        tl.store(dst + ys[:, None].to(tl.int64) * W, painted.to(out_ptr.dtype.element_ty),
+                 mask=(ys < H)[:, None] & m[None, :])
+
+
+def _rows_per_step(W: int):
     block_w = triton.next_power_of_2(W)
-    _sat_kernel[(N * C,)](x, out, out if need is None else need, C, H, W, *x.stride(), ACC=acc_dtype(x.dtype),
-                          BLOCK_W=block_w, ROWS=max(1, min(8, 4096 // block_w)), HAS_NEED=need is not None,
+    return block_w, max(1, min(8, 4096 // block_w))  # a step's tile stays at most 4096 values
+
+
+def _sat(x, out, need):
+    N, C, H, W = x.shape
+    block_w, rows = _rows_per_step(W)
+    _sat_kernel[(N * C,)](x, out, need, C, H, W, *x.stride(), ACC=acc_dtype(x.dtype), BLOCK_W=block_w, ROWS=rows,
                           num_warps=4)
 
 
@@ -158,15 +199,22 @@ def corner_entries(ranges, batch_index, N, H, W, mean: bool, dtype):
 
 
 def paint_level(values, ranges, batch_index, N, H, W, mean: bool):
-    """One level: (N,C,H,W) from (K,C) values and (K,4) ranges."""
+    """One level: (N,C,H,W) from (K,C) values (any strides) and (K,4) ranges."""
     N, H, W = int(N), int(H), int(W)
     K, C = values.shape
+    out = torch.empty((N, C, H, W), device=values.device, dtype=values.dtype)
+    if out.numel() == 0:
+        return out
+    if K == 0:
+        return out.zero_()
     acc = torch.float64 if values.dtype == torch.float64 else torch.float32
-    diff = torch.zeros((N, C, H, W), device=values.device, dtype=acc)
-    if K == 0 or diff.numel() == 0:
-        return diff.to(values.dtype)
     rows, coef, keys = corner_entries(ranges, batch_index, N, H, W, mean, acc)
+    keys, order = torch.sort(keys, stable=True)  # dropped entries (-1) first, never in a step's range
+    # step ranges: the first entry of each (image, row), and the end
+    starts = torch.searchsorted(keys, torch.arange(N * H + 1, device=keys.device) * W)
+    block_w, steps = _rows_per_step(W)
     with device_guard(values):
-        segment_scatter(values.contiguous(), rows, coef, keys, [diff], [0])
-        _sat(diff, diff)
-    return diff if values.dtype == acc else diff.to(values.dtype)
+        _paint_kernel[(N * C,)](out, keys, rows[order].contiguous(), coef[order].contiguous(), starts, values,
+                                values.stride(0), values.stride(1), C, H, W, ACC=acc_dtype(values.dtype),
+                                BLOCK_W=block_w, ROWS=steps, num_warps=4)
+    return out
