@@ -33,6 +33,15 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
+def _plane_program(C, W, BLOCK_W: tl.constexpr, ROWS: tl.constexpr):
+    """This program's (n,c) plane (p = n*C + c), its column and tile-row offsets, the column mask."""
+    p = tl.program_id(0).to(tl.int64)
+    n = p // C
+    xs = tl.arange(0, BLOCK_W)
+    return p, n, p - n * C, xs, tl.arange(0, ROWS), xs < W
+
+
+@triton.jit
 def _sat_step(tile, col, rs, ROWS: tl.constexpr):
     """One step of the walk down a plane: the summed-area rows of a ROWS x W tile given the
     column sums above it, and the column sums after it (the tile's last row, exactly)."""
@@ -43,12 +52,7 @@ def _sat_step(tile, col, rs, ROWS: tl.constexpr):
 @triton.jit
 def _sat_kernel(in_ptr, out_ptr, need_ptr, C, H, W, s_n, s_c, s_h, s_w, ACC: tl.constexpr, BLOCK_W: tl.constexpr,
                 ROWS: tl.constexpr):
-    p = tl.program_id(0).to(tl.int64)
-    n = p // C
-    c = p - n * C
-    xs = tl.arange(0, BLOCK_W)
-    rs = tl.arange(0, ROWS)
-    m = xs < W
+    p, n, c, xs, rs, m = _plane_program(C, W, BLOCK_W, ROWS)
     src = in_ptr + n * s_n + c * s_c + xs[None, :] * s_w
     dst = out_ptr + p * H * W + xs[None, :]
     col = tl.zeros([BLOCK_W], ACC)
@@ -94,12 +98,7 @@ def _paint_kernel(out_ptr, key_ptr, row_ptr, coef_ptr, start_ptr, val_ptr, s_k, 
     # each step builds its ROWS x W tile of it from the step's corner entries (sorted by key, so
     # a step's entries are one contiguous range, start_ptr[n*H + y]), then writes the painted
     # rows. Every pixel is written once (zeros outside the boxes), in the output's dtype.
-    p = tl.program_id(0).to(tl.int64)
-    n = p // C
-    c = p - n * C
-    xs = tl.arange(0, BLOCK_W)
-    rs = tl.arange(0, ROWS)
-    m = xs < W
+    p, n, c, xs, rs, m = _plane_program(C, W, BLOCK_W, ROWS)
     dst = out_ptr + p * H * W + xs[None, :]
     col = tl.zeros([BLOCK_W], ACC)
     for y0 in range(0, H, ROWS):
