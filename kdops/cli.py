@@ -92,26 +92,31 @@ def _bench(args) -> int:
     env.update({"dtype": str(dtype).replace("torch.", ""), "size": args.size})
     print(f"kdops bench on {env['device']}, {env['dtype']}, size={args.size}, ops: {', '.join(ops)}",
           file=sys.stderr)
-    rows = []
-    all_cases = [(op, c) for op in ops for c in cases_for(op, device, dtype, args.size)]
-    for i, (op, case) in enumerate(all_cases, 1):
-        print(f"[{i}/{len(all_cases)}] {op}: {case.label}", file=sys.stderr, flush=True)
-        for r in time_case(case, device, args.reps, args.warmup, default_progress):
-            rows.append(r.as_dict())
     title = f"kdops bench ({env['dtype']}, {args.size})"
-    table = markdown(rows, env, title)
-    print(table)
     out_md, out_json, out_png = args.markdown, args.json, args.plot
     if args.out:
         folder = os.path.join(args.out, device_slug(device))
         os.makedirs(folder, exist_ok=True)
         stem = os.path.join(folder, f"bench_{env['dtype']}_{args.size}")
         out_md, out_json, out_png = out_md or stem + ".md", out_json or stem + ".json", out_png or stem + ".png"
-    if out_md:
-        with open(out_md, "w") as f:
-            f.write(table)
-    if out_json:
-        write_json(out_json, rows, env)
+
+    def save(rows):  # after every case: a run cut short (a time limit) keeps what it measured
+        if out_md:
+            with open(out_md, "w") as f:
+                f.write(markdown(rows, env, title))
+        if out_json:
+            write_json(out_json, rows, env)
+
+    rows = []
+    all_cases = [(op, c) for op in ops for c in cases_for(op, device, dtype, args.size)]
+    for i, (op, case) in enumerate(all_cases, 1):
+        print(f"[{i}/{len(all_cases)}] {op}: {case.label}", file=sys.stderr, flush=True)
+        for r in time_case(case, device, args.reps, args.warmup, default_progress):
+            rows.append(r.as_dict())
+        save(rows)
+    if not all_cases:
+        save(rows)
+    print(markdown(rows, env, title))
     if out_png:
         try:
             plot(out_png, rows, env, title)
