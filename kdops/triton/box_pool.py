@@ -69,16 +69,34 @@ def _sat_kernel(in_ptr, out_ptr, need_ptr, C, H, W, s_n, s_c, s_h, s_w, ACC: tl.
 
 
 @triton.jit
+def _box_extent(rng_ptr, bi_ptr, k, km, N, H, W):
+    """Box k's image and inclusive range clipped to the HxW map, and whether it covers a pixel
+    (the one clipping rule of the table's row marks and its queries)."""
+    n = tl.load(bi_ptr + k, mask=km, other=-1)
+    x0 = tl.maximum(tl.load(rng_ptr + 4 * k, mask=km, other=0), 0)
+    y0 = tl.maximum(tl.load(rng_ptr + 4 * k + 1, mask=km, other=0), 0)
+    x1 = tl.minimum(tl.load(rng_ptr + 4 * k + 2, mask=km, other=-1), W - 1)
+    y1 = tl.minimum(tl.load(rng_ptr + 4 * k + 3, mask=km, other=-1), H - 1)
+    return n, x0, y0, x1, y1, km & (n >= 0) & (n < N) & (x0 <= x1) & (y0 <= y1)
+
+
+@triton.jit
+def _mark_rows_kernel(rng_ptr, bi_ptr, need_ptr, K, N, H, W, BLOCK: tl.constexpr):
+    # need[n*H + y] = 1 for the table rows _box_query_kernel reads: each box's last row and the
+    # row above its first (every writer stores the same 1, so the result is order-free)
+    k = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    n, x0, y0, x1, y1, ok = _box_extent(rng_ptr, bi_ptr, k, k < K, N, H, W)
+    one = tl.full([BLOCK], 1, tl.uint8)
+    tl.store(need_ptr + n * H + y1, one, mask=ok)
+    tl.store(need_ptr + n * H + y0 - 1, one, mask=ok & (y0 > 0))
+
+
+@triton.jit
 def _box_query_kernel(sat_ptr, rng_ptr, bi_ptr, out_ptr, N, C, H, W, MEAN: tl.constexpr, BLOCK_C: tl.constexpr):
     k = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = cols < C
-    n = tl.load(bi_ptr + k)
-    x0 = tl.maximum(tl.load(rng_ptr + 4 * k), 0)
-    y0 = tl.maximum(tl.load(rng_ptr + 4 * k + 1), 0)
-    x1 = tl.minimum(tl.load(rng_ptr + 4 * k + 2), W - 1)
-    y1 = tl.minimum(tl.load(rng_ptr + 4 * k + 3), H - 1)
-    ok = (n >= 0) & (n < N) & (x0 <= x1) & (y0 <= y1)
+    n, x0, y0, x1, y1, ok = _box_extent(rng_ptr, bi_ptr, k, True, N, H, W)
     plane = sat_ptr + (n * C + cols.to(tl.int64)) * H * W
     m = cm & ok
     s = tl.load(plane + y1 * W + x1, mask=m, other=0.0)
@@ -129,20 +147,6 @@ def _sat(x, out, need):
                           num_warps=4)
 
 
-def _query_rows(ranges, batch_index, N, H, W):
-    """(N*H+1,) uint8: 1 at each (image, row) whose summed-area row ``_box_query_kernel`` reads
-    (a box's last row and the row above its first, clipped as there); the last slot takes the
-    boxes that read nothing."""
-    y0 = ranges[:, 1].clamp(min=0)
-    y1 = ranges[:, 3].clamp(max=H - 1)
-    ok = (batch_index >= 0) & (batch_index < N) & (ranges[:, 0].clamp(min=0) <= ranges[:, 2].clamp(max=W - 1)) \
-        & (y0 <= y1)
-    none = N * H
-    rows = torch.cat([torch.where(ok, batch_index * H + y1, none),
-                      torch.where(ok & (y0 > 0), batch_index * H + y0 - 1, none)])
-    return torch.zeros(N * H + 1, dtype=torch.uint8, device=ranges.device).index_fill_(0, rows, 1)
-
-
 def box_pool_fwd(features, ranges, batch_index, mean: bool):
     """Same contract as the kdops::box_pool_fwd schema (csrc/ops.cpp): (L,K,C)."""
     return torch.stack([pool_level(f, r, batch_index, mean) for f, r in zip(features, ranges)])
@@ -169,10 +173,12 @@ def pool_level(feature, ranges, batch_index, mean: bool):
     else:
         sat = torch.empty((N, C, H, W), device=feature.device, dtype=acc)
     BLOCK_C = min(128, triton.next_power_of_2(C))
+    rng, bi = ranges.contiguous(), batch_index.contiguous()
+    need = torch.zeros(N * H, dtype=torch.uint8, device=feature.device)
     with device_guard(feature):
-        _sat(feature, sat, _query_rows(ranges, batch_index, N, H, W))
-        _box_query_kernel[(K, triton.cdiv(C, BLOCK_C))](
-            sat, ranges.contiguous(), batch_index.contiguous(), out, N, C, H, W, MEAN=mean, BLOCK_C=BLOCK_C)
+        _mark_rows_kernel[(triton.cdiv(K, 256),)](rng, bi, need, K, N, H, W, BLOCK=256)
+        _sat(feature, sat, need)
+        _box_query_kernel[(K, triton.cdiv(C, BLOCK_C))](sat, rng, bi, out, N, C, H, W, MEAN=mean, BLOCK_C=BLOCK_C)
     return out
 
 

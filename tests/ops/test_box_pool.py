@@ -341,13 +341,15 @@ def test_triton_kernels_compile_for_sm90(dtype, acc):
     import triton.language as tl
 
     from kdops.triton._segments import _segment_sum_kernel
-    from kdops.triton.box_pool import _box_query_kernel, _paint_kernel, _sat_kernel
+    from kdops.triton.box_pool import _box_query_kernel, _mark_rows_kernel, _paint_kernel, _sat_kernel
 
     ACC = tl.float64 if acc == "fp64" else tl.float32
     i32 = "i32"
     compile_for_gpu(_sat_kernel, {"in_ptr": f"*{dtype}", "out_ptr": f"*{acc}", "need_ptr": "*u8", "C": i32, "H": i32,
                                   "W": i32, "s_n": i32, "s_c": i32, "s_h": i32, "s_w": i32},
                     {"ACC": ACC, "BLOCK_W": 256, "ROWS": 8})
+    compile_for_gpu(_mark_rows_kernel, {"rng_ptr": "*i64", "bi_ptr": "*i64", "need_ptr": "*u8", "K": i32, "N": i32,
+                                        "H": i32, "W": i32}, {"BLOCK": 256})
     compile_for_gpu(_paint_kernel, {"out_ptr": f"*{dtype}", "key_ptr": "*i64", "row_ptr": "*i64", "coef_ptr": f"*{acc}",
                                     "start_ptr": "*i64", "val_ptr": f"*{dtype}", "s_k": i32, "s_c": i32, "C": i32,
                                     "H": i32, "W": i32}, {"ACC": ACC, "BLOCK_W": 256, "ROWS": 8})
