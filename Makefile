@@ -2,7 +2,8 @@
 #
 #   make test    venv + deps, build (C++ CPU kernels; CUDA sources compiled with FORCE_CUDA=1 as a
 #                compile check when a CUDA toolkit is found), pytest, then the Triton kernels under
-#                TRITON_INTERPRET=1 in their own pytest process.
+#                TRITON_INTERPRET=1 in their own pytest process, then the C++ kernels' tests again
+#                against an AddressSanitizer + UBSan build (tests/sanitize.sh, build/sanitize/).
 #   make bench   venv + deps, build, `kdops bench` on the default COCO problem on the best device;
 #                results go to benchmarks/results/<device>/.
 #
@@ -32,13 +33,18 @@ CUDA_HOME ?= $(shell if [ -n "$(NVCC)" ]; then d="$$(dirname "$$(dirname "$$(rea
 FORCE_CUDA ?= $(if $(CUDA_HOME),1,0)
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
 
-.PHONY: test bench build deps clean
+.PHONY: test bench build deps clean sanitize
 
 test: build
 	@echo "== pytest (C++ CPU kernels, references, losses) =="
 	$(PY) -m pytest -q -m "not triton" tests
 	@echo "== pytest (Triton kernels under TRITON_INTERPRET=1) =="
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -m triton tests
+	@echo "== pytest (C++ CPU kernels built with AddressSanitizer + UBSan, hostile-input fuzz) =="
+	bash tests/sanitize.sh $(PY)
+
+sanitize: deps
+	bash tests/sanitize.sh $(PY)
 
 bench: build
 	$(PY) -m kdops.cli bench --out benchmarks/results

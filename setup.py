@@ -21,6 +21,14 @@ def _extensions():
     # for SSE/AVX2 targets, and those loops stay scalar there (only AVX-512 masks them).
     cxx = ["-O3", "-fno-trapping-math", "-fopenmp", "-DKDOPS_WITH_OPENMP"]
     link = ["-fopenmp"]
+    if os.environ.get("KDOPS_SANITIZE", "0") == "1":
+        # AddressSanitizer + UBSan build of the C++ kernels (tests/sanitize.sh runs the
+        # hostile-input fuzz and the CPU op tests against it); never for a normal install.
+        san = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer", "-g"]
+        # Python's CFLAGS carry -fwrapv; without it UBSan also reports signed integer overflow
+        cxx_extra = ["-fno-wrapv"]
+        cxx = ["-O1", "-fno-trapping-math", "-fopenmp", "-DKDOPS_WITH_OPENMP"] + san + cxx_extra
+        link = link + san
     force_cuda = os.environ.get("FORCE_CUDA", "0") == "1"
     with_cuda = (force_cuda or torch.cuda.is_available()) and CUDA_HOME is not None
     if force_cuda and CUDA_HOME is None:

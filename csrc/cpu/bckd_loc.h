@@ -646,7 +646,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> bckd_lo
     if (any_double) loss.data_ptr<double>()[l] = s * scale[l];
     else loss.data_ptr<float>()[l] = float(s * scale[l]);
     if (gws[l].defined()) {
-      const auto& wt = *weight.get(l);
+      const at::Tensor wt = *weight.get(l);  // a copy: get() returns a temporary optional
       gws[l] = gws[l].view(wt.sizes()).to(wt.scalar_type());
     } else {
       gws[l] = no_grad_placeholder(loss);

@@ -45,7 +45,10 @@ Levels read_levels(const at::Tensor& spatial_shapes, const at::Tensor& level_sta
     TORCH_CHECK(lv.H[l] >= 0 && lv.W[l] >= 0, "kdops::ms_deform_attn: negative spatial shape");
     TORCH_CHECK(lv.start[l] == total,
                 "kdops::ms_deform_attn: level_start_index is inconsistent with spatial_shapes");
-    total += lv.H[l] * lv.W[l];
+    // checked arithmetic: a wrapped H*W could match S and let samples address rows past `value`
+    int64_t hw = 0;
+    TORCH_CHECK(!__builtin_mul_overflow(lv.H[l], lv.W[l], &hw) && !__builtin_add_overflow(total, hw, &total),
+                "kdops::ms_deform_attn: value.size(1) must equal sum(H*W) of spatial_shapes (H*W overflows int64)");
   }
   TORCH_CHECK(total == S, "kdops::ms_deform_attn: value.size(1) must equal sum(H*W) of spatial_shapes");
   return lv;

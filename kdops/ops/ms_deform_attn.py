@@ -80,17 +80,18 @@ def _validate(value, spatial_shapes, level_start_index, loc, attn):
         hw = spatial_shapes.long()
         if L and bool((hw < 0).any()):
             raise ValueError(f"kdops.{OP}: `spatial_shapes` must be non-negative, got {hw.tolist()}")
-        sizes = hw[:, 0] * hw[:, 1]
-        total = int(sizes.sum())
+        # Python integers: an int64 product or sum could wrap around to S
+        sizes = [h * w for h, w in hw.tolist()]
+        total = sum(sizes)
         if total != S:
             raise ValueError(
                 f"kdops.{OP}: `value` has S={S} rows but `spatial_shapes` {hw.tolist()} sums to "
                 f"sum(H*W)={total}; value must be the levels' (H*W) rows concatenated")
-        expect = torch.cumsum(sizes, 0) - sizes
-        if not torch.equal(level_start_index.long(), expect):
+        expect = [sum(sizes[:i]) for i in range(L)]
+        if level_start_index.long().tolist() != expect:
             raise ValueError(
                 f"kdops.{OP}: `level_start_index` must be the exclusive cumulative sum of H*W, "
-                f"{expect.tolist()}, got {level_start_index.tolist()}")
+                f"{expect}, got {level_start_index.tolist()}")
     return N, S, M, D, Q, L, P
 
 

@@ -91,7 +91,7 @@ def box_paint_ranges(values, ranges, batch_index, size, mean):
     for n in range(N):
         sel = batch_index == n
         out[n] = v[sel].t() @ m[sel]
-    return out.view(N, -1, H, W).to(values.dtype)
+    return out.view(N, values.shape[1], H, W).to(values.dtype)
 
 
 def _levels(x):

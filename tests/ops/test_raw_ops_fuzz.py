@@ -1,0 +1,302 @@
+"""Hostile inputs straight into the C++ CPU kernels (`torch.ops.kdops.*`, no Python validation).
+
+The public functions validate their arguments before any kernel runs; these tests call the
+registered ops directly, as `validate=False`, a custom wrapper or a traced graph may, with
+indices, ranges, batch indices, sizes and sampling locations far outside their valid range
+(int64 extremes, NaN, inf). Each call must either raise a RuntimeError naming the op, or
+return exactly what the op's contract says (out-of-range rows / boxes / objects contribute
+nothing), checked against the eager oracles in `kdops.reference`.
+
+What they cannot see in a normal build -- a read or write a few bytes out of bounds that does
+not crash -- `tests/sanitize.sh` makes visible (`make test` runs it last): it builds the
+extension with AddressSanitizer and UBSan and runs this file and the op tests against that build.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import kdops
+from kdops import reference
+
+pytestmark = pytest.mark.skipif(not kdops.HAS_C, reason="needs the compiled CPU kernels")
+
+I64_MIN, I64_MAX = -(2**63), 2**63 - 1
+EXTREMES = [I64_MIN, I64_MIN + 1, -(2**40), -(2**31) - 1, -2, -1, 0, 1, 2**31, 2**40, I64_MAX - 1, I64_MAX]
+
+
+def hostile_int(g: torch.Generator, shape, lo: int, hi: int, p_extreme: float = 0.3) -> torch.Tensor:
+    """Integers mostly in [lo, hi) (valid and just outside), a fraction at int64 extremes."""
+    base = torch.randint(lo, hi, shape, generator=g)
+    ext = torch.tensor(EXTREMES)[torch.randint(0, len(EXTREMES), shape, generator=g)]
+    pick = torch.rand(shape, generator=g) < p_extreme
+    return torch.where(pick, ext, base)
+
+
+def raises_op_error(fn, *words):
+    with pytest.raises(RuntimeError) as e:
+        fn()
+    msg = str(e.value)
+    assert "kdops" in msg and all(w in msg for w in words), msg
+
+
+def test_gather_fwd_bwd_with_any_index_rows():
+    g = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        L = int(torch.randint(1, 4, (1,), generator=g))
+        C = int(torch.randint(1, 6, (1,), generator=g))
+        shapes = [tuple(int(v) for v in torch.randint(0, 4, (3,), generator=g)) for _ in range(L)]
+        feats = [torch.randn(n, C, h, w, generator=g, dtype=torch.float64) for n, h, w in shapes]
+        if trial % 3 == 1:  # strided levels (channels_last, a slice)
+            feats = [f.to(memory_format=torch.channels_last) if i % 2 else f[:, :, :, : max(f.shape[3] - 1, 0)]
+                     for i, f in enumerate(feats)]
+        R = int(torch.randint(0, 30, (1,), generator=g))
+        idx = torch.stack([hostile_int(g, (R,), -1, L + 1), hostile_int(g, (R,), -1, 4),
+                           hostile_int(g, (R,), -1, 5), hostile_int(g, (R,), -1, 5)], 1)
+        out = torch.ops.kdops.gather_level_features_fwd(feats, idx)
+        torch.testing.assert_close(out, reference.gather_level_features(feats, idx), rtol=0, atol=0)
+        # adjoint: every in-range row adds its gradient at its destination (duplicates accumulate)
+        grad = torch.randn(R, C, generator=g, dtype=torch.float64)
+        flat = [int(v) for f in feats for v in (f.shape[0], C, f.shape[2], f.shape[3])]
+        got = torch.ops.kdops.gather_level_features_bwd(grad, idx, flat)
+        for lvl, (f, gl) in enumerate(zip(feats, got)):
+            want = torch.zeros(f.shape, dtype=torch.float64)
+            for r in range(R):
+                lv, n, y, x = (int(v) for v in idx[r])
+                if lv == lvl and 0 <= n < f.shape[0] and 0 <= y < f.shape[2] and 0 <= x < f.shape[3]:
+                    want[n, :, y, x] += grad[r]
+            torch.testing.assert_close(gl, want, rtol=0, atol=1e-12)
+
+
+def test_gather_raw_op_rejects_inconsistent_arguments():
+    f = [torch.randn(2, 3, 4, 5)]
+    raises_op_error(lambda: torch.ops.kdops.gather_level_features_fwd(f, torch.zeros(3, 3, dtype=torch.long)),
+                    "index")
+    raises_op_error(lambda: torch.ops.kdops.gather_level_features_fwd(f, torch.zeros(3, 4, dtype=torch.int32)),
+                    "index")
+    raises_op_error(lambda: torch.ops.kdops.gather_level_features_fwd([], torch.zeros(0, 4, dtype=torch.long)))
+    idx = torch.zeros(3, 4, dtype=torch.long)
+    with pytest.raises(RuntimeError):  # grad (R,C) not matching the shapes' C, or R
+        torch.ops.kdops.gather_level_features_bwd(torch.randn(3, 2), idx, [2, 3, 4, 5])
+    with pytest.raises(RuntimeError):
+        torch.ops.kdops.gather_level_features_bwd(torch.randn(2, 3), idx, [2, 3, 4, 5])
+    with pytest.raises(RuntimeError):
+        torch.ops.kdops.gather_level_features_bwd(torch.randn(3, 3), idx, [2, 3, 4])
+    with pytest.raises(RuntimeError):
+        torch.ops.kdops.gather_level_features_bwd(torch.randn(3, 3), idx, [2, 3, -4, 5])
+
+
+def _hostile_ranges(g, K, H, W):
+    x = torch.sort(torch.stack([hostile_int(g, (K,), -3, W + 3), hostile_int(g, (K,), -3, W + 3)], 1), 1)[0]
+    y = torch.sort(torch.stack([hostile_int(g, (K,), -3, H + 3), hostile_int(g, (K,), -3, H + 3)], 1), 1)[0]
+    r = torch.stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]], 1)
+    flip = torch.rand(K, generator=g) < 0.15  # some empty (x0 > x1 or y0 > y1) ranges as they come
+    return torch.where(flip[:, None], r[:, [2, 3, 0, 1]], r)
+
+
+@pytest.mark.parametrize("mean", [False, True])
+def test_box_pool_and_paint_with_any_ranges_and_batch_index(mean):
+    g = torch.Generator().manual_seed(1 + mean)
+    for trial in range(30):
+        L = int(torch.randint(1, 4, (1,), generator=g))
+        N = int(torch.randint(0, 3, (1,), generator=g))
+        C = int(torch.randint(1, 11, (1,), generator=g))
+        K = int(torch.randint(0, 12, (1,), generator=g))
+        hw = [tuple(int(v) for v in torch.randint(0, 7, (2,), generator=g)) for _ in range(L)]
+        feats = [torch.randn(N, C, h, w, generator=g, dtype=torch.float64) for h, w in hw]
+        if trial % 4 == 3:
+            feats = [f.to(memory_format=torch.channels_last) for f in feats]
+        ranges = torch.stack([_hostile_ranges(g, K, h, w) for h, w in hw])
+        bi = hostile_int(g, (K,), -1, N + 1, p_extreme=0.15)
+        out = torch.ops.kdops.box_pool_fwd(feats, ranges, bi, mean)
+        assert out.shape == (L, K, C)
+        for lvl, f in enumerate(feats):
+            want = reference.box_pool_ranges(f, ranges[lvl], bi, mean)
+            torch.testing.assert_close(out[lvl], want, rtol=1e-12, atol=1e-12)
+        values = torch.randn(L, K, C, generator=g, dtype=torch.float64)
+        if trial % 3 == 2:  # (K,C) read in place for every level
+            values = values[:1].expand(L, K, C)
+        sizes = [v for h, w in hw for v in (N, h, w)]
+        maps = torch.ops.kdops.box_paint_fwd(values, ranges, bi, sizes, mean)
+        for lvl, (h, w) in enumerate(hw):
+            want = reference.box_paint_ranges(values[lvl], ranges[lvl], bi, (N, h, w), mean)
+            torch.testing.assert_close(maps[lvl], want, rtol=1e-12, atol=1e-12)
+
+
+def test_box_pool_and_paint_raw_ops_reject_inconsistent_arguments():
+    f = [torch.randn(2, 3, 4, 5)]
+    r = torch.zeros(1, 2, 4, dtype=torch.long)
+    bi = torch.zeros(2, dtype=torch.long)
+    raises_op_error(lambda: torch.ops.kdops.box_pool_fwd(f, r[:, :, :3], bi, False), "ranges")
+    raises_op_error(lambda: torch.ops.kdops.box_pool_fwd(f, r.expand(2, 2, 4), bi, False), "ranges")
+    raises_op_error(lambda: torch.ops.kdops.box_pool_fwd(f, r, bi[:1], False), "batch_index")
+    raises_op_error(lambda: torch.ops.kdops.box_pool_fwd(f + [torch.randn(3, 3, 2, 2)], r.expand(2, 2, 4), bi,
+                                                         False))
+    raises_op_error(lambda: torch.ops.kdops.box_pool_fwd([], r[:0], bi, False))
+    v = torch.randn(1, 2, 3)
+    raises_op_error(lambda: torch.ops.kdops.box_paint_fwd(v, r, bi, [2, 4], False), "sizes")
+    raises_op_error(lambda: torch.ops.kdops.box_paint_fwd(v, r, bi, [2, 4, 5, 2, 4, 5], False))
+    raises_op_error(lambda: torch.ops.kdops.box_paint_fwd(v[:, :1], r, bi, [2, 4, 5], False))
+    with pytest.raises(RuntimeError):
+        torch.ops.kdops.box_paint_fwd(v, r, bi, [2, -4, 5], False)
+
+
+def test_box_max_paint_with_any_ranges_weights_and_batch_index():
+    g = torch.Generator().manual_seed(3)
+    for trial in range(40):
+        N, H, W = (int(v) for v in torch.randint(0, 6, (3,), generator=g))
+        K = int(torch.randint(0, 12, (1,), generator=g))
+        ranges = _hostile_ranges(g, K, H, W)
+        bi = hostile_int(g, (K,), -1, N + 1, p_extreme=0.15)
+        w = torch.randn(K, generator=g, dtype=torch.float64)
+        special = torch.tensor([math.nan, math.inf, -math.inf, 0.0, 1e-300, 1e300], dtype=torch.float64)
+        pick = torch.rand(K, generator=g) < 0.2
+        w = torch.where(pick, special[torch.randint(0, len(special), (K,), generator=g)], w)
+        dtype = [torch.float32, torch.float64, torch.float16, torch.bfloat16][trial % 4]
+        got = torch.ops.kdops.box_max_paint(ranges, w, bi, N, H, W, dtype)
+        assert got.shape == (N, H, W) and got.dtype == dtype
+        # oracle: a loop over boxes (NaN weights are not > 0: skipped like weights <= 0)
+        want = torch.zeros(N, H, W, dtype=torch.float64)
+        for k in range(K):
+            x0, y0, x1, y1 = (int(v) for v in ranges[k])
+            n, wk = int(bi[k]), float(w[k])
+            if not (wk > 0 and 0 <= n < N):
+                continue
+            x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, W - 1), min(y1, H - 1)
+            if x0 <= x1 and y0 <= y1:
+                want[n, y0:y1 + 1, x0:x1 + 1] = want[n, y0:y1 + 1, x0:x1 + 1].clamp(min=wk)
+        torch.testing.assert_close(got, want.to(dtype), rtol=0, atol=0)
+
+
+def test_box_max_paint_raw_op_rejects_bad_sizes():
+    r = torch.zeros(1, 4, dtype=torch.long)
+    w = torch.ones(1, dtype=torch.float64)
+    bi = torch.zeros(1, dtype=torch.long)
+    raises_op_error(lambda: torch.ops.kdops.box_max_paint(r, w, bi, 1, -2, 3, torch.float32), "non-negative")
+    raises_op_error(lambda: torch.ops.kdops.box_max_paint(r, w, bi, 1, 2, 2**31, torch.float32), "W")
+    raises_op_error(lambda: torch.ops.kdops.box_max_paint(r[:, :3], w, bi, 1, 2, 3, torch.float32), "ranges")
+    raises_op_error(lambda: torch.ops.kdops.box_max_paint(r, w[:0], bi, 1, 2, 3, torch.float32))
+    raises_op_error(lambda: torch.ops.kdops.box_max_paint(r, w, bi, 1, 2, 3, torch.int32))
+
+
+def test_box_ranges_raw_op_with_non_finite_and_huge_boxes_matches_the_tensor_ops():
+    from kdops.ops.box_ranges import _ranges_tensor_ops
+
+    g = torch.Generator().manual_seed(4)
+    special = torch.tensor([math.nan, math.inf, -math.inf, 1e30, -1e30, 3e38, 0.0, -0.5], dtype=torch.float64)
+    for trial in range(24):
+        K = int(torch.randint(0, 10, (1,), generator=g))
+        boxes = torch.rand(K, 4, generator=g, dtype=torch.float64) * 300 - 50
+        pick = torch.rand(K, 4, generator=g) < 0.3
+        boxes = torch.where(pick, special[torch.randint(0, len(special), (K, 4), generator=g)], boxes)
+        dtype = [torch.float32, torch.float64][trial % 2]
+        boxes = boxes.to(dtype)
+        rule = ["center", "lgd", "fgd"][trial % 3]
+        sizes, strides = [(25, 38), (13, 19)], [8.0, 16.0]
+        image = (200.0, 300.0) if rule == "fgd" else None
+        for clip in (True, False):
+            got = torch.ops.kdops.box_ranges_fwd(boxes, [h for h, _ in sizes], [w for _, w in sizes], strides, rule,
+                                                 None, *(image or (0.0, 0.0)), clip)
+            want = _ranges_tensor_ops(boxes, sizes, strides, rule, image, clip)
+            torch.testing.assert_close(got, want, rtol=0, atol=0, msg=f"{rule} clip={clip} {boxes}")
+            if clip:  # clipped ranges lie on the map or are the empty [1,1,0,0]
+                x0, y0, x1, y1 = got.unbind(-1)
+                empty = (x0 > x1) | (y0 > y1)
+                for lvl, (h, w) in enumerate(sizes):
+                    ok = (x0[lvl] >= 0) & (x1[lvl] < w) & (y0[lvl] >= 0) & (y1[lvl] < h)
+                    assert bool((ok | empty[lvl]).all())
+
+
+def test_mask_pool_with_any_batch_index():
+    g = torch.Generator().manual_seed(5)
+    for trial in range(20):
+        N, C, H, W = (int(v) for v in torch.randint(0, 5, (4,), generator=g))
+        K = int(torch.randint(0, 8, (1,), generator=g))
+        f = torch.randn(N, C, H, W, generator=g, dtype=torch.float64)
+        m = torch.rand(K, H, W, generator=g, dtype=torch.float64)
+        bi = hostile_int(g, (K,), -1, N + 1, p_extreme=0.2)
+        out = torch.ops.kdops.mask_pool_fwd(f, m, bi)
+        torch.testing.assert_close(out, reference.mask_pool(f, m, bi), rtol=1e-12, atol=1e-12)
+        grad = torch.randn(K, C, generator=g, dtype=torch.float64)
+        gf, gm = torch.ops.kdops.mask_pool_bwd(grad, f, m, bi, True, True)
+        ok = (bi >= 0) & (bi < N)
+        want_gf = torch.zeros_like(f)
+        want_gm = torch.zeros_like(m)
+        for k in range(K):
+            if ok[k]:
+                want_gf[bi[k]] += grad[k][:, None, None] * m[k][None]
+                want_gm[k] = (grad[k][:, None, None] * f[bi[k]]).sum(0)
+        torch.testing.assert_close(gf, want_gf, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(gm, want_gm, rtol=1e-12, atol=1e-12)
+
+
+def test_ms_deform_attn_with_far_and_non_finite_sampling_locations():
+    g = torch.Generator().manual_seed(6)
+    shapes = torch.tensor([[4, 5], [2, 3]])
+    start = torch.tensor([0, 20])
+    N, M, D, Q, L, P = 2, 2, 3, 5, 2, 2
+    value = torch.randn(N, 26, M, D, generator=g, dtype=torch.float64)
+    loc = torch.rand(N, Q, M, L, P, 2, generator=g, dtype=torch.float64) * 3 - 1  # many outside [0,1]
+    special = torch.tensor([1e30, -1e30, 1e9, -1e9, 2.0**62, 0.5], dtype=torch.float64)
+    pick = torch.rand(loc.shape, generator=g) < 0.2
+    loc = torch.where(pick, special[torch.randint(0, len(special), loc.shape, generator=g)], loc)
+    attn = torch.rand(N, Q, M, L, P, generator=g, dtype=torch.float64)
+    out = torch.ops.kdops.ms_deform_attn_fwd(value, shapes, start, loc, attn)
+    torch.testing.assert_close(out, reference.ms_deform_attn(value, shapes, start, loc, attn), rtol=1e-10, atol=1e-10)
+    go = torch.randn_like(out)
+    gv, gl, ga = torch.ops.kdops.ms_deform_attn_bwd(go, value, shapes, start, loc, attn, True, True, True)
+    assert all(bool(t.isfinite().all()) for t in (gv, gl, ga))
+    # non-finite locations: read nothing out of the value map (the sanitizer build checks), finite or NaN out
+    for bad in (math.nan, math.inf, -math.inf):
+        loc2 = loc.clone()
+        loc2[0, 1, 0, 0, 0, 0] = bad
+        out2 = torch.ops.kdops.ms_deform_attn_fwd(value, shapes, start, loc2, attn)
+        assert out2.shape == out.shape
+        torch.ops.kdops.ms_deform_attn_bwd(go, value, shapes, start, loc2, attn, True, True, True)
+
+
+def test_ms_deform_attn_raw_op_rejects_shapes_that_do_not_fit_the_value():
+    value = torch.randn(1, 26, 2, 3)
+    loc = torch.rand(1, 5, 2, 2, 2, 2)
+    attn = torch.rand(1, 5, 2, 2, 2)
+    shapes, start = torch.tensor([[4, 5], [2, 3]]), torch.tensor([0, 20])
+    raises_op_error(lambda: torch.ops.kdops.ms_deform_attn_fwd(value, torch.tensor([[4, 5], [3, 3]]), start, loc,
+                                                               attn), "sum(H*W)")
+    raises_op_error(lambda: torch.ops.kdops.ms_deform_attn_fwd(value, shapes, torch.tensor([0, 21]), loc, attn))
+    raises_op_error(lambda: torch.ops.kdops.ms_deform_attn_fwd(value, torch.tensor([[-4, 5], [2, 3]]), start, loc,
+                                                               attn))
+    raises_op_error(lambda: torch.ops.kdops.ms_deform_attn_fwd(value, torch.tensor([[2**62, 2**62], [2, 3]]), start,
+                                                               loc, attn))
+    # 4 * (2^62 + 5) wraps around to 20 in int64: unchecked, level 0 would "fit" in 20 rows
+    wrapping = torch.tensor([[4, 2**62 + 5], [2, 3]])
+    raises_op_error(lambda: torch.ops.kdops.ms_deform_attn_fwd(value, wrapping, start, loc, attn), "overflow")
+    with pytest.raises(ValueError, match="sum"):
+        kdops.ms_deform_attn(value, wrapping, start, loc, attn)
+    raises_op_error(lambda: torch.ops.kdops.ms_deform_attn_fwd(value, shapes, start, loc[..., :1], attn))
+    raises_op_error(lambda: torch.ops.kdops.ms_deform_attn_bwd(torch.randn(3), value, shapes, start, loc, attn,
+                                                               True, True, True))
+
+
+def test_loss_raw_ops_reject_mismatched_shapes():
+    s, t = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)
+    with pytest.raises(RuntimeError):
+        torch.ops.kdops.masked_mse_fwd(s, t[:, :, :3], None, None, 1.0)
+    with pytest.raises(RuntimeError):
+        torch.ops.kdops.masked_mse_fwd(s, t, torch.rand(2, 4, 4), None, 1.0)
+    with pytest.raises(RuntimeError):
+        torch.ops.kdops.masked_mse_fwd(s, t, None, torch.rand(2, 2), 1.0)
+    with pytest.raises(RuntimeError):
+        torch.ops.kdops.masked_mse_bwd(torch.ones(()), s, t[:1], None, None, 1.0, True, False)
+    with pytest.raises(RuntimeError):
+        torch.ops.kdops.pcc_mse_fwd(s, t[:, :2], 0, 1e-6)
+    loss, coeffs = torch.ops.kdops.pcc_mse_fwd(s, t, 0, 1e-6)
+    with pytest.raises(RuntimeError):  # coefficients of the wrong number of groups
+        torch.ops.kdops.pcc_mse_bwd(torch.ones(()), s, t, coeffs[:1], 0, True, True)
+    with pytest.raises(RuntimeError):
+        torch.ops.kdops.pcc_mse_bwd(torch.ones(()), s, t, coeffs, 1, True, True)
+    with pytest.raises(RuntimeError):
+        torch.ops.kdops.bckd_cls_fwd(torch.randn(6, 4), torch.randn(6, 3), None, 2.0, 1.0, True, False)
+    with pytest.raises(RuntimeError):
+        torch.ops.kdops.bckd_cls_fwd(torch.randn(6, 4), torch.randn(6, 4), torch.rand(5), 2.0, 1.0, True, False)
