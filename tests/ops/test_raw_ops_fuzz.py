@@ -1,15 +1,19 @@
-"""Hostile inputs straight into the C++ CPU kernels (`torch.ops.kdops.*`, no Python validation).
+"""Hostile inputs straight into the kernels (`torch.ops.kdops.*` and the Triton launchers, no
+Python validation).
 
 The public functions validate their arguments before any kernel runs; these tests call the
-registered ops directly, as `validate=False`, a custom wrapper or a traced graph may, with
-indices, ranges, batch indices, sizes and sampling locations far outside their valid range
-(int64 extremes, NaN, inf). Each call must either raise a RuntimeError naming the op, or
-return exactly what the op's contract says (out-of-range rows / boxes / objects contribute
-nothing), checked against the eager oracles in `kdops.reference`.
+kernels directly, as `validate=False`, a custom wrapper or a traced graph may, with indices,
+ranges, batch indices, sizes and sampling locations far outside their valid range (int64
+extremes, NaN, inf). Each call must either raise a RuntimeError naming the op, or return
+exactly what the op's contract says (out-of-range rows / boxes / objects contribute nothing),
+checked against the eager oracles in `kdops.reference`. Backends: the C++ CPU kernels, the
+Triton kernels (under TRITON_INTERPRET=1 in CI, where an unmasked wild read crashes the
+interpreter) and, on a GPU, whatever `torch.ops.kdops` dispatches to for CUDA tensors.
 
 What they cannot see in a normal build -- a read or write a few bytes out of bounds that does
-not crash -- `tests/sanitize.sh` makes visible (`make test` runs it last): it builds the
-extension with AddressSanitizer and UBSan and runs this file and the op tests against that build.
+not crash -- `tests/sanitize.sh` makes visible for the C++ kernels (`make test` runs it last):
+it builds the extension with AddressSanitizer and UBSan and runs this file and the op tests
+against that build.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ import torch
 import kdops
 from kdops import reference
 
-pytestmark = pytest.mark.skipif(not kdops.HAS_C, reason="needs the compiled CPU kernels")
+needs_c = pytest.mark.skipif(not kdops.HAS_C, reason="needs the compiled CPU kernels")
 
 I64_MIN, I64_MAX = -(2**63), 2**63 - 1
 EXTREMES = [I64_MIN, I64_MIN + 1, -(2**40), -(2**31) - 1, -2, -1, 0, 1, 2**31, 2**40, I64_MAX - 1, I64_MAX]
@@ -35,6 +39,38 @@ def hostile_int(g: torch.Generator, shape, lo: int, hi: int, p_extreme: float = 
     return torch.where(pick, ext, base)
 
 
+MODULE = {  # op -> kdops.triton module that holds its Triton launcher (same signature as the op)
+    "gather_level_features_fwd": "gather_level_features", "gather_level_features_bwd": "gather_level_features",
+    "box_pool_fwd": "box_pool", "box_paint_fwd": "box_pool", "box_max_paint": "box_masks",
+    "mask_pool_fwd": "mask_pool", "mask_pool_bwd": "mask_pool",
+    "ms_deform_attn_fwd": "ms_deform_attn", "ms_deform_attn_bwd": "ms_deform_attn",
+}
+# the C++ CPU kernels; the Triton kernels (on the GPU, or on CPU tensors under TRITON_INTERPRET=1);
+# torch.ops.kdops on CUDA tensors (Triton or CUDA C++, as registered)
+BACKENDS = [pytest.param("cpu", marks=needs_c), pytest.param("triton", marks=pytest.mark.triton),
+            pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))]
+
+
+def kernel(backend: str, name: str):
+    if backend != "triton":
+        return getattr(torch.ops.kdops, name)
+    import importlib
+
+    return getattr(importlib.import_module(f"kdops.triton.{MODULE[name]}"), name)
+
+
+def on(backend: str) -> str:
+    from helpers import triton_device
+
+    return {"cpu": "cpu", "cuda": "cuda"}.get(backend) or triton_device()
+
+
+def trials(backend: str, n: int) -> int:
+    from helpers import INTERPRET
+
+    return max(n // 8, 3) if backend == "triton" and INTERPRET else n  # the interpreter: ~5 ms per program
+
+
 def raises_op_error(fn, *words):
     with pytest.raises(RuntimeError) as e:
         fn()
@@ -42,25 +78,27 @@ def raises_op_error(fn, *words):
     assert "kdops" in msg and all(w in msg for w in words), msg
 
 
-def test_gather_fwd_bwd_with_any_index_rows():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gather_fwd_bwd_with_any_index_rows(backend):
+    fwd, bwd, dev = kernel(backend, "gather_level_features_fwd"), kernel(backend, "gather_level_features_bwd"), on(backend)
     g = torch.Generator().manual_seed(0)
-    for trial in range(40):
+    for trial in range(trials(backend, 40)):
         L = int(torch.randint(1, 4, (1,), generator=g))
         C = int(torch.randint(1, 6, (1,), generator=g))
-        shapes = [tuple(int(v) for v in torch.randint(0, 4, (3,), generator=g)) for _ in range(L)]
+        shapes = [tuple(int(v) for v in torch.randint(0 if trial % 5 == 4 else 1, 5, (3,), generator=g))
+                  for _ in range(L)]
         feats = [torch.randn(n, C, h, w, generator=g, dtype=torch.float64) for n, h, w in shapes]
         if trial % 3 == 1:  # strided levels (channels_last, a slice)
             feats = [f.to(memory_format=torch.channels_last) if i % 2 else f[:, :, :, : max(f.shape[3] - 1, 0)]
                      for i, f in enumerate(feats)]
         R = int(torch.randint(0, 30, (1,), generator=g))
-        idx = torch.stack([hostile_int(g, (R,), -1, L + 1), hostile_int(g, (R,), -1, 4),
-                           hostile_int(g, (R,), -1, 5), hostile_int(g, (R,), -1, 5)], 1)
-        out = torch.ops.kdops.gather_level_features_fwd(feats, idx)
+        idx = valid_rows_with_one_bad_coordinate(g, R, [(f.shape[0], f.shape[2], f.shape[3]) for f in feats])
+        out = fwd([f.to(dev) for f in feats], idx.to(dev)).cpu()
         torch.testing.assert_close(out, reference.gather_level_features(feats, idx), rtol=0, atol=0)
         # adjoint: every in-range row adds its gradient at its destination (duplicates accumulate)
         grad = torch.randn(R, C, generator=g, dtype=torch.float64)
         flat = [int(v) for f in feats for v in (f.shape[0], C, f.shape[2], f.shape[3])]
-        got = torch.ops.kdops.gather_level_features_bwd(grad, idx, flat)
+        got = [t.cpu() for t in bwd(grad.to(dev), idx.to(dev), flat)]
         for lvl, (f, gl) in enumerate(zip(feats, got)):
             want = torch.zeros(f.shape, dtype=torch.float64)
             for r in range(R):
@@ -70,6 +108,26 @@ def test_gather_fwd_bwd_with_any_index_rows():
             torch.testing.assert_close(gl, want, rtol=0, atol=1e-12)
 
 
+def valid_rows_with_one_bad_coordinate(g, R, sizes):
+    """(R,4) rows [level, batch, y, x], each valid (where its level is not empty), and in 3 of 5 rows
+    one coordinate replaced by a value just past its bound or an int64 extreme: every bound check
+    is needed on its own."""
+    L = len(sizes)
+    lv = torch.randint(0, L, (R,), generator=g)
+    bound = torch.tensor([[L, *s] for s in sizes])[lv]  # (R,4): the bound of each coordinate
+    rows = torch.cat([lv[:, None], (torch.rand(R, 3, generator=g) * bound[:, 1:]).long()], 1)
+    which = torch.randint(0, 4, (R,), generator=g)
+    pick = torch.randint(0, 4 + len(EXTREMES), (R,), generator=g)
+    near = torch.stack([torch.full((R,), -1), bound[torch.arange(R), which], bound[torch.arange(R), which] + 1,
+                        torch.full((R,), -2)], 1)
+    bad = torch.where(pick < 4, near.gather(1, pick.clamp(max=3)[:, None])[:, 0],
+                      torch.tensor(EXTREMES)[(pick - 4).clamp(min=0)])
+    corrupt = torch.rand(R, generator=g) < 0.6
+    rows[torch.arange(R)[corrupt], which[corrupt]] = bad[corrupt]
+    return rows
+
+
+@needs_c
 def test_gather_raw_op_rejects_inconsistent_arguments():
     f = [torch.randn(2, 3, 4, 5)]
     raises_op_error(lambda: torch.ops.kdops.gather_level_features_fwd(f, torch.zeros(3, 3, dtype=torch.long)),
@@ -96,10 +154,12 @@ def _hostile_ranges(g, K, H, W):
     return torch.where(flip[:, None], r[:, [2, 3, 0, 1]], r)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mean", [False, True])
-def test_box_pool_and_paint_with_any_ranges_and_batch_index(mean):
+def test_box_pool_and_paint_with_any_ranges_and_batch_index(mean, backend):
+    pool, paint, dev = kernel(backend, "box_pool_fwd"), kernel(backend, "box_paint_fwd"), on(backend)
     g = torch.Generator().manual_seed(1 + mean)
-    for trial in range(30):
+    for trial in range(trials(backend, 30)):
         L = int(torch.randint(1, 4, (1,), generator=g))
         N = int(torch.randint(0, 3, (1,), generator=g))
         C = int(torch.randint(1, 11, (1,), generator=g))
@@ -110,7 +170,7 @@ def test_box_pool_and_paint_with_any_ranges_and_batch_index(mean):
             feats = [f.to(memory_format=torch.channels_last) for f in feats]
         ranges = torch.stack([_hostile_ranges(g, K, h, w) for h, w in hw])
         bi = hostile_int(g, (K,), -1, N + 1, p_extreme=0.15)
-        out = torch.ops.kdops.box_pool_fwd(feats, ranges, bi, mean)
+        out = pool([f.to(dev) for f in feats], ranges.to(dev), bi.to(dev), mean).cpu()
         assert out.shape == (L, K, C)
         for lvl, f in enumerate(feats):
             want = reference.box_pool_ranges(f, ranges[lvl], bi, mean)
@@ -119,12 +179,13 @@ def test_box_pool_and_paint_with_any_ranges_and_batch_index(mean):
         if trial % 3 == 2:  # (K,C) read in place for every level
             values = values[:1].expand(L, K, C)
         sizes = [v for h, w in hw for v in (N, h, w)]
-        maps = torch.ops.kdops.box_paint_fwd(values, ranges, bi, sizes, mean)
+        maps = [m.cpu() for m in paint(values.to(dev), ranges.to(dev), bi.to(dev), sizes, mean)]
         for lvl, (h, w) in enumerate(hw):
             want = reference.box_paint_ranges(values[lvl], ranges[lvl], bi, (N, h, w), mean)
             torch.testing.assert_close(maps[lvl], want, rtol=1e-12, atol=1e-12)
 
 
+@needs_c
 def test_box_pool_and_paint_raw_ops_reject_inconsistent_arguments():
     f = [torch.randn(2, 3, 4, 5)]
     r = torch.zeros(1, 2, 4, dtype=torch.long)
@@ -143,9 +204,11 @@ def test_box_pool_and_paint_raw_ops_reject_inconsistent_arguments():
         torch.ops.kdops.box_paint_fwd(v, r, bi, [2, -4, 5], False)
 
 
-def test_box_max_paint_with_any_ranges_weights_and_batch_index():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_box_max_paint_with_any_ranges_weights_and_batch_index(backend):
+    max_paint, dev = kernel(backend, "box_max_paint"), on(backend)
     g = torch.Generator().manual_seed(3)
-    for trial in range(40):
+    for trial in range(trials(backend, 40)):
         N, H, W = (int(v) for v in torch.randint(0, 6, (3,), generator=g))
         K = int(torch.randint(0, 12, (1,), generator=g))
         ranges = _hostile_ranges(g, K, H, W)
@@ -155,7 +218,7 @@ def test_box_max_paint_with_any_ranges_weights_and_batch_index():
         pick = torch.rand(K, generator=g) < 0.2
         w = torch.where(pick, special[torch.randint(0, len(special), (K,), generator=g)], w)
         dtype = [torch.float32, torch.float64, torch.float16, torch.bfloat16][trial % 4]
-        got = torch.ops.kdops.box_max_paint(ranges, w, bi, N, H, W, dtype)
+        got = max_paint(ranges.to(dev), w.to(dev), bi.to(dev), N, H, W, dtype).cpu()
         assert got.shape == (N, H, W) and got.dtype == dtype
         # oracle: a loop over boxes (NaN weights are not > 0: skipped like weights <= 0)
         want = torch.zeros(N, H, W, dtype=torch.float64)
@@ -170,6 +233,7 @@ def test_box_max_paint_with_any_ranges_weights_and_batch_index():
         torch.testing.assert_close(got, want.to(dtype), rtol=0, atol=0)
 
 
+@needs_c
 def test_box_max_paint_raw_op_rejects_bad_sizes():
     r = torch.zeros(1, 4, dtype=torch.long)
     w = torch.ones(1, dtype=torch.float64)
@@ -181,6 +245,7 @@ def test_box_max_paint_raw_op_rejects_bad_sizes():
     raises_op_error(lambda: torch.ops.kdops.box_max_paint(r, w, bi, 1, 2, 3, torch.int32))
 
 
+@needs_c
 def test_box_ranges_raw_op_with_non_finite_and_huge_boxes_matches_the_tensor_ops():
     from kdops.ops.box_ranges import _ranges_tensor_ops
 
@@ -209,18 +274,20 @@ def test_box_ranges_raw_op_with_non_finite_and_huge_boxes_matches_the_tensor_ops
                     assert bool((ok | empty[lvl]).all())
 
 
-def test_mask_pool_with_any_batch_index():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mask_pool_with_any_batch_index(backend):
+    fwd, bwd, dev = kernel(backend, "mask_pool_fwd"), kernel(backend, "mask_pool_bwd"), on(backend)
     g = torch.Generator().manual_seed(5)
-    for trial in range(20):
+    for trial in range(trials(backend, 20)):
         N, C, H, W = (int(v) for v in torch.randint(0, 5, (4,), generator=g))
         K = int(torch.randint(0, 8, (1,), generator=g))
         f = torch.randn(N, C, H, W, generator=g, dtype=torch.float64)
         m = torch.rand(K, H, W, generator=g, dtype=torch.float64)
         bi = hostile_int(g, (K,), -1, N + 1, p_extreme=0.2)
-        out = torch.ops.kdops.mask_pool_fwd(f, m, bi)
+        out = fwd(f.to(dev), m.to(dev), bi.to(dev)).cpu()
         torch.testing.assert_close(out, reference.mask_pool(f, m, bi), rtol=1e-12, atol=1e-12)
         grad = torch.randn(K, C, generator=g, dtype=torch.float64)
-        gf, gm = torch.ops.kdops.mask_pool_bwd(grad, f, m, bi, True, True)
+        gf, gm = (t.cpu() for t in bwd(grad.to(dev), f.to(dev), m.to(dev), bi.to(dev), True, True))
         ok = (bi >= 0) & (bi < N)
         want_gf = torch.zeros_like(f)
         want_gm = torch.zeros_like(m)
@@ -232,7 +299,9 @@ def test_mask_pool_with_any_batch_index():
         torch.testing.assert_close(gm, want_gm, rtol=1e-12, atol=1e-12)
 
 
-def test_ms_deform_attn_with_far_and_non_finite_sampling_locations():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ms_deform_attn_with_far_and_non_finite_sampling_locations(backend):
+    fwd, bwd, dev = kernel(backend, "ms_deform_attn_fwd"), kernel(backend, "ms_deform_attn_bwd"), on(backend)
     g = torch.Generator().manual_seed(6)
     shapes = torch.tensor([[4, 5], [2, 3]])
     start = torch.tensor([0, 20])
@@ -243,20 +312,29 @@ def test_ms_deform_attn_with_far_and_non_finite_sampling_locations():
     pick = torch.rand(loc.shape, generator=g) < 0.2
     loc = torch.where(pick, special[torch.randint(0, len(special), loc.shape, generator=g)], loc)
     attn = torch.rand(N, Q, M, L, P, generator=g, dtype=torch.float64)
-    out = torch.ops.kdops.ms_deform_attn_fwd(value, shapes, start, loc, attn)
-    torch.testing.assert_close(out, reference.ms_deform_attn(value, shapes, start, loc, attn), rtol=1e-10, atol=1e-10)
+    args = [t.to(dev) for t in (value, shapes, start, loc, attn)]
+    out = fwd(*args)
+    torch.testing.assert_close(out.cpu(), reference.ms_deform_attn(value, shapes, start, loc, attn), rtol=1e-10,
+                               atol=1e-10)
     go = torch.randn_like(out)
-    gv, gl, ga = torch.ops.kdops.ms_deform_attn_bwd(go, value, shapes, start, loc, attn, True, True, True)
+    gv, gl, ga = bwd(go, *args, True, True, True)
     assert all(bool(t.isfinite().all()) for t in (gv, gl, ga))
+    # the gradients of the far samples' value reads: none (zero padding), so grad_value is the oracle's
+    leaf = value.detach().requires_grad_()
+    ref_gv = torch.autograd.grad(reference.ms_deform_attn(leaf, shapes, start, loc, attn),
+                                 leaf, go.cpu())[0]
+    torch.testing.assert_close(gv.cpu(), ref_gv, rtol=1e-10, atol=1e-10)
     # non-finite locations: read nothing out of the value map (the sanitizer build checks), finite or NaN out
     for bad in (math.nan, math.inf, -math.inf):
         loc2 = loc.clone()
         loc2[0, 1, 0, 0, 0, 0] = bad
-        out2 = torch.ops.kdops.ms_deform_attn_fwd(value, shapes, start, loc2, attn)
+        args[3] = loc2.to(dev)
+        out2 = fwd(*args)
         assert out2.shape == out.shape
-        torch.ops.kdops.ms_deform_attn_bwd(go, value, shapes, start, loc2, attn, True, True, True)
+        bwd(go, *args, True, True, True)
 
 
+@needs_c
 def test_ms_deform_attn_raw_op_rejects_shapes_that_do_not_fit_the_value():
     value = torch.randn(1, 26, 2, 3)
     loc = torch.rand(1, 5, 2, 2, 2, 2)
@@ -279,6 +357,7 @@ def test_ms_deform_attn_raw_op_rejects_shapes_that_do_not_fit_the_value():
                                                                True, True, True))
 
 
+@needs_c
 def test_loss_raw_ops_reject_mismatched_shapes():
     s, t = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)
     with pytest.raises(RuntimeError):
