@@ -25,8 +25,10 @@ def _extensions():
         # AddressSanitizer + UBSan build of the C++ kernels (tests/sanitize.sh runs the
         # hostile-input fuzz and the CPU op tests against it); never for a normal install.
         san = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer", "-g"]
-        # Python's CFLAGS carry -fwrapv; without it UBSan also reports signed integer overflow
-        cxx_extra = ["-fno-wrapv"]
+        # Python's CFLAGS carry -fwrapv; without it UBSan also reports signed integer overflow.
+        # float-cast-overflow (not part of "undefined" in GCC): a NaN or out-of-range float cast
+        # to an integer, whose result differs between x86 and aarch64.
+        cxx_extra = ["-fno-wrapv", "-fsanitize=float-cast-overflow"]
         cxx = ["-O1", "-fno-trapping-math", "-fopenmp", "-DKDOPS_WITH_OPENMP"] + san + cxx_extra
         link = link + san
     force_cuda = os.environ.get("FORCE_CUDA", "0") == "1"

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The C++ CPU kernels' tests (tests/ops, tests/losses, tests/nn; the hostile-input fuzz of
 # tests/ops/test_raw_ops_fuzz.py among them) against a build of kdops._C with AddressSanitizer
-# and UBSan (signed overflow included): any read or write outside a tensor, use of a dead
-# temporary, or undefined arithmetic in a kernel aborts the run with a stack trace.
+# and UBSan (signed overflow and float-to-int cast overflow included): any read or write outside
+# a tensor, use of a dead temporary, or undefined arithmetic in a kernel aborts the run with a
+# stack trace.
 #
 #   tests/sanitize.sh PYTHON        (make test runs it last; `make sanitize` alone)
 #
