@@ -40,7 +40,7 @@ def check_tensor(
         raise TypeError(f"kdops.{op}: `{name}` must have dtype in ({names}), got {x.dtype}")
     if like is not None and x.device != like.device:
         raise ValueError(
-            f"kdops.{op}: `{name}` is on {x.device} but the features are on {like.device}; "
+            f"kdops.{op}: `{name}` is on {x.device} but the other inputs are on {like.device}; "
             "move every input to one device"
         )
     if shape is not None and _shape(x) != tuple(shape):

@@ -21,11 +21,14 @@ ImageSize = Optional[Union[Tuple[int, int], torch.Tensor]]
 Image = Optional[Union[Tuple[float, float], torch.Tensor]]
 
 
-def check_boxes(op: str, boxes, batch_index=None, like: Optional[torch.Tensor] = None) -> None:
+_NO_BATCH_INDEX = object()  # check_boxes called for boxes alone (box_ranges takes no batch index)
+
+
+def check_boxes(op: str, boxes, batch_index=_NO_BATCH_INDEX, like: Optional[torch.Tensor] = None) -> None:
     check_tensor(op, "boxes", boxes, ndim=2, like=like, what="(K,4) xyxy in image pixels")
     if boxes.shape[1] != 4:
         raise ValueError(f"kdops.{op}: `boxes` must have shape (K,4) xyxy in image pixels, got {tuple(boxes.shape)}")
-    if batch_index is not None:
+    if batch_index is not _NO_BATCH_INDEX:
         check_tensor(op, "batch_index", batch_index, ndim=1, dtypes=(torch.int64,), like=boxes, what="(K,)")
         if batch_index.shape[0] != boxes.shape[0]:
             raise ValueError(

@@ -208,6 +208,7 @@ def test_non_contiguous_features():
         (dict(boxes=torch.zeros(3, 4, dtype=torch.int64)), TypeError, "`boxes` must have dtype"),
         (dict(batch_index=torch.zeros(3, dtype=torch.int32)), TypeError, "`batch_index` must have dtype"),
         (dict(batch_index=torch.zeros(2, dtype=torch.int64)), ValueError, "`batch_index` must have shape (3,)"),
+        (dict(batch_index=None), TypeError, "`batch_index` must be a torch.Tensor"),
         (dict(strides=[8, 16]), ValueError, "`strides` must be 3 positive number(s)"),
         (dict(rule="box"), ValueError, "`rule` must be one of"),
         (dict(reduce="max"), ValueError, "`reduce` must be 'sum' or 'mean'"),
@@ -234,6 +235,10 @@ def test_paint_bad_inputs():
         kdops.box_paint(torch.zeros(3, 5), b, bi, (2, 4), 8)
     with pytest.raises(TypeError, match="`values` must have dtype"):
         kdops.box_paint(torch.zeros(3, 5, dtype=torch.int64), b, bi, (2, 4, 4), 8)
+    with pytest.raises(TypeError, match="`batch_index` must be a torch.Tensor"):
+        kdops.box_paint(torch.zeros(3, 5), b, None, (2, 4, 4), 8)
+    with pytest.raises(ValueError, match=re.escape("`boxes` is on cpu but the other inputs are on meta")):
+        kdops.box_paint(torch.zeros(3, 5, device="meta"), b, bi, (2, 4, 4), 8)
 
 
 def test_deterministic_across_runs_and_thread_counts():
