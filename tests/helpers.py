@@ -42,7 +42,7 @@ def leaf(x, dtype=None, requires_grad=True):
     return y.requires_grad_(requires_grad)
 
 
-def compile_for_gpu(fn, signature: dict, constexprs: dict, arch: int = 90):
+def compile_for_gpu(fn, signature: dict, constexprs: dict, arch: int = 90, **options):
     """Compiles a @triton.jit kernel to a cubin for sm_<arch> without a GPU (type checks the
     compiled path, which the interpreter does not). Skips when that toolchain is missing."""
     import pytest
@@ -58,7 +58,7 @@ def compile_for_gpu(fn, signature: dict, constexprs: dict, arch: int = 90):
     sig = dict(signature)
     sig.update({k: "constexpr" for k in constexprs})
     kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs),
-                            target=GPUTarget("cuda", arch, 32))
+                            target=GPUTarget("cuda", arch, 32), options=options or None)
     assert "cubin" in kernel.asm
     return kernel
 

@@ -78,7 +78,9 @@ def _cls_kernel(s_ptr, t_ptr, w_ptr, g_ptr, gw_ptr, part_ptr, A, K, H, W, J,
             gap = d * d
             dg = -2.0 * d * qq
         else:
-            lad = tl.log(tl.maximum(ad, 1e-38))
+            # the smallest normal fp32: a Python float below it (1e-38) is typed fp64 by the
+            # compiler (not by the interpreter) and turned the loop's fp32 carry into fp64
+            lad = tl.log(tl.maximum(ad, 1.1754943508222875e-38))
             gap = tl.where(ad > 0, tl.exp(beta * lad), 0.0)
             dg = tl.where(ad > 0, -beta * tl.exp((beta - 1.0) * lad) * sgn * qq, 0.0)
         f = tl.where(m, bce * gap, 0.0)

@@ -1,0 +1,166 @@
+"""Every Triton kernel, as its launcher really launches it on a GPU, compiles for sm_90.
+
+The interpreter (how CI runs the Triton kernels) type-checks far less than the compiler: an
+int32/int64 mix in a loop carry, a dtype the hardware has no atomic for, a constexpr used as a
+value... pass there and fail on the first GPU call. Here each op's Triton launcher runs on
+small CPU tensors with `JITFunction.run` replaced by a recorder (so the launcher takes its GPU
+path: GPU block sizes, no interpreter branches), and every recorded launch -- the kernel, the
+types of its arguments and its constexprs -- is compiled to a cubin for sm_90 by Triton's own
+compiler, in fp32, bf16 and fp16 (and fp64 where the op supports it). No GPU is needed.
+A launcher's later host code runs on the garbage the recorder leaves in its outputs; it may
+fail then, after the launches that matter were recorded.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from helpers import INTERPRET, compile_for_gpu
+
+pytestmark = pytest.mark.skipif(INTERPRET, reason="kernels are interpreted in this process (TRITON_INTERPRET=1)")
+
+triton = pytest.importorskip("triton")
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+_PTR = {torch.float32: "*fp32", torch.float64: "*fp64", torch.float16: "*fp16", torch.bfloat16: "*bf16",
+        torch.int64: "*i64", torch.int32: "*i32", torch.uint8: "*u8", torch.bool: "*i1", torch.int8: "*i8"}
+_OPTIONS = ("num_warps", "num_stages", "num_ctas")
+
+
+@contextlib.contextmanager
+def recorded_launches():
+    """Replaces JITFunction.run: each launch is recorded as (kernel, signature, constexprs, options)."""
+    from triton.runtime.jit import JITFunction
+
+    launches = []
+
+    def record(self, *args, grid, warmup=False, **kwargs):
+        sig, const = {}, {}
+        values = dict(zip([p.name for p in self.params], args))
+        values.update({k: v for k, v in kwargs.items() if k not in _OPTIONS})
+        for p in self.params:
+            v = values[p.name]
+            if p.is_constexpr:
+                const[p.name] = v
+            elif isinstance(v, torch.Tensor):
+                sig[p.name] = _PTR[v.dtype]
+            elif isinstance(v, bool):
+                sig[p.name] = "i1"
+            elif isinstance(v, int):
+                sig[p.name] = "i32" if -(2**31) <= v < 2**31 else "i64"
+            elif isinstance(v, float):
+                sig[p.name] = "fp32"
+            else:
+                raise TypeError(f"{self.fn.__name__}: argument {p.name} of type {type(v).__name__}")
+        options = {k: kwargs[k] for k in _OPTIONS if k in kwargs}
+        launches.append((self, sig, const, options))
+
+    saved = JITFunction.run
+    JITFunction.run = record
+    try:
+        yield launches
+    finally:
+        JITFunction.run = saved
+
+
+def compile_recorded(run, expected):
+    with recorded_launches() as launches:
+        try:
+            run()
+        except Exception:  # host code reading the recorder's garbage; the launches were recorded
+            pass
+    names = {fn.fn.__name__ for fn, *_ in launches}
+    assert set(expected) <= names, f"launches recorded: {sorted(names)}, expected {sorted(expected)}"
+    seen = set()
+    for fn, sig, const, options in launches:
+        key = (fn.fn.__name__, tuple(sorted(sig.items())), tuple(sorted((k, str(v)) for k, v in const.items())))
+        if key in seen:
+            continue
+        seen.add(key)
+        compile_for_gpu(fn, sig, const, **options)
+    return names
+
+
+def rnd(*shape, dtype=torch.float32):
+    return torch.randn(*shape).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_feature_losses_compile(dtype):
+    from kdops.triton import masked_mse, pcc_mse
+
+    s, t = rnd(2, 3, 5, 7, dtype=dtype), rnd(2, 3, 5, 7, dtype=dtype)
+    pw, cw = rnd(2, 5, 7, dtype=dtype).abs(), rnd(2, 3, dtype=dtype).abs()
+    compile_recorded(lambda: masked_mse.masked_mse_fwd(s, t, pw, cw, 1.0), ["_masked_mse_kernel"])
+    compile_recorded(lambda: masked_mse.masked_mse_bwd(torch.ones(()), s, t, pw, cw, 1.0, True, True),
+                     ["_masked_mse_kernel", "_masked_mse_wgrad_kernel"])
+    compile_recorded(lambda: masked_mse.masked_mse_fwd(s, t, None, None, 1.0), ["_masked_mse_kernel"])
+    for norm in (0, 1):
+        compile_recorded(lambda: pcc_mse.pcc_mse_fwd(s, t, norm, 1e-6), ["_pcc_stats_kernel"])
+        coeffs = torch.rand(3 if norm == 0 else 6, 8, dtype=torch.float64)
+        compile_recorded(lambda: pcc_mse.pcc_mse_bwd(torch.ones(()), s, t, coeffs, norm, True, True),
+                         ["_pcc_loss_grad_kernel"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+def test_spatial_ops_compile(dtype):
+    from kdops.triton import box_masks, box_pool, gather_level_features, mask_pool
+
+    feats = [rnd(2, 3, 6, 7, dtype=dtype), rnd(2, 3, 3, 4, dtype=dtype)]
+    idx = torch.tensor([[0, 0, 1, 2], [1, 1, 2, 3], [0, 0, 1, 2]])
+    compile_recorded(lambda: gather_level_features.gather_level_features_fwd(feats, idx), ["_gather_kernel"])
+    compile_recorded(lambda: gather_level_features.gather_level_features_bwd(rnd(3, 3, dtype=dtype), idx,
+                                                                             [2, 3, 6, 7, 2, 3, 3, 4]),
+                     ["_segment_sum_kernel"])
+    ranges = torch.tensor([[[0, 0, 3, 2], [1, 1, 6, 5]], [[0, 0, 1, 1], [0, 0, 3, 2]]])
+    bi = torch.tensor([0, 1])
+    for mean in (False, True):
+        compile_recorded(lambda: box_pool.box_pool_fwd(feats, ranges, bi, mean),
+                         ["_sat_kernel", "_mark_rows_kernel", "_box_query_kernel"])
+        compile_recorded(lambda: box_pool.box_paint_fwd(rnd(2, 2, 3, dtype=dtype), ranges, bi,
+                                                        [2, 6, 7, 2, 3, 4], mean), ["_paint_kernel"])
+    compile_recorded(lambda: box_masks.box_max_paint(ranges[0], torch.rand(2, dtype=torch.float64), bi, 2, 6, 7,
+                                                     dtype), ["_max_paint_kernel"])
+    m = torch.rand(2, 6, 7).to(dtype)
+    compile_recorded(lambda: mask_pool.mask_pool_fwd(feats[0], m, bi), ["_pool_kernel"])
+    compile_recorded(lambda: mask_pool.mask_pool_bwd(rnd(2, 3, dtype=dtype), feats[0], m, bi, True, True),
+                     ["_grad_feature_kernel", "_grad_masks_kernel"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+def test_ms_deform_attn_compiles(dtype):
+    from kdops.triton import ms_deform_attn as msda
+
+    value = rnd(2, 26, 2, 4, dtype=dtype)
+    shapes, starts = torch.tensor([[4, 5], [2, 3]]), torch.tensor([0, 20])
+    loc, attn = torch.rand(2, 3, 2, 2, 2, 2).to(dtype), torch.rand(2, 3, 2, 2, 2).to(dtype)
+    go = rnd(2, 3, 8, dtype=dtype)
+    compile_recorded(lambda: msda.ms_deform_attn_fwd(value, shapes, starts, loc, attn), ["_fwd_kernel"])
+    compile_recorded(lambda: msda.ms_deform_attn_bwd(go, value, shapes, starts, loc, attn, True, True, False),
+                     ["_bwd_kernel"])
+    compile_recorded(lambda: msda.ms_deform_attn_bwd(go, value, shapes, starts, loc, attn, True, True, True),
+                     ["_bwd_kernel", "_keys_kernel", "_gather_value_grad_kernel"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+def test_bckd_kernels_compile(dtype):
+    from kdops.triton import bckd
+
+    s5, t5 = rnd(2, 3, 4, 1, 5, dtype=dtype), rnd(2, 3, 4, 1, 5, dtype=dtype)
+    w = torch.rand(24, dtype=dtype)
+    for beta in (1.0, 2.0, 1.5):
+        compile_recorded(lambda: bckd.bckd_cls_fwd(s5, t5, w, beta, 1.0, True, True), ["_cls_kernel"])
+    compile_recorded(lambda: bckd.bckd_cls_fwd(s5, t5, None, 2.0, 1.0, True, False), ["_cls_kernel"])
+    A, K = 12, 3
+    logits = [rnd(A, K, dtype=dtype), rnd(A, K, dtype=dtype)]
+    anchors = torch.rand(A, 4).to(dtype) * 10
+    anchors[:, 2:] += anchors[:, :2]
+    for decoder, D, pri, reg_max in ((0, 4, anchors, 16), (1, 4 * 8, anchors[:, :2].contiguous(), 7),
+                                     (2, 4, anchors, 16)):
+        reg = [rnd(A, D, dtype=dtype), rnd(A, D, dtype=dtype)]
+        for loss in (0, 1):
+            compile_recorded(lambda: bckd.bckd_loc_fwd(
+                [reg[0]], [reg[1]], [logits[0]], [logits[1]], [pri], [torch.rand(A, dtype=dtype)],
+                [torch.full((A,), 8.0, dtype=dtype)] if decoder == 1 else [None], [0.0], decoder, loss, reg_max,
+                [0.0] * 4, [1.0] * 4, 4.135, [1.0], True, True), ["_loc_kernel"])
