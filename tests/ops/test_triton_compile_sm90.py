@@ -26,6 +26,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 _PTR = {torch.float32: "*fp32", torch.float64: "*fp64", torch.float16: "*fp16", torch.bfloat16: "*bf16",
         torch.int64: "*i64", torch.int32: "*i32", torch.uint8: "*u8", torch.bool: "*i1", torch.int8: "*i8"}
 _OPTIONS = ("num_warps", "num_stages", "num_ctas")
+SM90_SHARED_BYTES = 227 * 1024  # the most shared memory one block may use on sm_90
 
 
 @contextlib.contextmanager
@@ -78,7 +79,9 @@ def compile_recorded(run, expected):
         if key in seen:
             continue
         seen.add(key)
-        compile_for_gpu(fn, sig, const, **options)
+        kernel = compile_for_gpu(fn, sig, const, **options)
+        # a launch asking for more shared memory than an H100/H200 block has fails at run time
+        assert kernel.metadata.shared <= SM90_SHARED_BYTES, (fn.fn.__name__, kernel.metadata.shared, const)
     return names
 
 
@@ -164,3 +167,32 @@ def test_bckd_kernels_compile(dtype):
                 [reg[0]], [reg[1]], [logits[0]], [logits[1]], [pri], [torch.rand(A, dtype=dtype)],
                 [torch.full((A,), 8.0, dtype=dtype)] if decoder == 1 else [None], [0.0], decoder, loss, reg_max,
                 [0.0] * 4, [1.0] * 4, 4.135, [1.0], True, True), ["_loc_kernel"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernels_at_coco_sizes_fit_in_shared_memory(dtype):
+    # block sizes follow the problem (mask_pool's GEMM tiles, box_pool's rows per step, MSDA's
+    # sample tiles): record them at the sizes the bench uses, where the tiles are largest
+    from kdops.triton import box_pool, mask_pool
+    from kdops.triton import ms_deform_attn as msda
+
+    f = torch.empty(2, 256, 100, 152, dtype=dtype)
+    bi = torch.arange(100) % 2
+    compile_recorded(lambda: mask_pool.mask_pool_fwd(f, torch.empty(100, 100, 152, dtype=dtype), bi),
+                     ["_pool_kernel"])
+    compile_recorded(lambda: mask_pool.mask_pool_bwd(torch.empty(100, 256, dtype=dtype), f,
+                                                     torch.empty(100, 100, 152, dtype=dtype), bi, True, True),
+                     ["_grad_feature_kernel", "_grad_masks_kernel"])
+    ranges = torch.tensor([[[0, 0, 151, 99]] * 100])
+    compile_recorded(lambda: box_pool.box_pool_fwd([f], ranges, bi, False), ["_sat_kernel"])
+    compile_recorded(lambda: box_pool.box_paint_fwd(torch.empty(1, 100, 256, dtype=dtype), ranges, bi,
+                                                    [2, 100, 152], False), ["_paint_kernel"])
+    shapes = torch.tensor([[100, 152], [50, 76], [25, 38], [13, 19]])
+    starts = torch.cumsum(shapes.prod(1), 0) - shapes.prod(1)
+    S = int(shapes.prod(1).sum())
+    value = torch.empty(2, S, 8, 32, dtype=dtype)
+    loc, attn = torch.rand(2, 300, 8, 4, 4, 2).to(dtype), torch.rand(2, 300, 8, 4, 4).to(dtype)
+    compile_recorded(lambda: msda.ms_deform_attn_fwd(value, shapes, starts, loc, attn), ["_fwd_kernel"])
+    compile_recorded(lambda: msda.ms_deform_attn_bwd(torch.empty(2, 300, 256, dtype=dtype), value, shapes, starts,
+                                                     loc, attn, True, True, True),
+                     ["_bwd_kernel", "_keys_kernel", "_gather_value_grad_kernel"])
