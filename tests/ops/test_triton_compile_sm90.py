@@ -1,4 +1,5 @@
-"""Every Triton kernel, as its launcher really launches it on a GPU, compiles for sm_90.
+"""Every Triton kernel, as its launcher really launches it on a GPU, compiles for sm_90; and no
+launcher reads a device value on the host (no synchronisation), checked on meta tensors.
 
 The interpreter (how CI runs the Triton kernels) type-checks far less than the compiler: an
 int32/int64 mix in a loop carry, a dtype the hardware has no atomic for, a constexpr used as a
@@ -196,3 +197,54 @@ def test_kernels_at_coco_sizes_fit_in_shared_memory(dtype):
     compile_recorded(lambda: msda.ms_deform_attn_bwd(torch.empty(2, 300, 256, dtype=dtype), value, shapes, starts,
                                                      loc, attn, True, True, True),
                      ["_bwd_kernel", "_keys_kernel", "_gather_value_grad_kernel"])
+
+
+def _meta_launches():
+    """Each Triton launcher on meta tensors (shapes, dtypes and devices, but no values)."""
+    from kdops.triton import bckd, box_masks, box_pool, gather_level_features, mask_pool, masked_mse, pcc_mse
+    from kdops.triton import ms_deform_attn as msda
+
+    def r(*shape, dtype=torch.float32):
+        return torch.empty(*shape, dtype=dtype, device="meta")
+
+    def i(values):
+        return torch.tensor(values).to("meta")
+
+    feats, idx = [r(2, 3, 6, 7), r(2, 3, 3, 4)], i([[0, 0, 1, 2], [1, 1, 2, 3], [0, 0, 1, 2]])
+    ranges, bi = i([[[0, 0, 3, 2], [1, 1, 6, 5]], [[0, 0, 1, 1], [0, 0, 3, 2]]]), i([0, 1])
+    s, t = r(2, 3, 5, 7), r(2, 3, 5, 7)
+    value, shapes, starts = r(2, 26, 2, 4), i([[4, 5], [2, 3]]), i([0, 20])
+    loc, attn = r(2, 3, 2, 2, 2, 2), r(2, 3, 2, 2, 2)
+    return {
+        "masked_mse_fwd": lambda: masked_mse.masked_mse_fwd(s, t, r(2, 5, 7), r(2, 3), 1.0),
+        "masked_mse_bwd": lambda: masked_mse.masked_mse_bwd(r(()), s, t, r(2, 5, 7), r(2, 3), 1.0, True, True),
+        "pcc_mse_fwd": lambda: pcc_mse.pcc_mse_fwd(s, t, 1, 1e-6),
+        "pcc_mse_bwd": lambda: pcc_mse.pcc_mse_bwd(r(()), s, t, r(3, 8, dtype=torch.float64), 0, True, True),
+        "gather_fwd": lambda: gather_level_features.gather_level_features_fwd(feats, idx),
+        "gather_bwd": lambda: gather_level_features.gather_level_features_bwd(r(3, 3), idx, [2, 3, 6, 7, 2, 3, 3, 4]),
+        "box_pool_fwd": lambda: box_pool.box_pool_fwd(feats, ranges, bi, True),
+        "box_paint_fwd": lambda: box_pool.box_paint_fwd(r(2, 2, 3), ranges, bi, [2, 6, 7, 2, 3, 4], True),
+        "box_max_paint": lambda: box_masks.box_max_paint(ranges[0], r(2, dtype=torch.float64), bi, 2, 6, 7,
+                                                         torch.float32),
+        "mask_pool_fwd": lambda: mask_pool.mask_pool_fwd(feats[0], r(2, 6, 7), bi),
+        "mask_pool_bwd": lambda: mask_pool.mask_pool_bwd(r(2, 3), feats[0], r(2, 6, 7), bi, True, True),
+        "msda_fwd": lambda: msda.ms_deform_attn_fwd(value, shapes, starts, loc, attn),
+        "msda_bwd_sorted": lambda: msda.ms_deform_attn_bwd(r(2, 3, 8), value, shapes, starts, loc, attn, True, True,
+                                                           True),
+        "msda_bwd_atomic": lambda: msda.ms_deform_attn_bwd(r(2, 3, 8), value, shapes, starts, loc, attn, True, True,
+                                                           False),
+        "bckd_cls_fwd": lambda: bckd.bckd_cls_fwd(r(2, 3, 4, 1, 5), r(2, 3, 4, 1, 5), r(24), 1.5, 1.0, True, True),
+        "bckd_loc_fwd": lambda: bckd.bckd_loc_fwd([r(12, 4)], [r(12, 4)], [r(12, 3)], [r(12, 3)], [r(12, 4)],
+                                                  [r(12)], [None], [0.0], 0, 0, 16, [0.0] * 4, [1.0] * 4, 4.1, [1.0],
+                                                  True, True),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_meta_launches()))
+def test_launchers_never_read_device_values_on_the_host(name):
+    # a meta tensor has no values: .item(), int(t), bool(t) or .tolist() on one raises, so a
+    # launcher that completes here launches its kernels without a host synchronisation (what
+    # torch.cuda.set_sync_debug_mode("error") checks on a GPU, here for every launcher without one)
+    with recorded_launches() as launches:
+        _meta_launches()[name]()
+    assert launches, f"{name} launched no kernel"
