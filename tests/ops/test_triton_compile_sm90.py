@@ -66,7 +66,7 @@ def recorded_launches():
         JITFunction.run = saved
 
 
-def compile_recorded(run, expected):
+def compile_recorded(run, expected, wide_ints: bool = False):
     with recorded_launches() as launches:
         try:
             run()
@@ -80,6 +80,8 @@ def compile_recorded(run, expected):
         if key in seen:
             continue
         seen.add(key)
+        if wide_ints:  # what Triton passes for sizes and strides of 2^31 or more
+            sig = {k: "i64" if v == "i32" else v for k, v in sig.items()}
         kernel = compile_for_gpu(fn, sig, const, **options)
         # a launch asking for more shared memory than an H100/H200 block has fails at run time
         assert kernel.metadata.shared <= SM90_SHARED_BYTES, (fn.fn.__name__, kernel.metadata.shared, const)
@@ -248,3 +250,10 @@ def test_launchers_never_read_device_values_on_the_host(name):
     with recorded_launches() as launches:
         _meta_launches()[name]()
     assert launches, f"{name} launched no kernel"
+
+
+@pytest.mark.parametrize("name", sorted(_meta_launches()))
+def test_kernels_compile_with_64_bit_sizes_and_strides(name):
+    # a tensor of 2^31 elements or more makes Triton pass its sizes and strides as int64: the
+    # kernels must still type-check (no int32 loop carry re-assigned an int64, and so on)
+    compile_recorded(_meta_launches()[name], [], wide_ints=True)
