@@ -1,5 +1,7 @@
-"""Every Triton kernel, as its launcher really launches it on a GPU, compiles for sm_90; and no
-launcher reads a device value on the host (no synchronisation), checked on meta tensors.
+"""Every Triton kernel, as its launcher really launches it on a GPU, compiles for sm_90 (also with
+int64 sizes, within an sm_90 block's shared memory, and with no floating-point atomics outside
+MSDA's non-deterministic path); and no launcher reads a device value on the host (no
+synchronisation), checked on meta tensors.
 
 The interpreter (how CI runs the Triton kernels) type-checks far less than the compiler: an
 int32/int64 mix in a loop carry, a dtype the hardware has no atomic for, a constexpr used as a
@@ -66,7 +68,7 @@ def recorded_launches():
         JITFunction.run = saved
 
 
-def compile_recorded(run, expected, wide_ints: bool = False):
+def compile_recorded(run, expected, wide_ints: bool = False, kernels=None):
     with recorded_launches() as launches:
         try:
             run()
@@ -85,6 +87,8 @@ def compile_recorded(run, expected, wide_ints: bool = False):
         kernel = compile_for_gpu(fn, sig, const, **options)
         # a launch asking for more shared memory than an H100/H200 block has fails at run time
         assert kernel.metadata.shared <= SM90_SHARED_BYTES, (fn.fn.__name__, kernel.metadata.shared, const)
+        if kernels is not None:
+            kernels.append((fn.fn.__name__, kernel))
     return names
 
 
@@ -257,3 +261,23 @@ def test_kernels_compile_with_64_bit_sizes_and_strides(name):
     # a tensor of 2^31 elements or more makes Triton pass its sizes and strides as int64: the
     # kernels must still type-check (no int32 loop carry re-assigned an int64, and so on)
     compile_recorded(_meta_launches()[name], [], wide_ints=True)
+
+
+# the only launch allowed floating-point atomics: MSDA's value gradient when determinism is off
+NON_DETERMINISTIC = {"msda_bwd_atomic"}
+
+
+@pytest.mark.parametrize("name", sorted(_meta_launches()))
+def test_no_floating_point_atomics_outside_the_non_deterministic_path(name):
+    # an atomic float add sums in whatever order the threads arrive: results then differ from run
+    # to run. Integer max/min atomics (box_max_paint) are order-free. Read from the compiled PTX.
+    import re
+
+    kernels = []
+    compile_recorded(_meta_launches()[name], [], kernels=kernels)
+    atomics = {op for _, k in kernels for op in re.findall(r"\b(?:atom|red)\.[a-z0-9_.]+", k.asm["ptx"])}
+    float_adds = {op for op in atomics if re.search(r"\.add\.(?:f|bf)\d+", op)}
+    if name in NON_DETERMINISTIC:
+        assert float_adds, f"{name}: expected its float atomics (is the check still looking?), got {atomics}"
+    else:
+        assert not float_adds, f"{name}: floating-point atomics {float_adds} in a deterministic path"
