@@ -379,3 +379,69 @@ def test_loss_raw_ops_reject_mismatched_shapes():
         torch.ops.kdops.bckd_cls_fwd(torch.randn(6, 4), torch.randn(6, 3), None, 2.0, 1.0, True, False)
     with pytest.raises(RuntimeError):
         torch.ops.kdops.bckd_cls_fwd(torch.randn(6, 4), torch.randn(6, 4), torch.rand(5), 2.0, 1.0, True, False)
+
+
+def _layout(x: torch.Tensor, kind: int) -> torch.Tensor:
+    """The same values in another memory layout: contiguous, channels_last, a strided slice of a
+    larger tensor, or (for size-1-expandable tensors) a stride-0 broadcast."""
+    if kind == 1 and x.dim() == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    if kind == 2:
+        big = torch.zeros(*[2 * s + 1 for s in x.shape], dtype=x.dtype)
+        view = big[tuple(slice(1, 2 * s + 1, 2) for s in x.shape)]
+        view.copy_(x)
+        return view
+    if kind == 3 and x.shape[0] > 0:  # every image the same: expand image 0 (stride 0)
+        y = x[:1].expand(x.shape)
+        x.copy_(y)  # the oracle sees the same values
+        return y
+    return x
+
+
+def oracle_grads(out, leaves):
+    """Gradients of out w.r.t. leaves, zeros where out does not depend on one (empty inputs)."""
+    if not out.requires_grad:
+        return [torch.zeros_like(x) for x in leaves]
+    gs = torch.autograd.grad(out, leaves, allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, gs)]
+
+
+MODULE.update({"masked_mse_fwd": "masked_mse", "masked_mse_bwd": "masked_mse", "pcc_mse_fwd": "pcc_mse",
+               "pcc_mse_bwd": "pcc_mse"})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_feature_losses_with_any_shapes_and_layouts(backend):
+    # zero-size dimensions, odd sizes, and every input in its own layout (channels_last, strided
+    # slices, stride-0 broadcasts): loss and gradients against the formulas in float64
+    mfwd, mbwd = kernel(backend, "masked_mse_fwd"), kernel(backend, "masked_mse_bwd")
+    pfwd, pbwd = kernel(backend, "pcc_mse_fwd"), kernel(backend, "pcc_mse_bwd")
+    dev = on(backend)
+    g = torch.Generator().manual_seed(7)
+    for trial in range(trials(backend, 24)):
+        N, C, H, W = (int(v) for v in torch.randint(0 if trial % 6 == 5 else 1, 6, (4,), generator=g))
+        s, t = (torch.randn(N, C, H, W, generator=g, dtype=torch.float64) for _ in range(2))
+        pw, cw = torch.rand(N, H, W, generator=g, dtype=torch.float64), torch.rand(N, C, generator=g, dtype=torch.float64)
+        kinds = torch.randint(0, 4, (4,), generator=g).tolist()
+        s, t, pw, cw = (_layout(x, k) for x, k in zip((s, t, pw, cw), kinds))
+        leaves = [x.detach().clone().requires_grad_() for x in (s, t, pw, cw)]
+        want = reference.masked_mse(leaves[0], leaves[1], pixel_weight=leaves[2], channel_weight=leaves[3]) * 0.5
+        args = [x.to(dev) for x in (s, t, pw, cw)]
+        got = mfwd(*args, 0.5).cpu()
+        torch.testing.assert_close(got, want.detach(), rtol=1e-10, atol=1e-12)
+        gs, gpw, gcw = (x.cpu() for x in mbwd(torch.full((), 2.0, dtype=torch.float64, device=dev), *args, 0.5,
+                                              True, True))
+        ws, _, wpw, wcw = oracle_grads(want * 2.0, leaves)
+        for a, b in ((gs, ws), (gpw, wpw), (gcw, wcw)):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+        for code, norm in ((0, "channel"), (1, "instance")):
+            if (N * H * W if code == 0 else H * W) < 2:
+                continue  # one sample per group: no spread to normalise by (instance_norm refuses it too)
+            leaves = [x.detach().clone().requires_grad_() for x in (s, t)]
+            want = reference.pcc_mse(leaves[0], leaves[1], norm=norm)
+            loss, coeffs = pfwd(args[0], args[1], code, 1e-6 if code == 0 else 1e-5)
+            torch.testing.assert_close(loss.cpu(), want.detach(), rtol=1e-9, atol=1e-12)
+            gs, gt = pbwd(torch.ones((), dtype=torch.float64, device=dev), args[0], args[1], coeffs, code, True, True)
+            ws, wt = oracle_grads(want, leaves)
+            torch.testing.assert_close(gs.cpu(), ws, rtol=1e-8, atol=1e-10)
+            torch.testing.assert_close(gt.cpu(), wt, rtol=1e-8, atol=1e-10)
