@@ -445,3 +445,36 @@ def test_feature_losses_with_any_shapes_and_layouts(backend):
             ws, wt = oracle_grads(want, leaves)
             torch.testing.assert_close(gs.cpu(), ws, rtol=1e-8, atol=1e-10)
             torch.testing.assert_close(gt.cpu(), wt, rtol=1e-8, atol=1e-10)
+
+
+MODULE.update({"bckd_cls_fwd": "bckd"})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bckd_cls_with_any_strided_anchor_views(backend):
+    # bckd_cls_fwd reads (N,H,W,J,K) views through their strides (mmdet's (N,J*K,H,W) without a
+    # copy): views of permuted, sliced and broadcast buffers, zero-size dimensions, any beta
+    fwd, dev = kernel(backend, "bckd_cls_fwd"), on(backend)
+    g = torch.Generator().manual_seed(8)
+    for trial in range(trials(backend, 24)):
+        shape = [int(v) for v in torch.randint(0 if trial % 6 == 5 else 1, 4, (5,), generator=g)]
+        views = []
+        for _ in range(2):
+            perm = torch.randperm(5, generator=g).tolist()
+            base = torch.randn([shape[p] for p in perm], generator=g, dtype=torch.float64) * 3
+            x = base.permute([perm.index(d) for d in range(5)])  # an (N,H,W,J,K) view of a permuted buffer
+            views.append(_layout(x.clone(), 2) if trial % 3 == 0 else x)
+        s, t = views
+        A = shape[0] * shape[1] * shape[2] * shape[3]
+        w = _layout(torch.rand(A, generator=g, dtype=torch.float64), 2) if trial % 2 else None
+        beta = [1.0, 2.0, 1.5, 0.5][trial % 4]
+        ls = s.detach().clone().requires_grad_()
+        lw = w.detach().clone().requires_grad_() if w is not None else None
+        want = reference.bckd_cls_loss(ls.reshape(A, shape[4]), t.reshape(A, shape[4]), weight=lw, beta=beta) * 0.25
+        loss, gs, gw = fwd(s.to(dev), t.to(dev), w.to(dev) if w is not None else None, beta, 0.25, True,
+                           w is not None)
+        torch.testing.assert_close(loss.cpu(), want.detach(), rtol=1e-9, atol=1e-12)
+        grads = oracle_grads(want, [ls] + ([lw] if lw is not None else []))
+        torch.testing.assert_close(gs.cpu(), grads[0], rtol=1e-7, atol=1e-10)
+        if w is not None:
+            torch.testing.assert_close(gw.cpu().reshape(-1), grads[1], rtol=1e-7, atol=1e-10)
