@@ -6,8 +6,8 @@
 # stage has its own time limit, the whole run keeps within BUDGET_S (default 560 s: a stage that
 # would not fit is skipped and said so), a failing stage does not stop the next one, and the results
 # are packed after every stage (a call cut short still brings back what was done). Order: what only
-# a GPU can tell first (build, GPU tests, Triton kernels for real, fp32 bench), then the
-# half-precision benches, then the CPU suite.
+# a GPU can tell first (build, GPU tests, Triton kernels for real, fp32 bench, the hostile-input
+# fuzz under compute-sanitizer), then the half-precision benches, then the CPU suite.
 #
 #   device run:  bash benchmarks/gpu_session.sh            (timeout_s 600)
 #   stages:      STAGES="build tests bench" (default), e.g. STAGES="build bench" for a re-run
@@ -57,6 +57,21 @@ if [[ " $STAGES " == *" tests "* ]]; then
 fi
 if [[ " $STAGES " == *" bench "* ]]; then
   stage bench-fp32 240 $PY -m kdops.cli bench --device cuda --dtype float32 --out benchmarks/results
+fi
+if [[ " $STAGES " == *" tests "* ]]; then
+  # the hostile-input fuzz on CUDA tensors (CUDA C++ and Triton kernels) under compute-sanitizer's
+  # memcheck: an out-of-bounds access is reported even where it does not crash. No caching
+  # allocator, so a read past a tensor is not hidden inside a pooled block.
+  SAN=$(command -v compute-sanitizer || ls "${CUDA_HOME:-/usr/local/cuda}"/bin/compute-sanitizer \
+        /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)
+  if [[ -n "$SAN" ]]; then
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 stage memcheck 120 "$SAN" --tool memcheck --error-exitcode 7 \
+      $PY -m pytest -q -p no:cacheprovider -m "not triton" -k cuda tests/ops/test_raw_ops_fuzz.py
+  else
+    note "memcheck         skipped: no compute-sanitizer on this machine"
+  fi
+fi
+if [[ " $STAGES " == *" bench "* ]]; then
   for dt in bfloat16 float16; do
     KDOPS_BENCH_NO_COMPILE=1 stage "bench-$dt" 120 $PY -m kdops.cli bench --device cuda --dtype "$dt" --out benchmarks/results
   done
