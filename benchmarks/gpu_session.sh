@@ -52,7 +52,7 @@ if [[ " $STAGES " == *" build "* ]]; then
 fi
 if [[ " $STAGES " == *" tests "* ]]; then
   # GPU tests are the ones that skip without CUDA; then the Triton kernels natively
-  stage tests-gpu 200 $PY -m pytest -q --maxfail=25 -m "not triton" -k "cuda or gpu or device or triton or sync" tests
+  stage tests-gpu 200 $PY -m pytest -q --maxfail=25 -m "not triton" -k "(cuda or gpu or device or triton or sync) and not sm90" tests
   stage tests-triton 150 $PY -m pytest -q --maxfail=25 -m triton tests
 fi
 if [[ " $STAGES " == *" bench "* ]]; then
