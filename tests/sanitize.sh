@@ -25,6 +25,12 @@ DIR=${KDOPS_SANITIZE_DIR:-$ROOT/build/sanitize}
 CXX=${CXX:-c++}
 
 mkdir -p "$DIR"
+if ! echo 'int main() { return 0; }' | "$CXX" -x c++ -fsanitize=address,undefined - -o "$DIR/probe" 2>"$DIR/probe.log"; then
+  echo "WARNING: tests/sanitize.sh skipped: $CXX cannot build with -fsanitize=address,undefined here"
+  echo "(install the compiler's sanitizer runtimes, e.g. Debian's libasan8 and libubsan1):"
+  head -3 "$DIR/probe.log"
+  exit 0
+fi
 rm -rf "$DIR/kdops" "$DIR/tests"
 # tar keeps the sources' modification times, so ninja recompiles only what changed
 tar -C "$ROOT" --exclude='*.so' --exclude=__pycache__ --exclude='*.pyc' \
