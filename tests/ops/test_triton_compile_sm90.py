@@ -260,7 +260,7 @@ def test_launchers_never_read_device_values_on_the_host(name):
 def test_kernels_compile_with_64_bit_sizes_and_strides(name):
     # a tensor of 2^31 elements or more makes Triton pass its sizes and strides as int64: the
     # kernels must still type-check (no int32 loop carry re-assigned an int64, and so on)
-    compile_recorded(_meta_launches()[name], [], wide_ints=True)
+    assert compile_recorded(_meta_launches()[name], [], wide_ints=True), f"{name} launched no kernel"
 
 
 # the only launch allowed floating-point atomics: MSDA's value gradient when determinism is off
@@ -275,6 +275,7 @@ def test_no_floating_point_atomics_outside_the_non_deterministic_path(name):
 
     kernels = []
     compile_recorded(_meta_launches()[name], [], kernels=kernels)
+    assert kernels, f"{name} launched no kernel"
     atomics = {op for _, k in kernels for op in re.findall(r"\b(?:atom|red)\.[a-z0-9_.]+", k.asm["ptx"])}
     float_adds = {op for op in atomics if re.search(r"\.add\.(?:f|bf)\d+", op)}
     if name in NON_DETERMINISTIC:
