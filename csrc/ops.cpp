@@ -57,7 +57,7 @@ TORCH_LIBRARY(kdops, m) {
   // (N,H,W) in `dtype`. weight (K,) float64; boxes with weight <= 0, empty ranges or batch index
   // outside [0,N) are skipped, ranges are clipped. Exact (a max), deterministic; not differentiable.
   m.def(
-      "box_max_paint(Tensor ranges, Tensor weight, Tensor batch_index, SymInt N, SymInt H, SymInt W, "
+      "box_masks_fwd(Tensor ranges, Tensor weight, Tensor batch_index, SymInt N, SymInt H, SymInt W, "
       "ScalarType dtype) -> Tensor");
   // General masks. feature (N,C,H,W), masks (K,H,W) in the feature's dtype, batch_index (K,)
   // int64: out[k,c] = sum_{y,x} masks[k,y,x] * feature[b_k,c,y,x], (K,C); objects whose b_k is
@@ -90,7 +90,7 @@ TORCH_LIBRARY(kdops, m) {
   // over (N,H,W,J,K) strided views (mmdet's (N,J*K,H,W) or (A,K) without a copy).
   // returns (loss, grad_student, grad_weight)
   m.def(
-      "bckd_cls_fwd(Tensor student, Tensor teacher, Tensor? weight, float beta, float scale, "
+      "bckd_cls_loss_fwd(Tensor student, Tensor teacher, Tensor? weight, float beta, float scale, "
       "bool grad_student, bool grad_weight) -> (Tensor, Tensor, Tensor)");
   // BCKD localisation, every FPN level in one call (one parallel region, one autograd node):
   // loss[l] = scale[l] * sum_a max_k|sigmoid(tl) - sigmoid(sl)| w_a (1 - GIoU(dec(sr), dec(tr)))
@@ -103,7 +103,7 @@ TORCH_LIBRARY(kdops, m) {
   // returns (loss (L,), grad_student_reg per level (input's shape), grad_weight per level
   // (weight's shape and dtype)); a gradient not asked for is an empty tensor.
   m.def(
-      "bckd_loc_fwd(Tensor[] student_reg, Tensor[] teacher_reg, Tensor[] student_logits, "
+      "bckd_loc_loss_fwd(Tensor[] student_reg, Tensor[] teacher_reg, Tensor[] student_logits, "
       "Tensor[] teacher_logits, Tensor[] priors, Tensor?[] weight, Tensor?[] stride, float[] stride_value, "
       "int decoder, int loss, int reg_max, float[] means, float[] stds, float max_ratio, float[] scale, "
       "bool grad_reg, bool grad_weight) -> (Tensor, Tensor[], Tensor[])");

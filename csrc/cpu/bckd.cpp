@@ -1,4 +1,4 @@
-// CPU kernels of kdops::bckd_cls_fwd and kdops::bckd_loc_fwd (BCKD, Pan et al. ICCV 2023).
+// CPU kernels of kdops::bckd_cls_loss_fwd and kdops::bckd_loc_loss_fwd (BCKD, Pan et al. ICCV 2023).
 //
 // Inputs arrive as strided 5-D views (N,H,W,J,C): mmdet's (N,J*C,H,W) head outputs and
 // flattened (A,C) tensors are both such views, so no permute copy is made. Work is split
@@ -246,19 +246,19 @@ void cls_cpu(const View5& vs, const View5& vt, const View5& vg, const scalar_t* 
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bckd_cls_fwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bckd_cls_loss_fwd_cpu(
     const at::Tensor& student, const at::Tensor& teacher, const c10::optional<at::Tensor>& weight, double beta,
     double scale, bool grad_student, bool grad_weight) {
   TORCH_CHECK(student.dim() == 5 && student.sizes() == teacher.sizes(),
-              "kdops::bckd_cls_fwd: student and teacher must be (N,H,W,J,K) views of one shape");
-  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(), "kdops::bckd_cls_fwd: one dtype expected");
+              "kdops::bckd_cls_loss_fwd: student and teacher must be (N,H,W,J,K) views of one shape");
+  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(), "kdops::bckd_cls_loss_fwd: one dtype expected");
   const auto acc_type = acc_dtype(student.scalar_type());
   const View5 v(student);
   const int64_t A_ = v.N * v.H * v.W * v.J;
   at::Tensor w;
   if (weight.has_value()) {
     w = weight->contiguous();
-    TORCH_CHECK(w.scalar_type() == acc_type && w.numel() == A_, "kdops::bckd_cls_fwd: weight must be (A,) acc dtype");
+    TORCH_CHECK(w.scalar_type() == acc_type && w.numel() == A_, "kdops::bckd_cls_loss_fwd: weight must be (A,) acc dtype");
   }
   auto loss = at::empty({}, student.options().dtype(acc_type));
   auto g = grad_student ? at::empty_like(student) : no_grad_placeholder(student);
@@ -267,7 +267,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bckd_cls_fwd_cpu(
   merge_all({&vs, &vt, &vg});
   const int64_t chunks = (vs.W + kTile - 1) / kTile;
   std::vector<double> part(A_ == 0 ? 0 : vs.N * vs.H * vs.J * chunks, 0.0);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "bckd_cls_fwd", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "bckd_cls_loss_fwd", [&] {
     using A = acc_t<scalar_t>;
     cls_cpu<scalar_t>(vs, vt, vg, student.data_ptr<scalar_t>(), teacher.data_ptr<scalar_t>(),
                       grad_student ? g.data_ptr<scalar_t>() : nullptr, w.defined() ? w.data_ptr<A>() : nullptr,
@@ -334,6 +334,6 @@ void scale_grads_cpu(at::TensorList grads, at::ArrayRef<double> factors) {
 
 TORCH_LIBRARY_IMPL(kdops, CPU, m) {
   m.impl("scale_grads_", &kdops::scale_grads_cpu);
-  m.impl("bckd_cls_fwd", &kdops::bckd_cls_fwd_cpu);
-  m.impl("bckd_loc_fwd", &kdops::bckd_loc_fwd_cpu);
+  m.impl("bckd_cls_loss_fwd", &kdops::bckd_cls_loss_fwd_cpu);
+  m.impl("bckd_loc_loss_fwd", &kdops::bckd_loc_loss_fwd_cpu);
 }

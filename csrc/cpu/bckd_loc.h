@@ -1,4 +1,4 @@
-// kdops::bckd_loc_fwd (CPU), included by bckd.cpp: per chunk of anchors, the largest
+// kdops::bckd_loc_loss_fwd (CPU), included by bckd.cpp: per chunk of anchors, the largest
 // classification score gap; per tile, student and teacher boxes decoded in tile buffers,
 // GIoU (or IoU) loss and its gradient back through the decoder to the student regression.
 //
@@ -542,7 +542,7 @@ void loc_levels_cpu(const std::vector<LocLevel>& lv, int64_t K, int64_t D, std::
     size_t l = 0;
     while (l + 1 < lv.size() && first[l + 1] <= task) ++l;
     const LocLevel& L = lv[l];
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, L.dtype, "bckd_loc_fwd", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, L.dtype, "bckd_loc_loss_fwd", [&] {
       using Acc = acc_t<scalar_t>;
       auto& slot = slots.get(static_cast<Acc*>(nullptr));
       if (!slot) slot = std::make_unique<LocWork<Acc>>(K, D, gfl);
@@ -551,7 +551,7 @@ void loc_levels_cpu(const std::vector<LocLevel>& lv, int64_t K, int64_t D, std::
   });
 }
 
-std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> bckd_loc_fwd_cpu(
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> bckd_loc_loss_fwd_cpu(
     at::TensorList student_reg, at::TensorList teacher_reg, at::TensorList student_logits,
     at::TensorList teacher_logits, at::TensorList priors, const c10::List<c10::optional<at::Tensor>>& weight,
     const c10::List<c10::optional<at::Tensor>>& stride, at::ArrayRef<double> stride_value, int64_t decoder,
@@ -561,9 +561,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> bckd_lo
   TORCH_CHECK(L > 0 && (int64_t)teacher_reg.size() == L && (int64_t)student_logits.size() == L &&
                   (int64_t)teacher_logits.size() == L && (int64_t)priors.size() == L && (int64_t)weight.size() == L &&
                   (int64_t)stride.size() == L && (int64_t)stride_value.size() == L && (int64_t)scale.size() == L,
-              "kdops::bckd_loc_fwd: every per-level argument needs one entry per level");
+              "kdops::bckd_loc_loss_fwd: every per-level argument needs one entry per level");
   TORCH_CHECK(decoder >= 0 && decoder <= 2 && reg_max >= 0 && means.size() == 4 && stds.size() == 4,
-              "kdops::bckd_loc_fwd: bad decoder arguments");
+              "kdops::bckd_loc_loss_fwd: bad decoder arguments");
   const int64_t R1 = reg_max + 1;
   const int64_t D = decoder == kGfl ? 4 * R1 : 4;
   bool any_double = false;
@@ -579,13 +579,13 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> bckd_lo
                     sl.sizes() == tl.sizes() && sl.scalar_type() == sr.scalar_type() &&
                     tl.scalar_type() == sr.scalar_type() && sl.dim() == sr.dim() && sr.size(1) % D == 0 &&
                     (sr.dim() == 4 || sr.size(1) == D),
-                "kdops::bckd_loc_fwd: level ", l, ": student/teacher regression (A,D) or (N,J*D,H,W) of one dtype "
+                "kdops::bckd_loc_loss_fwd: level ", l, ": student/teacher regression (A,D) or (N,J*D,H,W) of one dtype "
                 "with logits of the same layout expected");
     const int64_t J = sr.dim() == 4 ? sr.size(1) / D : 1;
     TORCH_CHECK(sr.dim() == 2 ? sl.size(0) == sr.size(0)
                               : (sl.size(0) == sr.size(0) && sl.size(2) == sr.size(2) && sl.size(3) == sr.size(3) &&
                                  J > 0 && sl.size(1) % J == 0),
-                "kdops::bckd_loc_fwd: level ", l, ": logits must cover the regression's anchors");
+                "kdops::bckd_loc_loss_fwd: level ", l, ": logits must cover the regression's anchors");
     LocLevel& v = lv[l];
     v.dtype = sr.scalar_type();
     const auto acc = acc_dtype(v.dtype);
@@ -598,19 +598,19 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> bckd_lo
     const auto pri = priors[l].to(acc).contiguous();
     TORCH_CHECK(pri.dim() == 2 && (pri.size(1) == 4 || (pri.size(1) == 2 && decoder != kDelta)) &&
                     (A_ == 0 || (pri.size(0) > 0 && A_ % pri.size(0) == 0)),
-                "kdops::bckd_loc_fwd: level ", l, ": priors must be (M,4) (or (M,2) points) with M dividing A");
+                "kdops::bckd_loc_loss_fwd: level ", l, ": priors must be (M,4) (or (M,2) points) with M dividing A");
     keep.push_back(pri);
     v.pri = pri.data_ptr();
     at::Tensor w, st, gw_acc;
     if (weight.get(l).has_value()) {
       w = weight.get(l)->to(acc).contiguous();
-      TORCH_CHECK(w.numel() == A_, "kdops::bckd_loc_fwd: level ", l, ": weight must hold A values");
+      TORCH_CHECK(w.numel() == A_, "kdops::bckd_loc_loss_fwd: level ", l, ": weight must hold A values");
       keep.push_back(w);
       v.w = w.data_ptr();
     }
     if (stride.get(l).has_value()) {
       st = stride.get(l)->to(acc).contiguous();
-      TORCH_CHECK(st.numel() == A_, "kdops::bckd_loc_fwd: level ", l, ": stride must hold A values");
+      TORCH_CHECK(st.numel() == A_, "kdops::bckd_loc_loss_fwd: level ", l, ": stride must hold A values");
       keep.push_back(st);
       v.st = st.data_ptr();
     }

@@ -1,4 +1,4 @@
-// CPU kernel of kdops::box_max_paint (the foreground mask of kdops.box_masks).
+// CPU kernel of kdops::box_masks_fwd (the foreground mask of kdops.box_masks).
 //
 //   out[n,y,x] = max(0, max of weight[k] over the boxes k of image n whose inclusive range
 //                [x0,x1]x[y0,y1] covers (y,x)).
@@ -48,9 +48,9 @@ inline int32_t find_unpainted(int32_t* parent, int32_t x) {
   return x;
 }
 
-at::Tensor box_max_paint_cpu(const at::Tensor& ranges, const at::Tensor& weight, const at::Tensor& batch_index,
+at::Tensor box_masks_fwd_cpu(const at::Tensor& ranges, const at::Tensor& weight, const at::Tensor& batch_index,
                              c10::SymInt N_, c10::SymInt H_, c10::SymInt W_, at::ScalarType dtype) {
-  const char* op = "kdops::box_max_paint";
+  const char* op = "kdops::box_masks_fwd";
   const int64_t N = N_.guard_int(__FILE__, __LINE__), H = H_.guard_int(__FILE__, __LINE__),
                 W = W_.guard_int(__FILE__, __LINE__);
   TORCH_CHECK(N >= 0 && H >= 0 && W >= 0, op, ": N, H, W must be non-negative, got ", N, ", ", H, ", ", W);
@@ -93,7 +93,7 @@ at::Tensor box_max_paint_cpu(const at::Tensor& ranges, const at::Tensor& weight,
   const int64_t rows_per_block = std::min<int64_t>(H, std::max<int64_t>(1, 16384 / W));
   const int64_t blocks = (H + rows_per_block - 1) / rows_per_block;
   const int64_t grain = std::max<int64_t>(1, 32768 / (rows_per_block * W));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "box_max_paint", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "box_masks_fwd", [&] {
     scalar_t* op_ = out.data_ptr<scalar_t>();
     at::parallel_for(0, N * blocks, grain, [&](int64_t begin, int64_t end) {
       std::vector<int32_t> parent(rows_per_block * (W + 1));
@@ -135,6 +135,6 @@ at::Tensor box_max_paint_cpu(const at::Tensor& ranges, const at::Tensor& weight,
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(kdops, CPU, m) { m.impl("box_max_paint", &box_max_paint_cpu); }
+TORCH_LIBRARY_IMPL(kdops, CPU, m) { m.impl("box_masks_fwd", &box_masks_fwd_cpu); }
 
 }  // namespace kdops

@@ -66,6 +66,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_mse_cpu(
   const bool want_gcw = grad_weights && cw.defined();
   auto gpw = want_gpw ? at::empty_like(pw) : no_grad_placeholder(loss);
   auto gcw = want_gcw ? at::empty_like(cw) : no_grad_placeholder(loss);
+  if (s.numel() == 0) {  // an empty sum: exactly 0, whatever the weights hold (inf * 0 would be NaN)
+    loss.zero_();
+    grad.zero_();
+    gpw.zero_();
+    gcw.zero_();
+    return {loss, grad, gpw, gcw};
+  }
   const int64_t runs = (HW + kVecBlock - 1) / kVecBlock;
   std::vector<double> loss_part(grad_weights ? N * runs : N * C, 0.0);
 

@@ -1,5 +1,6 @@
 """The public kernel API: validation, documentation and autograd over torch.ops.kdops.*."""
-from .bckd import bckd_cls_loss, bckd_loc_loss
+from .bckd_cls_loss import bckd_cls_loss
+from .bckd_loc_loss import bckd_loc_loss
 from .box_masks import box_masks
 from .box_pool import box_paint, box_pool
 from .box_ranges import box_ranges

@@ -13,7 +13,7 @@ range of GT box k (:func:`kdops.box_ranges`, rule "fgd") and :math:`A_k` its are
 torch.maximum(Mask_fg[i][...], area)``). FGFI / DeFeat use the binary union
 (:math:`1/A_k` replaced by 1, :math:`M_{bg} = 1 - M_{fg}`).
 
-The max-paint :math:`M_{fg}` is the op ``kdops::box_max_paint`` (schema in csrc/ops.cpp);
+The max-paint :math:`M_{fg}` is the op ``kdops::box_masks_fwd`` (schema in csrc/ops.cpp);
 no Python loop over boxes, no host synchronisation, no per-box H×W mask:
 
 - CPU (C++): per image, boxes sorted by weight (largest first, ties by index) paint only the
@@ -23,7 +23,7 @@ no Python loop over boxes, no host synchronisation, no per-box H×W mask:
   for any thread count.
 - CUDA (Triton): one program per (box, row block) ``tl.atomic_max``-es the weight into a
   zero-filled float32 buffer (max is exact and order-independent, so bitwise deterministic).
-- Elsewhere: a torch-ops 2-D sparse table (:func:`kdops.reference.box_max_paint_ranges`),
+- Elsewhere: a torch-ops 2-D sparse table (:func:`kdops.reference.box_masks_fwd`),
   O(N·H·W·log H·log W).
 
 Masks are not differentiable (no autograd formula; FGD treats them as constants); the op
@@ -36,8 +36,9 @@ from typing import Optional
 import torch
 
 from .. import reference
-from .._extension import HAS_C
-from ._common import parse_sizes, per_level_numbers, register_cuda, use_kernel
+from .._dtype import acc_dtype
+from ._registry import register_op, use_kernel
+from ._validation import parse_sizes, per_level_numbers
 from .box_ranges import ImageSize, _check_rule, all_level_ranges, check_boxes
 
 OP = "box_masks"
@@ -45,11 +46,11 @@ OP = "box_masks"
 
 def max_paint(ranges: torch.Tensor, weight: torch.Tensor, batch_index: torch.Tensor, size, dtype) -> torch.Tensor:
     """out[n,y,x] = max(0, max of weight[k] over boxes k of image n whose range covers (y,x)):
-    kdops::box_max_paint where the device has a kernel, else the torch sparse table."""
+    kdops::box_masks_fwd where the device has a kernel, else the torch sparse table."""
     N, H, W = size
     if use_kernel(OP, ranges.device):
-        return torch.ops.kdops.box_max_paint(ranges, weight, batch_index, N, H, W, dtype)
-    return reference.box_max_paint_ranges(ranges, weight, batch_index, (N, H, W), dtype)
+        return torch.ops.kdops.box_masks_fwd(ranges, weight, batch_index, N, H, W, dtype)
+    return reference.box_masks_fwd(ranges, weight, batch_index, (N, H, W), dtype)
 
 
 def box_masks(
@@ -107,7 +108,7 @@ def box_masks(
     if mode not in ("fgd", "binary"):
         raise ValueError(f"kdops.{OP}: `mode` must be 'fgd' or 'binary', got {mode!r}")
     dtype = dtype or torch.float32
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = acc_dtype(dtype)
     fgs, bgs = [], []
     hw = [(H, W) for _, H, W in levels]
     # (L,K,4) unclipped ranges: the kernels clip them to each map (and skip empty ones) themselves;
@@ -136,13 +137,6 @@ def _fake_max_paint(ranges, weight, batch_index, N, H, W, dtype):
     return ranges.new_empty((N, H, W), dtype=dtype)
 
 
-if HAS_C:
-    # No autograd formula: the masks are built from integer box ranges and constant weights
-    # (FGD treats them as constants), so kdops::box_max_paint is not differentiable.
-    torch.library.register_fake("kdops::box_max_paint")(_fake_max_paint)
-    from ..triton import HAS_TRITON
-
-    if HAS_TRITON:
-        from ..triton.box_masks import box_max_paint as _triton_max_paint
-
-        register_cuda("box_max_paint", _triton_max_paint)
+# No autograd: the masks are built from integer box ranges and constant weights (FGD treats
+# them as constants), so kdops::box_masks_fwd is not differentiable.
+register_op(OP, fake={"box_masks_fwd": _fake_max_paint})

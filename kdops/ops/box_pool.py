@@ -26,10 +26,9 @@ from typing import Sequence, Union
 import torch
 
 from .. import reference
-from .._extension import HAS_C
-from ._common import (
-    FLOAT_DTYPES, as_levels, check_levels, check_tensor, parse_sizes, per_level_numbers, register_cuda, use_kernel,
-)
+from .._dtype import FLOAT_DTYPES
+from ._registry import register_op, use_kernel
+from ._validation import as_levels, check_levels, check_tensor, parse_sizes, per_level_numbers
 from .box_ranges import ImageSize, _check_rule, all_level_ranges, check_boxes
 
 Sizes = Union[Sequence[int], Sequence[Sequence[int]]]
@@ -177,16 +176,5 @@ def _paint_backward(ctx, grads):
     return torch.ops.kdops.box_pool_fwd(list(grads), ranges, batch_index, ctx.mean), None, None, None, None
 
 
-if HAS_C:
-    torch.library.register_fake("kdops::box_pool_fwd")(_fake_pool)
-    torch.library.register_fake("kdops::box_paint_fwd")(_fake_paint)
-    torch.library.register_autograd("kdops::box_pool_fwd", _pool_backward, setup_context=_pool_setup)
-    torch.library.register_autograd("kdops::box_paint_fwd", _paint_backward, setup_context=_paint_setup)
-    from ..triton import HAS_TRITON
-
-    if HAS_TRITON:
-        from ..triton.box_pool import box_paint_fwd as _triton_paint
-        from ..triton.box_pool import box_pool_fwd as _triton_pool
-
-        register_cuda("box_pool_fwd", _triton_pool)
-        register_cuda("box_paint_fwd", _triton_paint)
+register_op("box_pool", fake={"box_pool_fwd": _fake_pool, "box_paint_fwd": _fake_paint},
+            autograd={"box_pool_fwd": (_pool_backward, _pool_setup), "box_paint_fwd": (_paint_backward, _paint_setup)})

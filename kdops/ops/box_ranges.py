@@ -13,7 +13,8 @@ import torch
 
 from .._device import constant
 from .._extension import HAS_C
-from ._common import check_tensor, per_level_numbers
+from ._registry import register_op
+from ._validation import check_tensor, per_level_numbers
 
 RULES = ("center", "lgd", "fgd")
 ImageSize = Optional[Union[Tuple[int, int], torch.Tensor]]
@@ -184,6 +185,6 @@ def _fake_ranges(boxes, heights, widths, strides, rule, image_hw, image_h, image
     return boxes.new_empty((len(strides), boxes.shape[0], 4), dtype=torch.int64)
 
 
-if HAS_C:
-    # No autograd formula: integer ranges (the boxes get no gradient through them)
-    torch.library.register_fake("kdops::box_ranges_fwd")(_fake_ranges)
+# No autograd (integer ranges: boxes get no gradient through them). On CUDA the same rules run
+# as tensor ops in all_level_ranges (bitwise what the C++ kernel computes), so no CUDA kernel.
+register_op("box_ranges", fake={"box_ranges_fwd": _fake_ranges}, cuda=None)

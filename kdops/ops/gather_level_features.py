@@ -6,8 +6,8 @@ from typing import Sequence
 import torch
 
 from .. import reference
-from .._extension import HAS_C
-from ._common import as_levels, check_index_tensor, check_levels, compiling, register_cuda, use_kernel
+from ._registry import compiling, register_op, use_kernel
+from ._validation import as_levels, check_index_tensor, check_levels
 
 OP = "gather_level_features"
 
@@ -99,17 +99,6 @@ def _bwd_setup_context(ctx, inputs, output):
     ctx.save_for_backward(inputs[1])
 
 
-if HAS_C:
-    torch.library.register_fake("kdops::gather_level_features_fwd")(_fake_fwd)
-    torch.library.register_fake("kdops::gather_level_features_bwd")(_fake_bwd)
-    torch.library.register_autograd("kdops::gather_level_features_fwd", _backward, setup_context=_setup_context)
-    torch.library.register_autograd("kdops::gather_level_features_bwd", _bwd_backward,
-                                    setup_context=_bwd_setup_context)
-    from ..triton import HAS_TRITON
-
-    if HAS_TRITON:
-        from ..triton.gather_level_features import gather_level_features_bwd as _triton_bwd
-        from ..triton.gather_level_features import gather_level_features_fwd as _triton_fwd
-
-        register_cuda("gather_level_features_fwd", _triton_fwd)
-        register_cuda("gather_level_features_bwd", _triton_bwd)
+register_op(OP, fake={"gather_level_features_fwd": _fake_fwd, "gather_level_features_bwd": _fake_bwd},
+            autograd={"gather_level_features_fwd": (_backward, _setup_context),
+                      "gather_level_features_bwd": (_bwd_backward, _bwd_setup_context)})

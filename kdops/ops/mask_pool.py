@@ -20,8 +20,9 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from .._extension import HAS_C
-from ._common import FLOAT_DTYPES, check_index_tensor, check_tensor, register_cuda, use_kernel
+from .._dtype import FLOAT_DTYPES
+from ._registry import register_op, use_kernel
+from ._validation import check_index_tensor, check_tensor
 
 OP = "mask_pool"
 
@@ -114,16 +115,5 @@ def _bwd_backward(ctx, ggf, ggm):
     return d_grad, d_feature, d_masks, None, None, None
 
 
-if HAS_C:
-    torch.library.register_fake("kdops::mask_pool_fwd")(_fake_fwd)
-    torch.library.register_fake("kdops::mask_pool_bwd")(_fake_bwd)
-    torch.library.register_autograd("kdops::mask_pool_fwd", _backward, setup_context=_setup)
-    torch.library.register_autograd("kdops::mask_pool_bwd", _bwd_backward, setup_context=_bwd_setup)
-    from ..triton import HAS_TRITON
-
-    if HAS_TRITON:
-        from ..triton.mask_pool import mask_pool_bwd as _triton_bwd
-        from ..triton.mask_pool import mask_pool_fwd as _triton_fwd
-
-        register_cuda("mask_pool_fwd", _triton_fwd)
-        register_cuda("mask_pool_bwd", _triton_bwd)
+register_op(OP, fake={"mask_pool_fwd": _fake_fwd, "mask_pool_bwd": _fake_bwd},
+            autograd={"mask_pool_fwd": (_backward, _setup), "mask_pool_bwd": (_bwd_backward, _bwd_setup)})

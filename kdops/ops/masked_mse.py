@@ -6,10 +6,9 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .. import reference
-from ._common import (
-    Levels, acc_dtype, as_levels, check_pair, check_tensor, forbid_double_backward, match_levels,
-    register_loss_op, use_kernel,
-)
+from .._dtype import acc_dtype
+from ._registry import forbid_double_backward, register_op, use_kernel
+from ._validation import Levels, check_choice, check_pair, check_tensor, match_levels, paired_levels
 
 OP = "masked_mse"
 Weights = Optional[Union[torch.Tensor, Sequence[torch.Tensor]]]
@@ -48,15 +47,8 @@ def masked_mse(
         fp32/fp16/bf16 inputs (a sum over millions of elements overflows fp16),
         float64 for float64. Gradients flow to every input that requires grad.
     """
-    if reduction not in ("sum", "mean"):
-        raise ValueError(f"kdops.{OP}: `reduction` must be 'sum' or 'mean', got {reduction!r}")
-    ss, is_seq = as_levels(OP, "student", student)
-    ts, t_seq = as_levels(OP, "teacher", teacher)
-    if t_seq != is_seq or len(ts) != len(ss):
-        raise ValueError(
-            f"kdops.{OP}: `student` and `teacher` must both be tensors or sequences of equal length, "
-            f"got {len(ss)} student and {len(ts)} teacher levels"
-        )
+    check_choice(OP, "reduction", reduction, ("sum", "mean"))
+    (ss, ts), is_seq = paired_levels(OP, ("student", "teacher"), student, teacher)
     pws = match_levels(OP, "pixel_weight", pixel_weight, len(ss), is_seq)
     cws = match_levels(OP, "channel_weight", channel_weight, len(ss), is_seq)
     for i, (s, t, pw, cw) in enumerate(zip(ss, ts, pws, cws)):
@@ -116,5 +108,5 @@ def _backward(ctx, gloss):
     )
 
 
-register_loss_op(OP, fake_fwd=_fake_fwd, fake_bwd=_fake_bwd, backward=_backward, setup_context=_setup_context,
-                 triton_module=OP)
+register_op(OP, fake={"masked_mse_fwd": _fake_fwd, "masked_mse_bwd": _fake_bwd},
+            autograd={"masked_mse_fwd": (_backward, _setup_context)})

@@ -13,8 +13,8 @@ import os
 import torch
 
 from .. import reference
-from .._extension import HAS_C
-from ._common import FLOAT_DTYPES, check_tensor, has_kernel, host_readable, needs_grad, register_cuda, use_kernel
+from ._registry import forbid_double_backward, host_readable, register_op, use_kernel
+from ._validation import check_tensor
 
 OP = "ms_deform_attn"
 INDEX_DTYPES = (torch.int64, torch.int32)
@@ -118,11 +118,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_output):
-    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        # the backward op has no derivative of its own: higher-order gradients would be silently wrong
-        raise RuntimeError(
-            f"kdops.{OP} does not support double backward (create_graph=True); use "
-            f"kdops.reference.{OP} where you need higher-order gradients.")
+    forbid_double_backward(OP)
     value, shapes, starts, loc, attn = ctx.saved_tensors
     need = ctx.needs_input_grad
     gv, gl, ga = torch.ops.kdops.ms_deform_attn_bwd(
@@ -131,21 +127,11 @@ def _backward(ctx, grad_output):
     return (gv if need[0] else None, None, None, gl if need[3] else None, ga if need[4] else None)
 
 
-_CUDA_BACKEND = "none"
-if HAS_C:
-    torch.library.register_fake("kdops::ms_deform_attn_fwd")(_fake_fwd)
-    torch.library.register_fake("kdops::ms_deform_attn_bwd")(_fake_bwd)
-    torch.library.register_autograd("kdops::ms_deform_attn_fwd", _backward, setup_context=_setup_context)
-    from ..triton import HAS_TRITON
-
-    _CUDA_BACKEND = "cuda" if has_kernel("ms_deform_attn_fwd", "CUDA") else "none"
-    _want = os.environ.get("KDOPS_MSDA_BACKEND", "").lower()
-    if _want not in ("", "cuda", "triton"):
-        raise ValueError(f"KDOPS_MSDA_BACKEND must be 'cuda' or 'triton', got {_want!r}")
-    if HAS_TRITON and (_want == "triton" or _CUDA_BACKEND == "none"):
-        from ..triton.ms_deform_attn import ms_deform_attn_bwd as _triton_bwd
-        from ..triton.ms_deform_attn import ms_deform_attn_fwd as _triton_fwd
-
-        register_cuda("ms_deform_attn_fwd", _triton_fwd)
-        register_cuda("ms_deform_attn_bwd", _triton_bwd)
-        _CUDA_BACKEND = "triton"
+_want = os.environ.get("KDOPS_MSDA_BACKEND", "").lower()
+if _want not in ("", "cuda", "triton"):
+    raise ValueError(f"KDOPS_MSDA_BACKEND must be 'cuda' or 'triton', got {_want!r}")
+# CUDA C++ kernel by default (csrc/cuda/ms_deform_attn.cu, when the extension was built with CUDA),
+# the Triton kernel when asked for or when there is no C++ one.
+_CUDA_BACKEND = register_op(OP, fake={"ms_deform_attn_fwd": _fake_fwd, "ms_deform_attn_bwd": _fake_bwd},
+                            autograd={"ms_deform_attn_fwd": (_backward, _setup_context)},
+                            cuda="triton" if _want == "triton" else "cuda")

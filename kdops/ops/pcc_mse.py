@@ -21,9 +21,9 @@ from typing import Optional
 import torch
 
 from .. import reference
-from ._common import (
-    Levels, acc_dtype, as_levels, check_pair, forbid_double_backward, register_loss_op, use_kernel,
-)
+from .._dtype import acc_dtype
+from ._registry import forbid_double_backward, register_op, use_kernel
+from ._validation import Levels, check_choice, check_number, check_pair, paired_levels
 
 OP = "pcc_mse"
 _NORMS = {"channel": (0, 1e-6), "instance": (1, 1e-5)}
@@ -60,21 +60,13 @@ def pcc_mse(student: Levels, teacher: Levels, *, norm: str = "channel", eps: Opt
         inputs). An empty level gives 0. Gradients flow to student and teacher when they
         require grad.
     """
-    if norm not in _NORMS:
-        raise ValueError(f"kdops.{OP}: `norm` must be 'channel' or 'instance', got {norm!r}")
-    if eps is not None and not (isinstance(eps, (int, float)) and eps >= 0):
-        raise ValueError(f"kdops.{OP}: `eps` must be a non-negative float, got {eps!r}")
+    check_choice(OP, "norm", norm, tuple(_NORMS))
+    check_number(OP, "eps", eps, low=0.0, allow_none=True)
     code, default_eps = _NORMS[norm]
     e = float(default_eps if eps is None else eps)
     if norm == "instance" and e == 0.0:
         raise ValueError(f"kdops.{OP}: `eps` must be > 0 for norm='instance' (a constant plane has variance 0)")
-    ss, is_seq = as_levels(OP, "student", student)
-    ts, t_seq = as_levels(OP, "teacher", teacher)
-    if t_seq != is_seq or len(ts) != len(ss):
-        raise ValueError(
-            f"kdops.{OP}: `student` and `teacher` must both be tensors or sequences of equal length, "
-            f"got {len(ss)} student and {len(ts)} teacher levels"
-        )
+    (ss, ts), is_seq = paired_levels(OP, ("student", "teacher"), student, teacher)
     for i, (s, t) in enumerate(zip(ss, ts)):
         check_pair(OP, s, t, i if is_seq else None)
     losses = [_level(s, t, norm, code, e) for s, t in zip(ss, ts)]
@@ -116,5 +108,5 @@ def _backward(ctx, gloss, _gcoeffs):
     return (gs if need[0] else None, gt if need[1] else None, None, None)
 
 
-register_loss_op(OP, fake_fwd=_fake_fwd, fake_bwd=_fake_bwd, backward=_backward, setup_context=_setup_context,
-                 triton_module=OP)
+register_op(OP, fake={"pcc_mse_fwd": _fake_fwd, "pcc_mse_bwd": _fake_bwd},
+            autograd={"pcc_mse_fwd": (_backward, _setup_context)})

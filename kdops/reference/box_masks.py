@@ -1,6 +1,6 @@
 """Reference of kdops.box_masks: FGD's mask loop (per image, per box, slice assignment), the
-test oracle and bench baseline; and ``box_max_paint_ranges``, the torch-ops fallback of the
-kdops::box_max_paint kernel on devices without one."""
+test oracle and bench baseline; and ``box_masks_fwd``, the torch-ops fallback of the
+kdops::box_masks_fwd kernel on devices without one."""
 from __future__ import annotations
 
 import math
@@ -14,7 +14,7 @@ def box_masks(boxes, batch_index, sizes, strides, *, rule="fgd", image_size=None
     Written for rule="fgd" (the authors' floor/ceil slices, `image_size` a (h, w) pair or
     None for x/stride); other rules go through the dense masks of reference.box_pool.
     """
-    from .box_pool import box_mask_dense
+    from .box_ranges import box_mask_dense
 
     is_seq = not isinstance(sizes[0], int)
     sizes = list(sizes) if is_seq else [sizes]
@@ -70,11 +70,11 @@ def _max_into(dst: torch.Tensor, src: torch.Tensor) -> None:
     dst.copy_(torch.maximum(dst, src))
 
 
-def box_max_paint_ranges(ranges: torch.Tensor, weight: torch.Tensor, batch_index: torch.Tensor, size,
+def box_masks_fwd(ranges: torch.Tensor, weight: torch.Tensor, batch_index: torch.Tensor, size,
                          dtype) -> torch.Tensor:
     """out[n,y,x] = max(0, max of weight[k] over boxes k of image n whose range covers (y,x)).
 
-    The contract of kdops::box_max_paint in torch ops only (any device, no host sync, no loop
+    The contract of kdops::box_masks_fwd in torch ops only (any device, no host sync, no loop
     over boxes): the fallback of kdops.box_masks on devices without a kernel. Ranges are
     clipped to the map; boxes with weight <= 0, empty ranges or an out-of-range batch index
     are skipped. A 2-D sparse

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import torch
 
+from .._dtype import acc_dtype
+
 
 def _level(s, t, pw, cw, reduction):
-    acc = torch.float64 if s.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(s)
     d2 = (s.to(acc) - t.to(acc)) ** 2
     if pw is not None:
         d2 = d2 * pw.to(acc)[:, None, :, :]

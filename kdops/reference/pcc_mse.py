@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .._dtype import acc_dtype
+
 
 def channel_norm(feat: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     N, C, H, W = feat.shape
@@ -21,7 +23,7 @@ def channel_norm(feat: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 
 def _level(s, t, norm, eps):
-    acc = torch.float64 if s.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(s)
     if s.numel() == 0:
         return s.new_zeros((), dtype=acc)
     s, t = s.to(acc), t.to(acc)

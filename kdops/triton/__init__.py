@@ -20,7 +20,7 @@ except Exception:  # pragma: no cover - triton ships with torch on Linux
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def acc_dtype(dtype):
+def tl_acc_dtype(dtype):
     """Triton accumulation dtype for a torch dtype: fp64 stays fp64, everything else fp32."""
     import torch
 

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import acc_dtype, device_guard
+from . import device_guard, tl_acc_dtype
 
 
 @triton.jit
@@ -64,5 +64,5 @@ def segment_scatter(src, rows, coef, keys, outs, key_offsets):
                 continue
             _segment_sum_kernel[(J, triton.cdiv(C, BLOCK_C))](
                 src, srows, scoef, skeys, out, J, C, lo, lo + N * H * W, H * W,
-                HAS_COEF=coef is not None, ACC=acc_dtype(src.dtype), BLOCK_C=BLOCK_C, num_warps=1)
+                HAS_COEF=coef is not None, ACC=tl_acc_dtype(src.dtype), BLOCK_C=BLOCK_C, num_warps=1)
     return outs

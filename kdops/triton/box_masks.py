@@ -1,4 +1,4 @@
-"""Triton kernel of kdops::box_max_paint (the CUDA backend of kdops.box_masks' foreground).
+"""Triton kernel of kdops::box_masks_fwd (the CUDA backend of kdops.box_masks' foreground).
 
 out[n,y,x] = max(0, max of weight[k] over the boxes k of image n covering (y,x)).
 
@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET, device_guard
+from .._dtype import acc_dtype
 
 
 @triton.jit
@@ -56,10 +57,10 @@ def _blocks(H: int, W: int):
     return 4, min(128, max(32, triton.next_power_of_2(max(W, 1))))
 
 
-def box_max_paint(ranges, weight, batch_index, N, H, W, dtype):
-    """Same contract as the kdops::box_max_paint schema (csrc/ops.cpp)."""
+def box_masks_fwd(ranges, weight, batch_index, N, H, W, dtype):
+    """Same contract as the kdops::box_masks_fwd schema (csrc/ops.cpp)."""
     N, H, W = int(N), int(H), int(W)
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = acc_dtype(dtype)
     buf = torch.zeros((N, H, W), device=ranges.device, dtype=acc)
     K = ranges.shape[0]
     if K == 0 or buf.numel() == 0:

@@ -27,7 +27,8 @@ import triton
 import triton.language as tl
 
 from .._device import constant
-from . import acc_dtype, device_guard
+from . import device_guard, tl_acc_dtype
+from .._dtype import acc_dtype
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -143,7 +144,7 @@ def _rows_per_step(W: int):
 def _sat(x, out, need):
     N, C, H, W = x.shape
     block_w, rows = _rows_per_step(W)
-    _sat_kernel[(N * C,)](x, out, need, C, H, W, *x.stride(), ACC=acc_dtype(x.dtype), BLOCK_W=block_w, ROWS=rows,
+    _sat_kernel[(N * C,)](x, out, need, C, H, W, *x.stride(), ACC=tl_acc_dtype(x.dtype), BLOCK_W=block_w, ROWS=rows,
                           num_warps=4)
 
 
@@ -165,7 +166,7 @@ def pool_level(feature, ranges, batch_index, mean: bool):
     out = feature.new_zeros((K, C))
     if K == 0 or C == 0 or N * H * W == 0:
         return out
-    acc = torch.float64 if feature.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(feature)
     # rows of the table no box reads are never written; under the interpreter (the tests) the
     # table starts as NaN, so a query that read such a row would show
     if _INTERPRET:
@@ -212,7 +213,7 @@ def paint_level(values, ranges, batch_index, N, H, W, mean: bool):
         return out
     if K == 0:
         return out.zero_()
-    acc = torch.float64 if values.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(values)
     rows, coef, keys = corner_entries(ranges, batch_index, N, H, W, mean, acc)
     keys, order = torch.sort(keys, stable=True)  # dropped entries (-1) first, never in a step's range
     # step ranges: the first entry of each (image, row), and the end
@@ -220,6 +221,6 @@ def paint_level(values, ranges, batch_index, N, H, W, mean: bool):
     block_w, steps = _rows_per_step(W)
     with device_guard(values):
         _paint_kernel[(N * C,)](out, keys, rows[order].contiguous(), coef[order].contiguous(), starts, values,
-                                values.stride(0), values.stride(1), C, H, W, ACC=acc_dtype(values.dtype),
+                                values.stride(0), values.stride(1), C, H, W, ACC=tl_acc_dtype(values.dtype),
                                 BLOCK_W=block_w, ROWS=steps, num_warps=4)
     return out

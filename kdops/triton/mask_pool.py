@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, acc_dtype, device_guard
+from . import INTERPRET, device_guard, tl_acc_dtype
 
 
 @triton.jit
@@ -187,7 +187,7 @@ def mask_pool_fwd(feature, masks, batch_index):
     with device_guard(feature):
         _pool_kernel[(tiles.shape[0], triton.cdiv(C, BC))](
             feature, masks, order, tiles, out, C, H * W, W, *feature.stride(), *masks.stride(),
-            ACC=acc_dtype(feature.dtype), DOT=_dot_mode(feature.dtype), BLOCK_K=BK, BLOCK_C=BC,
+            ACC=tl_acc_dtype(feature.dtype), DOT=_dot_mode(feature.dtype), BLOCK_K=BK, BLOCK_C=BC,
             BLOCK_HW=BHW, num_warps=4)
     return out
 
@@ -206,7 +206,7 @@ def mask_pool_bwd(grad, feature, masks, batch_index, grad_feature: bool, grad_ma
     BK, BC, BHW = _blocks(feature.dtype, K, C, HW)
     order, bounds, tiles = image_segments(batch_index, N, BK)
     g = grad.contiguous()
-    acc, dot = acc_dtype(feature.dtype), _dot_mode(feature.dtype)
+    acc, dot = tl_acc_dtype(feature.dtype), _dot_mode(feature.dtype)
     with device_guard(feature):
         if grad_feature:
             _grad_feature_kernel[(triton.cdiv(HW, BHW), triton.cdiv(C, BC), N)](

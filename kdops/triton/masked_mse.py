@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import acc_dtype, block_size, device_guard, grid_block
+from . import block_size, device_guard, grid_block, tl_acc_dtype
+from .._dtype import acc_dtype
 
 
 @triton.jit
@@ -74,21 +75,17 @@ def _launch(s, t, pw, cw, scale, grad_loss, grad, part):
         grad if grad is not None else s, grad_loss if grad_loss is not None else dummy, part,
         s.numel(), C, H * W, 2.0 * scale,
         HAS_PW=pw is not None, HAS_CW=cw is not None, WRITE_GRAD=grad is not None,
-        ACC=acc_dtype(s.dtype), BLOCK=BLOCK, num_warps=4)
-
-
-def _acc(s):
-    return torch.float64 if s.dtype == torch.float64 else torch.float32
+        ACC=tl_acc_dtype(s.dtype), BLOCK=BLOCK, num_warps=4)
 
 
 def masked_mse_fwd(student, teacher, pixel_weight, channel_weight, scale: float):
     """Same contract as the kdops::masked_mse_fwd schema (csrc/ops.cpp)."""
     s, t = student.contiguous(), teacher.contiguous()
     if s.numel() == 0:
-        return s.new_zeros((), dtype=_acc(s))
+        return s.new_zeros((), dtype=acc_dtype(s))
     pw = pixel_weight.contiguous() if pixel_weight is not None else None
     cw = channel_weight.contiguous() if channel_weight is not None else None
-    part = torch.empty(grid_block(s.numel(), block_size(1024)), device=s.device, dtype=_acc(s))
+    part = torch.empty(grid_block(s.numel(), block_size(1024)), device=s.device, dtype=acc_dtype(s))
     with device_guard(s):
         _launch(s, t, pw, cw, scale, None, None, part)
     return part.sum() * scale
@@ -99,7 +96,7 @@ def masked_mse_bwd(grad_loss, student, teacher, pixel_weight, channel_weight, sc
     """Same contract as the kdops::masked_mse_bwd schema (csrc/ops.cpp)."""
     s, t = student.contiguous(), teacher.contiguous()
     N, C, H, W = s.shape
-    HW, acc = H * W, _acc(s)
+    HW, acc = H * W, acc_dtype(s)
     pw = pixel_weight.contiguous() if pixel_weight is not None else None
     cw = channel_weight.contiguous() if channel_weight is not None else None
     gl = grad_loss.reshape(1).to(acc)
@@ -120,7 +117,7 @@ def masked_mse_bwd(grad_loss, student, teacher, pixel_weight, channel_weight, sc
             _masked_mse_wgrad_kernel[(N, nblk)](
                 s, t, pw if pw is not None else dummy, cw if cw is not None else dummy, gl,
                 gpw if pw is not None else dummy, gcw_part, C, HW, nblk, scale,
-                HAS_PW=pw is not None, HAS_CW=cw is not None, ACC=acc_dtype(s.dtype), BLOCK=WB,
+                HAS_PW=pw is not None, HAS_CW=cw is not None, ACC=tl_acc_dtype(s.dtype), BLOCK=WB,
                 num_warps=4)
             if cw is not None:
                 gcw.copy_(gcw_part.view(N, C, nblk).sum(-1) * (scale * gl))

@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import acc_dtype, device_guard
+from . import device_guard, tl_acc_dtype
+from .._dtype import acc_dtype
 
 _SENTINEL = 1 << 62
 
@@ -202,7 +203,7 @@ def ms_deform_attn_fwd(value, spatial_shapes, level_start_index, sampling_locati
     BLOCK_LP, BLOCK_D = _blocks(D, L, P)
     with device_guard(v):
         _fwd_kernel[(N * Q * M,)](v, spatial_shapes.contiguous(), level_start_index.contiguous(), loc, attn, out,
-                                  S, M, D, Q, L, P, BLOCK_LP=BLOCK_LP, BLOCK_D=BLOCK_D, ACC=acc_dtype(v.dtype),
+                                  S, M, D, Q, L, P, BLOCK_LP=BLOCK_LP, BLOCK_D=BLOCK_D, ACC=tl_acc_dtype(v.dtype),
                                   num_warps=4)
     return out
 
@@ -215,14 +216,14 @@ def ms_deform_attn_bwd(grad_output, value, spatial_shapes, level_start_index, sa
     shapes, starts = spatial_shapes.contiguous(), level_start_index.contiguous()
     N, S, M, D = v.shape
     Q, L, P = loc.shape[1], loc.shape[3], loc.shape[4]
-    acc = torch.float64 if v.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(v)
     empty = v.new_empty((0,))
     gloc = torch.zeros_like(loc) if grad_sampling else empty
     gattn = torch.zeros_like(attn) if grad_sampling else empty
     atomic = grad_value and not deterministic
     gv_acc = torch.zeros(v.shape, device=v.device, dtype=acc) if atomic else empty
     BLOCK_LP, BLOCK_D = _blocks(D, L, P)
-    ACC = acc_dtype(v.dtype)
+    ACC = tl_acc_dtype(v.dtype)
     programs = N * Q * M * (1 if L * P else 0)
     with device_guard(v):
         if programs and (atomic or grad_sampling):

@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import acc_dtype, block_size, device_guard, grid_block
+from . import block_size, device_guard, grid_block, tl_acc_dtype
+from .._dtype import acc_dtype
 
 
 @triton.jit
@@ -112,20 +113,20 @@ def _geometry(s, norm):
 
 def _loss_grad(s, t, coef, gl, gs, gt, norm):
     G, M, HW, run_stride, BLOCK, nchunks = _geometry(s, norm)
-    acc = torch.float64 if s.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(s)
     part = torch.empty((G, nchunks), device=s.device, dtype=acc)
     _pcc_loss_grad_kernel[(G, nchunks)](s, t, coef.to(acc).contiguous(), gl if gl is not None else part,
                                         gs if gs is not None else s, gt if gt is not None else t,
                                         part, M, HW, run_stride, nchunks,
                                         GRAD_S=gs is not None, GRAD_T=gt is not None,
-                                        ACC=acc_dtype(s.dtype), BLOCK=BLOCK, num_warps=4)
+                                        ACC=tl_acc_dtype(s.dtype), BLOCK=BLOCK, num_warps=4)
     return part
 
 
 def pcc_mse_fwd(student, teacher, norm: int, eps: float):
     """Same contract as the kdops::pcc_mse_fwd schema (csrc/ops.cpp)."""
     s, t = student.contiguous(), teacher.contiguous()
-    acc = torch.float64 if s.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(s)
     G, M, HW, run_stride, BLOCK, nchunks = _geometry(s, norm)
     if s.numel() == 0:
         return s.new_zeros((), dtype=acc), s.new_zeros((G, 8), dtype=torch.float64)
@@ -133,7 +134,7 @@ def pcc_mse_fwd(student, teacher, norm: int, eps: float):
     with device_guard(s):
         parts = torch.empty((G, nchunks, 6), device=s.device, dtype=acc)
         _pcc_stats_kernel[(G, nchunks)](s, t, parts, M, HW, run_stride, nchunks,
-                                        ACC=acc_dtype(s.dtype), BLOCK=BLOCK, num_warps=4)
+                                        ACC=tl_acc_dtype(s.dtype), BLOCK=BLOCK, num_warps=4)
         coef = group_coefficients(parts, norm, eps, scale)
         part = _loss_grad(s, t, coef, None, None, None, norm)
     return part.sum() * scale, coef
@@ -146,7 +147,7 @@ def pcc_mse_bwd(grad_loss, student, teacher, coeffs, norm: int, grad_student: bo
     gt = torch.empty_like(t) if grad_teacher else t.new_empty((0,))
     if s.numel() == 0 or not (grad_student or grad_teacher):
         return gs, gt
-    acc = torch.float64 if s.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(s)
     with device_guard(s):
         _loss_grad(s, t, coeffs, grad_loss.reshape(1).to(acc), gs if grad_student else None,
                    gt if grad_teacher else None, norm)

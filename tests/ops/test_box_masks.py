@@ -6,7 +6,7 @@ import torch
 
 import kdops
 from kdops import reference
-from kdops.reference.box_pool import box_mask_dense
+from kdops.reference.box_ranges import box_mask_dense
 
 SIZES = [(2, 25, 38), (2, 13, 19), (2, 7, 10)]
 STRIDES = [32, 64, 128]
@@ -93,7 +93,7 @@ def test_bad_inputs():
         kdops.box_masks(b, i[:1], (1, 4, 4), 8)
 
 
-# --------------------------------------------------------------------------- kdops::box_max_paint
+# --------------------------------------------------------------------------- kdops::box_masks_fwd
 from helpers import compile_for_gpu, triton_device  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -131,7 +131,7 @@ def random_paint_problem(K, size, seed):
 
 
 def max_paint_op(ranges, weight, bi, size, dtype):
-    return torch.ops.kdops.box_max_paint(ranges, weight, bi, *size, dtype)
+    return torch.ops.kdops.box_masks_fwd(ranges, weight, bi, *size, dtype)
 
 
 needs_c = pytest.mark.skipif(not kdops.HAS_C, reason="needs the compiled extension")
@@ -148,14 +148,14 @@ def test_max_paint_matches_dense_oracle(dtype, K, size, seed):
     assert out.dtype == dtype and out.shape == size
     assert torch.equal(out, ref.to(dtype))  # a max of rounded weights: exact
     # the torch sparse table (fallback on devices without a kernel) agrees bitwise
-    assert torch.equal(reference.box_max_paint_ranges(ranges, weight, bi, size, dtype), out)
+    assert torch.equal(reference.box_masks_fwd(ranges, weight, bi, size, dtype), out)
 
 
 @needs_c
 def test_max_paint_edge_cases():
     empty = torch.zeros(0, 4, dtype=torch.int64)
     for size in [(2, 5, 6), (0, 5, 6), (2, 0, 6), (2, 5, 0)]:
-        out = torch.ops.kdops.box_max_paint(empty, torch.zeros(0, dtype=torch.float64),
+        out = torch.ops.kdops.box_masks_fwd(empty, torch.zeros(0, dtype=torch.float64),
                                             torch.zeros(0, dtype=torch.int64), *size, torch.float32)
         assert out.shape == size and not out.any()
     big = 2 ** 62
@@ -221,12 +221,12 @@ def test_box_masks_dtypes_match_the_authors_loop(dtype):
 @pytest.mark.triton
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_triton_max_paint_matches_dense_oracle(dtype):
-    from kdops.triton.box_masks import box_max_paint
+    from kdops.triton.box_masks import box_masks_fwd
 
     dev = triton_device()
     for K, size, seed in [(12, (2, 9, 13), 10), (5, (1, 3, 70), 11)]:
         ranges, weight, bi = random_paint_problem(K, size, seed)
-        out = box_max_paint(ranges.to(dev), weight.to(dev), bi.to(dev), *size, dtype)
+        out = box_masks_fwd(ranges.to(dev), weight.to(dev), bi.to(dev), *size, dtype)
         assert out.dtype == dtype and out.shape == size
         assert torch.equal(out.cpu(), dense_max_paint(ranges, weight, bi, size).to(dtype))
         if kdops.HAS_C:  # the CPU kernel gives the same bits
@@ -235,7 +235,7 @@ def test_triton_max_paint_matches_dense_oracle(dtype):
 
 @pytest.mark.triton
 def test_triton_max_paint_edge_cases_and_determinism():
-    from kdops.triton.box_masks import box_max_paint
+    from kdops.triton.box_masks import box_masks_fwd
 
     dev = triton_device()
     big = 2 ** 62
@@ -245,16 +245,16 @@ def test_triton_max_paint_edge_cases_and_determinism():
     before = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        out = box_max_paint(ranges, weight, bi, 2, 5, 6, torch.float32)
-        again = box_max_paint(ranges, weight, bi, 2, 5, 6, torch.float32)
+        out = box_masks_fwd(ranges, weight, bi, 2, 5, 6, torch.float32)
+        again = box_masks_fwd(ranges, weight, bi, 2, 5, 6, torch.float32)
     finally:
         torch.use_deterministic_algorithms(before)
     exp = torch.zeros(2, 5, 6)
     exp[0] = 0.25
     exp[0, 1, 2:4] = 0.5
     assert torch.equal(out.cpu(), exp) and torch.equal(out, again)
-    assert not box_max_paint(ranges[:0], weight[:0], bi[:0], 2, 5, 6, torch.float16).any()
-    assert box_max_paint(ranges, weight, bi, 2, 0, 6, torch.float16).shape == (2, 0, 6)
+    assert not box_masks_fwd(ranges[:0], weight[:0], bi[:0], 2, 5, 6, torch.float16).any()
+    assert box_masks_fwd(ranges, weight, bi, 2, 0, 6, torch.float16).shape == (2, 0, 6)
 
 
 @pytest.mark.parametrize("buf", ["fp32", "fp64"])

@@ -4,28 +4,11 @@ import re
 
 import pytest
 import torch
-from helpers import LOW, assert_compiled_matches_eager, close, compile_for_gpu, leaf, triton_device
+from box_helpers import IMAGE, SIZES, STRIDES, make_boxes, make_feats
+from helpers import LOW, assert_compiled_matches_eager, close, leaf, triton_device
 
 import kdops
-from kdops.reference.box_pool import box_mask_dense
-
-SIZES = [(13, 17), (7, 9), (4, 5)]
-STRIDES = [8, 16, 32]
-IMAGE = (104, 136)
-
-
-def make_boxes(K=9, seed=0, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    xy = torch.rand(K, 2, generator=g, dtype=torch.float64) * torch.tensor([150.0, 115.0]) - 10
-    wh = torch.rand(K, 2, generator=g, dtype=torch.float64) * 80
-    boxes = torch.cat([xy, xy + wh], 1)
-    # border crossers, a zero-area box, a box outside the image, a huge box
-    extra = torch.tensor([[-30.0, -20, 40, 30], [50, 40, 50, 90], [300, 300, 400, 420], [-50, -50, 500, 500],
-                          [16.0, 24, 40, 56]], dtype=torch.float64)
-    boxes = torch.cat([boxes, extra])
-    bi = torch.randint(0, 2, (boxes.shape[0],), generator=g)
-    return boxes.to(dtype), bi
-
+from kdops.reference.box_ranges import box_mask_dense
 
 def oracle_pool(feats, boxes, bi, rule, reduce="sum", image_size=None):
     # float64, from the rule's own pixel test: out[k] = sum_{hw} m_k F[b_k]
@@ -37,12 +20,6 @@ def oracle_pool(feats, boxes, bi, rule, reduce="sum", image_size=None):
             out = out / m.sum((1, 2))[:, None].clamp(min=1)
         outs.append(out)
     return torch.stack(outs)
-
-
-def make_feats(N=2, C=5, seed=1, dtype=torch.float64, requires_grad=False):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(N, C, h, w, generator=g, dtype=torch.float64).to(dtype).requires_grad_(requires_grad)
-            for h, w in SIZES]
 
 
 @pytest.mark.parametrize("rule", ["center", "lgd", "fgd"])
@@ -136,6 +113,11 @@ def test_pool_paint_adjoint(reduce):
     gp = torch.autograd.grad((kdops.box_pool(fl, boxes, bi, 8, reduce=reduce) * v).sum(), fl)[0]
     if reduce == "sum":
         close(gp, q, torch.float64)
+    # independent oracle: sum_k m_k v_k / count_k painted into image b_k, the masks from the rule's pixel test
+    m = box_mask_dense(boxes, (13, 17), 8, "center")
+    count = m.sum((1, 2)).clamp(min=1)[:, None] if reduce == "mean" else 1.0
+    onehot = torch.nn.functional.one_hot(bi, 2).double()
+    close(gp, torch.einsum("khw,kc,kn->nchw", m, v / count, onehot), torch.float64)
     vl = leaf(v)
     gv = torch.autograd.grad((kdops.box_paint(vl, boxes, bi, (2, 13, 17), 8) * f).sum(), vl)[0]
     close(gv, p, torch.float64)
@@ -209,7 +191,7 @@ def test_non_contiguous_features():
         (dict(batch_index=torch.zeros(3, dtype=torch.int32)), TypeError, "`batch_index` must have dtype"),
         (dict(batch_index=torch.zeros(2, dtype=torch.int64)), ValueError, "`batch_index` must have shape (3,)"),
         (dict(batch_index=None), TypeError, "`batch_index` must be a torch.Tensor"),
-        (dict(strides=[8, 16]), ValueError, "`strides` must be 3 positive number(s)"),
+        (dict(strides=[8, 16]), ValueError, "`strides` must be 3 positive finite number(s)"),
         (dict(rule="box"), ValueError, "`rule` must be one of"),
         (dict(reduce="max"), ValueError, "`reduce` must be 'sum' or 'mean'"),
         (dict(image_size=(10,)), ValueError, "`image_size` must be None"),
@@ -241,21 +223,37 @@ def test_paint_bad_inputs():
         kdops.box_paint(torch.zeros(3, 5, device="meta"), b, bi, (2, 4, 4), 8)
 
 
-def test_deterministic_across_runs_and_thread_counts():
+def _pool_paint_run(boxes, bi, feats, v, reduce):
+    """Forward and backward of box_pool and box_paint: every output and gradient, flattened."""
+    fs, vl = [leaf(f) for f in feats], leaf(v)
+    pooled = kdops.box_pool(fs, boxes, bi, STRIDES, reduce=reduce)
+    painted = kdops.box_paint(vl, boxes, bi, [(2, h, w) for h, w in SIZES], STRIDES)
+    w = torch.linspace(-1, 1, pooled.numel(), dtype=pooled.dtype).reshape(pooled.shape)
+    loss = (pooled * w).sum() + sum((p * f.detach()).sum() for p, f in zip(painted, feats))
+    grads = torch.autograd.grad(loss, fs + [vl])
+    return [pooled.detach(), *(p.detach() for p in painted), *grads]
+
+
+@pytest.mark.parametrize("reduce", ["sum", "mean"])
+def test_deterministic_across_runs_and_thread_counts(reduce):
+    # bitwise equal results and gradients on repeated runs with 1 and 2 threads (float32: rounding
+    # would show any change of summation order)
     boxes, bi = make_boxes(60, seed=8)
     feats = make_feats(C=16, dtype=torch.float32)
-    v = torch.randn(boxes.shape[0], 16)
+    v = torch.randn(boxes.shape[0], 16, generator=torch.Generator().manual_seed(9))
     threads = torch.get_num_threads()
     res = []
     try:
-        for n in (1, max(threads, 2), 1):
+        for n in (1, 2, 1, 2):
             torch.set_num_threads(n)
-            res.append((kdops.box_pool(feats, boxes, bi, STRIDES),
-                        kdops.box_paint(v, boxes, bi, [(2, h, w) for h, w in SIZES], STRIDES)))
+            res.append(_pool_paint_run(boxes, bi, feats, v, reduce))
     finally:
         torch.set_num_threads(threads)
-    for p, q in res[1:]:
-        assert torch.equal(p, res[0][0]) and all(torch.equal(a, b) for a, b in zip(q, res[0][1]))
+    close(res[0][0], oracle_pool(feats, boxes, bi, "center", reduce), torch.float32, scale=10)
+    for run in res[1:]:
+        assert len(run) == len(res[0])
+        for a, b in zip(run, res[0]):
+            assert torch.equal(a, b)
 
 
 def test_torch_compile_fullgraph():
@@ -327,42 +325,40 @@ def test_triton_empty_and_out_of_range_boxes():
 
 
 def test_runs_under_deterministic_algorithms():
+    # under torch.use_deterministic_algorithms(True): correct values and gradients, bitwise equal on
+    # repeated runs with 1 and 2 threads (pool, its gradient, paint, and the FGD masks)
     boxes, bi = make_boxes(10, seed=11)
-    f = leaf(make_feats(dtype=torch.float32)[0])
-    before = torch.are_deterministic_algorithms_enabled()
+    f0 = make_feats(dtype=torch.float32)[0]
+    v = torch.randn(boxes.shape[0], 5, generator=torch.Generator().manual_seed(12))
+    before, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
     torch.use_deterministic_algorithms(True)
+    runs = []
     try:
-        out = kdops.box_pool(f, boxes, bi, 8, reduce="mean")
-        out.sum().backward()
-        fg, bg = kdops.box_masks(boxes, bi, (2, 13, 17), 8)
+        for n in (1, 2, 1, 2):
+            torch.set_num_threads(n)
+            f = leaf(f0)
+            out = kdops.box_pool(f, boxes, bi, 8, reduce="mean")
+            out.sum().backward()
+            painted = kdops.box_paint(v, boxes, bi, (2, 13, 17), 8)
+            fg, bg = kdops.box_masks(boxes, bi, (2, 13, 17), 8)
+            runs.append([out.detach(), f.grad, painted, fg, bg])
     finally:
         torch.use_deterministic_algorithms(before)
-    close(out, oracle_pool([f], boxes, bi, "center", "mean")[0], torch.float32, scale=10)
-    assert fg.shape == bg.shape == (2, 13, 17)
-
-
-@pytest.mark.parametrize("dtype, acc", [("fp32", "fp32"), ("bf16", "fp32"), ("fp64", "fp64")])
-def test_triton_kernels_compile_for_sm90(dtype, acc):
-    import triton.language as tl
-
-    from kdops.triton._segments import _segment_sum_kernel
-    from kdops.triton.box_pool import _box_query_kernel, _mark_rows_kernel, _paint_kernel, _sat_kernel
-
-    ACC = tl.float64 if acc == "fp64" else tl.float32
-    i32 = "i32"
-    compile_for_gpu(_sat_kernel, {"in_ptr": f"*{dtype}", "out_ptr": f"*{acc}", "need_ptr": "*u8", "C": i32, "H": i32,
-                                  "W": i32, "s_n": i32, "s_c": i32, "s_h": i32, "s_w": i32},
-                    {"ACC": ACC, "BLOCK_W": 256, "ROWS": 8})
-    compile_for_gpu(_mark_rows_kernel, {"rng_ptr": "*i64", "bi_ptr": "*i64", "need_ptr": "*u8", "K": i32, "N": i32,
-                                        "H": i32, "W": i32}, {"BLOCK": 256})
-    compile_for_gpu(_paint_kernel, {"out_ptr": f"*{dtype}", "key_ptr": "*i64", "row_ptr": "*i64", "coef_ptr": f"*{acc}",
-                                    "start_ptr": "*i64", "val_ptr": f"*{dtype}", "s_k": i32, "s_c": i32, "C": i32,
-                                    "H": i32, "W": i32}, {"ACC": ACC, "BLOCK_W": 256, "ROWS": 8})
-    compile_for_gpu(_box_query_kernel, {"sat_ptr": f"*{acc}", "rng_ptr": "*i64", "bi_ptr": "*i64", "out_ptr": f"*{dtype}",
-                                        "N": i32, "C": i32, "H": i32, "W": i32}, {"MEAN": True, "BLOCK_C": 128})
-    compile_for_gpu(_segment_sum_kernel, {"src_ptr": f"*{dtype}", "row_ptr": "*i64", "coef_ptr": f"*{acc}",
-                                          "key_ptr": "*i64", "out_ptr": f"*{acc}", "J": i32, "C": i32, "key_lo": "i64",
-                                          "key_hi": "i64", "HW": i32}, {"HAS_COEF": True, "ACC": ACC, "BLOCK_C": 128})
+        torch.set_num_threads(threads)
+    out, grad, painted, fg, bg = runs[0]
+    close(out, oracle_pool([f0], boxes, bi, "center", "mean")[0], torch.float32, scale=10)
+    m = box_mask_dense(boxes, (13, 17), 8, "center")
+    onehot = torch.nn.functional.one_hot(bi, 2).double()
+    count = m.sum((1, 2)).clamp(min=1)[:, None]
+    close(grad, torch.einsum("khw,kc,kn->nchw", m, torch.ones(boxes.shape[0], 5, dtype=torch.float64) / count,
+                             onehot), torch.float32)
+    close(painted, torch.einsum("khw,kc,kn->nchw", m, v.double(), onehot), torch.float32, scale=10)
+    ref_fg, ref_bg = kdops.reference.box_masks(boxes, bi, (2, 13, 17), 8)
+    close(fg, ref_fg, torch.float32)
+    close(bg, ref_bg, torch.float32)
+    for run in runs[1:]:
+        for a, b in zip(run, runs[0]):
+            assert torch.equal(a, b)
 
 
 def test_levels_with_mixed_layouts_and_strided_values():

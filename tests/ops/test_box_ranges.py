@@ -5,11 +5,11 @@ import re
 
 import pytest
 import torch
-from test_box_pool import IMAGE, SIZES, STRIDES, make_boxes
+from box_helpers import IMAGE, SIZES, STRIDES, make_boxes
 
 import kdops
 from kdops.ops.box_ranges import _ranges_tensor_ops, all_level_ranges
-from kdops.reference.box_pool import box_mask_dense
+from kdops.reference.box_ranges import box_mask_dense
 
 box_ranges_mod = importlib.import_module("kdops.ops.box_ranges")  # (kdops.ops.box_ranges is the function)
 

@@ -1,7 +1,7 @@
 """torch.compile(dynamic=True, fullgraph=True) over all the spatial ops together, with gradients."""
 import torch
+from box_helpers import STRIDES, make_boxes, make_feats
 from helpers import leaf
-from test_box_pool import STRIDES, make_boxes, make_feats
 
 import kdops
 

@@ -225,7 +225,7 @@ def test_cuda_backend_selection():
     import subprocess
     import sys
 
-    from kdops.ops._common import has_kernel
+    from kdops.ops._registry import has_kernel
     from kdops.ops.ms_deform_attn import cuda_backend
 
     # the CUDA key always has a kernel: CUDA C++ when compiled in, else the Triton launchers

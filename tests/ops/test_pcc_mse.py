@@ -132,7 +132,7 @@ def test_empty_inputs():
         (lambda: kdops.pcc_mse(torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 4, 4), eps=-1.0), ValueError, "`eps` must be"),
         (lambda: kdops.pcc_mse(torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 4, 4), norm="instance", eps=0.0), ValueError, "must be > 0"),
         (lambda: kdops.pcc_mse(torch.zeros(3, 4, 4), torch.zeros(3, 4, 4)), ValueError, "`student` must be 4-D"),
-        (lambda: kdops.pcc_mse([torch.zeros(1, 2, 3, 3)], torch.zeros(1, 2, 3, 3)), ValueError, "sequences of equal length"),
+        (lambda: kdops.pcc_mse([torch.zeros(1, 2, 3, 3)], torch.zeros(1, 2, 3, 3)), ValueError, "`teacher` must be a sequence of 1 tensors"),
         (lambda: kdops.pcc_mse(torch.zeros(1, 2, 3, 3, dtype=torch.int64), torch.zeros(1, 2, 3, 3)), TypeError, "`student` must have dtype"),
     ],
 )

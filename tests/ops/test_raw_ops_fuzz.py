@@ -41,7 +41,7 @@ def hostile_int(g: torch.Generator, shape, lo: int, hi: int, p_extreme: float = 
 
 MODULE = {  # op -> kdops.triton module that holds its Triton launcher (same signature as the op)
     "gather_level_features_fwd": "gather_level_features", "gather_level_features_bwd": "gather_level_features",
-    "box_pool_fwd": "box_pool", "box_paint_fwd": "box_pool", "box_max_paint": "box_masks",
+    "box_pool_fwd": "box_pool", "box_paint_fwd": "box_pool", "box_masks_fwd": "box_masks",
     "mask_pool_fwd": "mask_pool", "mask_pool_bwd": "mask_pool",
     "ms_deform_attn_fwd": "ms_deform_attn", "ms_deform_attn_bwd": "ms_deform_attn",
 }
@@ -205,8 +205,8 @@ def test_box_pool_and_paint_raw_ops_reject_inconsistent_arguments():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_box_max_paint_with_any_ranges_weights_and_batch_index(backend):
-    max_paint, dev = kernel(backend, "box_max_paint"), on(backend)
+def test_box_masks_fwd_with_any_ranges_weights_and_batch_index(backend):
+    max_paint, dev = kernel(backend, "box_masks_fwd"), on(backend)
     g = torch.Generator().manual_seed(3)
     for trial in range(trials(backend, 40)):
         N, H, W = (int(v) for v in torch.randint(0, 6, (3,), generator=g))
@@ -234,15 +234,15 @@ def test_box_max_paint_with_any_ranges_weights_and_batch_index(backend):
 
 
 @needs_c
-def test_box_max_paint_raw_op_rejects_bad_sizes():
+def test_box_masks_fwd_raw_op_rejects_bad_sizes():
     r = torch.zeros(1, 4, dtype=torch.long)
     w = torch.ones(1, dtype=torch.float64)
     bi = torch.zeros(1, dtype=torch.long)
-    raises_op_error(lambda: torch.ops.kdops.box_max_paint(r, w, bi, 1, -2, 3, torch.float32), "non-negative")
-    raises_op_error(lambda: torch.ops.kdops.box_max_paint(r, w, bi, 1, 2, 2**31, torch.float32), "W")
-    raises_op_error(lambda: torch.ops.kdops.box_max_paint(r[:, :3], w, bi, 1, 2, 3, torch.float32), "ranges")
-    raises_op_error(lambda: torch.ops.kdops.box_max_paint(r, w[:0], bi, 1, 2, 3, torch.float32))
-    raises_op_error(lambda: torch.ops.kdops.box_max_paint(r, w, bi, 1, 2, 3, torch.int32))
+    raises_op_error(lambda: torch.ops.kdops.box_masks_fwd(r, w, bi, 1, -2, 3, torch.float32), "non-negative")
+    raises_op_error(lambda: torch.ops.kdops.box_masks_fwd(r, w, bi, 1, 2, 2**31, torch.float32), "W")
+    raises_op_error(lambda: torch.ops.kdops.box_masks_fwd(r[:, :3], w, bi, 1, 2, 3, torch.float32), "ranges")
+    raises_op_error(lambda: torch.ops.kdops.box_masks_fwd(r, w[:0], bi, 1, 2, 3, torch.float32))
+    raises_op_error(lambda: torch.ops.kdops.box_masks_fwd(r, w, bi, 1, 2, 3, torch.int32))
 
 
 @needs_c
@@ -376,9 +376,9 @@ def test_loss_raw_ops_reject_mismatched_shapes():
     with pytest.raises(RuntimeError):
         torch.ops.kdops.pcc_mse_bwd(torch.ones(()), s, t, coeffs, 1, True, True)
     with pytest.raises(RuntimeError):
-        torch.ops.kdops.bckd_cls_fwd(torch.randn(6, 4), torch.randn(6, 3), None, 2.0, 1.0, True, False)
+        torch.ops.kdops.bckd_cls_loss_fwd(torch.randn(6, 4), torch.randn(6, 3), None, 2.0, 1.0, True, False)
     with pytest.raises(RuntimeError):
-        torch.ops.kdops.bckd_cls_fwd(torch.randn(6, 4), torch.randn(6, 4), torch.rand(5), 2.0, 1.0, True, False)
+        torch.ops.kdops.bckd_cls_loss_fwd(torch.randn(6, 4), torch.randn(6, 4), torch.rand(5), 2.0, 1.0, True, False)
 
 
 def _layout(x: torch.Tensor, kind: int) -> torch.Tensor:
@@ -447,14 +447,14 @@ def test_feature_losses_with_any_shapes_and_layouts(backend):
             torch.testing.assert_close(gt.cpu(), wt, rtol=1e-8, atol=1e-10)
 
 
-MODULE.update({"bckd_cls_fwd": "bckd"})
+MODULE.update({"bckd_cls_loss_fwd": "bckd_cls_loss"})
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bckd_cls_with_any_strided_anchor_views(backend):
-    # bckd_cls_fwd reads (N,H,W,J,K) views through their strides (mmdet's (N,J*K,H,W) without a
+    # bckd_cls_loss_fwd reads (N,H,W,J,K) views through their strides (mmdet's (N,J*K,H,W) without a
     # copy): views of permuted, sliced and broadcast buffers, zero-size dimensions, any beta
-    fwd, dev = kernel(backend, "bckd_cls_fwd"), on(backend)
+    fwd, dev = kernel(backend, "bckd_cls_loss_fwd"), on(backend)
     g = torch.Generator().manual_seed(8)
     for trial in range(trials(backend, 24)):
         shape = [int(v) for v in torch.randint(0 if trial % 6 == 5 else 1, 4, (5,), generator=g)]

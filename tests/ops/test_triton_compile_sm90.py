@@ -130,7 +130,7 @@ def test_spatial_ops_compile(dtype):
                          ["_sat_kernel", "_mark_rows_kernel", "_box_query_kernel"])
         compile_recorded(lambda: box_pool.box_paint_fwd(rnd(2, 2, 3, dtype=dtype), ranges, bi,
                                                         [2, 6, 7, 2, 3, 4], mean), ["_paint_kernel"])
-    compile_recorded(lambda: box_masks.box_max_paint(ranges[0], torch.rand(2, dtype=torch.float64), bi, 2, 6, 7,
+    compile_recorded(lambda: box_masks.box_masks_fwd(ranges[0], torch.rand(2, dtype=torch.float64), bi, 2, 6, 7,
                                                      dtype), ["_max_paint_kernel"])
     m = torch.rand(2, 6, 7).to(dtype)
     compile_recorded(lambda: mask_pool.mask_pool_fwd(feats[0], m, bi), ["_pool_kernel"])
@@ -155,13 +155,13 @@ def test_ms_deform_attn_compiles(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
 def test_bckd_kernels_compile(dtype):
-    from kdops.triton import bckd
+    from kdops.triton import bckd_cls_loss, bckd_loc_loss
 
     s5, t5 = rnd(2, 3, 4, 1, 5, dtype=dtype), rnd(2, 3, 4, 1, 5, dtype=dtype)
     w = torch.rand(24, dtype=dtype)
     for beta in (1.0, 2.0, 1.5):
-        compile_recorded(lambda: bckd.bckd_cls_fwd(s5, t5, w, beta, 1.0, True, True), ["_cls_kernel"])
-    compile_recorded(lambda: bckd.bckd_cls_fwd(s5, t5, None, 2.0, 1.0, True, False), ["_cls_kernel"])
+        compile_recorded(lambda: bckd_cls_loss.bckd_cls_loss_fwd(s5, t5, w, beta, 1.0, True, True), ["_cls_kernel"])
+    compile_recorded(lambda: bckd_cls_loss.bckd_cls_loss_fwd(s5, t5, None, 2.0, 1.0, True, False), ["_cls_kernel"])
     A, K = 12, 3
     logits = [rnd(A, K, dtype=dtype), rnd(A, K, dtype=dtype)]
     anchors = torch.rand(A, 4).to(dtype) * 10
@@ -170,7 +170,7 @@ def test_bckd_kernels_compile(dtype):
                                      (2, 4, anchors, 16)):
         reg = [rnd(A, D, dtype=dtype), rnd(A, D, dtype=dtype)]
         for loss in (0, 1):
-            compile_recorded(lambda: bckd.bckd_loc_fwd(
+            compile_recorded(lambda: bckd_loc_loss.bckd_loc_loss_fwd(
                 [reg[0]], [reg[1]], [logits[0]], [logits[1]], [pri], [torch.rand(A, dtype=dtype)],
                 [torch.full((A,), 8.0, dtype=dtype)] if decoder == 1 else [None], [0.0], decoder, loss, reg_max,
                 [0.0] * 4, [1.0] * 4, 4.135, [1.0], True, True), ["_loc_kernel"])
@@ -207,7 +207,7 @@ def test_kernels_at_coco_sizes_fit_in_shared_memory(dtype):
 
 def _meta_launches():
     """Each Triton launcher on meta tensors (shapes, dtypes and devices, but no values)."""
-    from kdops.triton import bckd, box_masks, box_pool, gather_level_features, mask_pool, masked_mse, pcc_mse
+    from kdops.triton import bckd_cls_loss, bckd_loc_loss, box_masks, box_pool, gather_level_features, mask_pool, masked_mse, pcc_mse
     from kdops.triton import ms_deform_attn as msda
 
     def r(*shape, dtype=torch.float32):
@@ -230,7 +230,7 @@ def _meta_launches():
         "gather_bwd": lambda: gather_level_features.gather_level_features_bwd(r(3, 3), idx, [2, 3, 6, 7, 2, 3, 3, 4]),
         "box_pool_fwd": lambda: box_pool.box_pool_fwd(feats, ranges, bi, True),
         "box_paint_fwd": lambda: box_pool.box_paint_fwd(r(2, 2, 3), ranges, bi, [2, 6, 7, 2, 3, 4], True),
-        "box_max_paint": lambda: box_masks.box_max_paint(ranges[0], r(2, dtype=torch.float64), bi, 2, 6, 7,
+        "box_masks_fwd": lambda: box_masks.box_masks_fwd(ranges[0], r(2, dtype=torch.float64), bi, 2, 6, 7,
                                                          torch.float32),
         "mask_pool_fwd": lambda: mask_pool.mask_pool_fwd(feats[0], r(2, 6, 7), bi),
         "mask_pool_bwd": lambda: mask_pool.mask_pool_bwd(r(2, 3), feats[0], r(2, 6, 7), bi, True, True),
@@ -239,8 +239,8 @@ def _meta_launches():
                                                            True),
         "msda_bwd_atomic": lambda: msda.ms_deform_attn_bwd(r(2, 3, 8), value, shapes, starts, loc, attn, True, True,
                                                            False),
-        "bckd_cls_fwd": lambda: bckd.bckd_cls_fwd(r(2, 3, 4, 1, 5), r(2, 3, 4, 1, 5), r(24), 1.5, 1.0, True, True),
-        "bckd_loc_fwd": lambda: bckd.bckd_loc_fwd([r(12, 4)], [r(12, 4)], [r(12, 3)], [r(12, 3)], [r(12, 4)],
+        "bckd_cls_loss_fwd": lambda: bckd_cls_loss.bckd_cls_loss_fwd(r(2, 3, 4, 1, 5), r(2, 3, 4, 1, 5), r(24), 1.5, 1.0, True, True),
+        "bckd_loc_loss_fwd": lambda: bckd_loc_loss.bckd_loc_loss_fwd([r(12, 4)], [r(12, 4)], [r(12, 3)], [r(12, 3)], [r(12, 4)],
                                                   [r(12)], [None], [0.0], 0, 0, 16, [0.0] * 4, [1.0] * 4, 4.1, [1.0],
                                                   True, True),
     }
@@ -270,7 +270,7 @@ NON_DETERMINISTIC = {"msda_bwd_atomic"}
 @pytest.mark.parametrize("name", sorted(_meta_launches()))
 def test_no_floating_point_atomics_outside_the_non_deterministic_path(name):
     # an atomic float add sums in whatever order the threads arrive: results then differ from run
-    # to run. Integer max/min atomics (box_max_paint) are order-free. Read from the compiled PTX.
+    # to run. Integer max/min atomics (box_masks_fwd) are order-free. Read from the compiled PTX.
     import re
 
     kernels = []

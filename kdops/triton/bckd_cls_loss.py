@@ -1,10 +1,8 @@
-"""Triton kernels of kdops::bckd_cls_fwd and kdops::bckd_loc_fwd (the CUDA backend).
+"""Triton kernel of kdops::bckd_cls_loss_fwd (the CUDA backend of kdops.bckd_cls_loss).
 
-Inputs are strided (N,H,W,J,C) views (see kdops.ops._common.anchor_view): one program
+Inputs are strided (N,H,W,J,C) views (see kdops/triton/_dense_head.py): one program
 owns BLOCK_A consecutive anchors (order n,h,w,j), walks the classes in BLOCK_K chunks
-and writes its partial loss; torch sums the partials (deterministic, no atomics). The
-localisation kernel decodes student and teacher boxes in registers (distances, GFL's
-softmax integral over reg_max+1 bins, DeltaXYWH), so no box ever reaches global memory.
+and writes its partial loss; torch sums the partials (deterministic, no atomics).
 """
 from __future__ import annotations
 
@@ -12,7 +10,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, acc_dtype, device_guard, grid_block
+from . import INTERPRET, device_guard, grid_block, tl_acc_dtype
+from ._dense_head import anchor_offsets, strides5
+from .._dtype import acc_dtype
 
 
 @triton.jit
@@ -32,17 +32,6 @@ def _log1p_unit(e):
 
 
 @triton.jit
-def _anchor_offsets(a, H, W, J, sN, sH, sW, sJ):
-    j = a % J
-    r = a // J
-    w = r % W
-    r = r // W
-    h = r % H
-    n = r // H
-    return n * sN + h * sH + w * sW + j * sJ
-
-
-@triton.jit
 def _cls_kernel(s_ptr, t_ptr, w_ptr, g_ptr, gw_ptr, part_ptr, A, K, H, W, J,
                 ssN, ssH, ssW, ssJ, ssC, tsN, tsH, tsW, tsJ, tsC, gsN, gsH, gsW, gsJ, gsC, beta, scale,
                 MODE: tl.constexpr, HAS_W: tl.constexpr, WRITE_G: tl.constexpr, WRITE_GW: tl.constexpr,
@@ -50,9 +39,9 @@ def _cls_kernel(s_ptr, t_ptr, w_ptr, g_ptr, gw_ptr, part_ptr, A, K, H, W, J,
     pid = tl.program_id(0)
     a = pid.to(tl.int64) * BLOCK_A + tl.arange(0, BLOCK_A).to(tl.int64)
     am = a < A
-    so = _anchor_offsets(a, H, W, J, ssN, ssH, ssW, ssJ)
-    to = _anchor_offsets(a, H, W, J, tsN, tsH, tsW, tsJ)
-    go = _anchor_offsets(a, H, W, J, gsN, gsH, gsW, gsJ)
+    so = anchor_offsets(a, H, W, J, ssN, ssH, ssW, ssJ)
+    to = anchor_offsets(a, H, W, J, tsN, tsH, tsW, tsJ)
+    go = anchor_offsets(a, H, W, J, gsN, gsH, gsW, gsJ)
     wa = tl.full([BLOCK_A], 1.0, ACC)
     if HAS_W:
         wa = tl.load(w_ptr + a, mask=am, other=0.0).to(ACC)
@@ -93,15 +82,11 @@ def _cls_kernel(s_ptr, t_ptr, w_ptr, g_ptr, gw_ptr, part_ptr, A, K, H, W, J,
     tl.store(part_ptr + pid, tl.sum(row * wa, axis=0))
 
 
-def _strides5(x):
-    return [int(s) for s in x.stride()]
-
-
-def bckd_cls_fwd(student, teacher, weight, beta: float, scale: float, grad_student: bool, grad_weight: bool):
-    """Same contract as the kdops::bckd_cls_fwd schema (csrc/ops.cpp)."""
+def bckd_cls_loss_fwd(student, teacher, weight, beta: float, scale: float, grad_student: bool, grad_weight: bool):
+    """Same contract as the kdops::bckd_cls_loss_fwd schema (csrc/ops.cpp)."""
     N, H, W, J, K = student.shape
     A = N * H * W * J
-    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(student)
     grad = torch.empty_like(student) if grad_student else student.new_empty((0,))
     w = weight.contiguous() if weight is not None else None
     gw = student.new_empty((A,), dtype=acc) if (grad_weight and w is not None) else student.new_empty((0,), dtype=acc)
@@ -116,15 +101,14 @@ def bckd_cls_fwd(student, teacher, weight, beta: float, scale: float, grad_stude
     nprog = grid_block(A, BLOCK_A)
     part = torch.empty(nprog, device=student.device, dtype=acc)
     mode = 1 if beta == 1.0 else (2 if beta == 2.0 else 0)
-    g_str = _strides5(grad) if grad_student else _strides5(student)
+    g_str = strides5(grad) if grad_student else strides5(student)
     with device_guard(student):
         _cls_kernel[(nprog,)](
             student, teacher, w if w is not None else part, grad if grad_student else student,
             gw if gw.numel() else part, part, A, K, H, W, J,
-            *_strides5(student), *_strides5(teacher), *g_str, float(beta), float(scale),
+            *strides5(student), *strides5(teacher), *g_str, float(beta), float(scale),
             MODE=mode, HAS_W=w is not None, WRITE_G=grad_student, WRITE_GW=gw.numel() > 0,
-            ACC=acc_dtype(student.dtype), BLOCK_A=BLOCK_A, BLOCK_K=BLOCK_K, num_warps=4)
+            ACC=tl_acc_dtype(student.dtype), BLOCK_A=BLOCK_A, BLOCK_K=BLOCK_K, num_warps=4)
     return part.sum() * scale, grad, gw
 
 
-from .bckd_loc import bckd_loc_fwd, bckd_loc_level_fwd  # noqa: E402,F401  (the localisation kernel lives next door)

@@ -4,13 +4,13 @@ import math
 
 import pytest
 import torch
+from bckd_helpers import to_nchw
 from helpers import close, leaf, triton_device
 
 import kdops
 from kdops import reference as R
-from kdops.reference import bckd as RB
-from kdops.ops._common import anchor_view
-from test_bckd import logits, to_nchw  # shared input builders
+from kdops.reference.box_coders import decode
+from kdops._layout import anchor_view
 
 F64 = torch.float64
 
@@ -107,7 +107,7 @@ def test_loc_against_independent_decoder_and_giou(decoder, loss):
     st = kw.get("strides")
     ps = {k: v for k, v in kw.items() if k in ("means", "stds")}
     bs, bt = decode_oracle(decoder, sr, pri, st, **ps), decode_oracle(decoder, tr, pri, st, **ps)
-    ref_boxes = RB.decode(decoder, sr, pri, st, 4, kw.get("means", (0,) * 4), kw.get("stds", (1,) * 4), 16 / 1000)
+    ref_boxes = decode(decoder, sr, pri, st, 4, kw.get("means", (0,) * 4), kw.get("stds", (1,) * 4), 16 / 1000)
     close(ref_boxes, bs, F64)  # the reference decoder is the oracle's decoder
     g = giou_oracle(bs, bt, loss)
     per = 1 - (g if loss == "giou" else g.clamp(min=1e-6))
@@ -226,7 +226,7 @@ def test_torch_compile_fullgraph_and_fake_tensors():
 @pytest.mark.triton
 @pytest.mark.parametrize("decoder", ["distance", "gfl", "delta_xywh"])
 def test_triton_loc_matches_reference(decoder):
-    from kdops.triton.bckd import bckd_loc_level_fwd
+    from kdops.triton.bckd_loc_loss import bckd_loc_level_fwd
 
     dev = triton_device()
     sr, tr, sl, tl, pri, w = [x.float() for x in make_loc(decoder, 2, 3, 4, 1, K=5, seed=22)]
@@ -270,7 +270,7 @@ def test_loc_reductions_avg_factor_tensor_and_points_with_strides():
 
 @pytest.mark.triton
 def test_triton_loc_points_and_stride_tensor():
-    from kdops.triton.bckd import bckd_loc_level_fwd
+    from kdops.triton.bckd_loc_loss import bckd_loc_level_fwd
 
     dev = triton_device()
     sr, tr, sl, tl, pri, w = [x.float() for x in make_loc("distance", 1, 3, 4, 1, K=5, seed=32)]
@@ -367,14 +367,14 @@ def test_scale_grads_op(dtype):
 
 @pytest.mark.triton
 def test_triton_levels_contract():
-    # kdops::bckd_loc_fwd's CUDA kernel (one launch per level) on head tensors as given:
+    # kdops::bckd_loc_loss_fwd's CUDA kernel (one launch per level) on head tensors as given:
     # (L,) losses, gradients in the inputs' shapes, weight gradients in the weights'
-    from kdops.triton.bckd import bckd_loc_fwd
+    from kdops.triton.bckd_loc_loss import bckd_loc_loss_fwd
 
     dev = triton_device()
     (sr, tr, sl, tl), pri, w = _levels_gfl(42, torch.float32)
     ins = [[x.to(dev) for x in xs] for xs in (sr, tr, sl, tl, pri, w)]
-    loss, g, gw = bckd_loc_fwd(*ins, [None, None], [8.0, 16.0], 1, 0, 4, [0.0] * 4, [1.0] * 4,
+    loss, g, gw = bckd_loc_loss_fwd(*ins, [None, None], [8.0, 16.0], 1, 0, 4, [0.0] * 4, [1.0] * 4,
                                abs(math.log(16 / 1000)), [1.0, 0.5], True, True)
     S, Wt = [leaf(x.double()) for x in sr], [leaf(x.double()) for x in w]
     ref = R.bckd_loc_loss(S, [x.double() for x in tr], [x.double() for x in sl], [x.double() for x in tl],

@@ -1,9 +1,9 @@
-"""Triton kernel of kdops::bckd_loc_fwd (imported by kdops.triton.bckd, the op's module).
+"""Triton kernel of kdops::bckd_loc_loss_fwd (the CUDA backend of kdops.bckd_loc_loss).
 
 One program owns BLOCK_A anchors: the largest score gap over the classes, student and
 teacher boxes decoded in registers, (G)IoU loss and the gradient back through the
 decoder to the student regression; a partial loss per program. The op takes every FPN
-level in one call; ``bckd_loc_fwd`` launches the per-level kernel once per level.
+level in one call; ``bckd_loc_loss_fwd`` launches the per-level kernel once per level.
 """
 from __future__ import annotations
 
@@ -11,72 +11,16 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, acc_dtype, device_guard, grid_block
-from .bckd import _anchor_offsets
-
-
-@triton.jit
-def _side(ptr, off, sC, c, am, DEC: tl.constexpr, R1: tl.constexpr, R1P: tl.constexpr, ACC: tl.constexpr):
-    """One side's distance (gfl: softmax expectation; else the raw value) and bin probabilities."""
-    if DEC == 1:
-        b = tl.arange(0, R1P)
-        m = am[:, None] & (b < R1)[None, :]
-        z = tl.load(ptr + off[:, None] + (c * R1 + b)[None, :].to(tl.int64) * sC, mask=m, other=0.0).to(ACC)
-        z = tl.where(m, z, -1e30)
-        e = tl.exp(z - tl.max(z, axis=1)[:, None])
-        e = tl.where(m, e, 0.0)
-        p = e / tl.where(am, tl.sum(e, axis=1), 1.0)[:, None]  # masked anchors: no 0/0
-        d = tl.sum(p * b[None, :].to(ACC), axis=1)
-        return d, p
-    else:
-        d = tl.load(ptr + off + c * sC, mask=am, other=0.0).to(ACC)
-        return d, d[:, None]
-
-
-@triton.jit
-def _decode(ptr, off, sC, am, px1, py1, px2, py2, st, DEC: tl.constexpr, P: tl.constexpr, R1: tl.constexpr,
-            R1P: tl.constexpr, ACC: tl.constexpr, HAS_STRIDE: tl.constexpr, m0, m1, m2, m3, s0, s1, s2, s3,
-            max_ratio):
-    d0, p0 = _side(ptr, off, sC, 0, am, DEC, R1, R1P, ACC)
-    d1, p1 = _side(ptr, off, sC, 1, am, DEC, R1, R1P, ACC)
-    d2, p2 = _side(ptr, off, sC, 2, am, DEC, R1, R1P, ACC)
-    d3, p3 = _side(ptr, off, sC, 3, am, DEC, R1, R1P, ACC)
-    if DEC == 2:
-        dx = d0 * s0 + m0
-        dy = d1 * s1 + m1
-        dw = tl.minimum(tl.maximum(d2 * s2 + m2, -max_ratio), max_ratio)
-        dh = tl.minimum(tl.maximum(d3 * s3 + m3, -max_ratio), max_ratio)
-        pw = px2 - px1
-        ph = py2 - py1
-        gx = (px1 + px2) * 0.5 + pw * dx
-        gy = (py1 + py2) * 0.5 + ph * dy
-        gw = pw * tl.exp(dw)
-        gh = ph * tl.exp(dh)
-        return gx - gw * 0.5, gy - gh * 0.5, gx + gw * 0.5, gy + gh * 0.5, gw, gh, p0, p1, p2, p3, d0, d1, d2, d3
-    else:
-        if P == 2:
-            px = px1
-            py = py1
-        else:
-            px = (px2 + px1) / 2.0
-            py = (py2 + py1) / 2.0
-        if HAS_STRIDE:
-            px = px / st
-            py = py / st
-        return px - d0, py - d1, px + d2, py + d3, d0, d1, p0, p1, p2, p3, d0, d1, d2, d3
+from . import INTERPRET, device_guard, grid_block, tl_acc_dtype
+from ._box_coders import decode_box, gfl_grad
+from .._layout import anchor_view, unview
+from ._dense_head import anchor_offsets
+from .._dtype import acc_dtype
 
 
 @triton.jit
 def _share_max(a, b):
     return tl.where(a > b, 1.0, tl.where(a == b, 0.5, 0.0))
-
-
-@triton.jit
-def _gfl_grad(g_ptr, go, gsC, c, gd, p, d, f, am, R1: tl.constexpr, R1P: tl.constexpr):
-    b = tl.arange(0, R1P)
-    m = am[:, None] & (b < R1)[None, :]
-    val = (f * gd)[:, None] * p * (b[None, :].to(p.dtype) - d[:, None])
-    tl.store(g_ptr + go[:, None] + (c * R1 + b)[None, :].to(tl.int64) * gsC, val.to(g_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -89,8 +33,8 @@ def _loc_kernel(sr_ptr, tr_ptr, sl_ptr, tl_ptr, pri_ptr, w_ptr, st_ptr, g_ptr, g
     pid = tl.program_id(0)
     a = pid.to(tl.int64) * BLOCK_A + tl.arange(0, BLOCK_A).to(tl.int64)
     am = a < A
-    lo = _anchor_offsets(a, H, W, J, lN, lH, lW, lJ)
-    uo = _anchor_offsets(a, H, W, J, uN, uH, uW, uJ)
+    lo = anchor_offsets(a, H, W, J, lN, lH, lW, lJ)
+    uo = anchor_offsets(a, H, W, J, uN, uH, uW, uJ)
     gap = tl.zeros([BLOCK_A], ACC)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
@@ -109,12 +53,12 @@ def _loc_kernel(sr_ptr, tr_ptr, sl_ptr, tl_ptr, pri_ptr, w_ptr, st_ptr, g_ptr, g
     st = tl.full([BLOCK_A], 1.0, ACC) * stride_value
     if HAS_ST:
         st = tl.load(st_ptr + a, mask=am, other=1.0).to(ACC)
-    ro = _anchor_offsets(a, H, W, J, rN, rH, rW, rJ)
-    qo = _anchor_offsets(a, H, W, J, qN, qH, qW, qJ)
-    x1, y1, x2, y2, e0, e1, p0, p1, p2, p3, d0, d1, d2, d3 = _decode(
+    ro = anchor_offsets(a, H, W, J, rN, rH, rW, rJ)
+    qo = anchor_offsets(a, H, W, J, qN, qH, qW, qJ)
+    x1, y1, x2, y2, e0, e1, p0, p1, p2, p3, d0, d1, d2, d3 = decode_box(
         sr_ptr, ro, rC, am, px1, py1, px2, py2, st, DEC, P, R1, R1P, ACC, HAS_ST or HAS_SV,
         m0, m1, m2, m3, s0, s1, s2, s3, max_ratio)
-    X1, Y1, X2, Y2, _e0, _e1, _p0, _p1, _p2, _p3, _d0, _d1, _d2, _d3 = _decode(
+    X1, Y1, X2, Y2, _e0, _e1, _p0, _p1, _p2, _p3, _d0, _d1, _d2, _d3 = decode_box(
         tr_ptr, qo, qC, am, px1, py1, px2, py2, st, DEC, P, R1, R1P, ACC, HAS_ST or HAS_SV,
         m0, m1, m2, m3, s0, s1, s2, s3, max_ratio)
     # mmdet bbox_overlaps(is_aligned=True) + GIoULoss / IoULoss(linear), and the gradient in the student box
@@ -170,7 +114,7 @@ def _loc_kernel(sr_ptr, tr_ptr, sl_ptr, tl_ptr, pri_ptr, w_ptr, st_ptr, g_ptr, g
             gy1 -= _share_max(Y1, y1) * g_eh
             gy2 += _share_max(y2, Y2) * g_eh
         f = scale * wa
-        go = _anchor_offsets(a, H, W, J, gN, gH, gW, gJ)
+        go = anchor_offsets(a, H, W, J, gN, gH, gW, gJ)
         ty = g_ptr.dtype.element_ty
         if DEC == 2:
             dw = d2 * s2 + m2
@@ -189,10 +133,10 @@ def _loc_kernel(sr_ptr, tr_ptr, sl_ptr, tl_ptr, pri_ptr, w_ptr, st_ptr, g_ptr, g
             tl.store(g_ptr + go + 2 * gC, (f * gx2).to(ty), mask=am)
             tl.store(g_ptr + go + 3 * gC, (f * gy2).to(ty), mask=am)
         else:
-            _gfl_grad(g_ptr, go, gC, 0, -gx1, p0, d0, f, am, R1, R1P)
-            _gfl_grad(g_ptr, go, gC, 1, -gy1, p1, d1, f, am, R1, R1P)
-            _gfl_grad(g_ptr, go, gC, 2, gx2, p2, d2, f, am, R1, R1P)
-            _gfl_grad(g_ptr, go, gC, 3, gy2, p3, d3, f, am, R1, R1P)
+            gfl_grad(g_ptr, go, gC, 0, -gx1, p0, d0, f, am, R1, R1P)
+            gfl_grad(g_ptr, go, gC, 1, -gy1, p1, d1, f, am, R1, R1P)
+            gfl_grad(g_ptr, go, gC, 2, gx2, p2, d2, f, am, R1, R1P)
+            gfl_grad(g_ptr, go, gC, 3, gy2, p3, d3, f, am, R1, R1P)
 
 
 def bckd_loc_level_fwd(student_reg, teacher_reg, student_logits, teacher_logits, priors, weight, stride, stride_value,
@@ -203,7 +147,7 @@ def bckd_loc_level_fwd(student_reg, teacher_reg, student_logits, teacher_logits,
     N, H, W, J, D = student_reg.shape
     K = student_logits.shape[-1]
     A = N * H * W * J
-    acc = torch.float64 if student_reg.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(student_reg)
     grad = torch.empty_like(student_reg) if grad_reg else student_reg.new_empty((0,))
     w = weight.contiguous() if weight is not None else None
     gw = student_reg.new_empty((A,), dtype=acc) if (grad_weight and w is not None) else student_reg.new_empty((0,), dtype=acc)
@@ -226,27 +170,14 @@ def bckd_loc_level_fwd(student_reg, teacher_reg, student_logits, teacher_logits,
             *[float(v) for v in means], *[float(v) for v in stds], float(max_ratio), 1e-6, float(scale),
             DEC=int(decoder), MODE=int(loss), P=pri.shape[1], R1=R1, R1P=triton.next_power_of_2(R1),
             HAS_W=w is not None, HAS_ST=st is not None, HAS_SV=float(stride_value) > 0, WRITE_G=grad_reg,
-            WRITE_GW=gw.numel() > 0, ACC=acc_dtype(student_reg.dtype), BLOCK_A=BLOCK_A, BLOCK_K=BLOCK_K,
+            WRITE_GW=gw.numel() > 0, ACC=tl_acc_dtype(student_reg.dtype), BLOCK_A=BLOCK_A, BLOCK_K=BLOCK_K,
             num_warps=4)
     return part.sum() * scale, grad, gw
 
 
-def _head_view(x, per_anchor):
-    """(A,C) -> (1,1,A,1,C); (N,J*C,H,W) -> (N,H,W,J,C), a view (kdops.ops._common.anchor_view)."""
-    if x.dim() == 2:
-        return x[None, None, :, None, :]
-    N, JC, H, W = x.shape
-    return x.unflatten(1, (JC // per_anchor if per_anchor else 1, per_anchor)).permute(0, 3, 4, 1, 2)
-
-
-def _unview(g, like):
-    """A gradient in _head_view's shape back to the head tensor's shape (a view when dense)."""
-    return g.reshape(like.shape) if like.dim() == 2 else g.permute(0, 3, 4, 1, 2).reshape(like.shape)
-
-
-def bckd_loc_fwd(student_reg, teacher_reg, student_logits, teacher_logits, priors, weight, stride, stride_value,
+def bckd_loc_loss_fwd(student_reg, teacher_reg, student_logits, teacher_logits, priors, weight, stride, stride_value,
                  decoder, loss, reg_max, means, stds, max_ratio, scale, grad_reg, grad_weight):
-    """Same contract as the kdops::bckd_loc_fwd schema (csrc/ops.cpp): every FPN level, one launch
+    """Same contract as the kdops::bckd_loc_loss_fwd schema (csrc/ops.cpp): every FPN level, one launch
     per level; returns ((L,) losses, grads in the inputs' shapes, weight grads in the weights')."""
     D = 4 * (reg_max + 1) if decoder == 1 else 4
     acc = torch.float64 if any(s.dtype == torch.float64 for s in student_reg) else torch.float32
@@ -255,12 +186,12 @@ def bckd_loc_fwd(student_reg, teacher_reg, student_logits, teacher_logits, prior
                                                    weight, stride, stride_value, scale):
         J = sr.shape[1] // D if sr.dim() == 4 else 1
         K = sl.shape[1] // J
-        lacc = torch.float64 if sr.dtype == torch.float64 else torch.float32
+        lacc = acc_dtype(sr)
         out, g, gw = bckd_loc_level_fwd(
-            _head_view(sr, D), _head_view(tr, D), _head_view(sl, K), _head_view(tl_, K), pr.to(lacc),
+            anchor_view(sr, D), anchor_view(tr, D), anchor_view(sl, K), anchor_view(tl_, K), pr.to(lacc),
             w.reshape(-1).to(lacc) if w is not None else None, st.reshape(-1).to(lacc) if st is not None else None,
             sv, decoder, loss, reg_max, means, stds, max_ratio, sc, grad_reg, grad_weight and w is not None)
         losses.append(out.to(acc))
-        grads.append(_unview(g, sr) if grad_reg else g)
+        grads.append(unview(g, sr) if grad_reg else g)
         gws.append(gw.reshape(w.shape).to(w.dtype) if (grad_weight and w is not None) else gw.to(acc))
     return torch.stack(losses), grads, gws

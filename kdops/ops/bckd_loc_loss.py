@@ -1,4 +1,4 @@
-r"""kdops.bckd_cls_loss and kdops.bckd_loc_loss: BCKD's distillation losses, fused.
+r"""kdops.bckd_loc_loss: BCKD's localisation distillation, fused with box decoding and (G)IoU.
 
 Pan et al., "Bridging Cross-task Protocol Inconsistency for Distillation in Dense Object
 Detection" (ICCV 2023); semantics of the authors' ``novel_kd_loss`` and of the
@@ -24,146 +24,26 @@ supported layout; priors, per-anchor weights and strides are cast to float32 (sm
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 import torch
 
 from .. import reference
-from .._extension import HAS_C
-from ._common import (
-    _LIB, acc_dtype, anchor_view, as_levels, check_avg_factor, check_tensor, divide_by_avg_factor, kernel_scale,
-    level_grads, match_levels, needs_grad, register_cuda, saved_grads_reusable, scale_grads, use_kernel,
+from ._dense_head import (
+    check_anchor_weight, check_logits, check_reduction, divide_by_avg_factor, kernel_scale,
+    n_anchor_sites,
 )
+from ._registry import (
+    forbid_double_backward, level_grads, needs_grad, register_op, saved_grads_reusable, scale_grads, use_kernel,
+)
+from ._validation import as_levels, check_avg_factor, check_tensor, match_levels
 
+OP = "bckd_loc_loss"
 Levels = Union[torch.Tensor, Sequence[torch.Tensor]]
 _DECODERS = {"distance": 0, "gfl": 1, "delta_xywh": 2}
 _LOSSES = {"giou": 0, "iou": 1}
 
 
-def _check_logits(op, s, t, sfx):
-    check_tensor(op, f"student_logits{sfx}", s, what="(A,K) or (N,J*K,H,W)")
-    check_tensor(op, f"teacher_logits{sfx}", t, like=s, what="(A,K) or (N,J*K,H,W)")
-    if s.dim() not in (2, 4):
-        raise ValueError(f"kdops.{op}: `student_logits{sfx}` must be (A,K) or (N,J*K,H,W), got shape {tuple(s.shape)}")
-    if s.shape != t.shape:
-        raise ValueError(f"kdops.{op}: `teacher_logits{sfx}` must have the shape of `student_logits{sfx}` "
-                         f"{tuple(s.shape)}, got {tuple(t.shape)}")
-    if s.dtype != t.dtype:
-        raise TypeError(f"kdops.{op}: `student_logits{sfx}` is {s.dtype} but `teacher_logits{sfx}` is {t.dtype}")
-
-
-def _n_anchor_sites(x):
-    return x.shape[0] if x.dim() == 2 else x.shape[0] * x.shape[2] * x.shape[3]
-
-
-def _check_weight(op, w, A, like, sfx):
-    if w is None:
-        return None
-    check_tensor(op, f"weight{sfx}", w, like=like)
-    if w.numel() != A:
-        raise ValueError(f"kdops.{op}: `weight{sfx}` must hold one value per anchor ({A}), got shape {tuple(w.shape)}")
-    return w.reshape(-1)
-
-
-def _check_reduction(op, reduction, beta=None):
-    if reduction not in ("sum", "mean"):
-        raise ValueError(f"kdops.{op}: `reduction` must be 'sum' or 'mean', got {reduction!r}")
-    if beta is not None and (not isinstance(beta, (int, float)) or isinstance(beta, bool) or not beta > 0):
-        raise ValueError(f"kdops.{op}: `beta` must be a number > 0, got {beta!r}")
-
-
-# =========================================================================== classification
-def bckd_cls_loss(student_logits: Levels, teacher_logits: Levels, *, weight=None, beta: float = 1.0,
-                  reduction: str = "sum", avg_factor=None) -> torch.Tensor:
-    r"""BCKD classification distillation, loss and student gradient in one pass.
-
-    .. math::
-        \mathcal{L} = \frac{1}{Z}\sum_a w_a \sum_k \mathrm{BCE}(s_{ak}, p_{ak})\,|p_{ak} - \sigma(s_{ak})|^{\beta},
-        \qquad p = \sigma(t)\ \text{(teacher detached)}
-
-    The gap :math:`|p-\sigma(s)|^\beta` is *not* detached: its gradient flows to the student,
-    as in the authors' ``novel_kd_loss``. :math:`Z` = 1 (``reduction="sum"``), A (``"mean"``),
-    or ``avg_factor + 1.19e-7`` when ``avg_factor`` is given (mmdet's ``weight_reduce_loss``).
-
-    Args:
-        student_logits, teacher_logits: (A,K) or mmdet's (N,J*K,H,W) head output (J anchors per
-            location; anchors ordered (n,h,w,j) as ``permute(0,2,3,1).reshape(-1,K)``), read in
-            place through their strides -- or sequences of L such tensors (FPN levels).
-        weight: per-anchor weight (label weights), A values per level, or None. For
-            (N,J*K,H,W) inputs with J > 1 it also fixes J (A = N*H*W*J).
-        beta: exponent of the gap (> 0; 1 in the paper).
-        reduction: "sum" or "mean" (over anchors); ignored when ``avg_factor`` is given.
-        avg_factor: None, a number or a 1-element tensor (kept on device: no host sync).
-
-    Returns:
-        0-d loss, or (L,) per-level losses for sequences; float32 (float64 for float64 inputs).
-        Gradients flow to ``student_logits`` (and ``weight`` if it requires grad).
-    """
-    op = "bckd_cls_loss"
-    _check_reduction(op, reduction, beta)
-    ss, seq = as_levels(op, "student_logits", student_logits)
-    ts, t_seq = as_levels(op, "teacher_logits", teacher_logits)
-    if t_seq != seq or len(ts) != len(ss):
-        raise ValueError(f"kdops.{op}: `student_logits` and `teacher_logits` must both be tensors or sequences of "
-                         f"equal length, got {len(ss)} and {len(ts)} levels")
-    ws = match_levels(op, "weight", weight, len(ss), seq)
-    views = []
-    for i, (s, t, w) in enumerate(zip(ss, ts, ws)):
-        sfx = f"[{i}]" if seq else ""
-        _check_logits(op, s, t, sfx)
-        sites = _n_anchor_sites(s)
-        if s.dim() == 2:
-            K = s.shape[1]
-        else:
-            J = (w.numel() // sites if sites else 1) if w is not None else 1
-            if J < 1 or s.shape[1] % J:
-                raise ValueError(f"kdops.{op}: `weight{sfx}` implies {J} anchors per location, which does not "
-                                 f"divide the {s.shape[1]} channels of `student_logits{sfx}`")
-            K = s.shape[1] // J
-        A = sites * (s.shape[1] // K if s.dim() == 4 and K else 1)
-        views.append((s, t, _check_weight(op, w, A, s, sfx), K, A))
-    avg_factor = check_avg_factor(op, avg_factor, ss[0])
-    out = [_cls_level(s, t, w, K, A, beta, reduction, avg_factor) for s, t, w, K, A in views]
-    loss = torch.stack(out) if seq else out[0]
-    return divide_by_avg_factor(loss, kernel_scale(reduction, 1, avg_factor)[1])
-
-
-def _cls_level(s, t, w, K, A, beta, reduction, avg_factor):
-    scale, _ = kernel_scale(reduction, A, avg_factor)
-    if not use_kernel("bckd_cls_loss", s.device):
-        return reference.bckd_cls_loss(s, t, weight=w, beta=beta, reduction="sum") * scale
-    acc = acc_dtype(s.dtype)
-    loss, _, _ = torch.ops.kdops.bckd_cls_fwd(
-        anchor_view(s, K), anchor_view(t.detach(), K), w.to(acc) if w is not None else None,
-        float(beta), scale, needs_grad(s), needs_grad(w))
-    return loss
-
-
-def _cls_fake(s, t, w, beta, scale, grad_student, grad_weight):
-    acc = acc_dtype(s.dtype)
-    g = torch.empty_like(s) if grad_student else s.new_empty((0,))
-    gw = w.new_empty((w.numel(),)) if (grad_weight and w is not None) else s.new_empty((0,), dtype=acc)
-    return s.new_empty((), dtype=acc), g, gw
-
-
-def _cls_setup(ctx, inputs, output):
-    # the gradient outputs never receive gradients: without this autograd would allocate
-    # zero tensors the size of the logits for them on every backward
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(output[1], output[2])
-
-
-def _cls_backward(ctx, gloss, *_):
-    if gloss is None:  # no gradient reached the loss (grads are not materialised)
-        return (None,) * 7
-    g, gw = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    f = level_grads(gloss, 1)[0]
-    g, gw = scale_grads([g if need[0] else None, gw if need[2] else None], [f, f], saved_grads_reusable(gloss))
-    return (g, None, gw, None, None, None, None)
-
-
-# =========================================================================== localisation
 def bckd_loc_loss(student_reg: Levels, teacher_reg: Levels, student_logits: Levels, teacher_logits: Levels,
                   priors: Levels, *, decoder: str = "distance", loss: str = "giou", weight=None, avg_factor=None,
                   reduction: str = "sum", reg_max: int = 16, strides=None,
@@ -204,7 +84,7 @@ def bckd_loc_loss(student_reg: Levels, teacher_reg: Levels, student_logits: Leve
         0-d loss, or (L,) per-level losses for sequences.
     """
     op = "bckd_loc_loss"
-    _check_reduction(op, reduction)
+    check_reduction(op, reduction)
     if decoder not in _DECODERS:
         raise ValueError(f"kdops.{op}: `decoder` must be one of {sorted(_DECODERS)}, got {decoder!r}")
     if loss not in _LOSSES:
@@ -257,7 +137,7 @@ def _check_loc_level(op, sfx, D, decoder, sr, tr, sl, tl, pr, w, st):
     if sr.shape[1] % D or (sr.dim() == 2 and sr.shape[1] != D) or sr.shape[1] == 0:
         raise ValueError(f"kdops.{op}: `student_reg{sfx}` must have {D} values per anchor for decoder={decoder!r}, "
                          f"got shape {tuple(sr.shape)}")
-    _check_logits(op, sl, tl, sfx)
+    check_logits(op, sl, tl, sfx)
     if sl.dtype != sr.dtype:
         raise TypeError(f"kdops.{op}: `student_logits{sfx}` is {sl.dtype} but `student_reg{sfx}` is {sr.dtype}")
     J = sr.shape[1] // D if sr.dim() == 4 else 1
@@ -268,7 +148,7 @@ def _check_loc_level(op, sfx, D, decoder, sr, tr, sl, tl, pr, w, st):
         raise ValueError(f"kdops.{op}: `student_logits{sfx}` {tuple(sl.shape)} must cover the anchors of "
                          f"`student_reg{sfx}` {tuple(sr.shape)} in the same layout")
     K = sl.shape[1] // J
-    A = _n_anchor_sites(sr) * J
+    A = n_anchor_sites(sr) * J
     check_tensor(op, f"priors{sfx}", pr, ndim=2, like=sr, what="(M,4) anchors or (M,2) points")
     if pr.shape[1] not in (2, 4) or (decoder == "delta_xywh" and pr.shape[1] != 4):
         raise ValueError(f"kdops.{op}: `priors{sfx}` must be (M,4) anchors{'' if decoder == 'delta_xywh' else ' or (M,2) points'}, "
@@ -276,7 +156,7 @@ def _check_loc_level(op, sfx, D, decoder, sr, tr, sl, tl, pr, w, st):
     if A and (pr.shape[0] == 0 or A % pr.shape[0]):
         raise ValueError(f"kdops.{op}: `priors{sfx}` must have A={A} rows or a divisor of A (rows shared by the "
                          f"images), got shape {tuple(pr.shape)}")
-    w = _check_weight(op, w, A, sr, sfx)
+    w = check_anchor_weight(op, w, A, sr, sfx)
     if isinstance(st, torch.Tensor):
         check_tensor(op, f"strides{sfx}", st, like=sr)
         if st.numel() != A:
@@ -289,7 +169,7 @@ def _check_loc_level(op, sfx, D, decoder, sr, tr, sl, tl, pr, w, st):
 
 
 def _loc_kernel(op, levels, cfg, reduction, avg_factor):
-    """Every level in one kdops::bckd_loc_fwd call (one autograd node); returns (L,) losses."""
+    """Every level in one kdops::bckd_loc_loss_fwd call (one autograd node); returns (L,) losses."""
     dec, mode, reg_max, means, stds, max_ratio = cfg
     dev = levels[0][0].device
     srs, trs, sls, tls, prs, ws, sts, st_vals, scales = [], [], [], [], [], [], [], [], []
@@ -306,7 +186,7 @@ def _loc_kernel(op, levels, cfg, reduction, avg_factor):
         sts.append(st if isinstance(st, torch.Tensor) else None)
         st_vals.append(float(st) if isinstance(st, (int, float)) else 0.0)
         scales.append(kernel_scale(reduction, A, avg_factor)[0])
-    loss, _, _ = torch.ops.kdops.bckd_loc_fwd(
+    loss, _, _ = torch.ops.kdops.bckd_loc_loss_fwd(
         srs, trs, sls, tls, prs, ws, sts, st_vals, dec, mode, reg_max, means, stds, max_ratio, scales,
         needs_grad(*srs), needs_grad(*ws))
     return loss
@@ -323,7 +203,7 @@ def _loc_reference(sr, tr, sl, tl, pr, w, st, D, K, A, cfg, reduction, avg_facto
 
 def _loc_fake(srs, trs, sls, tls, prs, ws, sts, st_vals, dec, mode, reg_max, means, stds, max_ratio, scales,
               grad_reg, grad_weight):
-    acc = torch.float64 if any(s.dtype == torch.float64 for s in srs) else torch.float32
+    acc = torch.float64 if any(s.dtype == torch.float64 for s in srs) else torch.float32  # any level in fp64
     gs = [torch.empty_like(s) if grad_reg else s.new_empty((0,)) for s in srs]
     gws = [w.new_empty(w.shape) if (grad_weight and w is not None) else s.new_empty((0,), dtype=acc)
            for s, w in zip(srs, ws)]
@@ -331,7 +211,7 @@ def _loc_fake(srs, trs, sls, tls, prs, ws, sts, st_vals, dec, mode, reg_max, mea
 
 
 class _LocAutograd(torch.autograd.Function):
-    """Autograd of kdops::bckd_loc_fwd: the op runs below autograd and its loss is this
+    """Autograd of kdops::bckd_loc_loss_fwd: the op runs below autograd and its loss is this
     Function's only output; its differentiable inputs are just the student regressions and the
     weights (the other L-long lists pass through as one opaque argument). The op's gradient
     outputs are handed back through ``out`` as plain tensors. (torch.library.register_autograd
@@ -341,7 +221,7 @@ class _LocAutograd(torch.autograd.Function):
     @staticmethod
     def forward(ctx, keyset, args, out, *tensors):
         with torch._C._AutoDispatchBelowAutograd():
-            loss, gs, gws = torch.ops.kdops.bckd_loc_fwd.default.redispatch(
+            loss, gs, gws = torch.ops.kdops.bckd_loc_loss_fwd.default.redispatch(
                 keyset & torch._C._after_autograd_keyset, *args)
         L = len(gs)
         ctx.set_materialize_grads(False)
@@ -356,6 +236,7 @@ class _LocAutograd(torch.autograd.Function):
         n_in = ctx.levels + len(ctx.weighted)
         if gloss is None:
             return (None,) * (3 + n_in)
+        forbid_double_backward(OP)
         L = ctx.levels
         saved = ctx.saved_tensors
         need = ctx.needs_input_grad[3:]
@@ -370,23 +251,12 @@ def _loc_autograd(keyset, *args):
     tensors = [*srs, *(w for w in ws if w is not None)]
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
         with torch._C._AutoDispatchBelowAutograd():
-            return torch.ops.kdops.bckd_loc_fwd.default.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+            return torch.ops.kdops.bckd_loc_loss_fwd.default.redispatch(keyset & torch._C._after_autograd_keyset, *args)
     out = []
     loss = _LocAutograd.apply(keyset, args, out, *tensors)
     return loss, out[0], out[1]
 
 
-if HAS_C:
-    torch.library.register_fake("kdops::bckd_cls_fwd")(_cls_fake)
-    torch.library.register_autograd("kdops::bckd_cls_fwd", _cls_backward, setup_context=_cls_setup)
-    torch.library.register_fake("kdops::bckd_loc_fwd")(_loc_fake)
-    _LIB.impl("bckd_loc_fwd", _loc_autograd, "Autograd", with_keyset=True)
-    from ..triton import HAS_TRITON
+register_op(OP, fake={"bckd_loc_loss_fwd": _loc_fake}, autograd={"bckd_loc_loss_fwd": _loc_autograd})
 
-    if HAS_TRITON:
-        from ..triton.bckd import bckd_cls_fwd as _triton_cls, bckd_loc_fwd as _triton_loc
-
-        register_cuda("bckd_cls_fwd", _triton_cls)
-        register_cuda("bckd_loc_fwd", _triton_loc)
-
-__all__ = ["bckd_cls_loss", "bckd_loc_loss"]
+__all__ = ["bckd_loc_loss"]
