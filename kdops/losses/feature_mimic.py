@@ -7,10 +7,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._dtype import FLOAT_DTYPES, acc_dtype
 from ..ops import box_masks, masked_mse
+from ..ops._validation import (
+    check_box_args, check_choice, check_flag, check_number, check_pair, check_strides, check_tensor, match_levels,
+    paired_levels, per_level_numbers,
+)
 
 Feats = Union[torch.Tensor, Sequence[torch.Tensor]]
 Masks = Optional[Union[torch.Tensor, Sequence[torch.Tensor]]]
+OP = "FeatureMimicLoss"
+NORMALIZE = ("none", "batch", "numel", "mask")
+MASK_MODES = ("fgd", "binary")
+MASK_RULES = ("fgd", "center", "lgd")
+MASK_DTYPES = FLOAT_DTYPES + (torch.bool,)
+ATT = "kdops.losses.fgd_attention"
 
 
 @torch.no_grad()
@@ -21,13 +32,17 @@ def fgd_attention(feat: torch.Tensor, temperature: float = 0.5) -> Tuple[torch.T
         A^S = HW\,\mathrm{softmax}_{hw}\Big(\tfrac{1}{C}\textstyle\sum_c |F| / T\Big),\qquad
         A^C = C\,\mathrm{softmax}_{c}\Big(\tfrac{1}{HW}\textstyle\sum_{hw} |F| / T\Big)
 
-    Returns (A^S of shape (N,H,W), A^C of shape (N,C)), float32 (float64 for float64).
+    Returns (A^S of shape (N,H,W), A^C of shape (N,C)), float32 (float64 for float64). On an
+    empty map (C, H or W = 0) the means over the empty dimension are taken as 0, so the other
+    attention is uniform (1 everywhere), never NaN.
     """
+    check_tensor(ATT, "feat", feat, ndim=4, what="(N,C,H,W)")
+    check_number(ATT, "temperature", temperature, low=0.0, low_open=True)
     N, C, H, W = feat.shape
-    acc = torch.float64 if feat.dtype == torch.float64 else torch.float32
-    a = feat.abs().to(acc)
-    spatial = a.mean(dim=1).reshape(N, -1)
-    channel = a.mean(dim=(2, 3))
+    a = feat.abs().to(acc_dtype(feat))
+    # means that are 0 (not NaN) over an empty dimension: an empty map has uniform attention
+    spatial = a.sum(dim=1).reshape(N, H * W) / max(C, 1)
+    channel = a.sum(dim=(2, 3)) / max(H * W, 1)
     s_att = (H * W) * F.softmax(spatial / temperature, dim=1)
     c_att = C * F.softmax(channel / temperature, dim=1)
     return s_att.reshape(N, H, W), c_att
@@ -57,14 +72,15 @@ class FeatureMimicLoss(nn.Module):
       (GcBlock) terms of FGD are separate losses and not part of this module.
 
     Args:
-        fg_weight, bg_weight: alpha, beta.
+        fg_weight, bg_weight: alpha, beta (finite numbers >= 0).
         attention: multiply by the teacher's spatial/channel attention (FGD).
-        temperature: FGD's T for the attention softmax.
+        temperature: FGD's T for the attention softmax (> 0).
         normalize: "none" | "batch" (Z=N) | "numel" (Z=NCHW) | "mask" (Z = sum of the combined
             pixel weight before attention, at least 1).
-        loss_weight: w.
+        loss_weight: w (>= 0).
 
-        strides: one per level; needed to build the masks from GT boxes in forward.
+        strides: one positive number per level (a single number for a single level); needed to
+            build the masks from GT boxes in forward.
         mask_mode: "fgd" (1/area foreground, normalised background) or "binary"; see
             :func:`kdops.box_masks`.
         mask_rule: box-to-pixel rule of :func:`kdops.box_ranges` ("fgd", "center", "lgd").
@@ -73,8 +89,11 @@ class FeatureMimicLoss(nn.Module):
     image_size=None): tensors (N,C,H,W) or sequences of levels; masks (N,H,W) per level,
     or GT ``boxes`` (K,4) xyxy with ``batch_index`` (K,) from which :func:`kdops.box_masks`
     builds them on the device (no loop over boxes). With ``fg_mask`` and no ``bg_mask``, the
-    background is ``fg_mask <= 0``. With no masks every pixel weighs ``fg_weight``. Returns
-    the sum over levels, 0-d float32 (float64 for float64 inputs).
+    background is ``fg_mask <= 0``. With no masks every pixel weighs ``fg_weight``. Masks are
+    floating or bool, of the level's (N,H,W), on its device. Returns the sum over levels, 0-d
+    float32 (float64 for float64 inputs). Every argument is checked before any work
+    (``TypeError`` / ``ValueError`` naming it); an empty level (N, C, H or W = 0) contributes
+    exactly 0, with zero gradients.
 
     Example (FGD's feature term on an FPN, image 800x1216)::
 
@@ -86,23 +105,25 @@ class FeatureMimicLoss(nn.Module):
 
     def __init__(self, fg_weight: float = 1.0, bg_weight: float = 1.0, attention: bool = False,
                  temperature: float = 0.5, normalize: str = "batch", loss_weight: float = 1.0,
-                 strides: Optional[Sequence[float]] = None, mask_mode: str = "fgd", mask_rule: str = "fgd") -> None:
+                 strides: Optional[Union[float, Sequence[float]]] = None, mask_mode: str = "fgd",
+                 mask_rule: str = "fgd") -> None:
         super().__init__()
-        if normalize not in ("none", "batch", "numel", "mask"):
-            raise ValueError(f"FeatureMimicLoss: `normalize` must be none|batch|numel|mask, got {normalize!r}")
-        self.fg_weight, self.bg_weight = fg_weight, bg_weight
-        self.attention, self.temperature = attention, temperature
-        self.normalize, self.loss_weight = normalize, loss_weight
-        self.strides, self.mask_mode, self.mask_rule = strides, mask_mode, mask_rule
+        self.fg_weight = check_number(OP, "fg_weight", fg_weight, low=0.0)
+        self.bg_weight = check_number(OP, "bg_weight", bg_weight, low=0.0)
+        self.attention = check_flag(OP, "attention", attention)
+        self.temperature = check_number(OP, "temperature", temperature, low=0.0, low_open=True)
+        self.normalize = check_choice(OP, "normalize", normalize, NORMALIZE)
+        self.loss_weight = check_number(OP, "loss_weight", loss_weight, low=0.0)
+        self.strides = check_strides(OP, strides)
+        self.mask_mode = check_choice(OP, "mask_mode", mask_mode, MASK_MODES)
+        self.mask_rule = check_choice(OP, "mask_rule", mask_rule, MASK_RULES)
 
     def _pixel_weight(self, t: torch.Tensor, fg, bg):
         N, C, H, W = t.shape
-        acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+        acc = acc_dtype(t)
         if fg is None and bg is None:
             pw = None if self.fg_weight == 1.0 else torch.full((N, H, W), self.fg_weight, dtype=acc, device=t.device)
         else:
-            if fg is None:
-                raise ValueError("FeatureMimicLoss: pass `fg_mask` together with `bg_mask`")
             fg = fg.to(acc)
             bg = (fg <= 0).to(acc) if bg is None else bg.to(acc)
             pw = self.fg_weight * fg + self.bg_weight * bg
@@ -111,27 +132,46 @@ class FeatureMimicLoss(nn.Module):
     def forward(self, student: Feats, teacher: Feats, fg_mask: Masks = None, bg_mask: Masks = None, *,
                 boxes: Optional[torch.Tensor] = None, batch_index: Optional[torch.Tensor] = None,
                 image_size=None) -> torch.Tensor:
-        single = isinstance(student, torch.Tensor)
-        S = [student] if single else list(student)
-        T = [teacher] if single else list(teacher)
+        (S, T), seq = paired_levels(OP, ("student", "teacher"), student, teacher)
         L = len(S)
+        for i, (s, t) in enumerate(zip(S, T)):
+            check_pair(OP, s, t, i if seq else None)
+            if i and s.device != S[0].device:
+                raise ValueError(f"{OP}: `student[{i}]` is on {s.device} but `student[0]` on {S[0].device}")
+        if bg_mask is not None and fg_mask is None:
+            raise ValueError(f"{OP}: `bg_mask` needs `fg_mask` (with `fg_mask` alone the background is fg_mask <= 0)")
         if boxes is not None:
-            if fg_mask is not None or bg_mask is not None:
-                raise ValueError("FeatureMimicLoss: pass either masks or `boxes`, not both")
-            if self.strides is None or batch_index is None:
-                raise ValueError("FeatureMimicLoss: building masks from `boxes` needs `strides=` (one per level) "
-                                 "in the constructor and `batch_index` (K,) in forward")
-            acc = torch.float64 if S[0].dtype == torch.float64 else torch.float32
+            if fg_mask is not None:
+                raise ValueError(f"{OP}: pass either `fg_mask`/`bg_mask` or `boxes`, not both")
+            if self.strides is None:
+                raise ValueError(f"{OP}: building masks from `boxes` needs `strides` in the constructor "
+                                 f"({OP}(strides=...), one per level), got None")
+            check_box_args(OP, boxes, batch_index, image_size, like=S[0])
+            strides = per_level_numbers(OP, "strides", self.strides, L, seq)
+        elif batch_index is not None or image_size is not None:
+            name = "batch_index" if batch_index is not None else "image_size"
+            raise ValueError(f"{OP}: `{name}` is only used with `boxes` (GT boxes to build the masks from), "
+                             "got no `boxes`")
+        fgs = match_levels(OP, "fg_mask", fg_mask, L, seq)
+        bgs = match_levels(OP, "bg_mask", bg_mask, L, seq)
+        for i, (s, fg, bg) in enumerate(zip(S, fgs, bgs)):
+            sfx = f"[{i}]" if seq else ""
+            N, _, H, W = s.shape
+            for name, m in (("fg_mask", fg), ("bg_mask", bg)):
+                if m is not None:
+                    check_tensor(OP, name + sfx, m, ndim=3, dtypes=MASK_DTYPES, like=s, shape=(N, H, W),
+                                 what=f"(N,H,W) like `student{sfx}`")
+        # ---- validated: the work starts here
+        if boxes is not None:
             sizes = [(x.shape[0], x.shape[2], x.shape[3]) for x in S]
-            fg_mask, bg_mask = box_masks(boxes, batch_index, sizes if not single else sizes[0],
-                                         list(self.strides)[:L] if not single else self.strides[0],
-                                         rule=self.mask_rule, image_size=image_size, mode=self.mask_mode, dtype=acc)
-        fgs = [fg_mask] if single else (list(fg_mask) if fg_mask is not None else [None] * L)
-        bgs = [bg_mask] if single else (list(bg_mask) if bg_mask is not None else [None] * L)
-        if not (len(T) == len(fgs) == len(bgs) == L):
-            raise ValueError("FeatureMimicLoss: student, teacher and masks must have one entry per level")
-        total = 0.0
+            fgs, bgs = box_masks(boxes, batch_index, sizes, strides, rule=self.mask_rule, image_size=image_size,
+                                 mode=self.mask_mode, dtype=acc_dtype(S[0]))
+        total = S[0].new_zeros((), dtype=acc_dtype(S[0]))
         for s, t, fg, bg in zip(S, T, fgs, bgs):
+            if s.numel() == 0:  # an empty level: exactly 0, zero gradients (whatever the masks hold)
+                # (a value-free 0 that still depends on the maps: x.sum() * 0 would be NaN for an inf)
+                total = total + s.reshape(-1)[:0].sum().to(total.dtype) + t.reshape(-1)[:0].sum().to(total.dtype)
+                continue
             pw = self._pixel_weight(t, fg, bg)
             z = self._normaliser(s, pw)
             cw = None
@@ -147,5 +187,6 @@ class FeatureMimicLoss(nn.Module):
         if self.normalize == "numel":
             return max(s.numel(), 1)
         if self.normalize == "mask":
-            return (pw.sum() if pw is not None else s.new_tensor(float(s[:, 0].numel()))).clamp(min=1.0)
+            N, _, H, W = s.shape
+            return (pw.sum() if pw is not None else s.new_tensor(float(N * H * W), dtype=acc_dtype(s))).clamp(min=1.0)
         return 1.0

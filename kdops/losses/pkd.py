@@ -7,9 +7,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._dtype import acc_dtype
 from ..ops import pcc_mse
+from ..ops._validation import check_flag, check_number, check_tensor, paired_levels
 
 Feats = Union[torch.Tensor, Sequence[torch.Tensor]]
+OP = "PKDLoss"
 
 
 class PKDLoss(nn.Module):
@@ -24,32 +27,59 @@ class PKDLoss(nn.Module):
     over channels. Fused through :func:`kdops.pcc_mse` (no normalised copies).
 
     Args:
-        loss_weight: w.
+        loss_weight: w (a finite number >= 0).
         resize_stu: when a level's heights differ (mmrazor compares only the heights), resize
             the student to the teacher's size with bilinear interpolation; otherwise the
-            teacher to the student's.
+            teacher to the student's. A level whose heights agree but widths differ (an error
+            in mmrazor) is resized the same way.
 
-    Forward takes (N,C,H,W) tensors or sequences of FPN levels and returns a 0-d float32
-    loss (float64 for float64 inputs).
+    Forward takes (N,C,H,W) tensors or sequences of FPN levels (``preds_S`` the student's,
+    ``preds_T`` the teacher's; one N, C, dtype and device per level pair) and returns a 0-d
+    float32 loss (float64 for float64 inputs). A level with no element (N, C, H or W = 0 on
+    either side) contributes exactly 0 with zero gradients.
     """
 
     def __init__(self, loss_weight: float = 1.0, resize_stu: bool = True) -> None:
         super().__init__()
-        self.loss_weight = loss_weight
-        self.resize_stu = resize_stu
+        self.loss_weight = check_number(OP, "loss_weight", loss_weight, low=0.0)
+        self.resize_stu = check_flag(OP, "resize_stu", resize_stu)
 
     def forward(self, preds_S: Feats, preds_T: Feats) -> torch.Tensor:
-        if isinstance(preds_S, torch.Tensor):
-            preds_S, preds_T = (preds_S,), (preds_T,)
-        if len(preds_S) != len(preds_T):
-            raise ValueError(f"PKDLoss: got {len(preds_S)} student and {len(preds_T)} teacher levels")
-        S, T = [], []
-        for s, t in zip(preds_S, preds_T):
-            if s.dim() == 4 and t.dim() == 4 and s.shape[2] != t.shape[2]:
+        if isinstance(preds_S, (list, tuple)) and isinstance(preds_T, (list, tuple)) and len(preds_S) != len(preds_T):
+            raise ValueError(f"{OP}: `preds_T` must have one level per level of `preds_S`, got {len(preds_S)} "
+                             f"student and {len(preds_T)} teacher levels")
+        (S, T), seq = paired_levels(OP, ("preds_S", "preds_T"), preds_S, preds_T)
+        for i, (s, t) in enumerate(zip(S, T)):
+            sfx = f"[{i}]" if seq else ""
+            check_tensor(OP, f"preds_S{sfx}", s, ndim=4, like=S[0], what="(N,C,H,W)")
+            check_tensor(OP, f"preds_T{sfx}", t, ndim=4, like=s, what="(N,C,H,W)")
+            if s.dtype != t.dtype:
+                raise TypeError(f"{OP}: `preds_S{sfx}` is {s.dtype} but `preds_T{sfx}` is {t.dtype}; "
+                                "cast one to the other")
+            if s.shape[:2] != t.shape[:2]:
+                raise ValueError(f"{OP}: `preds_T{sfx}` must have the (N,C) of `preds_S{sfx}` {tuple(s.shape[:2])}, "
+                                 f"got {tuple(t.shape[:2])} (project the channels first)")
+        pairs, empty = [], []
+        for s, t in zip(S, T):
+            if s.numel() == 0 or t.numel() == 0:  # nothing to compare (and nothing to resize from)
+                empty.append((s, t))
+                continue
+            if s.shape[2:] != t.shape[2:]:
                 if self.resize_stu:
                     s = F.interpolate(s, t.shape[2:], mode="bilinear")
                 else:
                     t = F.interpolate(t, s.shape[2:], mode="bilinear")
-            S.append(s)
-            T.append(t)
-        return pcc_mse(S, T, norm="channel").sum() * (0.5 * self.loss_weight)
+            pairs.append((s, t))
+        if pairs:
+            loss = pcc_mse([s for s, _ in pairs], [t for _, t in pairs], norm="channel").sum()
+        else:
+            loss = S[0].new_zeros((), dtype=acc_dtype(S[0]))
+        for s, t in empty:  # exact zeros, and zero (not missing) gradients, whatever the values
+            loss = loss + _zero_touching(s, loss.dtype) + _zero_touching(t, loss.dtype)
+        return loss * (0.5 * self.loss_weight)
+
+
+def _zero_touching(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An exact 0 that depends on ``x`` (so ``x`` gets a zero gradient, not None) without reading
+    any of its values (``x.sum() * 0`` would be NaN for an infinite entry)."""
+    return x.reshape(-1)[:0].sum().to(dtype)
