@@ -1,6 +1,10 @@
 """Paper-level distillation losses built on kdops.ops."""
 from .bckd import BCKDLoss
 from .feature_mimic import FeatureMimicLoss, fgd_attention
+from .fgd import FGD_PRESETS, FGDLoss, fgd_attention_loss, fgd_attention_maps, fgd_global_loss
 from .pkd import PKDLoss
 
-__all__ = ["BCKDLoss", "FeatureMimicLoss", "PKDLoss", "fgd_attention"]
+__all__ = [
+    "BCKDLoss", "FGDLoss", "FGD_PRESETS", "FeatureMimicLoss", "PKDLoss", "fgd_attention", "fgd_attention_loss",
+    "fgd_attention_maps", "fgd_global_loss",
+]
