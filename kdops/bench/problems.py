@@ -1,7 +1,9 @@
-"""Problem sizes shared by the bench entries."""
+"""Problem sizes and inputs shared by the bench entries."""
 from __future__ import annotations
 
 from typing import List, Tuple
+
+import torch
 
 # COCO-like FPN of a batch at 800x1216 (P3-P7, strides 8..128), C=256.
 COCO_LEVELS: List[Tuple[int, int]] = [(100, 152), (50, 76), (25, 38), (13, 19), (7, 10)]
@@ -36,3 +38,19 @@ def fpn_features(device, dtype, levels, N: int, C: int, seed: int = 0):
 def feature_pass_bytes(inputs) -> int:
     """Minimal traffic of a feature loss: read student and teacher, write the student gradient."""
     return sum(s.numel() for s in inputs["student"]) * inputs["student"][0].element_size() * 3
+
+
+def dense_head_anchors(levels, strides, J, device, dtype):
+    """mmdet-style square anchors (J scales) at every location, ordered (h, w, j)."""
+    out = []
+    for (h, w), s in zip(levels, strides):
+        yy, xx = torch.meshgrid(torch.arange(h) * float(s), torch.arange(w) * float(s), indexing="ij")
+        c = torch.stack([xx.reshape(-1), yy.reshape(-1)], 1).repeat_interleave(J, 0)
+        half = (4 * s * 2 ** (torch.arange(J) / J)).repeat(h * w)[:, None]
+        out.append(torch.cat([c - half, c + half], 1).to(device, dtype))
+    return out
+
+
+def dense_head_maps(levels, N, J, C, g, device, dtype, scale=1.0):
+    """Random mmdet-layout (N, J*C, H, W) head outputs, one per level."""
+    return [(torch.randn(N, J * C, h, w, generator=g) * scale).to(device, dtype) for h, w in levels]
