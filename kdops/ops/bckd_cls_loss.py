@@ -1,25 +1,17 @@
 r"""kdops.bckd_cls_loss: BCKD's classification distillation, fused (loss and gradient in one pass).
 
 Pan et al., "Bridging Cross-task Protocol Inconsistency for Distillation in Dense Object
-Detection" (ICCV 2023); semantics of the authors' ``novel_kd_loss`` and of the
-``loss_score_kd`` branch of their ``LDHead`` (github.com/TinyTigerPan/BCKD).
+Detection" (ICCV 2023); semantics of the authors' ``novel_kd_loss`` (github.com/TinyTigerPan/BCKD).
 
-Gradients (derived here, checked against autograd of the eager formulas and by float64
-gradcheck). Classification, per element with :math:`p=\sigma(t)`, :math:`q=\sigma(s)`,
-:math:`d=p-q`, :math:`B=\mathrm{BCE}(s,p)`:
+Gradient (derived here, checked against autograd of the eager formula and by float64
+gradcheck), per element with :math:`p=\sigma(t)`, :math:`q=\sigma(s)`, :math:`d=p-q`,
+:math:`B=\mathrm{BCE}(s,p)`:
 :math:`\partial_s [B|d|^\beta] = (q-p)|d|^\beta - B\,\beta|d|^{\beta-1}\mathrm{sign}(d)\,q(1-q)`
-(the gap weight is not detached on the student side, as in the authors' code).
-Localisation: the chain GIoU -> box -> decoder (distances; GFL's softmax integral,
-:math:`\partial z_b = g_d\,p_b(b-d)`; DeltaXYWH with its clamp), written out in the kernels.
-
-Conventions, matching PyTorch autograd of the eager formulas: ties of max/min (e.g. a student
-box edge equal to the teacher's) split the gradient evenly; ``clamp`` passes no gradient at its
-bounds (IoU-loss floor, zero-width intersections, DeltaXYWH's ``wh_ratio_clip``). Where
+(the gap weight is not detached on the student side, as in the authors' code). Where
 :math:`p = q` exactly the gap's gradient is 0 (for ``beta < 1`` PyTorch gives NaN there).
 ``avg_factor`` divides as mmdet's ``weight_reduce_loss``: ``sum / (avg_factor + 1.19e-7)``.
-Unlike the authors' head, the terms are not replaced by 0 for a level without positives
-(that branch needs a host sync). No copy is made of logits or regression maps in either
-supported layout; priors, per-anchor weights and strides are cast to float32 (small).
+The logits are read in place in either layout (no copy); per-anchor weights are cast to the
+accumulation dtype (small).
 """
 from __future__ import annotations
 

@@ -1,21 +1,16 @@
 r"""kdops.bckd_loc_loss: BCKD's localisation distillation, fused with box decoding and (G)IoU.
 
 Pan et al., "Bridging Cross-task Protocol Inconsistency for Distillation in Dense Object
-Detection" (ICCV 2023); semantics of the authors' ``novel_kd_loss`` and of the
-``loss_score_kd`` branch of their ``LDHead`` (github.com/TinyTigerPan/BCKD).
+Detection" (ICCV 2023); semantics of the ``loss_score_kd`` branch of the authors' ``LDHead``
+(github.com/TinyTigerPan/BCKD).
 
-Gradients (derived here, checked against autograd of the eager formulas and by float64
-gradcheck). Classification, per element with :math:`p=\sigma(t)`, :math:`q=\sigma(s)`,
-:math:`d=p-q`, :math:`B=\mathrm{BCE}(s,p)`:
-:math:`\partial_s [B|d|^\beta] = (q-p)|d|^\beta - B\,\beta|d|^{\beta-1}\mathrm{sign}(d)\,q(1-q)`
-(the gap weight is not detached on the student side, as in the authors' code).
-Localisation: the chain GIoU -> box -> decoder (distances; GFL's softmax integral,
-:math:`\partial z_b = g_d\,p_b(b-d)`; DeltaXYWH with its clamp), written out in the kernels.
+Gradient: the chain GIoU -> box -> decoder (distances; GFL's softmax integral,
+:math:`\partial z_b = g_d\,p_b(b-d)`; DeltaXYWH with its clamp), written out in the kernels
+and checked against autograd of the eager formulas and by float64 gradcheck.
 
 Conventions, matching PyTorch autograd of the eager formulas: ties of max/min (e.g. a student
 box edge equal to the teacher's) split the gradient evenly; ``clamp`` passes no gradient at its
-bounds (IoU-loss floor, zero-width intersections, DeltaXYWH's ``wh_ratio_clip``). Where
-:math:`p = q` exactly the gap's gradient is 0 (for ``beta < 1`` PyTorch gives NaN there).
+bounds (IoU-loss floor, zero-width intersections, DeltaXYWH's ``wh_ratio_clip``).
 ``avg_factor`` divides as mmdet's ``weight_reduce_loss``: ``sum / (avg_factor + 1.19e-7)``.
 Unlike the authors' head, the terms are not replaced by 0 for a level without positives
 (that branch needs a host sync). No copy is made of logits or regression maps in either

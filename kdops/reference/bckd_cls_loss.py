@@ -1,15 +1,9 @@
-"""Reference BCKD classification loss, written from the paper's formulas and the authors' code.
+"""Reference BCKD classification loss, written from the paper's formula and the authors' code.
 
-Pan et al., "Bridging Cross-task Protocol Inconsistency for Distillation in Dense
-Object Detection" (ICCV 2023), github.com/TinyTigerPan/BCKD: ``novel_kd_loss``
-(classification) and the ``loss_score_kd`` branch of ``LDHead.loss_single``
-(localisation: GIoU between decoded student and teacher boxes at every anchor,
-weighted by the largest classification score gap). They materialise sigmoid maps,
-weights and decoded boxes for every anchor, as the authors' code does.
-
-Layouts: logits (A,K) or mmdet's (N,J*K,H,W); regression (A,D) or (N,J*D,H,W), D = 4
-(distance / delta_xywh) or 4*(reg_max+1) (gfl); anchors are ordered (n,h,w,j), as
-``permute(0,2,3,1).reshape(-1, ...)`` orders them in mmdet.
+Pan et al., "Bridging Cross-task Protocol Inconsistency for Distillation in Dense Object
+Detection" (ICCV 2023), github.com/TinyTigerPan/BCKD: ``novel_kd_loss``. It materialises the
+sigmoid maps of every anchor, as the authors' code does. Logits (A,K) or mmdet's (N,J*K,H,W),
+anchors ordered (n,h,w,j) (kdops/reference/_dense_head.py).
 """
 from __future__ import annotations
 

@@ -1,15 +1,10 @@
-"""Reference BCKD localisation loss, written from the paper's formulas and the authors' code.
+"""Reference BCKD localisation loss, written from the paper's formula and the authors' code.
 
-Pan et al., "Bridging Cross-task Protocol Inconsistency for Distillation in Dense
-Object Detection" (ICCV 2023), github.com/TinyTigerPan/BCKD: ``novel_kd_loss``
-(classification) and the ``loss_score_kd`` branch of ``LDHead.loss_single``
-(localisation: GIoU between decoded student and teacher boxes at every anchor,
-weighted by the largest classification score gap). They materialise sigmoid maps,
-weights and decoded boxes for every anchor, as the authors' code does.
-
-Layouts: logits (A,K) or mmdet's (N,J*K,H,W); regression (A,D) or (N,J*D,H,W), D = 4
-(distance / delta_xywh) or 4*(reg_max+1) (gfl); anchors are ordered (n,h,w,j), as
-``permute(0,2,3,1).reshape(-1, ...)`` orders them in mmdet.
+Pan et al. (ICCV 2023), github.com/TinyTigerPan/BCKD: the ``loss_score_kd`` branch of
+``LDHead.loss_single``, GIoU between decoded student and teacher boxes at every anchor, weighted
+by the largest classification score gap. It materialises weights and decoded boxes for every
+anchor (kdops/reference/box_coders.py), as the authors' code does. Regression (A,D) or
+(N,J*D,H,W), D = 4 (distance / delta_xywh) or 4*(reg_max+1) (gfl).
 """
 from __future__ import annotations
 
