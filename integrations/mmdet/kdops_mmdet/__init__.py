@@ -1,0 +1,19 @@
+"""kdops_mmdet: distill any mmdetection 3.x detector with kdops losses, by config.
+
+Load it from a config with ``custom_imports=dict(imports=['kdops_mmdet'], allow_failed_imports=False)``;
+it registers, in child registries of mmdet's (scope ``kdops``):
+
+- ``kdops.DistillDetector`` (MODELS): student + frozen teacher + connectors + kdops losses;
+- ``kdops.KDScheduleHook`` (HOOKS): KD warm-up and stop, a pure function of the iteration.
+
+Tools: ``python -m kdops_mmdet.train CONFIG`` (mmdet's tools/train.py, plus gloo on CPU) and
+``python -m kdops_mmdet.export_student IN.pth OUT.pth`` (a plain mmdet checkpoint of the student).
+``kdops`` itself never imports this package or mmdet.
+"""
+from .connectors import LinearConnector, build_connector
+from .distiller import DistillDetector
+from .hooks import KDScheduleHook, first_lr_milestone_iter, kd_scale_at
+from .registry import HOOKS, MODELS
+
+__all__ = ["DistillDetector", "HOOKS", "KDScheduleHook", "LinearConnector", "MODELS", "build_connector",
+           "first_lr_milestone_iter", "kd_scale_at"]
