@@ -1,0 +1,190 @@
+"""End-to-end cost of distillation in a real mmdet training step (issue 15's step benchmark).
+
+For a model pair (a kdops_mmdet distillation config), each in its own process (so the peak
+resident memory of one variant does not hide another's):
+
+- ``student``      the student alone: ``train_step`` (forward, losses, backward, SGD step);
+- ``teacher_fwd``  the teacher's forward alone, under no_grad (what distillation must pay anyway);
+- ``kd``           the DistillDetector step with kdops' kernels: student + teacher + taps + KD losses;
+- ``kd_eager``     the same step with every kdops op replaced by its eager PyTorch reference
+                   (``KDOPS_BACKEND=reference``): what the losses cost written as authors write them.
+
+The KD overhead is ``kd - student - teacher_fwd``: the taps, connectors and KD losses. The target
+(issue 15): with kdops it adds at most 5% to the step beyond the teacher's forward.
+
+    python benchmarks/kd_step.py                      # toy pair (128x128, batch 16) and COCO pair
+    python benchmarks/kd_step.py --pairs toy --reps 10
+    python benchmarks/kd_step.py --out benchmarks/results/cpu-2core-xeon   # committed results
+
+Pairs: ``toy`` = integrations/mmdet/configs/pkd/pkd_retinanet_toy.py (RetinaNet R18-style, FPN 32
+student / FPN 64 teacher) at 16x3x128x128; ``coco`` = pkd_retinanet_x101_retinanet_r50_2x_coco.py
+(RetinaNet X101-64x4d teacher -> R50 student, PKD weight 10 on P3-P6) at 2x3x800x1216. Weights are
+random (no checkpoint download): the cost of a step does not depend on them. Times are medians of
+``--reps`` steps after ``--warmup``; the CPU figures come from a shared 2-core VM (noisy: compare
+rows of one run).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(ROOT, "integrations", "mmdet", "configs")
+PAIRS = {
+    "toy": (os.path.join(CONFIGS, "pkd", "pkd_retinanet_toy.py"), 16, (128, 128)),
+    "coco": (os.path.join(CONFIGS, "pkd", "pkd_retinanet_x101_retinanet_r50_2x_coco.py"), 2, (800, 1216)),
+}
+VARIANTS = ("student", "teacher_fwd", "kd", "kd_eager")
+
+
+def _rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _no_pretrained(cfg) -> None:
+    """Drop every init_cfg that would download weights (timing does not depend on them)."""
+    if isinstance(cfg, dict):
+        if isinstance(cfg.get("init_cfg"), dict) and cfg["init_cfg"].get("type") == "Pretrained":
+            cfg["init_cfg"] = None
+        for v in cfg.values():
+            _no_pretrained(v)
+    elif isinstance(cfg, (list, tuple)):
+        for v in cfg:
+            _no_pretrained(v)
+
+
+def worker(pair: str, variant: str, reps: int, warmup: int, threads: int) -> dict:
+    import torch
+    from mmengine.config import Config
+    from mmengine.optim import OptimWrapper
+    from mmdet.registry import MODELS
+    from mmdet.testing import demo_mm_inputs
+    from mmdet.utils import register_all_modules
+
+    torch.set_num_threads(threads)
+    register_all_modules(init_default_scope=True)
+    import kdops_mmdet  # noqa: F401  (registers kdops.DistillDetector)
+
+    path, batch, (h, w) = PAIRS[pair]
+    os.environ.setdefault("KDOPS_TOY_TEACHER_CKPT", "unused")
+    cfg = Config.fromfile(path)
+    model_cfg = cfg.model
+    model_cfg.teacher_ckpt = None
+    _no_pretrained(model_cfg)
+    torch.manual_seed(0)
+    if variant == "kd" or variant == "kd_eager":
+        model = MODELS.build(model_cfg)
+    else:
+        from kdops_mmdet.distiller import model_config
+
+        which = "student" if variant == "student" else "teacher_cfg"
+        sub = model_config(model_cfg[which], f"model.{which}")
+        _no_pretrained(sub)
+        model = MODELS.build(sub)
+    num_classes = 80 if pair == "coco" else 4
+    data = demo_mm_inputs(batch_size=batch, image_shapes=[(3, h, w)] * batch, num_items=[5] * batch,
+                          num_classes=num_classes)
+    rss0 = _rss_mib()
+    if variant == "teacher_fwd":
+        model.eval()
+
+        def step():
+            with torch.no_grad():
+                d = model.data_preprocessor(data, False)
+                model.extract_feat(d["inputs"])
+    else:
+        model.train()
+        optim = OptimWrapper(torch.optim.SGD(model.parameters(), lr=1e-5))
+
+        def step():
+            model.train_step(data, optim)
+    times = []
+    for i in range(warmup + reps):
+        t0 = time.perf_counter()
+        step()
+        if i >= warmup:
+            times.append((time.perf_counter() - t0) * 1e3)
+    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    return {"pair": pair, "variant": variant, "batch": batch, "image": [h, w], "median_ms": statistics.median(times),
+            "min_ms": min(times), "iqr_ms": q[2] - q[0], "reps": reps, "threads": threads,
+            "peak_rss_mib": _rss_mib(), "rss_after_build_mib": rss0, "backend": os.environ.get("KDOPS_BACKEND", "auto")}
+
+
+def run(pair: str, variant: str, args) -> dict:
+    env = dict(os.environ)
+    if variant == "kd_eager":
+        env["KDOPS_BACKEND"] = "reference"
+    else:
+        env.pop("KDOPS_BACKEND", None)
+    env["PYTHONWARNINGS"] = "ignore"
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", pair, variant, "--reps", str(args.reps),
+           "--warmup", str(args.warmup), "--threads", str(args.threads)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
+    line = [l for l in out.stdout.splitlines() if l.startswith("{")]
+    if out.returncode != 0 or not line:
+        raise RuntimeError(f"kd_step worker {pair}/{variant} failed:\n{out.stderr[-3000:]}")
+    return json.loads(line[-1])
+
+
+def table(rows) -> str:
+    by = {(r["pair"], r["variant"]): r for r in rows}
+    out = ["| pair | step | median ms (IQR) | peak RSS MiB |", "|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['pair']} | {r['variant']} | {r['median_ms']:.1f} ({r['iqr_ms']:.1f}) | {r['peak_rss_mib']:.0f} |")
+    out += ["", "| pair | KD overhead beyond student + teacher forward: kdops | eager losses | "
+                "kdops overhead / kd step | KD losses' share, eager |", "|---|---|---|---|---|"]
+    for pair in dict.fromkeys(r["pair"] for r in rows):
+        try:
+            s, t, k, e = (by[(pair, v)]["median_ms"] for v in VARIANTS)
+        except KeyError:
+            continue
+        ok, oe = k - s - t, e - s - t
+        out.append(f"| {pair} | {ok:.1f} ms | {oe:.1f} ms | {100 * ok / k:.1f}% (target <= 5%) | {100 * oe / e:.1f}% |")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pairs", nargs="+", default=["toy", "coco"], choices=sorted(PAIRS))
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--reps", type=int, default=5, help="timed steps per variant (default 5)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
+    p.add_argument("--out", default=None, help="folder for kd_step.md / kd_step.json (default: print only)")
+    p.add_argument("--worker", nargs=2, metavar=("PAIR", "VARIANT"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args.worker[0], args.worker[1], args.reps, args.warmup, args.threads)))
+        return 0
+    rows = []
+    for pair in args.pairs:
+        for variant in args.variants:
+            print(f"kd_step: {pair} / {variant} ...", flush=True)
+            rows.append(run(pair, variant, args))
+            print(f"  {rows[-1]['median_ms']:.1f} ms", flush=True)
+    md = table(rows)
+    print(md)
+    if args.out:
+        import platform
+
+        import torch
+
+        os.makedirs(args.out, exist_ok=True)
+        env = {"torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+               "threads": args.threads, "date": time.strftime("%Y-%m-%d")}
+        with open(os.path.join(args.out, "kd_step.md"), "w") as f:
+            f.write(f"# KD step cost ({env['date']}, torch {env['torch']}, {args.threads} threads)\n\n{md}\n")
+        with open(os.path.join(args.out, "kd_step.json"), "w") as f:
+            json.dump({"environment": env, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
