@@ -7,8 +7,9 @@
 #                trainer), then the Triton kernels under
 #                TRITON_INTERPRET=1 in their own pytest process, then the C++ kernels' tests again
 #                against an AddressSanitizer + UBSan build (tests/sanitize.sh, build/sanitize/).
-#   make bench   venv + deps, build, `kdops bench` on the default COCO problem on the best device;
-#                results go to benchmarks/results/<device>/.
+#   make bench   venv + deps, build (C++ only without a GPU; reuses make test's build), a quick
+#                `kdops bench` (one case per op, COCO sizes) -> bench-results/<device>/ (untracked);
+#                `kdops bench --full --out benchmarks/results` writes the committed results.
 #
 # On a machine with its own torch (e.g. a GPU box without internet): `make test SYSTEM_PYTHON=1`
 # (no mmdet install there: the plug-in's tests skip; MMDET=1 asks for it).
@@ -34,7 +35,7 @@ endif
 KDOPS_WHEEL_CACHE ?= $(HOME)/.cache/kdops/wheels
 MMDET_STAMP := $(if $(filter 1,$(MMDET)),.stamp-mmdet,)
 
-# The nvcc on PATH can be a wrapper one folder below the real toolkit (see ENVIRONMENT.md).
+# The nvcc on PATH can be a wrapper one folder below the real toolkit (see docs/environment.md).
 NVCC := $(shell command -v nvcc 2>/dev/null)
 CUDA_HOME ?= $(shell if [ -n "$(NVCC)" ]; then d="$$(dirname "$$(dirname "$$(readlink -f "$(NVCC)")")")"; \
 	for c in "$$(dirname "$$(dirname "$(NVCC)")")/cuda-13.0" "$$d"; do \
@@ -64,6 +65,9 @@ BENCH_GPU := $(shell nvidia-smi -L 2>/dev/null | grep -q GPU && echo 1 || echo 0
 BENCH_FORCE_CUDA ?= $(if $(filter 1,$(BENCH_GPU)),$(FORCE_CUDA),0)
 
 bench: .stamp-build-bench
+	@KDOPS_BACKEND= $(PY) -c "import kdops, sys; sys.exit(0 if kdops.HAS_C else 1)" 2>/dev/null || \
+	  { echo "== kdops._C does not load (e.g. after make clean): building again =="; rm -f .stamp-build-bench; \
+	    $(MAKE) --no-print-directory .stamp-build-bench; }
 	$(PY) -m kdops.cli bench --out $(BENCH_OUT) $(BENCH_ARGS)
 
 # Reuses `make test`'s build while it is up to date (.stamp-build newer than every source); else builds
@@ -78,7 +82,7 @@ bench: .stamp-build-bench
 	  FORCE_CUDA=$(BENCH_FORCE_CUDA) CUDA_HOME=$(CUDA_HOME) TORCH_CUDA_ARCH_LIST="$(TORCH_CUDA_ARCH_LIST)" \
 	    MAX_JOBS=$(MAX_JOBS) $(PY) -m pip install -q --no-build-isolation --no-deps -e . || exit 1; \
 	fi
-	$(PY) -c "import kdops, sys; sys.exit(0 if kdops.HAS_C else 'kdops._C failed to load')"
+	KDOPS_BACKEND= $(PY) -c "import kdops, sys; sys.exit(0 if kdops.HAS_C else 'kdops._C failed to load')"
 	touch $@
 
 deps: $(DEPS_STAMP)
@@ -105,4 +109,4 @@ build: .stamp-build
 	touch $@
 
 clean:
-	rm -rf build kdops/_C*.so .stamp-build .stamp-mmdet *.egg-info
+	rm -rf build kdops/_C*.so .stamp-build .stamp-build-bench .stamp-mmdet *.egg-info

@@ -1,7 +1,7 @@
 """Build kdops._C: the op schemas and C++ CPU kernels, plus CUDA sources when asked.
 
 CUDA sources (csrc/cuda/*.cu) are compiled when a GPU is visible or FORCE_CUDA=1.
-CUDA_HOME must point at a real toolkit (see ../shared/ENVIRONMENT.md; the Makefile sets it).
+CUDA_HOME must point at a real toolkit (see docs/environment.md; the Makefile sets it).
 """
 import glob
 import os

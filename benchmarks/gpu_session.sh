@@ -56,7 +56,7 @@ if [[ " $STAGES " == *" tests "* ]]; then
   stage tests-triton 150 $PY -m pytest -q --maxfail=25 -m triton tests
 fi
 if [[ " $STAGES " == *" bench "* ]]; then
-  stage bench-fp32 240 $PY -m kdops.cli bench --device cuda --dtype float32 --out benchmarks/results
+  stage bench-fp32 240 $PY -m kdops.cli bench --device cuda --dtype float32 --full --out benchmarks/results
 fi
 if [[ " $STAGES " == *" tests "* ]]; then
   # the hostile-input fuzz on CUDA tensors (CUDA C++ and Triton kernels) under compute-sanitizer's
@@ -73,7 +73,7 @@ if [[ " $STAGES " == *" tests "* ]]; then
 fi
 if [[ " $STAGES " == *" bench "* ]]; then
   for dt in bfloat16 float16; do
-    KDOPS_BENCH_NO_COMPILE=1 stage "bench-$dt" 120 $PY -m kdops.cli bench --device cuda --dtype "$dt" --out benchmarks/results
+    KDOPS_BENCH_NO_COMPILE=1 stage "bench-$dt" 120 $PY -m kdops.cli bench --device cuda --dtype "$dt" --full --out benchmarks/results
   done
 fi
 if [[ " $STAGES " == *" tests "* ]]; then

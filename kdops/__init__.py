@@ -6,8 +6,9 @@
     rows = kdops.gather_level_features(student_head, anchor_index)   # (R,C), HEAD's CKD
     emb = kdops.box_pool(student_fpn, gt_boxes, batch, strides)     # (L,K,C), LGD
     fg, bg = kdops.box_masks(gt_boxes, batch, sizes, strides, image_size=(h, w))  # FGD masks
+    kdops.check_boxes(gt_boxes, batch, num_images)   # warns (or raises) on boxes that cover nothing
 
-See README.md and ``kdops info`` for which backend each op uses on this machine.
+See README.md, docs/architecture.md and ``kdops info`` for which backend each op uses on this machine.
 """
 from ._extension import HAS_C
 from . import losses, nn, reference
@@ -15,10 +16,11 @@ from .ops import (
     bckd_cls_loss, bckd_loc_loss, box_masks, box_paint, box_pool, box_ranges, gather_level_features, mask_pool,
     masked_mse, ms_deform_attn, pcc_mse,
 )
+from .ops.box_ranges import check_boxes  # noqa: E402  (kdops.ops' box_ranges module)
 from .version import __version__
 
 __all__ = [
-    "HAS_C", "bckd_cls_loss", "bckd_loc_loss", "box_masks", "box_paint", "box_pool", "box_ranges",
+    "HAS_C", "bckd_cls_loss", "bckd_loc_loss", "box_masks", "box_paint", "box_pool", "box_ranges", "check_boxes",
     "gather_level_features", "losses", "mask_pool", "masked_mse", "ms_deform_attn", "nn", "pcc_mse", "reference",
     "__version__",
 ]

@@ -10,15 +10,37 @@ DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16":
           "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
 
+#: the short backend names `kdops info` prints and README.md's op table uses
+CPP, TRITON, CUDA_CPP, TORCH_OPS, REFERENCE = "C++", "Triton", "CUDA C++", "torch ops", "eager reference"
+
+
+def backends() -> dict:
+    """op -> (CPU backend, CUDA backend) as the dispatcher answers with this build (the CUDA one is
+    what a GPU would run, also on a machine without one): C++, Triton, CUDA C++, torch ops (no
+    custom kernel: tensor ops on the device) or eager reference (no kernel: the fallback)."""
+    import kdops
+    from kdops.ops import __all__ as op_names
+    from kdops.triton import HAS_TRITON
+
+    out = {}
+    for name in op_names:
+        if not kdops.HAS_C:
+            out[name] = (REFERENCE, REFERENCE)
+            continue
+        cpu = CPP if _has(name, "CPU") else TORCH_OPS
+        gpu = _cuda_backend(name) if HAS_TRITON or name == "ms_deform_attn" else REFERENCE
+        out[name] = (cpu, gpu)
+    return out
+
+
 def _info() -> int:
     import platform
 
     import torch
 
     import kdops
-    from kdops._extension import LOAD_ERROR
-    from kdops.ops import __all__ as op_names
-    from kdops.triton import HAS_TRITON, INTERPRET
+    from kdops._extension import BACKEND, LOAD_ERROR
+    from kdops.triton import INTERPRET
 
     print(f"kdops {kdops.__version__}  python {platform.python_version()}  torch {torch.__version__}"
           f"  (CUDA build {torch.version.cuda})")
@@ -29,6 +51,7 @@ def _info() -> int:
     except Exception:
         print("triton: not installed")
     print(f"extension kdops._C: {'loaded' if kdops.HAS_C else 'NOT loaded: ' + str(LOAD_ERROR)}")
+    print(f"KDOPS_BACKEND: {BACKEND}")
     print(f"CPU threads: {torch.get_num_threads()}")
     cuda = torch.cuda.is_available()
     if cuda:
@@ -36,21 +59,10 @@ def _info() -> int:
             print(f"cuda:{i}: {torch.cuda.get_device_name(i)}")
     else:
         print("CUDA: no GPU visible")
-    print("\nbackend per op:")
-    for name in op_names:
-        if not kdops.HAS_C:
-            cpu = "eager reference (extension missing)"
-        elif _has(name, "CPU"):
-            cpu = "C++ kernel"
-        else:
-            cpu = "torch ops (no custom kernel)"
-        if not cuda:
-            gpu = "- (no GPU)"
-        elif kdops.HAS_C and HAS_TRITON:
-            gpu = _cuda_backend(name)
-        else:
-            gpu = "eager reference"
-        print(f"  {name:<24} cpu: {cpu:<30} cuda: {gpu}")
+    print("\nbackend per op" + ("" if cuda else " (cuda: what a GPU would run with this build; none visible here)")
+          + ":")
+    for name, (cpu, gpu) in backends().items():
+        print(f"  {name:<24} cpu: {cpu:<16} cuda: {gpu}")
     return 0
 
 
@@ -69,35 +81,60 @@ def _cuda_backend(op: str) -> str:
     if op == "ms_deform_attn":
         from kdops.ops.ms_deform_attn import cuda_backend
 
-        return {"cuda": "CUDA C++", "triton": "Triton"}.get(cuda_backend(), "eager reference")
+        return {"cuda": CUDA_CPP, "triton": TRITON}.get(cuda_backend(), REFERENCE)
     if _has(op, "CUDA"):
-        return "Triton"
-    return "torch ops (no custom kernel)"
+        return TRITON
+    return TORCH_OPS
+
+
+DEFAULT_OUT = "bench-results"  # untracked (.gitignore); `--out benchmarks/results` writes the committed folder
+QUICK = ("one representative case per op: K=100 boxes for box_ranges (rule fgd), box_pool, box_paint, "
+         "box_masks and mask_pool, R=1024 rows for gather_level_features, the batch-2 300-query decoder for "
+         "ms_deform_attn, both norms of pcc_mse, both BCKD heads; torch.compile left out on the CPU (--compile)")
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m} min {s:02d} s" if m else f"{s} s"
 
 
 def _bench(args) -> int:
+    import time
+
     import torch
 
-    from kdops.bench import available_ops, cases_for
+    from kdops.bench import cases_for
     from kdops.bench.harness import default_progress, time_case
-    from kdops.bench.report import device_slug, environment, markdown, plot, write_json
+    from kdops.bench.report import device_slug, environment, markdown, plot, summary, write_json
 
+    started = time.perf_counter()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         print("kdops bench: --device cuda asked for but no GPU is visible", file=sys.stderr)
         return 2
     dtype = getattr(torch, DTYPES[args.dtype])
-    ops = args.ops or available_ops()
+    ops = args.ops or _bench_ops()
     env = environment(device)
-    env.update({"dtype": str(dtype).replace("torch.", ""), "size": args.size})
-    print(f"kdops bench on {env['device']}, {env['dtype']}, size={args.size}, ops: {', '.join(ops)}",
+    selection = "full" if args.full else "quick"
+    # torch.compile of the references costs 15-40 s per case on 2 CPU cores (inductor compiles C++):
+    # the quick selection leaves it out unless asked for, --full includes it unless told not to
+    compile_refs = args.compile if args.compile is not None else (args.full or device.type == "cuda")
+    env.update({"dtype": str(dtype).replace("torch.", ""), "size": args.size, "selection": selection,
+                "compile": compile_refs,
+                "reps": args.reps, "warmup": args.warmup})
+    print(f"kdops bench on {env['device']}, {env['dtype']}, size={args.size}, {selection} selection"
+          f"{'' if args.full else ' (--full for every case)'}, torch.compile "
+          f"{'included' if compile_refs else 'left out (--compile to include it)'}; ops: {', '.join(ops)}",
           file=sys.stderr)
-    title = f"kdops bench ({env['dtype']}, {args.size})"
+    title = f"kdops bench ({env['dtype']}, {args.size}, {selection})"
     out_md, out_json, out_png = args.markdown, args.json, args.plot
     if args.out:
         folder = os.path.join(args.out, device_slug(device))
         os.makedirs(folder, exist_ok=True)
-        stem = os.path.join(folder, f"bench_{env['dtype']}_{args.size}")
+        # a full run is what benchmarks/results/ commits; a quick run never overwrites it
+        stem = os.path.join(folder, f"bench_{env['dtype']}_{args.size}{'' if args.full else '_quick'}")
         out_md, out_json, out_png = out_md or stem + ".md", out_json or stem + ".json", out_png or stem + ".png"
 
     def save(rows):  # after every case: a run cut short (a time limit) keeps what it measured
@@ -108,7 +145,8 @@ def _bench(args) -> int:
             write_json(out_json, rows, env)
 
     rows = []
-    all_cases = [(op, c) for op in ops for c in cases_for(op, device, dtype, args.size)]
+    all_cases = [(op, c) for op in ops for c in cases_for(op, device, dtype, args.size, full=args.full,
+                                                          compile=compile_refs)]
     for i, (op, case) in enumerate(all_cases, 1):
         print(f"[{i}/{len(all_cases)}] {op}: {case.label}", file=sys.stderr, flush=True)
         for r in time_case(case, device, args.reps, args.warmup, default_progress):
@@ -124,10 +162,18 @@ def _bench(args) -> int:
             print("kdops bench: --plot needs matplotlib (pip install matplotlib); the JSON can be plotted "
                   "later, elsewhere, with `kdops plot <json>`", file=sys.stderr)
             out_png = None
-    for p in (out_md, out_json, out_png):
+        except ValueError as e:  # nothing timed (every implementation failed)
+            print(f"kdops bench: no chart: {e}", file=sys.stderr)
+            out_png = None
+    for what, p in (("table", out_md), ("data ", out_json), ("chart", out_png)):
         if p:
-            print(f"wrote {p}", file=sys.stderr)
+            print(f"{what}: {p}", file=sys.stderr)
     bad = [r for r in rows if r["match"].startswith("MISMATCH") and r["impl"] in ("kdops", "eager")]
+    if bad:
+        print(f"kdops bench: {len(bad)} result(s) of kdops or eager do not match (see the check column)",
+              file=sys.stderr)
+    print(f"kdops bench: {len(all_cases)} case(s) in {_duration(time.perf_counter() - started)}; {summary(rows)}",
+          file=sys.stderr)
     return 1 if bad else 0
 
 
@@ -141,7 +187,8 @@ def _plot(args) -> int:
     env, rows = data["environment"], data["rows"]
     out = args.out or os.path.splitext(args.json)[0] + ".png"
     try:
-        plot(out, rows, env, f"kdops bench ({env.get('dtype', '?')}, {env.get('size', '?')})")
+        sel = f", {env['selection']}" if env.get("selection") else ""
+        plot(out, rows, env, f"kdops bench ({env.get('dtype', '?')}, {env.get('size', '?')}{sel})")
     except ImportError:
         print("kdops plot: needs matplotlib (pip install matplotlib)", file=sys.stderr)
         return 2
@@ -149,22 +196,95 @@ def _plot(args) -> int:
     return 0
 
 
+def _bench_ops() -> List[str]:
+    from kdops.bench import available_ops
+
+    return available_ops()
+
+
+def _bench_parser(sub) -> None:
+    from kdops.bench.problems import SIZES
+
+    ops = _bench_ops()
+    epilog = "\n".join([
+        "ops (one bench entry per op, same name):",
+        *_wrap(", ".join(ops)),
+        "",
+        "sizes (--size):",
+        *[line for name, text in SIZES.items() for line in _wrap(f"{name}: {text}")],
+        "",
+        "selection (--full):",
+        *_wrap("default: " + QUICK + "; --full: every case (the K and R sweeps, both box_ranges rules, the "
+               "MSDA encoder and batch 8 on CUDA)"),
+        "",
+        f"output: the table is printed; with --out DIR (default: {DEFAULT_OUT}/, untracked) the table, JSON and",
+        "chart go to DIR/<device>/bench_<dtype>_<size>[_quick].{md,json,png}. `--full --out benchmarks/results`",
+        "writes the committed results. KDOPS_BENCH_NO_COMPILE=1 skips torch.compile (slow to compile on few cores).",
+        "Timings whose spread or internal consistency says the machine was disturbed are marked `!`.",
+    ])
+    b = sub.add_parser(
+        "bench", help="speed, memory and exactness of each op vs eager and torch.compile",
+        description="Checks that kdops, the eager reference, torch.compile(reference) and installed peers agree, "
+                    "then times forward, backward and forward+backward with the implementations' repetitions "
+                    "interleaved.",
+        epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    b.add_argument("--ops", nargs="+", choices=ops, metavar="OP", help="bench entries (default: all; listed below)")
+    b.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when a GPU is visible, else cpu")
+    b.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="(default: %(default)s)")
+    b.add_argument("--size", default="coco", choices=list(SIZES), help="problem size, described below (default: "
+                   "%(default)s)")
+    b.add_argument("--full", action="store_true", help="every case of every op (default: the quick selection "
+                   "below)")
+    c = b.add_mutually_exclusive_group()
+    c.add_argument("--compile", dest="compile", action="store_true", default=None,
+                   help="include torch.compile(reference) (default: with --full, or on CUDA; it costs 15-40 s of "
+                        "compilation per case on 2 CPU cores)")
+    c.add_argument("--no-compile", dest="compile", action="store_false", help="leave torch.compile out")
+    b.add_argument("--reps", type=_positive, default=10, help="timed repetitions per measurement, at most: an "
+                   "implementation slower than 0.4 s per run gets fewer, never under 5 (default: %(default)s)")
+    b.add_argument("--warmup", type=_non_negative, default=2, help="untimed runs per implementation before timing; "
+                   "the results of the last one are checked (default: %(default)s)")
+    b.add_argument("--threads", type=_positive, help="CPU threads (torch.set_num_threads; default: torch's, "
+                   "all cores). 1 gives steadier timings on a busy machine")
+    b.add_argument("--out", default=DEFAULT_OUT, help="results folder (default: %(default)s, untracked): writes "
+                   "<out>/<device>/bench_<dtype>_<size>[_quick].{md,json,png}; '' writes nothing")
+    b.add_argument("--json", help="also write rows + environment as JSON here")
+    b.add_argument("--plot", help="also write the PNG chart here")
+    b.add_argument("--markdown", help="also write the markdown table here")
+
+
+def _wrap(text: str, width: int = 100) -> List[str]:
+    import textwrap
+
+    return textwrap.wrap(text, width, initial_indent="  ", subsequent_indent="    ")
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return v
+
+
+def _non_negative(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return v
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="kdops", description="kdops: fused kernels for detection KD")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="versions, devices and the backend each op uses")
-    b = sub.add_parser("bench", help="speed, memory and exactness of each op vs eager and torch.compile")
-    b.add_argument("--ops", nargs="+", help="bench entries (default: all)")
-    b.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when a GPU is visible, else cpu")
-    b.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    b.add_argument("--size", default="coco", choices=["coco", "small"])
-    b.add_argument("--reps", type=int, default=10)
-    b.add_argument("--warmup", type=int, default=2)
-    b.add_argument("--json", help="write rows + environment as JSON")
-    b.add_argument("--plot", help="write a PNG bar chart")
-    b.add_argument("--markdown", help="write the markdown table")
-    b.add_argument("--out", help="results folder: writes <out>/<device>/bench_<dtype>_<size>.{md,json,png}")
-    pl = sub.add_parser("plot", help="the PNG bar chart of a `kdops bench` JSON (e.g. one from a machine "
+    _bench_parser(sub)
+    pl = sub.add_parser("plot", help="the PNG chart of a `kdops bench` JSON (e.g. one from a machine "
                                       "without matplotlib)")
     pl.add_argument("json", help="a JSON written by kdops bench")
     pl.add_argument("--out", help="PNG path (default: the JSON's, with .png)")

@@ -1,4 +1,4 @@
-"""The benchmark harness behind ``kdops bench`` (see DESIGN.md section 6).
+"""The benchmark harness behind ``kdops bench`` (see docs/architecture.md, section 6).
 
 Each op registers its cases in ``kdops/bench/ops/<op>.py`` with :func:`register`;
 the harness checks that kdops, the eager reference, torch.compile(reference) and

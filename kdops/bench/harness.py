@@ -1,4 +1,5 @@
-"""Runs bench cases: checks agreement, then times forward, backward and forward+backward."""
+"""Runs bench cases: checks agreement, then times forward, backward and forward+backward with the
+implementations' repetitions interleaved, and flags timings that other work on the machine disturbed."""
 from __future__ import annotations
 
 import statistics
@@ -12,6 +13,21 @@ import torch
 from .registry import Case, Impl
 
 
+#: a timing whose interquartile range exceeds this fraction of its median (and SPREAD_MIN_MS) is
+#: marked disturbed: on an idle machine the repetitions of one case agree within a few per cent.
+SPREAD = 0.25
+SPREAD_MIN_MS = 0.05
+#: forward+backward timed in one go must not come out below this fraction of the larger of the
+#: forward and the backward timed alone (it contains both): below it the machine was disturbed.
+CONSISTENCY = 0.8
+#: repetitions: at most --reps, but a pass of one implementation's repetitions stays within
+#: REP_BUDGET_S (a 1-second eager reference gets MIN_REPS, not 10); never under MIN_REPS
+REP_BUDGET_S = 4.0
+MIN_REPS = 5
+ADVICE = ("re-run on an idle machine, or with fewer threads (`kdops bench --threads 1`, or "
+          "OMP_NUM_THREADS=1), and compare ratios rather than absolute times")
+
+
 @dataclass
 class Row:
     op: str
@@ -20,16 +36,36 @@ class Row:
     fwd_ms: Optional[float] = None
     bwd_ms: Optional[float] = None
     fwdbwd_ms: Optional[float] = None
+    fwd_iqr_ms: Optional[float] = None
+    bwd_iqr_ms: Optional[float] = None
     fwdbwd_iqr_ms: Optional[float] = None
     speedup_vs_eager: Optional[float] = None
     gbps: Optional[float] = None
     peak_mib: Optional[float] = None
     match: str = ""
     error: str = ""
+    disturbed: str = ""          # why this row's timings look disturbed ("" when they look sound)
     extra: Dict[str, object] = field(default_factory=dict)
 
     def as_dict(self):
         return asdict(self)
+
+
+def disturbance(row: Dict[str, object]) -> str:
+    """Why a row's timings look disturbed by other work on the machine ("" when they look sound):
+    a spread (IQR) above SPREAD of the median, or forward+backward (timed in one go) below
+    CONSISTENCY x the larger of forward and backward timed alone. Takes a row as a dict (JSON)."""
+    notes = []
+    for label, med, iqr in (("fwd", row.get("fwd_ms"), row.get("fwd_iqr_ms")),
+                            ("bwd", row.get("bwd_ms"), row.get("bwd_iqr_ms")),
+                            ("fwd+bwd", row.get("fwdbwd_ms"), row.get("fwdbwd_iqr_ms"))):
+        if med and iqr is not None and iqr > SPREAD * med and iqr > SPREAD_MIN_MS:
+            notes.append(f"{label} spread {iqr / med:.0%}")
+    both, parts = row.get("fwdbwd_ms"), [x for x in (row.get("fwd_ms"), row.get("bwd_ms")) if x]
+    if both and parts and both < CONSISTENCY * max(parts):
+        notes.append(f"fwd+bwd {both:.3g} ms < {'bwd' if row.get('bwd_ms') == max(parts) else 'fwd'} "
+                     f"{max(parts):.3g} ms")
+    return "; ".join(notes)
 
 
 def _leaves(inputs: Dict[str, object], names: List[str]) -> List[torch.Tensor]:
@@ -106,66 +142,115 @@ def _compare(a, b, case: Case) -> str:
         return "MISMATCH: " + (first[0] if first else "")
 
 
+def _rotated(items: list, k: int) -> list:
+    k %= max(len(items), 1)
+    return items[k:] + items[:k]
+
+
 def time_case(case: Case, device: torch.device, reps: int, warmup: int,
               progress: Callable[[str], None]) -> List[Row]:
+    """Checks every implementation against the first (kdops), then times them with their
+    repetitions interleaved -- repetition i runs every implementation once, in an order rotated
+    by i -- so a disturbance (another process, a frequency change) hits all of them alike rather
+    than the one that happened to be running. Forward and backward are timed separately (one
+    pass of repetitions), then forward+backward in one go (a second pass). ``warmup`` untimed runs
+    come first (at least one: its results are the ones checked); an implementation slower than
+    REP_BUDGET_S / reps per run gets fewer repetitions, never under MIN_REPS."""
     inputs = case.make_inputs()
     leaves = _leaves(inputs, case.grad_inputs) if case.backward else []
     timer = Timer(device)
-    rows: List[Row] = []
-    results = {}
+    rows = {impl.name: Row(op=case.op, case=case.label, impl=impl.name) for impl in case.impls}
+    results, fns = {}, {}
+
+    def fail(name: str, e: Exception) -> None:  # a failing peer or compile must not stop the run
+        rows[name].error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+        fns.pop(name, None)
+
+    n_reps = {}
     for impl in case.impls:
-        row = Row(op=case.op, case=case.label, impl=impl.name)
-        rows.append(row)
-        progress(f"{case.op} | {case.label} | {impl.name}")
+        started = time.perf_counter()
         try:
             fn = _prepare(impl)
-            for _ in range(warmup):
+            for _ in range(max(warmup, 1) - 1):
                 _run_once(fn, inputs, leaves, case.backward)
-            results[impl.name] = _run_once(fn, inputs, leaves, case.backward)
-            fwd, bwd, both = [], [], []
-            for _ in range(reps):
+            t0 = timer.now()
+            results[impl.name] = _run_once(fn, inputs, leaves, case.backward)  # the last warm-up run
+            one = timer.now() - t0
+            fns[impl.name] = fn
+            # a slow implementation gets fewer repetitions (never under MIN_REPS): a pass of its
+            # repetitions stays within REP_BUDGET_S
+            n_reps[impl.name] = min(reps, max(MIN_REPS, int(REP_BUDGET_S / max(one, 1e-9))))
+        except Exception as e:
+            fail(impl.name, e)
+        progress(f"{case.op} | {case.label} | {impl.name}: warm-up and check "
+                 f"{time.perf_counter() - started:.1f} s")
+    fwd = {n: [] for n in fns}
+    bwd = {n: [] for n in fns}
+    both = {n: [] for n in fns}
+    progress(f"{case.op} | {case.label}: timing {', '.join(f'{n} x{n_reps[n]}' for n in fns)} "
+             "(repetitions interleaved)")
+    for i in range(reps):
+        for name in _rotated([n for n in fns if i < n_reps[n]], i):
+            try:
                 t0 = timer.now()
-                res = fn(**inputs)
+                res = fns[name](**inputs)
                 t1 = timer.now()
-                fwd.append(t1 - t0)
+                fwd[name].append(t1 - t0)
                 if case.backward and leaves:
                     loss = _scalar(res)
                     t2 = timer.now()
                     torch.autograd.grad(loss, leaves, allow_unused=True)
-                    t3 = timer.now()
-                    bwd.append(t3 - t2)
+                    bwd[name].append(timer.now() - t2)
                 del res
-            for _ in range(reps):
+            except Exception as e:
+                fail(name, e)
+    for i in range(reps):
+        for name in _rotated([n for n in fns if i < n_reps[n]], i):
+            try:
                 t0 = timer.now()
-                _run_once(fn, inputs, leaves, case.backward)
-                both.append(timer.now() - t0)
-            row.fwd_ms = statistics.median(fwd) * 1e3
-            row.bwd_ms = statistics.median(bwd) * 1e3 if bwd else None
-            med, iqr = _median_iqr(both)
-            row.fwdbwd_ms, row.fwdbwd_iqr_ms = med * 1e3, iqr * 1e3
-            if case.min_bytes is not None and impl.name == case.impls[0].name:
-                row.gbps = case.min_bytes(inputs) / med / 1e9
-            if device.type == "cuda":
+                _run_once(fns[name], inputs, leaves, case.backward)
+                both[name].append(timer.now() - t0)
+            except Exception as e:
+                fail(name, e)
+    for name, fn in list(fns.items()):
+        row = rows[name]
+        row.fwd_ms, row.fwd_iqr_ms = _ms(fwd[name])
+        row.bwd_ms, row.bwd_iqr_ms = _ms(bwd[name])
+        row.fwdbwd_ms, row.fwdbwd_iqr_ms = _ms(both[name])
+        if case.min_bytes is not None and name == case.impls[0].name and row.fwdbwd_ms:
+            row.gbps = case.min_bytes(inputs) / (row.fwdbwd_ms * 1e-3) / 1e9
+        if device.type == "cuda":
+            try:
                 torch.cuda.synchronize()
                 base = torch.cuda.memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
                 _run_once(fn, inputs, leaves, case.backward)
                 torch.cuda.synchronize()
                 row.peak_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
-        except Exception as e:  # a failing peer or compile must not stop the run
-            row.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+            except Exception as e:
+                fail(name, e)
     ref_name = case.impls[0].name
     # by convention the second implementation of a case is its eager baseline
     base_name = case.impls[1].name if len(case.impls) > 1 else None
-    eager = next((r for r in rows if r.impl == base_name and r.fwdbwd_ms), None)
-    for r in rows:
+    eager = rows.get(base_name) if base_name else None
+    out = list(rows.values())
+    for r in out:
         if r.error:
             r.match = "error"
             continue
         r.match = "ok" if r.impl == ref_name else _compare(results[ref_name], results[r.impl], case)
-        if eager is not None and r.fwdbwd_ms:
+        if eager is not None and eager.fwdbwd_ms and r.fwdbwd_ms:
             r.speedup_vs_eager = eager.fwdbwd_ms / r.fwdbwd_ms
-    return rows
+        r.disturbed = disturbance(r.as_dict())
+    return out
+
+
+def _ms(xs: List[float]):
+    """(median, IQR) in milliseconds, (None, None) for no samples."""
+    if not xs:
+        return None, None
+    med, iqr = _median_iqr(xs)
+    return med * 1e3, iqr * 1e3
 
 
 def default_progress(msg: str) -> None:

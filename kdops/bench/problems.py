@@ -15,6 +15,20 @@ SMALL_STRIDES: List[int] = [8, 16, 32]
 SMALL_IMAGE: Tuple[int, int] = (192, 320)
 
 
+def _levels(levels) -> str:
+    return ", ".join(f"{h}x{w}" for h, w in levels)
+
+
+#: what each --size means (kdops bench --help prints these)
+SIZES = {
+    "coco": (f"COCO-like FPN: batch 2 at {COCO_IMAGE[0]}x{COCO_IMAGE[1]}, C=256, P3-P7 ({_levels(COCO_LEVELS)}), "
+             f"strides {'/'.join(map(str, COCO_STRIDES))}; per op the shapes of its paper (e.g. MSDA: a 300-query "
+             "Deformable DETR decoder)"),
+    "small": (f"a smoke-test problem: batch 2 at {SMALL_IMAGE[0]}x{SMALL_IMAGE[1]}, C=32, 3 levels "
+              f"({_levels(SMALL_LEVELS)}), strides {'/'.join(map(str, SMALL_STRIDES))}; seconds per op"),
+}
+
+
 def fpn(size: str):
     """(batch, channels, level sizes, strides, image size) for a problem name."""
     if size == "coco":

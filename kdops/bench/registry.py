@@ -31,6 +31,7 @@ class Case:
     atol: float = 1e-4
     rtol: float = 1e-4
     backward: bool = True
+    quick: bool = True           # part of the default (quick) selection; False: only with --full
 
 
 # op name -> factory(device, dtype, size) -> list of cases
@@ -57,13 +58,26 @@ def available_ops() -> List[str]:
     return sorted(_REGISTRY)
 
 
-def cases_for(op: str, device: torch.device, dtype: torch.dtype, size: str) -> List[Case]:
-    """The cases of one op. KDOPS_BENCH_NO_COMPILE=1 drops the torch.compile implementations."""
+def no_compile() -> bool:
+    """KDOPS_BENCH_NO_COMPILE: "1" drops the torch.compile implementations, "0" or unset keeps them."""
+    value = os.environ.get("KDOPS_BENCH_NO_COMPILE", "0")
+    if value not in ("0", "1", ""):
+        raise ValueError(f"KDOPS_BENCH_NO_COMPILE must be '0' or '1' (or unset), got {value!r}")
+    return value == "1"
+
+
+def cases_for(op: str, device: torch.device, dtype: torch.dtype, size: str, full: bool = True,
+              compile: bool = True) -> List[Case]:
+    """The cases of one op: all of them (``full=True``) or the quick selection, one representative
+    case per op (what ``kdops bench`` runs without ``--full``). ``compile=False`` or
+    KDOPS_BENCH_NO_COMPILE=1 drops the torch.compile implementations."""
     _load_all()
     if op not in _REGISTRY:
         raise ValueError(f"kdops bench: unknown op {op!r}; available: {', '.join(sorted(_REGISTRY))}")
     cases = _REGISTRY[op](device, dtype, size)
-    if os.environ.get("KDOPS_BENCH_NO_COMPILE", "0") == "1":
+    if not full:
+        cases = [c for c in cases if c.quick]
+    if no_compile() or not compile:
         for c in cases:
             c.impls = [i for i in c.impls if not i.compile]
     return cases

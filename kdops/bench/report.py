@@ -59,21 +59,59 @@ def _fmt(v, nd=2):
     return str(v)
 
 
+def _timing(r: Dict, key: str) -> str:
+    med, iqr = r.get(f"{key}_ms"), r.get(f"{key}_iqr_ms")
+    if med is None:
+        return "-"
+    return f"{med:.2f}" if iqr is None else f"{med:.2f} ({iqr:.2f})"
+
+
+def disturbed_rows(rows: List[Dict]) -> List[Dict]:
+    """Rows whose timings look disturbed (recomputed for JSON written before the flag existed)."""
+    from .harness import disturbance
+
+    return [r for r in rows if not r.get("error") and (r.get("disturbed") or disturbance(r))]
+
+
+def summary(rows: List[Dict]) -> str:
+    """One line: how many timed rows look disturbed, and what to do about it."""
+    from .harness import ADVICE, CONSISTENCY, SPREAD
+
+    timed = [r for r in rows if r.get("fwdbwd_ms") is not None]
+    bad = disturbed_rows(timed)
+    if not bad:
+        return (f"timings consistent: every spread (IQR) within {SPREAD:.0%} of its median and every "
+                f"fwd+bwd >= {CONSISTENCY:g} x max(fwd, bwd) ({len(timed)} rows)")
+    cases = list(dict.fromkeys(f"{r['op']} ({r['case']})" for r in bad))
+    return (f"WARNING: {len(bad)} of {len(timed)} timings look disturbed by other work on this machine "
+            f"(marked ! in the table; {len(cases)} case(s), e.g. {cases[0]}): {ADVICE}")
+
+
 def markdown(rows: List[Dict], env: Dict[str, object], title: str) -> str:
     head = [f"# {title}", "", "| " + " | ".join(f"{k}: {v}" for k, v in env.items()) + " |", "",
-            "| op | case | impl | fwd ms | bwd ms | fwd+bwd ms (IQR) | x eager | GB/s | peak MiB | check |",
-            "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+            "| op | case | impl | fwd ms (IQR) | bwd ms (IQR) | fwd+bwd ms (IQR) | x eager | GB/s | peak MiB | check "
+            "| timing |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
+    from .harness import disturbance
+
     for r in rows:
-        both = "-" if r["fwdbwd_ms"] is None else f"{r['fwdbwd_ms']:.2f} ({r['fwdbwd_iqr_ms']:.2f})"
         check = r["match"] if not r["error"] else f"error: {r['error']}"
+        why = "" if r.get("error") else (r.get("disturbed") or disturbance(r))
+        mark = "!" if why else ""
         head.append(
-            f"| {r['op']} | {r['case']} | {r['impl']} | {_fmt(r['fwd_ms'])} | {_fmt(r['bwd_ms'])} | {both} | "
-            f"{_fmt(r['speedup_vs_eager'], 1)} | {_fmt(r['gbps'], 1)} | {_fmt(r['peak_mib'], 1)} | {check} |"
+            f"| {r['op']} | {r['case']} | {r['impl']} | {_timing(r, 'fwd')} | {_timing(r, 'bwd')} | "
+            f"{_timing(r, 'fwdbwd')}{mark} | {_fmt(r['speedup_vs_eager'], 1)}{mark} | {_fmt(r['gbps'], 1)} | "
+            f"{_fmt(r['peak_mib'], 1)} | {check} | {('! disturbed: ' + why) if why else 'ok'} |"
         )
     head.append("")
-    head.append("fwd+bwd: median wall time of forward + backward of the result (inputs that require grad); "
-                "x eager: fwd+bwd of the case's eager baseline (its second row) / this fwd+bwd; GB/s: the op's minimal bytes (read inputs, write "
-                "gradients) / kdops fwd+bwd time; check: results and gradients against kdops.")
+    head.append("fwd, bwd: median wall time of the forward pass and of the backward pass of the result (inputs "
+                "that require grad), timed separately; fwd+bwd: both timed in one go; IQR: the interquartile "
+                "range of the repetitions, which are interleaved across implementations; x eager: fwd+bwd of the "
+                "case's eager baseline (its second row) / this fwd+bwd; GB/s: the op's minimal bytes (read "
+                "inputs, write gradients) / kdops fwd+bwd time; check: results and gradients against kdops; "
+                "timing: `!` where the spread or fwd+bwd < max(fwd, bwd) says other work disturbed the machine.")
+    head.append("")
+    head.append(summary(rows))
     return "\n".join(head) + "\n"
 
 
@@ -82,30 +120,127 @@ def write_json(path: str, rows: List[Dict], env: Dict[str, object]) -> None:
         json.dump({"environment": env, "rows": rows}, f, indent=1)
 
 
+#: op -> family: one chart panel each (ops that serve one kind of distillation term side by side)
+FAMILIES = {
+    "masked_mse": "feature losses", "pcc_mse": "feature losses",
+    "box_ranges": "box ops", "box_pool": "box ops", "box_paint": "box ops", "box_masks": "box ops",
+    "mask_pool": "box ops",
+    "gather_level_features": "gather",
+    "ms_deform_attn": "deformable attention",
+    "bckd_cls_loss": "BCKD dense-head losses", "bckd_loc_loss": "BCKD dense-head losses",
+}
+KDOPS_COLOUR = "#1f77b4"    # kdops: always this blue, and no other implementation gets it
+EAGER_COLOUR = "#7f7f7f"    # the eager baseline of each case (1x): grey
+COMPILE_COLOUR = "#ff7f0e"  # torch.compile(reference)
+PEER_COLOURS = ["#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf", "#d62728", "#393b79"]
+
+
+def family(op: str) -> str:
+    return FAMILIES.get(op, op)
+
+
+def colours(rows: List[Dict]) -> Dict[str, str]:
+    """One distinct colour per implementation name across the whole chart: kdops blue, each case's
+    eager baseline grey, torch.compile orange, every other implementation (peers, variants) its own."""
+    baselines = set()
+    by_case: Dict[tuple, List[str]] = {}
+    for r in rows:
+        by_case.setdefault((r["op"], r["case"]), []).append(r["impl"])
+    for impls in by_case.values():
+        if len(impls) > 1:
+            baselines.add(impls[1])
+    out: Dict[str, str] = {}
+    peers = iter(PEER_COLOURS * 4)
+    for r in rows:
+        name = r["impl"]
+        if name in out:
+            continue
+        if name == "kdops":
+            out[name] = KDOPS_COLOUR
+        elif name in baselines:
+            out[name] = EAGER_COLOUR
+        elif name == "compile":
+            out[name] = COMPILE_COLOUR
+        else:
+            out[name] = next(peers)
+    return out
+
+
+def _times(v: float) -> str:
+    return f"{v:,.0f}x" if v >= 1000 else f"{v:.3g}x"
+
+
 def plot(path: str, rows: List[Dict], env: Dict[str, object], title: str) -> None:
+    """One horizontal bar chart per op family: forward+backward speed-up over each case's eager
+    baseline (log scale, 1x marked), one bar per implementation in its own colour, case labels on
+    the left, legend outside the bars on the right; hatched bars and `!` mark disturbed timings."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    cases = list(dict.fromkeys((r["op"], r["case"]) for r in rows))
-    impls = list(dict.fromkeys(r["impl"] for r in rows))
-    fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(cases) + 2), 4.5))
-    width = 0.8 / max(len(impls), 1)
-    for j, impl in enumerate(impls):
-        xs, ys = [], []
-        for i, c in enumerate(cases):
-            r = next((r for r in rows if (r["op"], r["case"]) == c and r["impl"] == impl), None)
-            if r and r["fwdbwd_ms"]:
-                xs.append(i + j * width)
-                ys.append(r["fwdbwd_ms"])
-        ax.bar(xs, ys, width, label=impl)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))])
-    ax.set_xticklabels([f"{op}\n{case[:38]}" for op, case in cases], fontsize=7)
-    ax.set_yscale("log")
-    ax.set_ylabel("forward + backward, ms (log)")
-    ax.set_title(f"{title}\n{env['device']} · torch {env['torch']} · {env['date']}", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    from .harness import disturbance
+
+    rows = [r for r in rows if r.get("speedup_vs_eager")]
+    order = list(dict.fromkeys(FAMILIES.values()))
+    fams = sorted(dict.fromkeys(family(r["op"]) for r in rows),
+                  key=lambda f: (order.index(f) if f in order else len(order), f))
+    if not fams:
+        raise ValueError("kdops plot: no timed rows with a speed-up to draw")
+    cmap = colours(rows)
+    panels = []
+    for fam in fams:
+        frows = [r for r in rows if family(r["op"]) == fam]
+        cases = list(dict.fromkeys((r["op"], r["case"]) for r in frows))
+        panels.append((fam, frows, cases))
+    heights = [0.22 * len(fr) + 0.25 * len(cs) + 0.7 for _, fr, cs in panels]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(11, sum(heights) + 1.2), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
+    label_x = FuncFormatter(lambda v, _: f"{v:g}x")
+    for ax, (fam, frows, cases) in zip(axes[:, 0], panels):
+        y, yticks, ylabels = 0.0, [], []
+        any_bad, legend = False, {}
+        for op, case in cases:
+            crows = [r for r in frows if (r["op"], r["case"]) == (op, case)]
+            top = y
+            for i, r in enumerate(crows):
+                bad = bool(r.get("disturbed") or disturbance(r))
+                any_bad |= bad
+                colour = cmap[r["impl"]]
+                ax.barh(y, r["speedup_vs_eager"], height=0.8, color=colour, hatch="///" if bad else None,
+                        edgecolor="black" if bad else colour, linewidth=0.4)
+                # every case's eager baseline is grey: one legend entry for all of them
+                legend.setdefault("eager baseline (1x)" if colour == EAGER_COLOUR else r["impl"], colour)
+                ax.text(r["speedup_vs_eager"] * 1.04, y, f"{_times(r['speedup_vs_eager'])}{' !' if bad else ''}",
+                        va="center", fontsize=7)
+                y += 1
+            yticks.append((top + y - 1) / 2)
+            label = case if len(case) <= 48 else case[:46] + "…"
+            ylabels.append(f"{op}\n{label}")
+            y += 0.7
+        ax.set_yticks(yticks)
+        ax.set_yticklabels(ylabels, fontsize=7.5)
+        ax.set_ylim(y - 0.5, -0.7)
+        ax.set_xscale("log")
+        lo = min(r["speedup_vs_eager"] for r in frows)
+        hi = max(r["speedup_vs_eager"] for r in frows)
+        ax.set_xlim(min(lo, 1.0) / 1.6, max(hi, 1.0) * 2.2)
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(label_x)
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.tick_params(axis="x", labelsize=7.5)
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.grid(axis="x", which="major", linewidth=0.3, alpha=0.6)
+        ax.set_title(fam, fontsize=9, loc="left", fontweight="bold")
+        handles = [Patch(facecolor=c, edgecolor=c, label=n) for n, c in legend.items()]
+        if any_bad:
+            handles.append(Patch(facecolor="white", edgecolor="black", hatch="///", label="! disturbed timing"))
+        ax.legend(handles=handles, fontsize=7.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    axes[-1, 0].set_xlabel("forward + backward speed-up over the eager baseline (log scale; 1x = eager)", fontsize=8)
+    fig.suptitle(f"{title}\n{env.get('device', '?')} · torch {env.get('torch', '?')} · {env.get('date', '?')}",
+                 fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (sum(heights) + 1.2)))
+    fig.savefig(path, dpi=100)
     plt.close(fig)

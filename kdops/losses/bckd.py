@@ -96,6 +96,34 @@ class BCKDLoss(nn.Module):
 
     def forward(self, student_logits: Levels, teacher_logits: Levels, student_reg: Levels, teacher_reg: Levels,
                 priors: Levels, *, weight=None, avg_factor=None) -> Dict[str, torch.Tensor]:
+        r"""BCKD's two distillation terms for one dense head (Pan et al., ICCV 2023, Eqs. 4-6).
+
+        Shapes (A anchors of a level, K classes, J anchors per location, D = 4, or
+        4·(reg_max+1) for ``decoder="gfl"``): every argument is one tensor or a sequence of L
+        per-level tensors, all five alike.
+
+        Args:
+            student_logits, teacher_logits: (A,K) flattened, or the head's raw (N,J·K,H,W)
+                output (mmdet's layout; read in place, no permuted copy). Pre-sigmoid.
+            student_reg, teacher_reg: (A,D) or (N,J·D,H,W): distances (``"gfl"``: the
+                reg_max+1 bin logits per side; ``"distance"``: l,t,r,b) or DeltaXYWH deltas.
+            priors: (M,4) anchors (x1,y1,x2,y2) or (M,2) points (x,y) in image pixels, with A a
+                multiple of M (H·W·J rows shared by the N images, or one row per anchor).
+                Pass what the head's prior generator gives: mmdet's ``AnchorGenerator`` (GFL,
+                RetinaNet) puts the anchor centre of cell (y, x) at (x·s, y·s), the cell's
+                top-left corner (``center_offset=0``); ``MlvlPointGenerator`` puts points at
+                the cell centre ((x+0.5)·s). Student and teacher boxes are decoded from the
+                same prior, so a common shift moves both and leaves their (G)IoU -- and the
+                loss -- unchanged: either convention gives the same value.
+            weight: label weights, A values per level (e.g. (N,H·W·J) or (A,)), or None (1).
+            avg_factor: Z, the number of positives as mmdet counts it (a number or a 1-element
+                tensor, never read on the host), or None (1).
+
+        Returns:
+            ``{"loss_bckd_cls": alpha_cls·L_cls, "loss_bckd_loc": alpha_loc·L_loc}``: 0-d
+            float32 tensors (float64 for float64 input), summed over levels. Gradients reach
+            the student's logits and regression; teacher terms are detached.
+        """
         args = (student_logits, teacher_logits, student_reg, teacher_reg, priors)
         levels, seq = paired_levels(OP, _LEVEL_ARGS, *args)
         L = len(levels[0])

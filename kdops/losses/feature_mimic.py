@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from .._dtype import FLOAT_DTYPES, acc_dtype
 from ..ops import box_masks, masked_mse
+from ..ops.box_ranges import check_boxes
 from ..ops._validation import (
     check_box_args, check_choice, check_flag, check_number, check_pair, check_strides, check_tensor, match_levels,
     paired_levels, per_level_numbers,
@@ -84,6 +85,8 @@ class FeatureMimicLoss(nn.Module):
         mask_mode: "fgd" (1/area foreground, normalised background) or "binary"; see
             :func:`kdops.box_masks`.
         mask_rule: box-to-pixel rule of :func:`kdops.box_ranges` ("fgd", "center", "lgd").
+        strict_boxes: raise (instead of warning once) when GT boxes can cover nothing; see
+            :func:`kdops.check_boxes`.
 
     Forward(student, teacher, fg_mask=None, bg_mask=None, *, boxes=None, batch_index=None,
     image_size=None): tensors (N,C,H,W) or sequences of levels; masks (N,H,W) per level,
@@ -106,7 +109,7 @@ class FeatureMimicLoss(nn.Module):
     def __init__(self, fg_weight: float = 1.0, bg_weight: float = 1.0, attention: bool = False,
                  temperature: float = 0.5, normalize: str = "batch", loss_weight: float = 1.0,
                  strides: Optional[Union[float, Sequence[float]]] = None, mask_mode: str = "fgd",
-                 mask_rule: str = "fgd") -> None:
+                 mask_rule: str = "fgd", strict_boxes: bool = False) -> None:
         super().__init__()
         self.fg_weight = check_number(OP, "fg_weight", fg_weight, low=0.0)
         self.bg_weight = check_number(OP, "bg_weight", bg_weight, low=0.0)
@@ -117,6 +120,7 @@ class FeatureMimicLoss(nn.Module):
         self.strides = check_strides(OP, strides)
         self.mask_mode = check_choice(OP, "mask_mode", mask_mode, MASK_MODES)
         self.mask_rule = check_choice(OP, "mask_rule", mask_rule, MASK_RULES)
+        self.strict_boxes = check_flag(OP, "strict_boxes", strict_boxes)
 
     def _pixel_weight(self, t: torch.Tensor, fg, bg):
         N, C, H, W = t.shape
@@ -132,6 +136,27 @@ class FeatureMimicLoss(nn.Module):
     def forward(self, student: Feats, teacher: Feats, fg_mask: Masks = None, bg_mask: Masks = None, *,
                 boxes: Optional[torch.Tensor] = None, batch_index: Optional[torch.Tensor] = None,
                 image_size=None) -> torch.Tensor:
+        r"""The weighted feature MSE of the class docstring, summed over levels.
+
+        Args:
+            student, teacher: (N,C,H,W) or sequences of L FPN levels, same shapes pairwise.
+            fg_mask, bg_mask: (N,H,W) per level, floating or bool, on the features' device; with
+                ``fg_mask`` alone the background is ``fg_mask <= 0``; with neither every pixel
+                weighs ``fg_weight``.
+            boxes: instead of masks, GT boxes (K,4) xyxy in input-image pixels (needs ``strides``
+                in the constructor); the masks are built on the device by :func:`kdops.box_masks`
+                with ``mask_mode`` / ``mask_rule`` (FGD: Yang et al., CVPR 2022, Sec. 3.1).
+            batch_index: (K,) int64, the image of each box. Boxes that can cover nothing
+                (batch index outside [0, N), x2 < x1 or y2 < y1, NaN/inf) are reported by
+                :func:`kdops.check_boxes` -- a one-time warning, or a ``ValueError`` with
+                ``strict_boxes=True`` -- on host-readable tensors (GPU: only with
+                ``KDOPS_DEBUG_CHECKS=1``, which synchronises).
+            image_size: None, (height, width) of the (unpadded) input image, or a (K,2) tensor
+                per box; see :func:`kdops.box_ranges`.
+
+        Returns:
+            0-d float32 loss (float64 for float64 inputs).
+        """
         (S, T), seq = paired_levels(OP, ("student", "teacher"), student, teacher)
         L = len(S)
         for i, (s, t) in enumerate(zip(S, T)):
@@ -163,6 +188,9 @@ class FeatureMimicLoss(nn.Module):
                                  what=f"(N,H,W) like `student{sfx}`")
         # ---- validated: the work starts here
         if boxes is not None:
+            # boxes that cover nothing (bad batch index, inverted, NaN): a warning (or an error), host-readable
+            # data only (no GPU sync unless KDOPS_DEBUG_CHECKS=1)
+            check_boxes(boxes, batch_index, S[0].shape[0], strict=self.strict_boxes)
             sizes = [(x.shape[0], x.shape[2], x.shape[3]) for x in S]
             fgs, bgs = box_masks(boxes, batch_index, sizes, strides, rule=self.mask_rule, image_size=image_size,
                                  mode=self.mask_mode, dtype=acc_dtype(S[0]))

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from .._dtype import acc_dtype
 from ..nn.fgd import FGDGlobal, GcBlock
 from ..ops import box_masks, masked_mse
+from ..ops.box_ranges import check_boxes
 
 __all__ = ["FGDLoss", "FGD_PRESETS", "fgd_attention_maps", "fgd_attention_loss", "fgd_global_loss"]
 
@@ -437,6 +438,26 @@ class FGDLoss(nn.Module):
     # -------------------------------------------------------------------------------- forward
     def forward(self, student: Feats, teacher: Feats, boxes: torch.Tensor, batch_index: torch.Tensor,
                 image_size=None, *, return_components: bool = False):
+        r"""FGD's loss over the FPN levels (Yang et al., "Focal and Global Knowledge Distillation
+        for Detectors", CVPR 2022): per level, the focal term (fg/bg masks from the GT boxes
+        times the teacher's attention), the attention term and the global (GcBlock) term, each
+        divided by N as in the authors' code, summed over levels, times ``loss_weight``.
+
+        Args:
+            student: (N,C_s,H,W) or a sequence of ``num_levels`` such levels.
+            teacher: (N,C_t,H,W) per level, same sizes (detached here).
+            boxes: (K,4) GT boxes, xyxy in input-image pixels.
+            batch_index: (K,) int64, the image of each box.
+            image_size: None (use ``strides``), (h, w) for every image, an (N,2) tensor or a
+                list of N (h, w): each image's unpadded size (mmdet's ``img_shape``), which scales
+                boxes to feature pixels as the authors do.
+            return_components: return ``{"loss_fg", "loss_bg", "loss_attention",
+                "loss_global"}`` instead of their sum.
+
+        Returns:
+            0-d loss (float32; float64 for float64 inputs), or the dict of components.
+            Empty levels and images without boxes contribute exact zeros.
+        """
         owner = "FGDLoss"
         S, T = _pair(owner, student, teacher, self.num_levels, same_channels=False)
         for l, (s, t) in enumerate(zip(S, T)):
@@ -455,6 +476,7 @@ class FGDLoss(nn.Module):
             raise ValueError(f"{owner}: every level must have the same batch size N, got "
                              f"{[tuple(x.shape) for x in S]}")
         img = self._image_size(image_size, N, boxes, batch_index)
+        check_boxes(boxes, batch_index, N)  # warns once about boxes that cover nothing (host-readable only)
         strides = self.strides if self.strides is not None else (1.0,) * self.num_levels  # unused by rule "fgd"+size
         acc = acc_dtype(S[0])
         zero = S[0].new_zeros((), dtype=acc)

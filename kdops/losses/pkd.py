@@ -45,6 +45,18 @@ class PKDLoss(nn.Module):
         self.resize_stu = check_flag(OP, "resize_stu", resize_stu)
 
     def forward(self, preds_S: Feats, preds_T: Feats) -> torch.Tensor:
+        r"""PKD's loss (Cao et al., "PKD: General Distillation Framework for Object Detectors via
+        Pearson Correlation Coefficient", NeurIPS 2022): :math:`w\sum_l \tfrac12
+        \mathrm{MSE}(\hat S_l, \hat T_l)` with per-channel normalisation over (N,H,W).
+
+        Args:
+            preds_S: the student's (N,C,H,W) map or a sequence of L FPN levels.
+            preds_T: the teacher's, with the same N and C per level (project the channels
+                first); a level whose H,W differ is resized (see ``resize_stu``).
+
+        Returns:
+            0-d float32 loss (float64 for float64 inputs); empty levels add exactly 0.
+        """
         if isinstance(preds_S, (list, tuple)) and isinstance(preds_T, (list, tuple)) and len(preds_S) != len(preds_T):
             raise ValueError(f"{OP}: `preds_T` must have one level per level of `preds_S`, got {len(preds_S)} "
                              f"student and {len(preds_T)} teacher levels")

@@ -138,4 +138,15 @@ class FGDGlobal(nn.Module):
         return self.student if self.teacher is None else self.teacher
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        r"""The channel-add terms :math:`\mathcal{R}_S(F^S) - F^S` and :math:`\mathcal{R}_T(F^T) - F^T`
+        of FGD's global loss (Yang et al., CVPR 2022, Sec. 3.2).
+
+        Args:
+            student: (N,C,H,W) student feature (after FGD's ``align`` when channels differ).
+            teacher: (N,C,H,W) teacher feature.
+
+        Returns:
+            ((N,C,1,1), (N,C,1,1)): the two terms; the full maps are these plus the inputs
+            (broadcast), which :func:`kdops.losses.fgd_global_loss` never materialises.
+        """
         return self.student.channel_add(student), self.teacher_block.channel_add(teacher)

@@ -109,11 +109,30 @@ class MSDeformAttn(nn.Module):
                 key_padding_mask: Optional[torch.Tensor] = None, reference_points: Optional[torch.Tensor] = None,
                 spatial_shapes: Optional[torch.Tensor] = None, level_start_index: Optional[torch.Tensor] = None,
                 **kwargs) -> torch.Tensor:
-        """mmcv's forward: query (num_query, bs, C) ((bs, num_query, C) if batch_first), value
-        (num_value, bs, C) or None (= query), reference_points (bs, num_query, L, 2) normalised
-        (x, y) or (bs, num_query, L, 4) boxes (cx, cy, w, h), key_padding_mask (bs, num_value)
-        True at padding, spatial_shapes (L, 2), level_start_index (L,). Returns query-shaped
-        output + identity. ``key`` is unused, as in mmcv."""
+        r"""Deformable DETR's multi-scale deformable attention (Zhu et al., ICLR 2021, Eq. 2), with
+        mmcv's ``MultiScaleDeformableAttention.forward`` arguments and semantics.
+
+        Shapes (bs batch, num_query Q, num_value S = sum of H_l·W_l, C = embed_dims, L levels):
+
+        Args:
+            query: (Q, bs, C), or (bs, Q, C) with ``batch_first=True``.
+            key: unused, as in mmcv.
+            value: (S, bs, C) (or (bs, S, C)), the flattened levels; None: ``query``.
+            identity: added to the output (residual); None: ``query``.
+            query_pos: added to ``query`` before the offsets and weights are predicted.
+            key_padding_mask: (bs, S) bool, True at padding (those values are zeroed).
+            reference_points: (bs, Q, L, 2) normalised (x, y) in [0, 1] -- the sampling
+                offsets are divided by each level's (W, H) -- or (bs, Q, L, 4) boxes
+                (cx, cy, w, h), where offsets scale with the box: ``0.5·w/P``.
+            spatial_shapes: (L, 2) int64 (H, W) per level; level_start_index: (L,) int64.
+
+        Sampling is bilinear with ``align_corners=False`` (location 0 is the left edge of
+        the first pixel, pixel centres at (i+0.5)/W) and zero padding, through
+        :func:`kdops.ms_deform_attn`.
+
+        Returns:
+            the query-shaped output (after ``output_proj`` and dropout) + ``identity``.
+        """
         self._check_forward(query, value, identity, query_pos, key_padding_mask, reference_points, spatial_shapes,
                             level_start_index)
         if value is None:

@@ -271,3 +271,21 @@ def check_box_args(op: str, boxes, batch_index, image_size, like: Optional[torch
         return
     raise TypeError(f"{_where(op)}: `image_size` must be None, (height, width) or a (K,2) tensor, "
                     f"got {type(image_size).__name__} {image_size!r}")
+
+
+def check_dtype(op: str, name: str, x, *, dtypes: Sequence[torch.dtype] = FLOAT_DTYPES, allow_none: bool = True):
+    """A ``torch.dtype`` among ``dtypes`` (or None when ``allow_none``), checked before it reaches a
+    binding (which would answer a string with a raw cast error). A dtype *name* is refused with the
+    ``torch.<name>`` to pass instead. Returns it."""
+    if x is None and allow_none:
+        return None
+    names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+    if isinstance(x, torch.dtype):
+        if x not in dtypes:
+            raise TypeError(f"{_where(op)}: `{name}` must be one of ({names}), got {x}")
+        return x
+    hint = ""
+    if isinstance(x, str) and isinstance(getattr(torch, x.replace("torch.", ""), None), torch.dtype):
+        hint = f" (pass torch.{x.replace('torch.', '')}, not the string)"
+    raise TypeError(f"{_where(op)}: `{name}` must be a torch.dtype, one of ({names}){' or None' if allow_none else ''}, "
+                    f"got {type(x).__name__} {x!r}{hint}")

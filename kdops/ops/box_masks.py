@@ -38,8 +38,8 @@ import torch
 from .. import reference
 from .._dtype import acc_dtype
 from ._registry import register_op, use_kernel
-from ._validation import parse_sizes, per_level_numbers
-from .box_ranges import ImageSize, _check_rule, all_level_ranges, check_boxes
+from ._validation import check_dtype, parse_sizes, per_level_numbers
+from .box_ranges import ImageSize, _check_rule, all_level_ranges, check_box_tensors
 
 OP = "box_masks"
 
@@ -102,12 +102,12 @@ def box_masks(
         (fg, bg): two (N,H,W) tensors, or two lists of L for a sequence of sizes.
     """
     levels, is_seq = parse_sizes(OP, sizes)
-    check_boxes(OP, boxes, batch_index)
+    check_box_tensors(OP, boxes, batch_index)
     st = per_level_numbers(OP, "strides", strides, len(levels), is_seq)
     img = _check_rule(OP, rule, image_size, boxes)
     if mode not in ("fgd", "binary"):
         raise ValueError(f"kdops.{OP}: `mode` must be 'fgd' or 'binary', got {mode!r}")
-    dtype = dtype or torch.float32
+    dtype = check_dtype(OP, "dtype", dtype) or torch.float32
     acc = acc_dtype(dtype)
     fgs, bgs = [], []
     hw = [(H, W) for _, H, W in levels]

@@ -29,7 +29,7 @@ from .. import reference
 from .._dtype import FLOAT_DTYPES
 from ._registry import register_op, use_kernel
 from ._validation import as_levels, check_levels, check_tensor, parse_sizes, per_level_numbers
-from .box_ranges import ImageSize, _check_rule, all_level_ranges, check_boxes
+from .box_ranges import ImageSize, _check_rule, all_level_ranges, check_box_tensors
 
 Sizes = Union[Sequence[int], Sequence[Sequence[int]]]
 
@@ -76,7 +76,7 @@ def box_pool(
     op = "box_pool"
     feats, is_seq = as_levels(op, "features", features)
     first = check_levels(op, "features", feats, is_seq)
-    check_boxes(op, boxes, batch_index, like=first)
+    check_box_tensors(op, boxes, batch_index, like=first)
     st = per_level_numbers(op, "strides", strides, len(feats), is_seq)
     img = _check_rule(op, rule, image_size, boxes)
     if reduce not in ("sum", "mean"):
@@ -121,7 +121,7 @@ def box_paint(
     levels, is_seq = parse_sizes(op, sizes)
     L = len(levels)
     check_tensor(op, "values", values, dtypes=FLOAT_DTYPES, what="(K,C) or (L,K,C)")
-    check_boxes(op, boxes, batch_index, like=values)
+    check_box_tensors(op, boxes, batch_index, like=values)
     K = boxes.shape[0]
     if values.dim() == 2 and values.shape[0] == K:
         per_level = values.expand(L, *values.shape)  # read in place by the kernels, summed over L by autograd

@@ -12,9 +12,9 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 from .._device import constant
-from .._extension import HAS_C
-from ._registry import register_op
-from ._validation import check_tensor, per_level_numbers
+from .._extension import HAS_C, debug_checks, warn_once
+from ._registry import compiling, host_readable, register_op
+from ._validation import check_flag, check_number, check_tensor, per_level_numbers
 
 RULES = ("center", "lgd", "fgd")
 ImageSize = Optional[Union[Tuple[int, int], torch.Tensor]]
@@ -22,10 +22,10 @@ ImageSize = Optional[Union[Tuple[int, int], torch.Tensor]]
 Image = Optional[Union[Tuple[float, float], torch.Tensor]]
 
 
-_NO_BATCH_INDEX = object()  # check_boxes called for boxes alone (box_ranges takes no batch index)
+_NO_BATCH_INDEX = object()  # check_box_tensors called for boxes alone (box_ranges takes no batch index)
 
 
-def check_boxes(op: str, boxes, batch_index=_NO_BATCH_INDEX, like: Optional[torch.Tensor] = None) -> None:
+def check_box_tensors(op: str, boxes, batch_index=_NO_BATCH_INDEX, like: Optional[torch.Tensor] = None) -> None:
     check_tensor(op, "boxes", boxes, ndim=2, like=like, what="(K,4) xyxy in image pixels")
     if boxes.shape[1] != 4:
         raise ValueError(f"kdops.{op}: `boxes` must have shape (K,4) xyxy in image pixels, got {tuple(boxes.shape)}")
@@ -36,6 +36,70 @@ def check_boxes(op: str, boxes, batch_index=_NO_BATCH_INDEX, like: Optional[torc
                 f"kdops.{op}: `batch_index` must have shape ({boxes.shape[0]},) (one image per box), "
                 f"got {tuple(batch_index.shape)}"
             )
+
+
+#: what makes a GT box cover nothing, in the order check_boxes reports them
+BOX_PROBLEMS = (
+    "a batch index outside [0, num_images)",
+    "an inverted extent (x2 < x1 or y2 < y1)",
+    "a non-finite coordinate (NaN or inf)",
+)
+
+
+def check_boxes(boxes: torch.Tensor, batch_index: torch.Tensor, num_images: int, *,
+                   strict: bool = False) -> Optional[int]:
+    """Counts the GT boxes that can never cover a feature pixel, and says so. Public as
+    ``kdops.check_boxes``; the box-driven losses call it once per forward.
+
+    A box covers nothing when its batch index is outside ``[0, num_images)``, its extent is
+    inverted (x2 < x1 or y2 < y1), or a coordinate is NaN or infinite. The kernels stay
+    bounds-safe and simply skip such boxes (they get zero weight), so a data-pipeline bug would
+    otherwise go unnoticed.
+
+    Args:
+        boxes: (K,4) xyxy in image pixels; batch_index: (K,) int64, the image of each box.
+        num_images: N, the batch size (int >= 0).
+        strict: raise ``ValueError`` naming the count and the reason instead of warning.
+
+    Returns:
+        The number of boxes that cover nothing, or None when the check did not run.
+
+    Where it runs: on tensors the host can read (CPU, outside ``torch.compile`` tracing) it
+    costs three small reductions and one read of three numbers. On GPU tensors it would need a
+    device synchronisation, so it does nothing unless ``KDOPS_DEBUG_CHECKS=1`` is set -- then
+    it runs there too and synchronises the stream once per call (a debugging mode, not for
+    training speed). On fake / meta tensors and while tracing it never runs.
+
+    By default each reason warns once per process (``RuntimeWarning``) with the count of the
+    call that found it: "kdops.check_boxes: 3 of 40 boxes have an inverted extent ...".
+    """
+    op = "check_boxes"
+    check_box_tensors(op, boxes, batch_index, None)
+    num_images = check_number(op, "num_images", num_images, low=0, integer=True)
+    check_flag(op, "strict", strict)
+    if compiling(boxes, batch_index):
+        return None
+    if not (host_readable(boxes) and host_readable(batch_index)) and not debug_checks():
+        return None
+    with torch.no_grad():
+        b = boxes.detach()
+        bad_index = (batch_index < 0) | (batch_index >= num_images)
+        inverted = (b[:, 2] < b[:, 0]) | (b[:, 3] < b[:, 1])
+        non_finite = ~torch.isfinite(b).all(1)
+        any_bad = bad_index | inverted | non_finite
+        # one host read of four numbers (a sync on a GPU: only in debug mode, see above)
+        counts = torch.stack([bad_index.sum(), inverted.sum(), non_finite.sum(), any_bad.sum()]).tolist()
+    K = boxes.shape[0]
+    found = [(n, why) for n, why in zip(counts[:3], BOX_PROBLEMS) if n]
+    if found and strict:
+        what = "; ".join(f"{n} of {K} boxes have {why}" for n, why in found)
+        raise ValueError(f"kdops.check_boxes: {what} (num_images={num_images}): such boxes cover no feature "
+                         "pixel. Fix the targets, or pass strict=False to only warn")
+    for n, why in found:
+        warn_once(f"check_boxes:{why}",
+                  f"kdops.check_boxes: {n} of {K} boxes have {why} (num_images={num_images}): they cover no "
+                  "feature pixel and are ignored. Shown once per reason; strict=True raises instead")
+    return int(counts[3])
 
 
 def _check_rule(op: str, rule: str, image_size: ImageSize, boxes: torch.Tensor):
@@ -171,7 +235,7 @@ def box_ranges(
         pixel of a level gets the empty range [1, 1, 0, 0] there.
     """
     op = "box_ranges"
-    check_boxes(op, boxes)
+    check_box_tensors(op, boxes)
     if not isinstance(feature_sizes, (list, tuple)) or not feature_sizes or not all(
             isinstance(s, (list, tuple, torch.Size)) and len(s) >= 2 for s in feature_sizes):
         raise ValueError(f"kdops.{op}: `feature_sizes` must be a sequence of L (H, W) pairs, got {feature_sizes!r}")

@@ -27,8 +27,11 @@ def test_time_case_checks_agreement_and_flags_mismatch():
     case = cases_for("masked_mse", torch.device("cpu"), torch.float32, "small")[0]
     wrong = Impl("wrong", lambda **kw: case.impls[1].fn(**kw) * 1.01)
     case.impls = [case.impls[0], case.impls[1], wrong]
-    rows = time_case(case, torch.device("cpu"), reps=2, warmup=1, progress=lambda m: None)
+    rows = time_case(case, torch.device("cpu"), reps=4, warmup=1, progress=lambda m: None)
     by = {r.impl: r for r in rows}
+    for r in rows:  # every timing with its spread
+        assert r.fwd_ms > 0 and r.bwd_ms > 0 and r.fwdbwd_ms > 0
+        assert r.fwd_iqr_ms is not None and r.bwd_iqr_ms is not None and r.fwdbwd_iqr_ms is not None
     assert by["kdops"].match == "ok" and by["eager"].match == "ok"
     assert by["wrong"].match.startswith("MISMATCH")
     assert by["kdops"].fwdbwd_ms > 0 and by["kdops"].gbps > 0 and by["eager"].speedup_vs_eager == 1.0
@@ -37,12 +40,17 @@ def test_time_case_checks_agreement_and_flags_mismatch():
 def test_cli_bench_writes_table_json_and_plot(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT)
     cmd = [sys.executable, "-m", "kdops.cli", "bench", "--ops", "pcc_mse", "--size", "small", "--reps", "2",
-           "--warmup", "1", "--out", str(tmp_path)]
+           "--warmup", "1", "--full", "--out", str(tmp_path)]
     # skip torch.compile here (slow to compile on 2 cores); the harness test covers the logic
     env["KDOPS_BENCH_NO_COMPILE"] = "1"
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "| pcc_mse |" in out.stdout and "[1/2]" in out.stderr
+    # where the results are, then the verdict on the timings as the run's last line
+    assert f"table: {next(tmp_path.iterdir())}" in out.stderr
+    assert "chart: " in out.stderr or "needs matplotlib" in out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("kdops bench: 2 case(s) in ") and ("timings consistent" in last or "look disturbed" in last)
     folder = next(tmp_path.iterdir())
     data = json.loads((folder / "bench_float32_small.json").read_text())
     assert data["environment"]["torch"] == torch.__version__
@@ -69,3 +77,133 @@ def test_cli_info():
 
     for op in kdops.ops.__all__:  # every public op gets a backend line
         assert f"  {op} " in out.stdout
+
+
+def test_quick_selection_has_one_representative_case_per_op_and_full_has_all():
+    cpu = torch.device("cpu")
+    total_quick = total_full = 0
+    for op in available_ops():
+        quick = cases_for(op, cpu, torch.float32, "coco", full=False)
+        full = cases_for(op, cpu, torch.float32, "coco", full=True)
+        assert 1 <= len(quick) <= 2 and {c.label for c in quick} <= {c.label for c in full}, op
+        total_quick, total_full = total_quick + len(quick), total_full + len(full)
+    assert total_quick < total_full
+    with_compile = cases_for("pcc_mse", cpu, torch.float32, "coco", full=False)
+    assert any(i.compile for i in with_compile[0].impls)
+    assert not any(i.compile for c in cases_for("pcc_mse", cpu, torch.float32, "coco", full=False, compile=False)
+                   for i in c.impls)
+    label = lambda op: [c.label for c in cases_for(op, cpu, torch.float32, "coco", full=False)]  # noqa: E731
+    for op in ("box_pool", "box_paint", "box_masks", "box_ranges", "mask_pool"):
+        assert all("K=100" in x for x in label(op)), op
+    assert label("gather_level_features") == [x for x in label("gather_level_features") if "R=1024" in x]
+    assert all("decoder N=2" in x for x in label("ms_deform_attn"))
+    assert len(label("bckd_loc_loss")) == 2 and len(label("bckd_cls_loss")) == 1
+
+
+def test_repetitions_are_interleaved_across_implementations():
+    case = cases_for("masked_mse", torch.device("cpu"), torch.float32, "small")[0]
+    calls = []
+
+    def tracked(name, fn):
+        def run(**kw):
+            calls.append(name)
+            return fn(**kw)
+        return run
+
+    case.impls = [Impl("kdops", tracked("a", case.impls[0].fn)), Impl("eager", tracked("b", case.impls[1].fn))]
+    time_case(case, torch.device("cpu"), reps=4, warmup=0, progress=lambda m: None)
+    timed = calls[2:]  # after one checking run each
+    assert timed[:4] == ["a", "b", "b", "a"]  # repetition i rotates the order by i
+    assert timed.count("a") == timed.count("b") == 8  # 4 fwd/bwd + 4 fwd+bwd each
+
+
+def test_disturbed_timings_are_flagged_in_table_and_last_line():
+    from kdops.bench.harness import disturbance
+    from kdops.bench.report import markdown, summary
+
+    base = dict(op="gather_level_features", case="R=1024", impl="eager", fwd_ms=10.0, bwd_ms=5.0, fwdbwd_ms=15.5,
+                fwd_iqr_ms=0.3, bwd_iqr_ms=0.2, fwdbwd_iqr_ms=0.4, speedup_vs_eager=1.0, gbps=None, peak_mib=None,
+                match="ok", error="", disturbed="", extra={})
+    assert disturbance(base) == ""
+    # the issue's run: eager fwd+bwd 9.65 ms below its own forward of 92.9 ms
+    bad = dict(base, fwd_ms=92.9, fwdbwd_ms=9.65)
+    assert "fwd+bwd 9.65 ms < fwd 92.9 ms" in disturbance(bad)
+    noisy = dict(base, fwdbwd_iqr_ms=8.0)
+    assert "fwd+bwd spread 52%" in disturbance(noisy)
+    assert "timings consistent" in summary([base])
+    line = summary([base, bad])
+    assert line.startswith("WARNING: 1 of 2 timings look disturbed") and "--threads 1" in line
+    rows = [base, dict(bad, impl="kdops")]
+    table = markdown(rows, {"torch": "x"}, "t")
+    assert "! disturbed: fwd+bwd 9.65 ms < fwd 92.9 ms" in table
+    assert table.strip().splitlines()[-1] == summary(rows)
+
+
+def test_chart_has_one_panel_per_family_distinct_colours_and_legend_outside(tmp_path):
+    pytest = __import__("pytest")
+    pytest.importorskip("matplotlib")
+    from kdops.bench.report import KDOPS_COLOUR, colours, plot
+
+    rows = []
+    for op, impls in (("masked_mse", ["kdops", "eager", "compile", "eager (FGD code)"]),
+                      ("pcc_mse", ["kdops", "eager", "compile"]),
+                      ("box_pool", ["kdops", "eager (per-image mask matmul)", "compile"]),
+                      ("mask_pool", ["kdops", "eager (object loop)", "LGD per-image mm", "dense (N,C,K) + pick",
+                                     "compile (dense + pick)"]),
+                      ("ms_deform_attn", ["kdops", "eager", "compile", "mmcv (CUDA)"])):
+        for i, impl in enumerate(impls):
+            rows.append(dict(op=op, case=f"{op} case with a long label that goes on and on", impl=impl,
+                             fwd_ms=1.0, bwd_ms=1.0, fwdbwd_ms=2.0, fwd_iqr_ms=0.0, bwd_iqr_ms=0.0,
+                             fwdbwd_iqr_ms=0.0, speedup_vs_eager=[3.0, 1.0, 0.5, 40.0, 0.02][i], match="ok",
+                             error="", disturbed=""))
+    cmap = colours(rows)
+    assert cmap["kdops"] == KDOPS_COLOUR and list(cmap.values()).count(KDOPS_COLOUR) == 1
+    peers = [c for n, c in cmap.items() if n not in ("kdops",)]
+    assert len(set(peers)) >= len(peers) - 3  # the eager baselines share grey; every other one its own
+    out = tmp_path / "chart.png"
+    plot(str(out), rows, {"device": "cpu", "torch": "2", "date": "today"}, "kdops bench")
+    from matplotlib import image
+
+    h, w = image.imread(str(out)).shape[:2]
+    assert w <= 1200 and 300 <= h <= 2000  # one readable column of panels, not a 5000-px-wide strip
+
+
+def test_cli_bench_default_output_is_the_untracked_folder(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop("KDOPS_BENCH_NO_COMPILE", None)
+    cmd = [sys.executable, "-m", "kdops.cli", "bench", "--ops", "box_ranges", "--size", "small", "--reps", "2",
+           "--warmup", "0"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "quick selection" in out.stderr and "torch.compile left out (--compile to include it)" in out.stderr
+    written = sorted(p.name for p in (tmp_path / "bench-results").glob("*/*"))
+    assert "bench_float32_small_quick.md" in written and "bench_float32_small_quick.json" in written
+    ignored = subprocess.run(["git", "check-ignore", "-q", "bench-results/x/bench_float32_coco_quick.md"],
+                             cwd=ROOT, capture_output=True)
+    assert ignored.returncode == 0, "bench-results/ must be git-ignored"
+    import kdops.cli
+
+    assert kdops.cli.DEFAULT_OUT == "bench-results"
+    with open(os.path.join(ROOT, "Makefile")) as f:
+        make = f.read()
+    assert "BENCH_OUT ?= bench-results" in make and "--out $(BENCH_OUT)" in make
+
+
+def test_make_bench_compiles_no_cuda_without_a_gpu():
+    import shutil
+
+    if shutil.which("make") is None:
+        return
+
+    def recipe(**var):
+        args = ["make", "-n", "-B", ".stamp-build-bench", "SYSTEM_PYTHON=1"] + [f"{k}={v}" for k, v in var.items()]
+        out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    assert "FORCE_CUDA=0 " in recipe(BENCH_GPU=0, FORCE_CUDA=1)  # a toolkit, but no GPU: C++ only
+    assert "FORCE_CUDA=1 " in recipe(BENCH_GPU=1, FORCE_CUDA=1)
+    # `make test`'s build (and its stamp) is reused while it is up to date, never rewritten by bench
+    text = recipe(BENCH_GPU=0)
+    assert "reusing the build of make test" in text and "touch .stamp-build-bench" in text
+    assert "touch .stamp-build\n" not in text

@@ -1,4 +1,4 @@
-"""The autograd contract of DESIGN.md §3, one suite over every public differentiable op, loss
+"""The autograd contract of docs/architecture.md (the op contract), one suite over every public differentiable op, loss
 and module:
 
 1. higher-order gradients are either correct (checked against autograd of the eager reference

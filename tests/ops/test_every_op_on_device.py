@@ -3,7 +3,7 @@ implementation, on every device present:
 
 - bitwise the same twice in a row under ``torch.use_deterministic_algorithms(True)``;
 - on CUDA, no host synchronisation anywhere (``torch.cuda.set_sync_debug_mode("error")``):
-  DESIGN.md's "no host sync in the hot path", checked for all ops at once (issue 6);
+  docs/architecture.md's "no host sync in the hot path", checked for all ops at once (issue 6);
 - finite results and gradients;
 - on CUDA, forward + backward captured in one CUDA graph and replayed gives bitwise the results of
   the eager runs (no host work, allocation outside the graph's pool, or host-side state in the hot

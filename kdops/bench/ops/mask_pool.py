@@ -81,5 +81,5 @@ def cases(device, dtype, size):
             impls=[Impl("kdops", kdops.mask_pool), Impl("eager (object loop)", reference.mask_pool),
                    Impl("LGD per-image mm", lgd_per_image), Impl("dense (N,C,K) + pick", dense_pick),
                    Impl("compile (dense + pick)", dense_pick, compile=True)],
-            grad_inputs=["feature"], min_bytes=min_bytes, atol=tol, rtol=tol))
+            grad_inputs=["feature"], min_bytes=min_bytes, atol=tol, rtol=tol, quick=K == 100))
     return out
