@@ -1,12 +1,21 @@
-// Schemas of every kdops op. One registration point; kernels live in
-// csrc/cpu/<op>.cpp (CPU), kdops/triton/<op>.py (CUDA, registered from Python)
-// and csrc/cuda/<op>.cu where CUDA C++ beats Triton.
+// Schemas of every kdops op: the one place an op's signature is defined. Each op has its
+// kernels in csrc/cpu/<op>.cpp (CPU, registered below with TORCH_LIBRARY_IMPL), kdops/triton/<op>.py
+// and, where CUDA C++ beats Triton, csrc/cuda/<op>.cu. Everything Python adds is attached by one
+// register_op call in kdops/ops/<op>.py (kdops/ops/_registry.py): the fake (meta) kernels for
+// torch.compile, autograd, and the CUDA launchers (Triton, or the .cu kernel where registered).
 //
-// Loss ops save their inputs (and, for pcc_mse, a few per-group coefficients) and
-// recompute the gradient in a backward op that reads grad_output on the device and
-// writes the scaled gradient once: no input-sized buffer lives between forward and
-// backward, and retain_graph / gradcheck work. Autograd is attached in kdops/ops/<op>.py.
-// Gradients that were not asked for come back as empty (0-element) tensors.
+// Gradients of the loss ops come in one of two ways. masked_mse, pcc_mse (and ms_deform_attn,
+// mask_pool, gather_level_features) have a backward op that reads the saved inputs (for pcc_mse
+// also a few per-group coefficients) and writes each gradient once: no input-sized buffer lives
+// between forward and backward. bckd_cls_loss and bckd_loc_loss compute the gradient in the
+// forward pass (asked for with grad_* flags) and backward only scales it by the incoming gradient
+// (scale_grads_ on the CPU). Backward ops have no derivative of their own: double backward
+// (create_graph=True) is refused with a RuntimeError in kdops/ops, except where the adjoint of a
+// backward is an op itself (gather_level_features, box_pool / box_paint, mask_pool).
+//
+// Empty inputs (no boxes, rows or anchors, a level with H*W = 0, an empty batch) give exact
+// zeros: an empty sum is 0 whatever the weights hold. Gradients that were not asked for come
+// back as empty (0-element) tensors.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -32,9 +41,9 @@ TORCH_LIBRARY(kdops, m) {
   // out[r] = features[level_r][batch_r, :, y_r, x_r] for index rows [level, batch, y, x];
   // rows out of range give zeros. (R,C) in the features' dtype.
   m.def("gather_level_features_fwd(Tensor[] features, Tensor index) -> Tensor");
-  // Adjoint: one (N,C,H,W) map per level (shapes = L*4 sizes, flattened), rows summed per
+  // Adjoint: one (N,C,H,W) map per level (sizes = (N,C,H,W) per level, flattened), rows summed per
   // destination in a fixed order (deterministic, no atomics); out-of-range rows dropped.
-  m.def("gather_level_features_bwd(Tensor grad, Tensor index, SymInt[] shapes) -> Tensor[]");
+  m.def("gather_level_features_bwd(Tensor grad, Tensor index, SymInt[] sizes) -> Tensor[]");
   // Image boxes (K,4) xyxy -> (L,K,4) int64 inclusive feature-pixel ranges [x_lo, y_lo, x_hi, y_hi]
   // of L levels (heights, widths, strides one per level) under rule "center" | "lgd" | "fgd"
   // (kdops.box_ranges). Image size: image_hw (K,2) (height, width) per box, or image_h, image_w > 0,

@@ -33,6 +33,20 @@ inline at::Tensor no_grad_placeholder(const at::Tensor& like) {
   return at::empty({0}, like.options());
 }
 
+// Rows of a (N,C,H,W) map start a new page each, where hardware prefetchers stop: ask for
+// the next row while this one is processed.
+template <typename T>
+KDOPS_INLINE void prefetch_row(const T* p, int64_t n) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t o = 0; o < n * int64_t(sizeof(T)); o += 64) __builtin_prefetch(c + o);
+}
+
+// Fetches rows [r0, r1) of n values (es bytes each, stride sz values) into L2.
+KDOPS_INLINE void prefetch_rows_l2(const char* p, int64_t sz, int64_t es, int64_t r0, int64_t r1, int64_t n) {
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t o = 0; o < n * es; o += 64) __builtin_prefetch(p + r * sz * es + o, 0, 2);
+}
+
 // Sums per-task partials in a fixed order, so results do not depend on thread count.
 inline double ordered_sum(const std::vector<double>& v) {
   double s = 0.0;

@@ -105,19 +105,19 @@ at::Tensor gather_fwd_cpu(at::TensorList features, const at::Tensor& index) {
   return out;
 }
 
-std::vector<at::Tensor> gather_bwd_cpu(const at::Tensor& grad, const at::Tensor& index, c10::SymIntArrayRef shapes_) {
+std::vector<at::Tensor> gather_bwd_cpu(const at::Tensor& grad, const at::Tensor& index, c10::SymIntArrayRef sizes_) {
   const char* op = "kdops::gather_level_features_bwd";
   const auto idx = check_index(index, op);
-  const auto shapes = C10_AS_INTARRAYREF_SLOW(shapes_);
-  TORCH_CHECK(!shapes.empty() && shapes.size() % 4 == 0, op, ": shapes must hold 4 sizes per level");
-  const int64_t L = shapes.size() / 4, R = idx.size(0);
+  const auto sizes = C10_AS_INTARRAYREF_SLOW(sizes_);
+  TORCH_CHECK(!sizes.empty() && sizes.size() % 4 == 0, op, ": sizes must hold 4 sizes per level");
+  const int64_t L = sizes.size() / 4, R = idx.size(0);
   TORCH_CHECK(grad.dim() == 2 && grad.size(0) == R, op, ": grad must be (R,C)");
   const int64_t C = grad.size(1);
   std::vector<int64_t> N, H, W;
   std::vector<at::Tensor> outs;
   for (int64_t l = 0; l < L; ++l) {
-    TORCH_CHECK(shapes[4 * l + 1] == C, op, ": every level must have the C of grad");
-    N.push_back(shapes[4 * l]); H.push_back(shapes[4 * l + 2]); W.push_back(shapes[4 * l + 3]);
+    TORCH_CHECK(sizes[4 * l + 1] == C, op, ": every level must have the C of grad");
+    N.push_back(sizes[4 * l]); H.push_back(sizes[4 * l + 2]); W.push_back(sizes[4 * l + 3]);
     outs.push_back(at::empty({N[l], C, H[l], W[l]}, grad.options()));  // every plane is filled below
   }
   const auto gc = grad.contiguous();

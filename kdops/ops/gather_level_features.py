@@ -73,19 +73,19 @@ def _fake_fwd(features, index):
     return features[0].new_empty((index.shape[0], features[0].shape[1]))
 
 
-def _fake_bwd(grad, index, shapes):
-    return [grad.new_empty(tuple(shapes[i:i + 4])) for i in range(0, len(shapes), 4)]
+def _fake_bwd(grad, index, sizes):
+    return [grad.new_empty(tuple(sizes[i:i + 4])) for i in range(0, len(sizes), 4)]
 
 
 def _setup_context(ctx, inputs, output):
     features, index = inputs
-    ctx.shapes = [s for f in features for s in f.shape]
+    ctx.sizes = [s for f in features for s in f.shape]
     ctx.save_for_backward(index)
 
 
 def _backward(ctx, grad):
     (index,) = ctx.saved_tensors
-    grads = torch.ops.kdops.gather_level_features_bwd(grad, index, ctx.shapes)
+    grads = torch.ops.kdops.gather_level_features_bwd(grad, index, ctx.sizes)
     return list(grads), None
 
 

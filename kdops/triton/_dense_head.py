@@ -18,5 +18,6 @@ def anchor_offsets(a, H, W, J, sN, sH, sW, sJ):
     return n * sN + h * sH + w * sW + j * sJ
 
 
-def strides5(x):
+def mem_strides5(x):
+    """The memory strides of a 5-D view (not FPN strides)."""
     return [int(s) for s in x.stride()]

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET, device_guard, grid_block, tl_acc_dtype
-from ._dense_head import anchor_offsets, strides5
+from ._dense_head import anchor_offsets, mem_strides5
 from .._dtype import acc_dtype
 
 
@@ -101,12 +101,12 @@ def bckd_cls_loss_fwd(student, teacher, weight, beta: float, scale: float, grad_
     nprog = grid_block(A, BLOCK_A)
     part = torch.empty(nprog, device=student.device, dtype=acc)
     mode = 1 if beta == 1.0 else (2 if beta == 2.0 else 0)
-    g_str = strides5(grad) if grad_student else strides5(student)
+    g_str = mem_strides5(grad) if grad_student else mem_strides5(student)
     with device_guard(student):
         _cls_kernel[(nprog,)](
             student, teacher, w if w is not None else part, grad if grad_student else student,
             gw if gw.numel() else part, part, A, K, H, W, J,
-            *strides5(student), *strides5(teacher), *g_str, float(beta), float(scale),
+            *mem_strides5(student), *mem_strides5(teacher), *g_str, float(beta), float(scale),
             MODE=mode, HAS_W=w is not None, WRITE_G=grad_student, WRITE_GW=gw.numel() > 0,
             ACC=tl_acc_dtype(student.dtype), BLOCK_A=BLOCK_A, BLOCK_K=BLOCK_K, num_warps=4)
     return part.sum() * scale, grad, gw

@@ -14,7 +14,7 @@ import triton.language as tl
 from . import INTERPRET, device_guard, grid_block, tl_acc_dtype
 from ._box_coders import decode_box, gfl_grad
 from .._layout import anchor_view, unview
-from ._dense_head import anchor_offsets
+from ._dense_head import anchor_offsets, mem_strides5
 from .._dtype import acc_dtype
 
 
@@ -160,13 +160,13 @@ def bckd_loc_level_fwd(student_reg, teacher_reg, student_logits, teacher_logits,
     R1 = reg_max + 1
     nprog = grid_block(A, BLOCK_A)
     part = torch.empty(nprog, device=student_reg.device, dtype=acc)
-    s5 = lambda x: [int(v) for v in x.stride()]  # noqa: E731
     with device_guard(student_reg):
         _loc_kernel[(nprog,)](
             student_reg, teacher_reg, student_logits, teacher_logits, pri, w if w is not None else part,
             st if st is not None else part, grad if grad_reg else student_reg, gw if gw.numel() else part, part,
-            A, K, H, W, J, pri.shape[0], *s5(student_reg), *s5(teacher_reg), *s5(student_logits),
-            *s5(teacher_logits), *(s5(grad) if grad_reg else s5(student_reg)), float(stride_value),
+            A, K, H, W, J, pri.shape[0], *mem_strides5(student_reg), *mem_strides5(teacher_reg),
+            *mem_strides5(student_logits), *mem_strides5(teacher_logits),
+            *mem_strides5(grad if grad_reg else student_reg), float(stride_value),
             *[float(v) for v in means], *[float(v) for v in stds], float(max_ratio), 1e-6, float(scale),
             DEC=int(decoder), MODE=int(loss), P=pri.shape[1], R1=R1, R1P=triton.next_power_of_2(R1),
             HAS_W=w is not None, HAS_ST=st is not None, HAS_SV=float(stride_value) > 0, WRITE_G=grad_reg,

@@ -67,10 +67,10 @@ def row_keys(index, sizes):
     return torch.where(ok, key, -1), offsets
 
 
-def gather_level_features_bwd(grad, index, shapes):
+def gather_level_features_bwd(grad, index, sizes):
     """Same contract as the kdops::gather_level_features_bwd schema (csrc/ops.cpp)."""
-    shapes = [int(s) for s in shapes]
-    dims = [shapes[i:i + 4] for i in range(0, len(shapes), 4)]
+    sizes = [int(s) for s in sizes]
+    dims = [sizes[i:i + 4] for i in range(0, len(sizes), 4)]
     outs = [grad.new_zeros(tuple(d)) for d in dims]
     if index.shape[0] == 0:
         return outs

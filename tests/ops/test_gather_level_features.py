@@ -197,14 +197,14 @@ def test_triton_gather_and_scatter(dtype):
     valid = idx[:-3]
     assert torch.equal(out[:-3].cpu().double(), oracle(feats, valid)) and not out[-3:].any()
     g = torch.randn(idx.shape[0], 5, dtype=torch.float64).to(dtype)
-    shapes = [s for f in feats for s in f.shape]
-    got = gather_level_features_bwd(g.to(dev), idx.to(dev), shapes)
+    sizes = [s for f in feats for s in f.shape]
+    got = gather_level_features_bwd(g.to(dev), idx.to(dev), sizes)
     ref_in = [leaf(f.double()) for f in feats]
     ref = torch.autograd.grad(oracle(ref_in, valid), ref_in, g[:-3].double())
     for a, b in zip(got, ref):
         assert a.dtype == dtype
         close(a.cpu(), b, dtype, scale=b.abs().max().item())
-    again = gather_level_features_bwd(g.to(dev), idx.to(dev), shapes)
+    again = gather_level_features_bwd(g.to(dev), idx.to(dev), sizes)
     assert all(torch.equal(a, b) for a, b in zip(got, again))
     assert gather_level_features_fwd([f.to(dev) for f in feats], idx[:0].to(dev)).shape == (0, 5)
 

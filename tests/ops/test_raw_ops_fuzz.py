@@ -136,7 +136,7 @@ def test_gather_raw_op_rejects_inconsistent_arguments():
                     "index")
     raises_op_error(lambda: torch.ops.kdops.gather_level_features_fwd([], torch.zeros(0, 4, dtype=torch.long)))
     idx = torch.zeros(3, 4, dtype=torch.long)
-    with pytest.raises(RuntimeError):  # grad (R,C) not matching the shapes' C, or R
+    with pytest.raises(RuntimeError):  # grad (R,C) not matching the sizes' C, or R
         torch.ops.kdops.gather_level_features_bwd(torch.randn(3, 2), idx, [2, 3, 4, 5])
     with pytest.raises(RuntimeError):
         torch.ops.kdops.gather_level_features_bwd(torch.randn(2, 3), idx, [2, 3, 4, 5])

@@ -1,18 +1,29 @@
-// kdops::bckd_loc_loss_fwd (CPU), included by bckd.cpp: per chunk of anchors, the largest
-// classification score gap; per tile, student and teacher boxes decoded in tile buffers,
-// GIoU (or IoU) loss and its gradient back through the decoder to the student regression.
+// CPU kernel of kdops::bckd_loc_loss_fwd (BCKD, Pan et al. ICCV 2023), every FPN level in one
+// pool of tasks: per chunk of anchors, the largest classification score gap; per tile, student
+// and teacher boxes decoded in tile buffers (box_coders.h), GIoU (or IoU) loss and its
+// gradient back through the decoder to the student regression.
 //
-// Float rows of anchor-contiguous maps (mmdet's (N,C,H,W)) are read and written in place:
-// the GFL integral reads its bins straight from the input and the gradient is written
-// straight into the output. Other layouts and fp16/bf16 go through class-major tile
-// buffers (gather / put). Every per-anchor loop is a plain loop over tile buffers that
-// GCC vectorises (SIMD clones: AVX-512, AVX2, baseline).
-#pragma once
+// Inputs are (N,H,W,J,C) strided views (dense_head.h). Float rows of anchor-contiguous maps
+// (mmdet's (N,C,H,W)) are read and written in place: the GFL integral reads its bins straight
+// from the input and the gradient is written straight into the output. Other layouts and
+// fp16/bf16 go through class-major tile buffers (gather / put). Every per-anchor loop is a
+// plain loop over tile buffers that GCC vectorises.
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <memory>
+#include <type_traits>
+#include <vector>
+
+#include "box_coders.h"
+#include "common.h"
+#include "dense_head.h"
+#include "vec_math.h"
 
 namespace kdops {
 namespace {
 
-enum Decoder { kDistance = 0, kGfl = 1, kDelta = 2 };
 constexpr int64_t kLocTile = 256;    // anchors per decode tile: its buffers stay in L1/L2
 constexpr int64_t kLocChunk = 1024;  // anchors per task: the gap pass streams this many per class
 
@@ -61,12 +72,6 @@ KDOPS_INLINE void frac_max(A n, A d, A& N, A& D) {
 KD_GAP_ROWS(float)
 KD_GAP_ROWS(double)
 
-// Fetches rows [r0, r1) of n values (es bytes each, stride sz values) into L2.
-KDOPS_INLINE void prefetch_rows_l2(const char* p, int64_t sz, int64_t es, int64_t r0, int64_t r1, int64_t n) {
-  for (int64_t r = r0; r < r1; ++r)
-    for (int64_t o = 0; o < n * es; o += 64) __builtin_prefetch(p + r * sz * es + o, 0, 2);
-}
-
 // The fractions of n classes of one anchor (folded afterwards in class order).
 #define KD_GAP_FRACS(A)                                                                   \
   KDOPS_SIMD_CLONES void gap_fracs(const A* x, const A* t, int64_t n, A* nn, A* dd) {     \
@@ -75,306 +80,61 @@ KDOPS_INLINE void prefetch_rows_l2(const char* p, int64_t sz, int64_t es, int64_
 KD_GAP_FRACS(float)
 KD_GAP_FRACS(double)
 
-// ------------------------------------------------------------------ (G)IoU
-// Loss 1 - GIoU (mode 0) or 1 - max(IoU, eps) (mode 1) of aligned boxes, as mmdet's
-// bbox_overlaps(is_aligned=True, eps) + GIoULoss / IoULoss(linear) compute it, and its
-// gradient in the student box (teacher detached). Ties of max/min split the gradient
-// evenly and clamp passes none at its bounds, as PyTorch's autograd does.
-template <typename A>
-KDOPS_INLINE void iou_elem(int mode, A eps, const A* b, const A* B, A& per, A* gb) {
-  const A x1 = b[0], y1 = b[kLocTile], x2 = b[2 * kLocTile], y2 = b[3 * kLocTile];
-  const A X1 = B[0], Y1 = B[kLocTile], X2 = B[2 * kLocTile], Y2 = B[3 * kLocTile];
-  const A w1 = x2 - x1, h1 = y2 - y1;
-  const A area1 = w1 * h1, area2 = (X2 - X1) * (Y2 - Y1);
-  const A ltx = std::max(x1, X1), lty = std::max(y1, Y1), rbx = std::min(x2, X2), rby = std::min(y2, Y2);
-  const A iwr = rbx - ltx, ihr = rby - lty;
-  const A iw = std::max(iwr, A(0)), ih = std::max(ihr, A(0));
-  const A ov = iw * ih;
-  const A ur = area1 + area2 - ov;
-  const A u = std::max(ur, eps);
-  const A iou = ov / u;
-  A g_ov, g_u, g_e = 0, elx = 0, ely = 0, erx = 0, ery = 0, ew = 0, eh = 0, ewr = 0, ehr = 0, er = 0, e = 1;
-  if (mode == 0) {
-    elx = std::min(x1, X1);
-    ely = std::min(y1, Y1);
-    erx = std::max(x2, X2);
-    ery = std::max(y2, Y2);
-    ewr = erx - elx;
-    ehr = ery - ely;
-    ew = std::max(ewr, A(0));
-    eh = std::max(ehr, A(0));
-    er = ew * eh;
-    e = std::max(er, eps);
-    per = A(1) - (iou - (e - u) / e);
-    g_ov = -A(1) / u;
-    g_u = ov / (u * u) - A(1) / e;
-    g_e = u / (e * e);
-  } else {
-    const A m = iou > eps ? A(1) : A(0);
-    per = A(1) - std::max(iou, eps);
-    g_ov = -m / u;
-    g_u = m * ov / (u * u);
-  }
-  const A g_ur = g_u * share_max(ur, eps);
-  const A g_ovt = g_ov - g_ur;
-  const A g_iw = iwr > A(0) ? g_ovt * ih : A(0);
-  const A g_ih = ihr > A(0) ? g_ovt * iw : A(0);
-  A gx1 = -h1 * g_ur - share_max(x1, X1) * g_iw;
-  A gx2 = h1 * g_ur + share_min(x2, X2) * g_iw;
-  A gy1 = -w1 * g_ur - share_max(y1, Y1) * g_ih;
-  A gy2 = w1 * g_ur + share_min(y2, Y2) * g_ih;
-  if (mode == 0) {
-    const A g_er = g_e * share_max(er, eps);
-    const A g_ew = ewr > A(0) ? g_er * eh : A(0);
-    const A g_eh = ehr > A(0) ? g_er * ew : A(0);
-    gx1 -= share_min(x1, X1) * g_ew;
-    gx2 += share_max(x2, X2) * g_ew;
-    gy1 -= share_min(y1, Y1) * g_eh;
-    gy2 += share_max(y2, Y2) * g_eh;
-  }
-  gb[0] = gx1;
-  gb[kLocTile] = gy1;
-  gb[2 * kLocTile] = gx2;
-  gb[3 * kLocTile] = gy2;
-}
-
+// ------------------------------------------------------------------ box coders, per tile
 #define KD_IOU_BLOCK(A)                                                                      \
   KDOPS_SIMD_CLONES void iou_block(int mode, A eps, const A* b, const A* B, int64_t n, A* per, A* gb) { \
-    _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) iou_elem<A>(mode, eps, b + i, B + i, per[i], gb + i); \
+    _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) aligned_iou_loss<kLocTile, A>(mode, eps, b + i, B + i, per[i], gb + i); \
   }
 KD_IOU_BLOCK(float)
 KD_IOU_BLOCK(double)
 
-// ------------------------------------------------------------------ GFL integral
-// GFL's Integral over the 4 sides of a tile, bins read from rows z[(s*R1 + b) * sz + i]
-// (the input itself or a gather buffer): dist = sum_b b softmax(z)_b. For the student it
-// also keeps the unnormalised e_b = exp(z_b - max) (rows of kLocTile) and inv = 1 / sum_b e_b.
-// zn (or null): the next tile's rows, fetched into L2 one row per row done here.
-template <typename A, bool KEEP>
-KDOPS_INLINE void integral_impl(const A* z, int64_t sz, int64_t R1, int64_t len, A* e, A* dist, A* inv,
-                                const A* zn) {
-  A m[kLocTile], sum[kLocTile], ex[kLocTile];
-  for (int64_t s = 0; s < 4; ++s) {
-    const A* zs = z + s * R1 * sz;
-#pragma omp simd
-    for (int64_t i = 0; i < len; ++i) {
-      m[i] = zs[i];
-      sum[i] = 0;
-      ex[i] = 0;
-    }
-    for (int64_t b = 1; b < R1; ++b) {
-      const A* zb = zs + b * sz;
-#pragma omp simd
-      for (int64_t i = 0; i < len; ++i) m[i] = std::max(m[i], zb[i]);
-    }
-    for (int64_t b = 0; b < R1; ++b) {
-      const A* zb = zs + b * sz;
-      if (zn) prefetch_rows_l2(reinterpret_cast<const char*>(zn), sz, sizeof(A), s * R1 + b, s * R1 + b + 1, len);
-      A* eb = KEEP ? e + (s * R1 + b) * kLocTile : nullptr;
-#pragma omp simd
-      for (int64_t i = 0; i < len; ++i) {
-        const A v = exp_nonpos(zb[i] - m[i]);
-        if (KEEP) eb[i] = v;
-        sum[i] += v;
-        ex[i] += v * A(b);
-      }
-    }
-    A* ds = dist + s * kLocTile;
-    A* is = inv + s * kLocTile;
-#pragma omp simd
-    for (int64_t i = 0; i < len; ++i) {
-      const A r = A(1) / sum[i];
-      ds[i] = ex[i] * r;
-      if (KEEP) is[i] = r;
-    }
-  }
-}
 #define KD_INTEGRAL(A)                                                                              \
   KDOPS_SIMD_CLONES void integral_tile(const A* z, int64_t sz, int64_t R1, int64_t len, A* e, A* dist, A* inv, \
                                        const A* zn) {                                               \
-    if (e) integral_impl<A, true>(z, sz, R1, len, e, dist, inv, zn);                                \
-    else integral_impl<A, false>(z, sz, R1, len, e, dist, inv, zn);                                 \
+    if (e) gfl_integral<kLocTile, true>(z, sz, R1, len, e, dist, inv, zn);                          \
+    else gfl_integral<kLocTile, false>(z, sz, R1, len, e, dist, inv, zn);                           \
   }
 KD_INTEGRAL(float)
 KD_INTEGRAL(double)
 
-// d z_b = g_d p_b (b - d), p_b = e_b / sum, times the anchor factor f, for the 4 sides,
-// written to rows out[(s*R1 + b) * so + i] (the gradient itself or a buffer).
-template <typename A>
-KDOPS_INLINE void gfl_grad_impl(const A* e, const A* dist, const A* inv, const A* gb, const A* f, int64_t R1,
-                                int64_t len, A* out, int64_t so) {
-  A c[kLocTile];
-  for (int64_t s = 0; s < 4; ++s) {
-    const A sign = s < 2 ? A(-1) : A(1);
-    const A *gs = gb + s * kLocTile, *ds = dist + s * kLocTile, *is = inv + s * kLocTile;
-#pragma omp simd
-    for (int64_t i = 0; i < len; ++i) c[i] = sign * gs[i] * f[i] * is[i];
-    for (int64_t b = 0; b < R1; ++b) {
-      const A* eb = e + (s * R1 + b) * kLocTile;
-      A* ob = out + (s * R1 + b) * so;
-#pragma omp simd
-      for (int64_t i = 0; i < len; ++i) ob[i] = c[i] * eb[i] * (A(b) - ds[i]);
-    }
-  }
-}
 #define KD_GFL_GRAD(A)                                                                                    \
   KDOPS_SIMD_CLONES void gfl_grad_tile(const A* e, const A* d, const A* inv, const A* gb, const A* f, int64_t R1, \
                                        int64_t len, A* out, int64_t so) {                                 \
-    gfl_grad_impl(e, d, inv, gb, f, R1, len, out, so);                                                     \
+    gfl_integral_grad<kLocTile>(e, d, inv, gb, f, R1, len, out, so);                                       \
   }
 KD_GFL_GRAD(float)
 KD_GFL_GRAD(double)
 
-// ------------------------------------------------------------------ decoders
+#define KD_DIST_BOXES(A)                                                                           \
+  KDOPS_SIMD_CLONES void dist_boxes(const A* d, int64_t sd, const A* q, int64_t len, A* box) {     \
+    distance_decode<kLocTile>(d, sd, q, len, box);                                                 \
+  }
+KD_DIST_BOXES(float)
+KD_DIST_BOXES(double)
+
+#define KD_DELTA_BOXES(A)                                                                                  \
+  KDOPS_SIMD_CLONES void delta_boxes(const A* r, int64_t sr, const A* q, const A* ms, int64_t len, A* wh, A* box) { \
+    delta_xywh_decode<kLocTile>(r, sr, q, ms, len, wh, box);                                                \
+  }
+KD_DELTA_BOXES(float)
+KD_DELTA_BOXES(double)
+
+#define KD_BOX4_GRAD(A)                                                                                     \
+  KDOPS_SIMD_CLONES void box4_grad(int dec, const A* gb, const A* q, const A* wh, const A* ms, const A* f, \
+                                   int64_t len, A* out, int64_t so) {                                       \
+    box_coder_grad<kLocTile>(dec, gb, q, wh, ms, f, len, out, so);                                          \
+  }
+KD_BOX4_GRAD(float)
+KD_BOX4_GRAD(double)
+
 struct LocArgs {
   int decoder, mode;
   int64_t R1, M, P;
   double means[4], stds[4], max_ratio, stride_value, scale;
 };
 
-// Per anchor of a tile (anchors a0, a0 + J, ...): the point (x, y) for the distance decoders
-// (divided by the stride), or the prior's centre and size (cx, cy, w, h) for DeltaXYWH; rows
-// of kLocTile in q. Prior rows are shared by the images: row = anchor mod M, kept as a running
-// index (no division per anchor).
-template <typename A>
-void prior_tile(const LocArgs& a, const A* pri, const A* st, int64_t a0, int64_t J, int64_t len, A* q) {
-  int64_t r = a0 % a.M;
-  const int64_t step = J % a.M;
-  const bool div = st || a.stride_value > 0;
-  for (int64_t i = 0; i < len; ++i) {
-    const A* p = pri + r * a.P;
-    if (a.decoder == kDelta) {
-      q[i] = (p[0] + p[2]) * A(0.5);
-      q[kLocTile + i] = (p[1] + p[3]) * A(0.5);
-      q[2 * kLocTile + i] = p[2] - p[0];
-      q[3 * kLocTile + i] = p[3] - p[1];
-    } else {
-      A px = a.P == 2 ? p[0] : (p[2] + p[0]) / A(2);
-      A py = a.P == 2 ? p[1] : (p[3] + p[1]) / A(2);
-      if (div) {
-        const A s = st ? st[a0 + i * J] : A(a.stride_value);
-        px = px / s;
-        py = py / s;
-      }
-      q[i] = px;
-      q[kLocTile + i] = py;
-    }
-    r += step;
-    if (r >= a.M) r -= a.M;
-  }
-}
-
-// Distance decoders: box = (x - d0, y - d1, x + d2, y + d3), d in rows of stride sd.
-template <typename A>
-KDOPS_INLINE void dist_boxes_impl(const A* d, int64_t sd, const A* q, int64_t len, A* box) {
-#pragma omp simd
-  for (int64_t i = 0; i < len; ++i) {
-    box[i] = q[i] - d[i];
-    box[kLocTile + i] = q[kLocTile + i] - d[sd + i];
-    box[2 * kLocTile + i] = q[i] + d[2 * sd + i];
-    box[3 * kLocTile + i] = q[kLocTile + i] + d[3 * sd + i];
-  }
-}
-#define KD_DIST_BOXES(A)                                                                           \
-  KDOPS_SIMD_CLONES void dist_boxes(const A* d, int64_t sd, const A* q, int64_t len, A* box) {     \
-    dist_boxes_impl(d, sd, q, len, box);                                                           \
-  }
-KD_DIST_BOXES(float)
-KD_DIST_BOXES(double)
-
-// mmdet's DeltaXYWHBBoxCoder.decode of rows r (stride sr), ms = (means, stds, max_ratio); wh keeps (w, h) and whether dw, dh
-// were inside the clamp (1 / 0) for the gradient.
-template <typename A>
-KDOPS_INLINE void delta_boxes_impl(const A* r, int64_t sr, const A* q, const A* ms, int64_t len, A* wh, A* box) {
-  const A m0 = ms[0], m1 = ms[1], m2 = ms[2], m3 = ms[3], s0 = ms[4], s1 = ms[5], s2 = ms[6], s3 = ms[7], mr = ms[8];
-#pragma omp simd
-  for (int64_t i = 0; i < len; ++i) {
-    const A dx = r[i] * s0 + m0, dy = r[sr + i] * s1 + m1;
-    const A dwr = r[2 * sr + i] * s2 + m2, dhr = r[3 * sr + i] * s3 + m3;
-    const A dw = std::min(std::max(dwr, -mr), mr), dh = std::min(std::max(dhr, -mr), mr);
-    const A gx = q[i] + q[2 * kLocTile + i] * dx, gy = q[kLocTile + i] + q[3 * kLocTile + i] * dy;
-    const A gw = q[2 * kLocTile + i] * exp_any(dw), gh = q[3 * kLocTile + i] * exp_any(dh);
-    wh[i] = gw;
-    wh[kLocTile + i] = gh;
-    wh[2 * kLocTile + i] = (dwr > -mr && dwr < mr) ? A(1) : A(0);
-    wh[3 * kLocTile + i] = (dhr > -mr && dhr < mr) ? A(1) : A(0);
-    box[i] = gx - gw * A(0.5);
-    box[kLocTile + i] = gy - gh * A(0.5);
-    box[2 * kLocTile + i] = gx + gw * A(0.5);
-    box[3 * kLocTile + i] = gy + gh * A(0.5);
-  }
-}
-#define KD_DELTA_BOXES(A)                                                                                  \
-  KDOPS_SIMD_CLONES void delta_boxes(const A* r, int64_t sr, const A* q, const A* ms, int64_t len, A* wh, A* box) { \
-    delta_boxes_impl(r, sr, q, ms, len, wh, box);                                                           \
-  }
-KD_DELTA_BOXES(float)
-KD_DELTA_BOXES(double)
-
-// Gradient of the 4 regression values (DeltaXYWH or distances) times f, to rows out (stride so).
-template <typename A>
-KDOPS_INLINE void box4_grad_impl(int dec, const A* gb, const A* q, const A* wh, const A* ms, const A* f, int64_t len,
-                                 A* out, int64_t so) {
-  const A *g0 = gb, *g1 = gb + kLocTile, *g2 = g1 + kLocTile, *g3 = g2 + kLocTile;
-  if (dec == kDelta) {
-    const A s0 = ms[4], s1 = ms[5], s2 = ms[6], s3 = ms[7];
-#pragma omp simd
-    for (int64_t i = 0; i < len; ++i) {
-      out[i] = f[i] * ((g0[i] + g2[i]) * q[2 * kLocTile + i] * s0);
-      out[so + i] = f[i] * ((g1[i] + g3[i]) * q[3 * kLocTile + i] * s1);
-      out[2 * so + i] = f[i] * (wh[2 * kLocTile + i] * (A(0.5) * (g2[i] - g0[i]) * wh[i] * s2));
-      out[3 * so + i] = f[i] * (wh[3 * kLocTile + i] * (A(0.5) * (g3[i] - g1[i]) * wh[kLocTile + i] * s3));
-    }
-  } else {
-#pragma omp simd
-    for (int64_t i = 0; i < len; ++i) {
-      out[i] = -f[i] * g0[i];
-      out[so + i] = -f[i] * g1[i];
-      out[2 * so + i] = f[i] * g2[i];
-      out[3 * so + i] = f[i] * g3[i];
-    }
-  }
-}
-#define KD_BOX4_GRAD(A)                                                                                     \
-  KDOPS_SIMD_CLONES void box4_grad(int dec, const A* gb, const A* q, const A* wh, const A* ms, const A* f, \
-                                   int64_t len, A* out, int64_t so) {                                       \
-    box4_grad_impl(dec, gb, q, wh, ms, f, len, out, so);                                                    \
-  }
-KD_BOX4_GRAD(float)
-KD_BOX4_GRAD(double)
-
-// Class-major buffer rows (stride T) -> the tile of a strided (N,H,W,J,C) tensor.
-template <typename scalar_t, typename A>
-void put(scalar_t* p, const View5& v, const Tile& t, const A* buf, int64_t T) {
-  scalar_t* b = p + v.at(t.n, t.h, t.w0, t.j);
-  if (v.sW == 1) {
-    for (int64_t c = 0; c < v.C; ++c) {
-      scalar_t* dst = b + c * v.sC;
-      const A* src = buf + c * T;
-      for (int64_t i = 0; i < t.len; ++i) dst[i] = scalar_t(src[i]);
-    }
-  } else if (v.sC == 1) {
-    for (int64_t i = 0; i < t.len; ++i) {
-      scalar_t* dst = b + i * v.sW;
-      for (int64_t c = 0; c < v.C; ++c) dst[c] = scalar_t(buf[c * T + i]);
-    }
-  } else {
-    for (int64_t c = 0; c < v.C; ++c)
-      for (int64_t i = 0; i < t.len; ++i) b[c * v.sC + i * v.sW] = scalar_t(buf[c * T + i]);
-  }
-}
-
-// Rows of a tile read in place: float data with anchors contiguous. Else nullptr (gather).
-template <typename scalar_t, typename A>
-KDOPS_INLINE const A* rows_in_place(const scalar_t* p, const View5& v, const Tile& t) {
-  if constexpr (std::is_same<scalar_t, A>::value) {
-    if (v.sW == 1) return p + v.at(t.n, t.h, t.w0, t.j);
-  }
-  return nullptr;
-}
-
 // One FPN level: strided views of the head tensors (h,w merged where possible), data
-// pointers (typed by the dispatch on `dtype`), its own priors, weight, strides and scale.
+// pointers (typed by the dispatch on `dtype`), its own priors, weight, per-anchor FPN strides and scale.
 struct LocLevel {
   LocArgs a;
   View5 sr, tr, sl, tl, g;
@@ -449,7 +209,7 @@ double loc_task(const LocLevel& lv, int64_t task, LocWork<acc_t<scalar_t>>& wk) 
     const int64_t rlen = std::min(kLocTile, big.len), D = vsr.C, es = sizeof(scalar_t);
     for (int64_t k = 0; k < K; ++k) {
       const bool more = k + 1 < K;
-      gap_rows(row_of(s0 + k * vsl.sC, big.len, wk.xb.data()), row_of(t0 + k * vtl.sC, big.len, wk.tb.data()),
+      gap_rows(widen(s0 + k * vsl.sC, big.len, wk.xb.data()), widen(t0 + k * vtl.sC, big.len, wk.tb.data()),
                big.len, gap, gd, more ? reinterpret_cast<const char*>(s0 + (k + 1) * vsl.sC) : nullptr,
                more ? reinterpret_cast<const char*>(t0 + (k + 1) * vtl.sC) : nullptr, es);
       const int64_t q0 = k * D / K, q1 = (k + 1) * D / K;
@@ -480,7 +240,7 @@ double loc_task(const LocLevel& lv, int64_t task, LocWork<acc_t<scalar_t>>& wk) 
     t.len = std::min(kLocTile, big.len - off);
     const int64_t len = t.len, a0 = c0 + off * J;
     const A* gapt = gap + off;
-    prior_tile<A>(a, pri, st, a0, J, len, q);
+    prior_rows<kLocTile>(a.decoder, pri, a.M, a.P, st, a.stride_value, a0, J, len, q);
     // student and teacher regression rows: in place, or gathered into class-major buffers
     const A* zs = rows_in_place<scalar_t, A>(srp, vsr, t);
     const A* zt = rows_in_place<scalar_t, A>(trp, vtr, t);
@@ -569,7 +329,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> bckd_lo
   bool any_double = false;
   for (const auto& t : student_reg) any_double |= t.scalar_type() == at::kDouble;
   auto loss = at::empty({L}, student_reg[0].options().dtype(any_double ? at::kDouble : at::kFloat));
-  std::vector<at::Tensor> grads, gws, keep;  // keep: converted priors / weights / strides
+  std::vector<at::Tensor> grads, gws, keep;  // keep: converted priors / weights / FPN strides
   std::vector<LocLevel> lv(L);
   std::vector<int64_t> first(L + 1, 0);
   int64_t K = 0;
@@ -656,4 +416,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> bckd_lo
 }
 
 }  // namespace
+
+TORCH_LIBRARY_IMPL(kdops, CPU, m) { m.impl("bckd_loc_loss_fwd", &bckd_loc_loss_fwd_cpu); }
+
 }  // namespace kdops

@@ -1,13 +1,15 @@
-// Element-wise math of the BCKD kernels, written so that GCC vectorises the loops that
-// call it (`#pragma omp simd`): exp and log1p are polynomial (float, ~1 ulp) or libm
-// (double), and the loops are compiled for AVX-512, AVX2 and baseline x86-64 with a
-// run-time pick (target_clones), so one build runs fast on any x86-64. The selects (clamps,
-// sign picks) only vectorise below AVX-512 with -fno-trapping-math (setup.py passes it).
+// Element-wise math that GCC vectorises inside `#pragma omp simd` loops: exp as a polynomial
+// (float, ~1 ulp; libm in double), log1p as a series, and the gradient shares of max/min ties.
+// Inline on purpose: a kernel compiled per instruction set (multi_isa.h) inlines these into
+// each of its versions. The selects (clamps, sign picks) only vectorise below AVX-512 with
+// -fno-trapping-math (setup.py passes it).
 #pragma once
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 
+// The loops that call them are compiled for AVX-512, AVX2 and baseline x86-64 with a run-time
+// pick (target_clones), so one build runs fast on any x86-64.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define KDOPS_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
@@ -18,7 +20,6 @@
 #endif
 
 namespace kdops {
-namespace bckd {
 
 // exp(x) for x <= 0 (flushes below -87 to exp(-87) ~ 1.6e-38, a normal float); <= 1.2 ulp.
 // Degree-6 relative-minimax polynomial on |r| <= ln2/2 (error 3e-9); 2^n is built from the
@@ -70,50 +71,10 @@ KDOPS_INLINE float log1p_series(float s) {
 KDOPS_INLINE float log1p_pair(float, float s) { return log1p_series(s); }
 KDOPS_INLINE double log1p_pair(double e, double) { return std::log1p(e); }
 
-template <typename T>
-KDOPS_INLINE T sigmoid_of(T x, T e /* exp(-|x|) */) {
-  const T inv = T(1) / (T(1) + e);
-  return x >= T(0) ? inv : e * inv;
-}
-
 // torch.maximum / torch.minimum split the gradient evenly on ties; this is the share of `a`.
 template <typename T>
 KDOPS_INLINE T share_max(T a, T b) { return a > b ? T(1) : (a == b ? T(0.5) : T(0)); }
 template <typename T>
 KDOPS_INLINE T share_min(T a, T b) { return a < b ? T(1) : (a == b ? T(0.5) : T(0)); }
 
-// BCKD classification term and its derivative in the student logit x, teacher logit t:
-//   f = BCE(x, p) * |p - q|^beta,  p = sigmoid(t), q = sigmoid(x)
-//   df/dx = (q - p) |d|^beta - BCE * beta |d|^(beta-1) sign(d) q (1 - q),  d = p - q
-// MODE 1: beta = 1, MODE 2: beta = 2, MODE 0: any beta > 0 (0 where d = 0).
-template <int MODE, typename T>
-KDOPS_INLINE void cls_elem(T x, T t, T beta, T& loss, T& grad) {
-  const T ex = exp_nonpos(-std::fabs(x));
-  const T et = exp_nonpos(-std::fabs(t));
-  // one division for sigmoid(x), sigmoid(t) and log1p's e/(2+e): r = 1/((1+ex)(1+et)(2+ex))
-  const T dx = T(1) + ex, dt = T(1) + et, d2 = T(2) + ex;
-  const T r = T(1) / (dx * dt * d2);
-  const T q = (x >= T(0) ? T(1) : ex) * dt * d2 * r;
-  const T p = (t >= T(0) ? T(1) : et) * dx * d2 * r;
-  const T bce = (T(1) - p) * x + (x < T(0) ? -x : T(0)) + log1p_pair(ex, ex * dx * dt * r);
-  const T d = x == t ? T(0) : p - q;  // exact 0 on ties (bf16 logits tie often), whatever FMA contraction does
-  const T ad = std::fabs(d);
-  const T sgn = T(d > T(0)) - T(d < T(0));
-  const T qq = q * (T(1) - q);
-  T g, dg;
-  if (MODE == 1) {
-    g = ad;
-    dg = -sgn * qq;
-  } else if (MODE == 2) {
-    g = d * d;
-    dg = T(-2) * d * qq;
-  } else {
-    g = std::pow(ad, beta);
-    dg = ad > T(0) ? -beta * std::pow(ad, beta - T(1)) * sgn * qq : T(0);
-  }
-  loss = bce * g;
-  grad = (q - p) * g + bce * dg;
-}
-
-}  // namespace bckd
 }  // namespace kdops
