@@ -4,7 +4,8 @@
 // Tasks are (n, h, j, run of kTile anchors along w). Row-wise paths keep every buffer in L1:
 // for (N,C,H,W) maps a row is one class over the tile's anchors; for (A,K) a row is one
 // anchor's classes. Other layouts gather the tile into class-major buffers. Each task owns one
-// partial loss: results are bitwise reproducible whatever the thread count.
+// partial loss: results are bitwise reproducible whatever the thread count. The element-wise
+// math is in bckd_cls_loss_kernel.h, compiled per instruction set (multi_isa.h).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -16,61 +17,20 @@
 #include "dense_head.h"
 #include "vec_math.h"
 
+#define KDOPS_KERNEL "bckd_cls_loss_kernel.h"
+#include "multi_isa.h"
+
 namespace kdops {
 namespace {
 
 constexpr int64_t kTile = 256;  // anchors per task: long contiguous runs per class for (N,C,H,W) maps
 
-// BCKD classification term and its derivative in the student logit x, teacher logit t:
-//   f = BCE(x, p) * |p - q|^beta,  p = sigmoid(t), q = sigmoid(x)
-//   df/dx = (q - p) |d|^beta - BCE * beta |d|^(beta-1) sign(d) q (1 - q),  d = p - q
-// MODE 1: beta = 1, MODE 2: beta = 2, MODE 0: any beta > 0 (0 where d = 0).
-template <int MODE, typename T>
-KDOPS_INLINE void cls_elem(T x, T t, T beta, T& loss, T& grad) {
-  const T ex = exp_nonpos(-std::fabs(x));
-  const T et = exp_nonpos(-std::fabs(t));
-  // one division for sigmoid(x), sigmoid(t) and log1p's e/(2+e): r = 1/((1+ex)(1+et)(2+ex))
-  const T dx = T(1) + ex, dt = T(1) + et, d2 = T(2) + ex;
-  const T r = T(1) / (dx * dt * d2);
-  const T q = (x >= T(0) ? T(1) : ex) * dt * d2 * r;
-  const T p = (t >= T(0) ? T(1) : et) * dx * d2 * r;
-  const T bce = (T(1) - p) * x + (x < T(0) ? -x : T(0)) + log1p_pair(ex, ex * dx * dt * r);
-  const T d = x == t ? T(0) : p - q;  // exact 0 on ties (bf16 logits tie often), whatever FMA contraction does
-  const T ad = std::fabs(d);
-  const T sgn = T(d > T(0)) - T(d < T(0));
-  const T qq = q * (T(1) - q);
-  T g, dg;
-  if (MODE == 1) {
-    g = ad;
-    dg = -sgn * qq;
-  } else if (MODE == 2) {
-    g = d * d;
-    dg = T(-2) * d * qq;
-  } else {
-    g = std::pow(ad, beta);
-    dg = ad > T(0) ? -beta * std::pow(ad, beta - T(1)) * sgn * qq : T(0);
-  }
-  loss = bce * g;
-  grad = (q - p) * g + bce * dg;
-}
-
-// ------------------------------------------------------------------ vectorised blocks
-#define KD_CLS_BLOCK(MODE, A)                                                                   \
-  KDOPS_SIMD_CLONES void cls_block##MODE(const A* x, const A* t, int64_t n, A beta, A* l, A* g) { \
-    _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) cls_elem<MODE, A>(x[i], t[i], beta, l[i], g[i]); \
-  }
-KD_CLS_BLOCK(0, float)
-KD_CLS_BLOCK(1, float)
-KD_CLS_BLOCK(2, float)
-KD_CLS_BLOCK(0, double)
-KD_CLS_BLOCK(1, double)
-KD_CLS_BLOCK(2, double)
-
+// The BCKD terms of a row of logits (bckd_cls_loss_kernel.h, this CPU's version).
 template <typename A>
 void cls_block(int mode, const A* x, const A* t, int64_t n, A beta, A* l, A* g) {
-  if (mode == 1) cls_block1(x, t, n, beta, l, g);
-  else if (mode == 2) cls_block2(x, t, n, beta, l, g);
-  else cls_block0(x, t, n, beta, l, g);
+  if (mode == 1) KDOPS_ISA_PICK(cls_terms<1, A>)(x, t, n, beta, l, g);
+  else if (mode == 2) KDOPS_ISA_PICK(cls_terms<2, A>)(x, t, n, beta, l, g);
+  else KDOPS_ISA_PICK(cls_terms<0, A>)(x, t, n, beta, l, g);
 }
 
 // ------------------------------------------------------------------ classification

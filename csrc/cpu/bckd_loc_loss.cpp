@@ -7,7 +7,8 @@
 // (mmdet's (N,C,H,W)) are read and written in place: the GFL integral reads its bins straight
 // from the input and the gradient is written straight into the output. Other layouts and
 // fp16/bf16 go through class-major tile buffers (gather / put). Every per-anchor loop is a
-// plain loop over tile buffers that GCC vectorises.
+// plain loop over tile buffers that GCC vectorises, in bckd_loc_loss_kernel.h, compiled per
+// instruction set (multi_isa.h).
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
@@ -27,105 +28,14 @@ namespace {
 constexpr int64_t kLocTile = 256;    // anchors per decode tile: its buffers stay in L1/L2
 constexpr int64_t kLocChunk = 1024;  // anchors per task: the gap pass streams this many per class
 
-// ------------------------------------------------------------------ score gap
-// |sigmoid(t) - sigmoid(x)| as a fraction n / d (n = 0 exactly on ties, whatever FMA
-// contraction does), so that the max over classes takes no division per class: the running
-// max N / D is updated by cross-multiplying (all terms are positive and bounded).
-template <typename A>
-KDOPS_INLINE void gap_frac(A x, A t, A& n, A& d) {
-  const A ex = exp_nonpos(-std::fabs(x)), et = exp_nonpos(-std::fabs(t));
-  const A ax = x >= A(0) ? A(1) : ex, at = t >= A(0) ? A(1) : et;
-  const A dx = A(1) + ex, dt = A(1) + et;
-  n = x == t ? A(0) : std::fabs(at * dx - ax * dt);
-  d = dx * dt;
-}
-template <typename A>
-KDOPS_INLINE void frac_max(A n, A d, A& N, A& D) {
-  const bool gt = n * D > N * d;
-  N = gt ? n : N;
-  D = gt ? d : D;
-}
+}  // namespace
+}  // namespace kdops
 
-// One class row over n anchors folded into the running maxima N[i] / D[i]. xn / tn (or null):
-// the next rows (es bytes per value), fetched a few lines per block of this one so that the
-// requests stay spread out instead of filling the line-fill buffers in one burst.
-#define KD_GAP_ROWS(A)                                                                       \
-  KDOPS_SIMD_CLONES void gap_rows(const A* x, const A* t, int64_t n, A* N, A* D, const char* xn,  \
-                                  const char* tn, int64_t es) {                              \
-    constexpr int64_t B = 256 / sizeof(A);                                                   \
-    for (int64_t b0 = 0; b0 < n; b0 += B) {                                                  \
-      const int64_t b1 = std::min(n, b0 + B);                                                \
-      if (xn)                                                                                \
-        for (int64_t o = b0 * es; o < b1 * es; o += 64) {                                    \
-          __builtin_prefetch(xn + o);                                                        \
-          __builtin_prefetch(tn + o);                                                        \
-        }                                                                                    \
-      _Pragma("omp simd") for (int64_t i = b0; i < b1; ++i) {                                \
-        A a, b, Ni = N[i], Di = D[i]; /* blend and store always: no branch on the mask */   \
-        gap_frac<A>(x[i], t[i], a, b);                                                       \
-        frac_max<A>(a, b, Ni, Di);                                                           \
-        N[i] = Ni;                                                                           \
-        D[i] = Di;                                                                           \
-      }                                                                                      \
-    }                                                                                        \
-  }
-KD_GAP_ROWS(float)
-KD_GAP_ROWS(double)
+#define KDOPS_KERNEL "bckd_loc_loss_kernel.h"
+#include "multi_isa.h"
 
-// The fractions of n classes of one anchor (folded afterwards in class order).
-#define KD_GAP_FRACS(A)                                                                   \
-  KDOPS_SIMD_CLONES void gap_fracs(const A* x, const A* t, int64_t n, A* nn, A* dd) {     \
-    _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) gap_frac<A>(x[i], t[i], nn[i], dd[i]); \
-  }
-KD_GAP_FRACS(float)
-KD_GAP_FRACS(double)
-
-// ------------------------------------------------------------------ box coders, per tile
-#define KD_IOU_BLOCK(A)                                                                      \
-  KDOPS_SIMD_CLONES void iou_block(int mode, A eps, const A* b, const A* B, int64_t n, A* per, A* gb) { \
-    _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) aligned_iou_loss<kLocTile, A>(mode, eps, b + i, B + i, per[i], gb + i); \
-  }
-KD_IOU_BLOCK(float)
-KD_IOU_BLOCK(double)
-
-#define KD_INTEGRAL(A)                                                                              \
-  KDOPS_SIMD_CLONES void integral_tile(const A* z, int64_t sz, int64_t R1, int64_t len, A* e, A* dist, A* inv, \
-                                       const A* zn) {                                               \
-    if (e) gfl_integral<kLocTile, true>(z, sz, R1, len, e, dist, inv, zn);                          \
-    else gfl_integral<kLocTile, false>(z, sz, R1, len, e, dist, inv, zn);                           \
-  }
-KD_INTEGRAL(float)
-KD_INTEGRAL(double)
-
-#define KD_GFL_GRAD(A)                                                                                    \
-  KDOPS_SIMD_CLONES void gfl_grad_tile(const A* e, const A* d, const A* inv, const A* gb, const A* f, int64_t R1, \
-                                       int64_t len, A* out, int64_t so) {                                 \
-    gfl_integral_grad<kLocTile>(e, d, inv, gb, f, R1, len, out, so);                                       \
-  }
-KD_GFL_GRAD(float)
-KD_GFL_GRAD(double)
-
-#define KD_DIST_BOXES(A)                                                                           \
-  KDOPS_SIMD_CLONES void dist_boxes(const A* d, int64_t sd, const A* q, int64_t len, A* box) {     \
-    distance_decode<kLocTile>(d, sd, q, len, box);                                                 \
-  }
-KD_DIST_BOXES(float)
-KD_DIST_BOXES(double)
-
-#define KD_DELTA_BOXES(A)                                                                                  \
-  KDOPS_SIMD_CLONES void delta_boxes(const A* r, int64_t sr, const A* q, const A* ms, int64_t len, A* wh, A* box) { \
-    delta_xywh_decode<kLocTile>(r, sr, q, ms, len, wh, box);                                                \
-  }
-KD_DELTA_BOXES(float)
-KD_DELTA_BOXES(double)
-
-#define KD_BOX4_GRAD(A)                                                                                     \
-  KDOPS_SIMD_CLONES void box4_grad(int dec, const A* gb, const A* q, const A* wh, const A* ms, const A* f, \
-                                   int64_t len, A* out, int64_t so) {                                       \
-    box_coder_grad<kLocTile>(dec, gb, q, wh, ms, f, len, out, so);                                          \
-  }
-KD_BOX4_GRAD(float)
-KD_BOX4_GRAD(double)
+namespace kdops {
+namespace {
 
 struct LocArgs {
   int decoder, mode;
@@ -209,9 +119,10 @@ double loc_task(const LocLevel& lv, int64_t task, LocWork<acc_t<scalar_t>>& wk) 
     const int64_t rlen = std::min(kLocTile, big.len), D = vsr.C, es = sizeof(scalar_t);
     for (int64_t k = 0; k < K; ++k) {
       const bool more = k + 1 < K;
-      gap_rows(widen(s0 + k * vsl.sC, big.len, wk.xb.data()), widen(t0 + k * vtl.sC, big.len, wk.tb.data()),
-               big.len, gap, gd, more ? reinterpret_cast<const char*>(s0 + (k + 1) * vsl.sC) : nullptr,
-               more ? reinterpret_cast<const char*>(t0 + (k + 1) * vtl.sC) : nullptr, es);
+      KDOPS_ISA_PICK(gap_rows<A>)(widen(s0 + k * vsl.sC, big.len, wk.xb.data()),
+                                  widen(t0 + k * vtl.sC, big.len, wk.tb.data()), big.len, gap, gd,
+                                  more ? reinterpret_cast<const char*>(s0 + (k + 1) * vsl.sC) : nullptr,
+                                  more ? reinterpret_cast<const char*>(t0 + (k + 1) * vtl.sC) : nullptr, es);
       const int64_t q0 = k * D / K, q1 = (k + 1) * D / K;
       if (r0s) prefetch_rows_l2(reinterpret_cast<const char*>(r0s), vsr.sC, es, q0, q1, rlen);
       if (r0t) prefetch_rows_l2(reinterpret_cast<const char*>(r0t), vtr.sC, es, q0, q1, rlen);
@@ -225,9 +136,9 @@ double loc_task(const LocLevel& lv, int64_t task, LocWork<acc_t<scalar_t>>& wk) 
         wk.xb[k] = A(s0[k * vsl.sC]);
         wk.tb[k] = A(t0[k * vtl.sC]);
       }
-      gap_fracs(wk.xb.data(), wk.tb.data(), K, wk.nb.data(), wk.db.data());
+      KDOPS_ISA_PICK(gap_fracs<A>)(wk.xb.data(), wk.tb.data(), K, wk.nb.data(), wk.db.data());
       A N = 0, Dn = 1;
-      for (int64_t k = 0; k < K; ++k) frac_max(wk.nb[k], wk.db[k], N, Dn);
+      for (int64_t k = 0; k < K; ++k) base::frac_max<A>(wk.nb[k], wk.db[k], N, Dn);  // a scalar fold
       gap[i] = N / Dn;
     }
   }
@@ -258,18 +169,18 @@ double loc_task(const LocLevel& lv, int64_t task, LocWork<acc_t<scalar_t>>& wk) 
       const bool next = off + kLocTile < big.len;
       const A* zsn = next && szs != kLocTile ? zs + kLocTile : nullptr;
       const A* ztn = next && szt != kLocTile ? zt + kLocTile : nullptr;
-      integral_tile(zs, szs, a.R1, len, gp ? wk.ev.data() : (A*)nullptr, ds, inv, zsn);
-      integral_tile(zt, szt, a.R1, len, (A*)nullptr, dt, inv, ztn);
-      dist_boxes(ds, kLocTile, q, len, bs);
-      dist_boxes(dt, kLocTile, q, len, bt);
+      KDOPS_ISA_PICK(integral_tile<A>)(zs, szs, a.R1, len, gp ? wk.ev.data() : (A*)nullptr, ds, inv, zsn);
+      KDOPS_ISA_PICK(integral_tile<A>)(zt, szt, a.R1, len, (A*)nullptr, dt, inv, ztn);
+      KDOPS_ISA_PICK(dist_boxes<A>)(ds, kLocTile, q, len, bs);
+      KDOPS_ISA_PICK(dist_boxes<A>)(dt, kLocTile, q, len, bt);
     } else if (a.decoder == kDistance) {
-      dist_boxes(zs, szs, q, len, bs);
-      dist_boxes(zt, szt, q, len, bt);
+      KDOPS_ISA_PICK(dist_boxes<A>)(zs, szs, q, len, bs);
+      KDOPS_ISA_PICK(dist_boxes<A>)(zt, szt, q, len, bt);
     } else {
-      delta_boxes(zs, szs, q, ms, len, wh, bs);
-      delta_boxes(zt, szt, q, ms, len, ds, bt);  // ds: scratch
+      KDOPS_ISA_PICK(delta_boxes<A>)(zs, szs, q, ms, len, wh, bs);
+      KDOPS_ISA_PICK(delta_boxes<A>)(zt, szt, q, ms, len, ds, bt);  // ds: scratch
     }
-    iou_block(a.mode, A(1e-6), bs, bt, len, per, gb);
+    KDOPS_ISA_PICK(iou_block<A>)(a.mode, A(1e-6), bs, bt, len, per, gb);
     for (int64_t i = 0; i < len; ++i) {
       const A wa = gapt[i] * (w ? w[a0 + i * J] : A(1));
       task_loss += double(wa) * double(per[i]);
@@ -284,8 +195,8 @@ double loc_task(const LocLevel& lv, int64_t task, LocWork<acc_t<scalar_t>>& wk) 
     }
     const int64_t so = out ? vg.sC : kLocTile;
     A* dst = out ? out : wk.gr.data();
-    if (gfl) gfl_grad_tile(wk.ev.data(), ds, inv, gb, f, a.R1, len, dst, so);
-    else box4_grad(a.decoder, gb, q, wh, ms, f, len, dst, so);
+    if (gfl) KDOPS_ISA_PICK(gfl_grad_tile<A>)(wk.ev.data(), ds, inv, gb, f, a.R1, len, dst, so);
+    else KDOPS_ISA_PICK(box4_grad<A>)(a.decoder, gb, q, wh, ms, f, len, dst, so);
     if (!out) put(gp, vg, t, wk.gr.data(), kLocTile);
   }
   return task_loss;

@@ -179,6 +179,7 @@ constexpr int64_t kTaskChannels = 2 * kBoxLanes;
 }  // namespace kdops
 
 #define KDOPS_KERNEL "box_pool_kernel.h"
+#define KDOPS_KERNEL_MAX_AVX2  // 4-lane double sweeps: AVX-512 measured no faster here
 #include "multi_isa.h"
 
 namespace kdops {
@@ -264,7 +265,6 @@ at::Tensor box_pool_fwd_cpu(at::TensorList features, const at::Tensor& ranges, c
   if (out.numel() == 0) return out;
   const auto tasks = block_tasks(lp, C, kTaskChannels, false);
   const int64_t w_max = *std::max_element(W.begin(), W.end());
-  const bool avx2 = cpu_has_avx2();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f0.scalar_type(), "box_pool_fwd", [&] {
     scalar_t* op_ = out.data_ptr<scalar_t>();
     for (int64_t l = 0; l < L; ++l)  // boxes that cover nothing on a level pool to 0 there
@@ -290,11 +290,7 @@ at::Tensor box_pool_fwd_cpu(at::TensorList features, const at::Tensor& ranges, c
             const scalar_t* lanes[kBoxLanes];
             block_lanes(fp + bt.image * f.stride(0) + p.x_lo * sW, f.stride(1), bt.c0 + c, C, lanes);
             double* acc = s.acc.data() + (c / kBoxLanes) * nb * kBoxLanes;
-            if (avx2) {
-              avx2::box_pool_block(p, lanes, sH, sW, s.V.data(), s.Q.data(), s.P.data(), acc);
-            } else {
-              base::box_pool_block(p, lanes, sH, sW, s.V.data(), s.Q.data(), s.P.data(), acc);
-            }
+            KDOPS_ISA_PICK(box_pool_block<scalar_t>)(p, lanes, sH, sW, s.V.data(), s.Q.data(), s.P.data(), acc);
           }
           // a box's channels of this task fill whole cache lines of the (L,K,C) output
           scalar_t* o = op_ + bt.level * K * C + bt.c0;
@@ -338,7 +334,6 @@ std::vector<at::Tensor> box_paint_fwd_cpu(const at::Tensor& values, const at::Te
   const auto v = values.stride(2) == 1 ? values : values.contiguous();
   const auto tasks = block_tasks(lp, C, kBoxLanes, true);
   const int64_t w_max = *std::max_element(W.begin(), W.end());
-  const bool avx2 = cpu_has_avx2();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "box_paint_fwd", [&] {
     const scalar_t* vp = v.data_ptr<scalar_t>();
     struct Scratch {
@@ -354,11 +349,8 @@ std::vector<at::Tensor> box_paint_fwd_cpu(const at::Tensor& values, const at::Te
           scalar_t* lanes[kBoxLanes];
           block_lanes(outs[l].data_ptr<scalar_t>() + bt.image * C * Hl * Wl, Hl * Wl, bt.c0, C, lanes);
           const scalar_t* vl = vp + l * v.stride(0) + bt.c0;
-          if (avx2) {
-            avx2::box_paint_block(lp.plans[l][bt.image], vl, v.stride(1), cb, lanes, Hl, Wl, s.R.data(), s.d.data());
-          } else {
-            base::box_paint_block(lp.plans[l][bt.image], vl, v.stride(1), cb, lanes, Hl, Wl, s.R.data(), s.d.data());
-          }
+          KDOPS_ISA_PICK(box_paint_block<scalar_t>)(lp.plans[l][bt.image], vl, v.stride(1), cb, lanes, Hl, Wl,
+                                                    s.R.data(), s.d.data());
         });
   });
   return outs;

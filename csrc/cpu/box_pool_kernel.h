@@ -1,5 +1,5 @@
 // Per-block kernels of box_pool / box_paint (see box_pool.cpp for the method). box_pool.cpp
-// includes this file twice with KDOPS_ISA = base / avx2 (no include guard on purpose).
+// includes this file through multi_isa.h, once per instruction set (no include guard on purpose).
 //
 // A block is kBoxLanes channels of one image, swept together row by row. The running rows
 // (V for pool, R for paint) keep one row per channel, V[c * ld + x], so the per-row work --

@@ -58,17 +58,43 @@ inline double ordered_sum(const std::vector<double>& v) {
 
 namespace kdops {
 
-// Kernels are compiled twice: for the x86-64 baseline and, in a `#pragma GCC target`
-// region, for AVX2+FMA; `cpu_has_avx2()` picks one at run time (as ATen's own CPU
-// kernels do), so one wheel is fast on current CPUs and still runs on old ones.
-inline bool cpu_has_avx2() {
-#if defined(__x86_64__) && defined(__GNUC__)
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
+// The instruction sets of multi_isa.h: GCC on x86-64 compiles a kernel for each; elsewhere
+// there is one version.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define KDOPS_MULTI_ISA 1
 #else
-  return false;
+#define KDOPS_MULTI_ISA 0
+#endif
+enum class Isa { base, avx2, avx512 };
+
+// The widest of them this CPU runs (checked once).
+inline Isa cpu_isa() {
+#if KDOPS_MULTI_ISA
+  static const Isa isa = __builtin_cpu_supports("avx512f") ? Isa::avx512
+                         : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? Isa::avx2
+                                                                                               : Isa::base;
+  return isa;
+#else
+  return Isa::base;
 #endif
 }
+
+template <typename F>
+inline F isa_pick(F base, F avx2, F avx512) {
+  switch (cpu_isa()) {
+    case Isa::avx512:
+      return avx512;
+    case Isa::avx2:
+      return avx2;
+    default:
+      return base;
+  }
+}
+
+// The version of a kernel function (multi_isa.h) for this CPU, e.g.
+// KDOPS_ISA_PICK(masked_mse_planes<scalar_t, true>)(args...).
+#define KDOPS_ISA_PICK(...) \
+  ::kdops::isa_pick(&::kdops::base::__VA_ARGS__, &::kdops::avx2::__VA_ARGS__, &::kdops::avx512::__VA_ARGS__)
 
 // Elements per inner block: low-precision inputs are widened into float buffers of this
 // size so that the arithmetic loops run on plain float arrays and vectorise.

@@ -3,7 +3,7 @@
 // One read of student and teacher, one write of the gradient; no N*C*H*W weight tensor.
 // Every partial sum has a fixed owner (a plane, or a pixel run when weight gradients are
 // needed), so results are bitwise reproducible whatever the thread count. The loops live
-// in masked_mse_kernel.h, compiled for the baseline ISA and for AVX2+FMA.
+// in masked_mse_kernel.h, compiled per instruction set (multi_isa.h).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -23,15 +23,14 @@ template <typename scalar_t>
 void run_masked_mse(const scalar_t* s, const scalar_t* t, const acc_t<scalar_t>* pw, const acc_t<scalar_t>* cw,
                     int64_t N, int64_t C, int64_t HW, acc_t<scalar_t> scale, scalar_t* grad,
                     acc_t<scalar_t>* gpw, acc_t<scalar_t>* gcw_part, bool weights, double* loss_part) {
-  const bool avx2 = cpu_has_avx2();
-#define KDOPS_CALL(ISA, G)                                                                              \
-  (weights ? ISA::masked_mse_pixel_runs<scalar_t, G>(s, t, pw, cw, N, C, HW, scale, grad, gpw, gcw_part, \
-                                                     loss_part)                                          \
-           : ISA::masked_mse_planes<scalar_t, G>(s, t, pw, cw, N, C, HW, scale, grad, loss_part))
+#define KDOPS_CALL(G)                                                                                      \
+  (weights ? KDOPS_ISA_PICK(masked_mse_pixel_runs<scalar_t, G>)(s, t, pw, cw, N, C, HW, scale, grad, gpw,  \
+                                                                gcw_part, loss_part)                       \
+           : KDOPS_ISA_PICK(masked_mse_planes<scalar_t, G>)(s, t, pw, cw, N, C, HW, scale, grad, loss_part))
   if (grad) {
-    avx2 ? KDOPS_CALL(avx2, true) : KDOPS_CALL(base, true);
+    KDOPS_CALL(true);
   } else {
-    avx2 ? KDOPS_CALL(avx2, false) : KDOPS_CALL(base, false);
+    KDOPS_CALL(false);
   }
 #undef KDOPS_CALL
 }

@@ -1,5 +1,5 @@
 // Kernel bodies of masked_mse, compiled once per instruction set: masked_mse.cpp includes
-// this file twice with KDOPS_ISA = base / avx2 (no include guard on purpose).
+// this file through multi_isa.h (no include guard on purpose).
 #include <ATen/Parallel.h>
 
 #include <algorithm>

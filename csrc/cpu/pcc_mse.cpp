@@ -118,9 +118,9 @@ std::tuple<at::Tensor, at::Tensor> pcc_mse_fwd_cpu(const at::Tensor& student, co
   const double scale = 1.0 / double(s.numel());
   std::vector<double> part(G.groups, 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "pcc_mse_fwd", [&] {
-    auto* fn = cpu_has_avx2() ? &avx2::pcc_forward<scalar_t> : &base::pcc_forward<scalar_t>;
-    fn(s.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), G.groups, G.runs, G.run_stride, G.HW, norm, eps, scale,
-       reinterpret_cast<Coeffs*>(coeffs.data_ptr<double>()), part.data());
+    KDOPS_ISA_PICK(pcc_forward<scalar_t>)(s.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), G.groups, G.runs,
+                                          G.run_stride, G.HW, norm, eps, scale,
+                                          reinterpret_cast<Coeffs*>(coeffs.data_ptr<double>()), part.data());
   });
   loss.fill_(ordered_sum(part) * scale);
   return {loss, coeffs};
@@ -143,10 +143,11 @@ std::tuple<at::Tensor, at::Tensor> pcc_mse_bwd_cpu(const at::Tensor& grad_loss, 
   const double gl = grad_loss.item<double>();  // free on the CPU
   const auto c = coeffs.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "pcc_mse_bwd", [&] {
-    auto* fn = cpu_has_avx2() ? &avx2::pcc_backward<scalar_t> : &base::pcc_backward<scalar_t>;
-    fn(s.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), grad_student ? gs.data_ptr<scalar_t>() : nullptr,
-       grad_teacher ? gt.data_ptr<scalar_t>() : nullptr, G.groups, G.runs, G.run_stride, G.HW,
-       reinterpret_cast<const Coeffs*>(c.data_ptr<double>()), gl);
+    KDOPS_ISA_PICK(pcc_backward<scalar_t>)(s.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(),
+                                           grad_student ? gs.data_ptr<scalar_t>() : nullptr,
+                                           grad_teacher ? gt.data_ptr<scalar_t>() : nullptr, G.groups, G.runs,
+                                           G.run_stride, G.HW, reinterpret_cast<const Coeffs*>(c.data_ptr<double>()),
+                                           gl);
   });
   return {gs, gt};
 }

@@ -1,5 +1,5 @@
 // Kernel bodies of pcc_mse, compiled once per instruction set: pcc_mse.cpp includes this
-// file twice with KDOPS_ISA = base / avx2 (no include guard on purpose). Uses Moments,
+// file through multi_isa.h, once per instruction set (no include guard on purpose). Uses Moments,
 // Coeffs and coefficients() from pcc_mse.cpp.
 #include <ATen/Parallel.h>
 

@@ -9,22 +9,17 @@
 #include <vector>
 
 #include "common.h"
-#include "vec_math.h"
+
+#define KDOPS_KERNEL "scale_grads_kernel.h"
+#include "multi_isa.h"
 
 namespace kdops {
 namespace {
 
-#define KD_SCALE_BLOCK(A)                                                    \
-  KDOPS_SIMD_CLONES void scale_block(A* p, int64_t n, A f) {                 \
-    _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) p[i] *= f;           \
-  }
-KD_SCALE_BLOCK(float)
-KD_SCALE_BLOCK(double)
-
 template <typename scalar_t>
 void scale_span(scalar_t* p, int64_t n, acc_t<scalar_t> f) {
   if constexpr (std::is_same<scalar_t, acc_t<scalar_t>>::value) {
-    scale_block(p, n, f);
+    KDOPS_ISA_PICK(scale_block<scalar_t>)(p, n, f);
   } else {
     for (int64_t i = 0; i < n; ++i) p[i] = scalar_t(acc_t<scalar_t>(p[i]) * f);
   }

@@ -8,13 +8,6 @@
 #include <cstdint>
 #include <cstring>
 
-// The loops that call them are compiled for AVX-512, AVX2 and baseline x86-64 with a run-time
-// pick (target_clones), so one build runs fast on any x86-64.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define KDOPS_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define KDOPS_SIMD_CLONES
-#endif
 #ifndef KDOPS_INLINE
 #define KDOPS_INLINE inline __attribute__((always_inline))
 #endif
