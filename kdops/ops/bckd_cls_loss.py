@@ -26,7 +26,7 @@ from ._dense_head import (
     kernel_scale, n_anchor_sites,
 )
 from ._registry import forbid_double_backward, level_grads, needs_grad, register_op, saved_grads_reusable, scale_grads, use_kernel
-from ._validation import as_levels, check_avg_factor, match_levels
+from ._validation import check_avg_factor, match_levels, paired_levels
 
 OP = "bckd_cls_loss"
 Levels = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -60,11 +60,7 @@ def bckd_cls_loss(student_logits: Levels, teacher_logits: Levels, *, weight=None
     """
     op = "bckd_cls_loss"
     check_reduction(op, reduction, beta)
-    ss, seq = as_levels(op, "student_logits", student_logits)
-    ts, t_seq = as_levels(op, "teacher_logits", teacher_logits)
-    if t_seq != seq or len(ts) != len(ss):
-        raise ValueError(f"kdops.{op}: `student_logits` and `teacher_logits` must both be tensors or sequences of "
-                         f"equal length, got {len(ss)} and {len(ts)} levels")
+    (ss, ts), seq = paired_levels(op, ("student_logits", "teacher_logits"), student_logits, teacher_logits)
     ws = match_levels(op, "weight", weight, len(ss), seq)
     views = []
     for i, (s, t, w) in enumerate(zip(ss, ts, ws)):

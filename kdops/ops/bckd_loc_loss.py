@@ -31,7 +31,7 @@ from ._dense_head import (
 from ._registry import (
     forbid_double_backward, level_grads, needs_grad, register_op, saved_grads_reusable, scale_grads, use_kernel,
 )
-from ._validation import as_levels, check_avg_factor, check_tensor, match_levels
+from ._validation import check_avg_factor, check_tensor, match_levels, paired_levels
 
 OP = "bckd_loc_loss"
 Levels = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -92,15 +92,10 @@ def bckd_loc_loss(student_reg: Levels, teacher_reg: Levels, student_logits: Leve
         raise ValueError(f"kdops.{op}: decoder='gfl' needs `strides` (one per level)")
     if decoder == "delta_xywh" and strides is not None:
         raise ValueError(f"kdops.{op}: `strides` is only used by the 'distance' and 'gfl' decoders")
-    srs, seq = as_levels(op, "student_reg", student_reg)
+    (srs, *others), seq = paired_levels(
+        op, ("student_reg", "teacher_reg", "student_logits", "teacher_logits", "priors"),
+        student_reg, teacher_reg, student_logits, teacher_logits, priors)
     L = len(srs)
-    names = ("teacher_reg", "student_logits", "teacher_logits", "priors")
-    others = []
-    for name, x in zip(names, (teacher_reg, student_logits, teacher_logits, priors)):
-        xs, x_seq = as_levels(op, name, x)
-        if x_seq != seq or len(xs) != L:
-            raise ValueError(f"kdops.{op}: `{name}` must match `student_reg`: {'a sequence of ' + str(L) if seq else 'a tensor'}")
-        others.append(xs)
     ws = match_levels(op, "weight", weight, L, seq)
     if strides is None or not seq:
         sts = [strides] * L
