@@ -228,6 +228,10 @@ def _bench_parser(sub) -> None:
                     "then times forward, backward and forward+backward with the implementations' repetitions "
                     "interleaved.",
         epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    b.add_argument("--efficacy", action="store_true",
+                   help="the KD efficacy benchmark instead (benchmarks/efficacy.py: teacher + students with and "
+                        "without KD on kdops.toy_data, mmdet); the other arguments go to it, see "
+                        "`kdops bench --efficacy --help`")
     b.add_argument("--ops", nargs="+", choices=ops, metavar="OP", help="bench entries (default: all; listed below)")
     b.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when a GPU is visible, else cpu")
     b.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="(default: %(default)s)")
@@ -279,7 +283,28 @@ def _non_negative(text: str) -> int:
     return v
 
 
+def _efficacy(rest: List[str]) -> int:
+    """`kdops bench --efficacy [ARGS]`: benchmarks/efficacy.py of the source tree, its own arguments."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "efficacy.py")
+    if not os.path.isfile(path):
+        print(f"kdops bench --efficacy: needs the source tree (no {path}); run benchmarks/efficacy.py there",
+              file=sys.stderr)
+        return 2
+    spec = importlib.util.spec_from_file_location("kdops_efficacy_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main(rest)
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"] and "--efficacy" in argv[1:]:
+        rest = argv[1:]
+        rest.remove("--efficacy")
+        return _efficacy(rest)
     p = argparse.ArgumentParser(prog="kdops", description="kdops: fused kernels for detection KD")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="versions, devices and the backend each op uses")
