@@ -263,24 +263,23 @@ def _wrap(text: str, width: int = 100) -> List[str]:
     return textwrap.wrap(text, width, initial_indent="  ", subsequent_indent="    ")
 
 
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return v
+def _int_at_least(low: int):
+    """An argparse type: an integer >= low, with an error naming what was expected."""
+    want = "a positive integer" if low == 1 else f"an integer >= {low}"
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {want}, got {text!r}") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"must be {want}, got {text!r}")
+        return v
+
+    return parse
 
 
-def _non_negative(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
-    return v
+_positive, _non_negative = _int_at_least(1), _int_at_least(0)
 
 
 def _efficacy(rest: List[str]) -> int:
