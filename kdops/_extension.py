@@ -54,7 +54,12 @@ else:
 
         HAS_C = True
     except ImportError as exc:  # pragma: no cover - depends on the installation
-        LOAD_ERROR = f"{type(exc).__name__}: {exc}"
+        import importlib.util
+
+        if importlib.util.find_spec(f"{__package__}._C") is None:  # Python would call this a circular import
+            LOAD_ERROR = "it is not built: no kdops/_C*.so next to kdops/__init__.py"
+        else:
+            LOAD_ERROR = f"{type(exc).__name__}: {exc}"
 
 _warned: set[str] = set()
 

@@ -119,12 +119,13 @@ def fgd_attention_maps(feat: torch.Tensor, temperature: float = 0.5):
         A^C = C\,\mathrm{softmax}_{c}\Big(\frac{1}{t\,HW}\sum_{hw} |F_{hw}|\Big)
 
     (the authors' ``get_attention``). feat (N,C,H,W) -> (A^S (N,H,W), A^C (N,C)), computed in
-    float32 (float64 for float64 input) without materialising |F|. For a teacher under
-    ``torch.no_grad`` this is :func:`kdops.losses.fgd_attention`.
+    float32 (float64 for float64 input) without materialising |F|. On an empty map (C, H or W = 0)
+    the means over the empty dimension are 0, so the other attention is uniform, never NaN.
+    :func:`kdops.losses.fgd_attention` is this, validated and under ``torch.no_grad`` (teachers).
     """
     N, C, H, W = feat.shape
     acc = acc_dtype(feat)
-    spatial = torch.linalg.vector_norm(feat, ord=1, dim=1, dtype=acc).reshape(N, H * W) / C
+    spatial = torch.linalg.vector_norm(feat, ord=1, dim=1, dtype=acc).reshape(N, H * W) / max(C, 1)
     channel = torch.linalg.vector_norm(feat, ord=1, dim=(2, 3), dtype=acc) / max(H * W, 1)
     s_att = (H * W) * F.softmax(spatial / temperature, dim=1)
     c_att = C * F.softmax(channel / temperature, dim=1)
