@@ -78,6 +78,16 @@ METHODS: Dict[str, dict] = {
         why=("a mean squared error of raw FPN features (teacher features have O(1) magnitude after BN/FPN) is "
              "of the order of the detection loss at weight 1; no published detection setting exists."),
     ),
+    "defeat": dict(
+        label="DeFeat",
+        entry=dict(name="defeat", type="FeatureMimicLoss", student="neck", teacher="neck", levels=[0, 1, 2],
+                   connector=_CONN, mask_mode="defeat", strides=[8, 16, 32], image_size=None, fg_weight=1.0,
+                   bg_weight=4.0, normalize="none", loss_weight=1 / 64),
+        weight=("GT-box foreground and background each averaged over its pixels per image, background gain 4, "
+                "summed over channels, loss_weight 1/64 (1/channels), 1x1 conv connectors 32->64"),
+        why=("HEAD's DeFeat COCO setting (bg 4, weight 1/256 for 256 FPN channels) makes the loss a per-channel "
+             "mean; 1/64 keeps that meaning for this teacher's 64 channels."),
+    ),
 }
 SKIPPED_METHODS = {
     "bckd": ("BCKD distils a GFL head (distribution-based box regression): it needs a GFL teacher/student "

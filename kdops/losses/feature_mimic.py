@@ -14,12 +14,13 @@ from ..ops._validation import (
     check_box_args, check_choice, check_flag, check_number, check_pair, check_strides, check_tensor, match_levels,
     paired_levels, per_level_numbers,
 )
+from .fgd import fgd_attention_maps
 
 Feats = Union[torch.Tensor, Sequence[torch.Tensor]]
 Masks = Optional[Union[torch.Tensor, Sequence[torch.Tensor]]]
 OP = "FeatureMimicLoss"
 NORMALIZE = ("none", "batch", "numel", "mask")
-MASK_MODES = ("fgd", "binary")
+MASK_MODES = ("fgd", "binary", "defeat")
 MASK_RULES = ("fgd", "center", "lgd")
 MASK_DTYPES = FLOAT_DTYPES + (torch.bool,)
 ATT = "kdops.losses.fgd_attention"
@@ -39,14 +40,7 @@ def fgd_attention(feat: torch.Tensor, temperature: float = 0.5) -> Tuple[torch.T
     """
     check_tensor(ATT, "feat", feat, ndim=4, what="(N,C,H,W)")
     check_number(ATT, "temperature", temperature, low=0.0, low_open=True)
-    N, C, H, W = feat.shape
-    a = feat.abs().to(acc_dtype(feat))
-    # means that are 0 (not NaN) over an empty dimension: an empty map has uniform attention
-    spatial = a.sum(dim=1).reshape(N, H * W) / max(C, 1)
-    channel = a.sum(dim=(2, 3)) / max(H * W, 1)
-    s_att = (H * W) * F.softmax(spatial / temperature, dim=1)
-    c_att = C * F.softmax(channel / temperature, dim=1)
-    return s_att.reshape(N, H, W), c_att
+    return fgd_attention_maps(feat, temperature)
 
 
 class FeatureMimicLoss(nn.Module):
@@ -65,8 +59,10 @@ class FeatureMimicLoss(nn.Module):
     - FitNet (Romero et al. 2015): no masks, ``normalize="numel"`` (a plain MSE).
     - FGFI (Wang et al. 2019): ``fg_mask`` = imitation mask, ``bg_weight=0``,
       ``normalize="mask"`` (Z = sum of the mask), ``loss_weight=0.5`` for its 1/2.
-    - DeFeat (Guo et al. 2021): binary fg mask, bg = 1 - fg, separate ``fg_weight`` /
-      ``bg_weight``.
+    - DeFeat (Guo et al., CVPR 2021): GT-box foreground and its complement, each normalised
+      per image (``mask_mode="defeat"``), ``fg_weight=1``, ``bg_weight`` = the background gain
+      (4 in LutingWang/HEAD's DeFeat config), ``normalize="none"``, ``loss_weight=1/256``;
+      or explicit binary masks with separate ``fg_weight`` / ``bg_weight``.
     - FGD's focal loss (Yang et al. 2022): ``attention=True``, ``fg_mask`` = 1/box-area
       weighted mask, ``bg_mask`` = normalised background, ``fg_weight=alpha_fgd``,
       ``bg_weight=beta_fgd``, ``normalize="batch"`` (Z = N). The attention and global
@@ -82,8 +78,13 @@ class FeatureMimicLoss(nn.Module):
 
         strides: one positive number per level (a single number for a single level); needed to
             build the masks from GT boxes in forward.
-        mask_mode: "fgd" (1/area foreground, normalised background) or "binary"; see
-            :func:`kdops.box_masks`.
+        mask_mode: how GT boxes become masks: "fgd" (1/area foreground, normalised
+            background) or "binary" (see :func:`kdops.box_masks`), or "defeat": the binary
+            foreground divided by its pixel count per image, and the binary background divided
+            by its own (each count at least 1) -- DeFeat's masks as LutingWang/HEAD's
+            ``DeFeatMask`` builds them (the DeFeat authors released no code). HEAD's box-to-pixel
+            rule is [int(x1/s), int(x2/s)+1]; the default ``mask_rule="fgd"`` gives
+            [floor(x1/s), ceil(x2/s)], the same range unless x2/s is a whole number.
         mask_rule: box-to-pixel rule of :func:`kdops.box_ranges` ("fgd", "center", "lgd").
         strict_boxes: raise (instead of warning once) when GT boxes can cover nothing; see
             :func:`kdops.check_boxes`.
@@ -192,8 +193,12 @@ class FeatureMimicLoss(nn.Module):
             # data only (no GPU sync unless KDOPS_DEBUG_CHECKS=1)
             check_boxes(boxes, batch_index, S[0].shape[0], strict=self.strict_boxes)
             sizes = [(x.shape[0], x.shape[2], x.shape[3]) for x in S]
+            mode = "binary" if self.mask_mode == "defeat" else self.mask_mode
             fgs, bgs = box_masks(boxes, batch_index, sizes, strides, rule=self.mask_rule, image_size=image_size,
-                                 mode=self.mask_mode, dtype=acc_dtype(S[0]))
+                                 mode=mode, dtype=acc_dtype(S[0]))
+            if self.mask_mode == "defeat":  # each mask over its own pixel count, per image
+                fgs = [m / m.sum((1, 2), keepdim=True).clamp(min=1) for m in fgs]
+                bgs = [m / m.sum((1, 2), keepdim=True).clamp(min=1) for m in bgs]
         total = S[0].new_zeros((), dtype=acc_dtype(S[0]))
         for s, t, fg, bg in zip(S, T, fgs, bgs):
             if s.numel() == 0:  # an empty level: exactly 0, zero gradients (whatever the masks hold)

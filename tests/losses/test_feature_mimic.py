@@ -111,3 +111,45 @@ def test_boxes_need_strides():
 
     with pytest.raises(ValueError, match="strides="):
         FeatureMimicLoss()(s, t, boxes=torch.zeros(1, 4, dtype=torch.float64), batch_index=torch.zeros(1).long())
+
+
+def defeat_masks(shape, boxes_per_image, stride, neg_gain):
+    """DeFeat's per-level mask as LutingWang/HEAD's DeFeatMask builds it (ceil_mode=True), written
+    out: binary GT cover [int(x1/s), int(x2/s)+1] over its own sum per image, plus neg_gain times
+    the uncovered pixels over theirs (each sum at least 1)."""
+    import math
+
+    h, w = math.ceil(shape[0] / stride), math.ceil(shape[1] / stride)
+    out = []
+    for boxes in boxes_per_image:
+        m = torch.zeros(h, w, dtype=torch.float64)
+        for x0, y0, x1, y1 in (boxes / stride).int().tolist():
+            m[y0:y1 + 2, x0:x1 + 2] = 1
+        neg = (m <= 0).double()
+        out.append(m / m.sum().clamp(min=1) + neg_gain * neg / neg.sum().clamp(min=1))
+    return torch.stack(out)
+
+
+def test_defeat_masks_from_gt_boxes_match_heads_defeat():
+    """mask_mode="defeat": HEAD's DeFeat loss, MSE(sum) weighted by its masks, weight 1/256, neg_gain 4
+    (boxes with x2/s not a whole number: there HEAD's pixel range and rule "fgd" agree)."""
+    g = torch.Generator().manual_seed(11)
+    image, strides = (96, 128), [8, 16]
+    sizes = [(2, 12, 16), (2, 6, 8)]
+    S = [leaf(torch.randn(n, 4, h, w, generator=g, dtype=torch.float64)) for n, h, w in sizes]
+    T = [torch.randn(n, 4, h, w, generator=g, dtype=torch.float64) for n, h, w in sizes]
+    boxes = torch.tensor([[10.0, 12, 50, 61], [33, 20, 90, 70], [3, 5, 27, 44]], dtype=torch.float64)
+    bi = torch.tensor([0, 0, 1])
+    loss_fn = FeatureMimicLoss(fg_weight=1.0, bg_weight=4.0, normalize="none", loss_weight=1 / 256,
+                               strides=strides, mask_mode="defeat")
+    got = loss_fn(S, T, boxes=boxes, batch_index=bi)
+    per_image = [boxes[bi == i] for i in range(2)]
+    want = 0.0
+    for s, t, st in zip(S, T, strides):
+        m = defeat_masks(image, per_image, st, 4.0)
+        want = want + (m[:, None] * (s - t) ** 2).sum() / 256
+    close(got, want, torch.float32)
+    # an image without boxes: foreground 0, the whole map is background over its pixel count
+    empty = FeatureMimicLoss(bg_weight=4.0, normalize="none", strides=8, mask_mode="defeat")(
+        S[0], T[0], boxes=torch.zeros(0, 4, dtype=torch.float64), batch_index=torch.zeros(0, dtype=torch.int64))
+    close(empty, 4.0 * ((S[0] - T[0]) ** 2).sum(1).mean((1, 2)).sum(), torch.float64)
