@@ -78,10 +78,8 @@ class LossEntry:
         self.connector_cfg = cfg.get("connector")
         self.image_size_key = cfg.get("image_size", "img_shape")
         kwargs = {k: v for k, v in cfg.items() if k not in _ENTRY_KEYS}
-        try:
-            self.loss: nn.Module = losses[self.type](**kwargs)
-        except TypeError as e:
-            raise ValueError(f"kdops_mmdet: {where}: bad arguments for {self.type}: {e}") from None
+        self.kwargs = kwargs
+        self.loss: nn.Module = self._build(kwargs)
         params = inspect.signature(self.loss.forward).parameters
         takes_boxes = "boxes" in params
         needs_boxes = takes_boxes and params["boxes"].default is inspect.Parameter.empty
@@ -92,6 +90,39 @@ class LossEntry:
         self.per_image_size = self.type in _IMAGE_SIZE_PER_IMAGE
         if self.gt_boxes and not takes_boxes:
             raise ValueError(f"kdops_mmdet: {where}: gt_boxes=True but {self.type}.forward takes no `boxes`")
+
+    def _build(self, kwargs: dict) -> nn.Module:
+        try:
+            return registered_losses()[self.type](**kwargs)
+        except TypeError as e:
+            raise ValueError(f"kdops_mmdet: {self.where}: bad arguments for {self.type}: {e}") from None
+
+    # ------------------------------------------------------------- dense heads
+    def bind_heads(self, student_head: nn.Module, teacher_head: nn.Module) -> None:
+        """A dense-head loss (BCKD) decodes boxes as the student's head does: its decoder, GFL's
+        reg_max, the prior strides and DeltaXYWH's means/stds are read from the head (both heads
+        must agree). A value also given in the entry must equal the head's: a silently different
+        decoding would distil boxes the head never predicts."""
+        if self.kind != "dense_head":
+            return
+        s = head_decoding(student_head, f"{self.where}: student tap {self.student_tap!r}")
+        t = head_decoding(teacher_head, f"{self.where}: teacher tap {self.teacher_tap!r}")
+        if s != t:
+            raise ValueError(f"kdops_mmdet: {self.where}: the student's and the teacher's heads decode boxes "
+                             f"differently (student {s}, teacher {t}); BCKD compares boxes both decode from the "
+                             f"same priors, so the two heads need the same box coder and settings")
+        for key, head_value in s.items():
+            if key not in self.kwargs:
+                continue
+            given = self.kwargs[key]
+            same = (given == head_value if isinstance(head_value, str) else
+                    _floats(given)[:len(head_value)] == head_value if key == "strides" else
+                    _floats(given) == _floats(head_value))
+            if not same:
+                raise ValueError(f"kdops_mmdet: {self.where}: {key}={given!r} but the student's head "
+                                 f"({type(student_head).__name__}) uses {key}={head_value!r}; drop `{key}` from the "
+                                 f"entry (it is read from the head) or make the head's config agree")
+        self.loss = self._build({**s, **self.kwargs})
 
     # ------------------------------------------------------------------ taps
     def student_taps(self) -> List[str]:
@@ -194,16 +225,21 @@ class LossEntry:
         s_out = student_taps.get(self.student_tap)
         t_out = teacher_taps.get(self.teacher_tap)
         targets = student_taps.get(self.targets_tap)
-        if len(targets) == 6:  # GFL / ATSS: (anchors, labels, label_weights, bbox_targets, bbox_weights, avg)
-            anchors, _, label_weights, _, _, avg_factor = targets
+        first = targets[0][0] if len(targets) >= 5 and isinstance(targets[0], (list, tuple)) and targets[0] else None
+        if isinstance(first, torch.Tensor) and first.is_floating_point() and first.shape[-1] == 4:
+            # GFL / ATSS: (anchors per level (N,A,4), labels, label_weights, bbox_targets, bbox_weights, avg)
+            anchors, _, label_weights, _, _, avg_factor = targets[:6]
             priors = [a.reshape(-1, 4) for a in anchors]
-        elif len(targets) >= 5:  # AnchorHead: (labels, label_weights, bbox_targets, bbox_weights, avg, ...)
+        elif isinstance(first, torch.Tensor) and not first.is_floating_point():
+            # AnchorHead (RetinaNet): (labels, label_weights, bbox_targets, bbox_weights, avg, ...); the
+            # anchors from get_anchors(), per image and level, stacked as the levels' (n, h, w, a) order
             _, label_weights, _, _, avg_factor = targets[:5]
-            anchor_list = student_taps.get("bbox_head.get_anchors()")[0]  # per image, per level
+            anchor_list = student_taps.get("bbox_head.get_anchors()")[0]
             priors = [torch.cat([img[lvl] for img in anchor_list]) for lvl in range(len(anchor_list[0]))]
         else:
-            raise ValueError(f"kdops_mmdet: {self.where}: tap {self.targets_tap!r} returned {len(targets)} values; "
-                             f"expected a dense head's get_targets() tuple")
+            raise ValueError(f"kdops_mmdet: {self.where}: tap {self.targets_tap!r} returned {describe(targets)}; "
+                             f"expected a dense head's get_targets() tuple (GFL/ATSS: anchors first; "
+                             f"AnchorHead: labels first)")
         from mmdet.utils import reduce_mean
 
         # the number of positives averaged over ranks, floored at 1, as the authors' LDHead does
@@ -236,6 +272,29 @@ def gt_boxes(data_samples, device, image_size_key: Optional[str] = "img_shape",
     if image_size_key is not None:
         out["image_size"] = torch.cat(sizes) if sizes else torch.zeros((0, 2), device=device)
     return out
+
+
+def _floats(x):
+    return tuple(float(v) for v in x) if isinstance(x, (list, tuple)) else float(x)
+
+
+def head_decoding(head: nn.Module, where: str) -> Dict[str, Any]:
+    """How a dense head turns its regression output into boxes, as BCKDLoss arguments."""
+    name = type(head).__name__
+    strides = getattr(getattr(head, "prior_generator", None), "strides", None)
+    strides = tuple(float(st[0] if isinstance(st, (tuple, list)) else st) for st in strides) if strides else None
+    coder = getattr(head, "bbox_coder", None)
+    coder_name = type(coder).__name__
+    if hasattr(head, "integral") and hasattr(head, "reg_max"):  # GFL: distributions over reg_max+1 bins
+        return dict(decoder="gfl", reg_max=int(head.reg_max), strides=strides)
+    if coder_name == "DeltaXYWHBBoxCoder":  # RetinaNet, ATSS, ...
+        if getattr(coder, "add_ctr_clamp", False):
+            raise ValueError(f"kdops_mmdet: {where}: {name}'s DeltaXYWHBBoxCoder has add_ctr_clamp=True, which "
+                             f"kdops.bckd_loc_loss does not implement")
+        return dict(decoder="delta_xywh", means=_floats(list(coder.means)), stds=_floats(list(coder.stds)))
+    raise ValueError(f"kdops_mmdet: {where}: cannot tell how {name} (box coder {coder_name}) decodes boxes; BCKD "
+                     f"supports GFL heads (decoder 'gfl') and DeltaXYWHBBoxCoder heads such as RetinaNet and ATSS "
+                     f"(decoder 'delta_xywh')")
 
 
 def build_entries(cfgs: Sequence[dict]) -> List[LossEntry]:

@@ -38,7 +38,7 @@ from mmengine.runner import load_checkpoint
 
 from .distill_losses import build_entries
 from .registry import MODELS
-from .taps import TapSet, parse_tap
+from .taps import TapSet, parse_tap, resolve_module
 
 _FEATURE_ROOTS = {"backbone", "neck"}
 
@@ -109,6 +109,10 @@ class DistillDetector(BaseDetector):
         self._load_teacher(teacher_ckpt, teacher_strict)
         self.teacher.requires_grad_(False)
         self.teacher.eval()
+        for e in self.entries:  # dense-head losses decode boxes as the student's head does
+            if e.kind == "dense_head":
+                e.bind_heads(resolve_module(self.student, parse_tap(e.student_tap)[0], "student"),
+                             resolve_module(self.teacher, parse_tap(e.teacher_tap)[0], "teacher"))
 
         self.distill_losses = nn.ModuleDict({e.name: e.loss for e in self.entries})
         self.kd_scale: Dict[str, float] = {e.name: 1.0 for e in self.entries}

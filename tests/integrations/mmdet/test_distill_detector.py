@@ -371,6 +371,23 @@ def test_other_toy_configs_train_and_validate(rel, toy, tmp_path):
     assert isinstance(probe.metrics.get("coco/bbox_mAP"), float)
 
 
+def _mmdet_zoo() -> dict:
+    """{'retinanet/retinanet_x101-64x4d_fpn_1x_coco.py': weights URL, ...} from mmdet's metafile.yml files."""
+    import glob
+
+    import mmdet
+    import yaml
+
+    zoo = {}
+    for meta in glob.glob(os.path.join(os.path.dirname(mmdet.__file__), ".mim", "configs", "*", "metafile.yml")):
+        with open(meta) as f:
+            doc = yaml.safe_load(f) or {}
+        for m in doc.get("Models", []) if isinstance(doc, dict) else []:
+            if m.get("Config") and m.get("Weights"):
+                zoo[m["Config"][len("configs/"):]] = m["Weights"]
+    return zoo
+
+
 @pytest.mark.parametrize("rel", _configs("_coco.py"))
 def test_coco_configs_build(rel, toy):
     """The COCO configs parse (mmdet:: bases) and build -- taps, connectors and shapes checked on the
@@ -381,6 +398,11 @@ def test_coco_configs_build(rel, toy):
 
     cfg = Config.fromfile(os.path.join(CONFIGS, rel))
     assert cfg.model.type == "kdops.DistillDetector" and cfg.model.teacher_ckpt.startswith("https://")
+    # the peer's own model zoo: the checkpoint is the one mmdet's metafile lists for the teacher's config
+    teacher_cfg = cfg.model.teacher_cfg
+    if isinstance(teacher_cfg, str) and teacher_cfg.startswith("mmdet::"):
+        assert _mmdet_zoo().get(teacher_cfg[len("mmdet::"):]) == cfg.model.teacher_ckpt, (
+            f"{rel}: teacher_ckpt is not the checkpoint mmdet's metafile gives for {teacher_cfg}")
     cfg.model.teacher_ckpt = None
     model = _build(cfg.model)
     assert {e.name for e in model.entries} == {d["name"] for d in cfg.model.distill_losses}
@@ -440,3 +462,107 @@ def test_connectors_and_method_taps():
     taps.stop()
     with pytest.raises(RuntimeError, match="recorded nothing"):
         taps.get("0")
+
+
+# --------------------------------------------------------------------- BCKD on DeltaXYWH anchor heads
+def _bckd_oracle(head, s_out, t_out, data, alpha_cls=1.0, alpha_loc=4.0):
+    """BCKD's two terms written out from the paper / the authors' LDHead, with mmdet's own box coder
+    (DeltaXYWHBBoxCoder.decode) and GIoU (bbox_overlaps) as the peers: classification BCE against the
+    teacher's sigmoid times the gap; localisation 1 - GIoU of the decoded boxes times the largest
+    class gap; both weighted by the label weights and divided by the positives (at least 1)."""
+    import torch.nn.functional as F
+    from mmdet.models.utils import unpack_gt_instances
+    from mmdet.structures.bbox import bbox_overlaps
+
+    gts, gts_ignore, metas = unpack_gt_instances(data["data_samples"])
+    sizes = [c.shape[-2:] for c in s_out[0]]
+    anchors, valid = head.get_anchors(sizes, metas, device="cpu")
+    targets = head.get_targets(anchors, valid, gts, metas, gts_ignore)
+    if isinstance(targets[0][0], torch.Tensor) and targets[0][0].is_floating_point():  # ATSS: anchors first
+        level_anchors, _, label_w, _, _, avg = targets[:6]
+        level_anchors = [a.reshape(-1, 4) for a in level_anchors]
+    else:  # AnchorHead: labels first; anchors per image and level
+        _, label_w, _, _, avg = targets[:5]
+        level_anchors = [torch.cat([img[lvl] for img in anchors]) for lvl in range(len(sizes))]
+    z = max(float(avg), 1.0) + 1.19e-7
+    K = head.cls_out_channels
+    cls_term = loc_term = 0.0
+    for sc, tc, sr, tr, a, w in zip(s_out[0], t_out[0], s_out[1], t_out[1], level_anchors, label_w):
+        sc = sc.permute(0, 2, 3, 1).reshape(-1, K).double()
+        p = tc.permute(0, 2, 3, 1).reshape(-1, K).double().sigmoid()
+        w = w.reshape(-1).double()
+        gap = (p - sc.sigmoid()).abs()
+        cls_term = cls_term + ((F.binary_cross_entropy_with_logits(sc, p, reduction="none") * gap).sum(1) * w).sum()
+        bs = head.bbox_coder.decode(a.double(), sr.permute(0, 2, 3, 1).reshape(-1, 4).double())
+        bt = head.bbox_coder.decode(a.double(), tr.permute(0, 2, 3, 1).reshape(-1, 4).double())
+        giou = bbox_overlaps(bs, bt, mode="giou", is_aligned=True, eps=1e-6)
+        loc_term = loc_term + ((1 - giou) * gap.max(1)[0] * w).sum()
+    return alpha_cls * cls_term / z, alpha_loc * loc_term / z
+
+
+def _bckd_losses(model):
+    from mmdet.testing import demo_mm_inputs
+
+    seen = {}
+    model.student.bbox_head.register_forward_hook(lambda m, i, o: seen.__setitem__("s", o))
+    model.teacher.bbox_head.register_forward_hook(lambda m, i, o: seen.__setitem__("t", o))
+    packed = demo_mm_inputs(batch_size=2, image_shapes=[(3, 128, 128)] * 2, num_items=[2, 3], num_classes=4)
+    data = model.data_preprocessor(packed, True)
+    losses = model(**data, mode="loss")
+    return losses, seen["s"], seen["t"], data
+
+
+def test_bckd_on_retinanet_matches_mmdet_decoding(toy):
+    """BCKD on RetinaNet's anchor head (9 anchors per location): the logged terms equal the oracle above,
+    which decodes with mmdet's DeltaXYWHBBoxCoder and measures GIoU with mmdet's bbox_overlaps."""
+    from mmengine.config import Config
+
+    from mmdet_testing import CONFIGS
+
+    os.environ["KDOPS_TOY_DATA"] = toy["data_root"]
+    cfg = Config.fromfile(os.path.join(CONFIGS, "bckd", "bckd_retinanet_toy.py"))
+    cfg.model.teacher_ckpt = toy["teacher_ckpt"]
+    torch.manual_seed(0)
+    model = _build(cfg.model)
+    model.student.init_weights()
+    bckd = model.distill_losses["bckd"]
+    assert bckd.decoder == "delta_xywh" and bckd.stds == (1.0, 1.0, 1.0, 1.0)  # read from the head
+    losses, s_out, t_out, data = _bckd_losses(model)
+    cls_ref, loc_ref = _bckd_oracle(model.student.bbox_head, s_out, t_out, data)
+    assert float(losses["loss_bckd_cls"]) == pytest.approx(float(cls_ref), rel=1e-4)
+    assert float(losses["loss_bckd_loc"]) == pytest.approx(float(loc_ref), rel=1e-4)
+    assert float(losses["loss_bckd_loc"]) > 0
+
+
+def _atss(depth, channels):
+    from mmengine.hub import get_config
+
+    m = get_config("mmdet::atss/atss_r50_fpn_1x_coco.py").model
+    m.backbone.update(depth=depth, init_cfg=None)
+    m.neck.update(in_channels=[64, 128, 256, 512] if depth < 50 else [256, 512, 1024, 2048], out_channels=channels)
+    m.bbox_head.update(num_classes=4, in_channels=channels, feat_channels=channels, stacked_convs=1)
+    return m
+
+
+def test_bckd_on_atss_reads_its_coder_and_matches_mmdet_decoding():
+    """ATSS (DeltaXYWH with stds 0.1/0.1/0.2/0.2, anchors first in get_targets): the decoding is read from
+    the head, the logged terms equal the oracle; an entry whose stds disagree with the head is refused."""
+    torch.manual_seed(0)
+    entry = dict(name="bckd", type="BCKDLoss", student="bbox_head", teacher="bbox_head")
+    model = _build(dict(type="kdops.DistillDetector", student=_atss(18, 32), teacher_cfg=_atss(18, 64),
+                        teacher_ckpt=None, distill_losses=[entry]))
+    assert model.distill_losses["bckd"].stds == (0.1, 0.1, 0.2, 0.2)
+    losses, s_out, t_out, data = _bckd_losses(model)
+    cls_ref, loc_ref = _bckd_oracle(model.student.bbox_head, s_out, t_out, data)
+    assert float(losses["loss_bckd_cls"]) == pytest.approx(float(cls_ref), rel=1e-4)
+    assert float(losses["loss_bckd_loc"]) == pytest.approx(float(loc_ref), rel=1e-4)
+    with pytest.raises(ValueError, match=r"stds=\[1, 1, 1, 1\] but the student's head \(ATSSHead\) uses"):
+        _build(dict(type="kdops.DistillDetector", student=_atss(18, 32), teacher_cfg=_atss(18, 64),
+                    teacher_ckpt=None, distill_losses=[dict(entry, stds=[1, 1, 1, 1])]))
+    with pytest.raises(ValueError, match="decode boxes differently"):
+        gfl = __import__("mmengine.hub", fromlist=["get_config"]).get_config("mmdet::gfl/gfl_r50_fpn_1x_coco.py").model
+        gfl.backbone.update(depth=18, init_cfg=None)
+        gfl.neck.update(in_channels=[64, 128, 256, 512], out_channels=64)
+        gfl.bbox_head.update(num_classes=4, in_channels=64, feat_channels=64, stacked_convs=1)
+        _build(dict(type="kdops.DistillDetector", student=_atss(18, 32), teacher_cfg=gfl, teacher_ckpt=None,
+                    distill_losses=[entry]))
