@@ -9,6 +9,10 @@ resident memory of one variant does not hide another's):
 - ``kd_eager``     the same step with every kdops op replaced by its eager PyTorch reference
                    (``KDOPS_BACKEND=reference``): what the losses cost written as authors write them.
 
+- ``kd_noloss``    (on request) the ``kd`` step with the loss entries returning nothing: student,
+                   teacher forward and taps in one step, no KD loss: ``kd - kd_noloss`` is what the
+                   losses and connectors cost, ``kd_noloss - student - teacher_fwd`` what running the
+                   two networks in one step costs.
 - ``kd_parts``     the ``kd`` step with its distillation parts timed inside it: the loss entries'
                    forward (tap reads, connectors, kdops losses; wall clock around each entry) and
                    their backward (``autograd.grad`` of the KD terms down to the tapped student
@@ -20,11 +24,15 @@ subtraction ``kd - student - teacher_fwd`` is shown too; it carries three steps'
 
     python benchmarks/kd_step.py                      # toy pair (128x128, batch 16) and COCO pair
     python benchmarks/kd_step.py --pairs toy --reps 10
-    python benchmarks/kd_step.py --out benchmarks/results/cpu-2core-xeon   # committed results
+    python benchmarks/kd_step.py --out benchmarks/results/cpu-2core   # committed results (this machine's folder)
 
 Pairs: ``toy`` = integrations/mmdet/configs/pkd/pkd_retinanet_toy.py (RetinaNet R18-style, FPN 32
 student / FPN 64 teacher) at 16x3x128x128; ``coco`` = pkd_retinanet_x101_retinanet_r50_2x_coco.py
-(RetinaNet X101-64x4d teacher -> R50 student, PKD weight 10 on P3-P6) at 2x3x800x1216. Weights are
+(RetinaNet X101-64x4d teacher -> R50 student, PKD weight 10 on P3-P6) at 2x3x800x1216; ``head_toy``
+= head/head_faster_rcnn_retinanet_toy.py (HEAD: toy Faster R-CNN teacher -> the toy RetinaNet student)
+at 16x3x128x128, whose ``kd_parts`` times HEAD's parts against the student's own step (issue 17's
+target: at most 25%); ``head_coco`` = the COCO HEAD config (Faster R-CNN R50 -> RetinaNet R18) at
+2x3x800x1216. Weights are
 random (no checkpoint download): the cost of a step does not depend on them. Times are medians of
 ``--reps`` steps after ``--warmup``; the CPU figures come from a shared 2-core VM (noisy: compare
 rows of one run).
@@ -45,8 +53,16 @@ CONFIGS = os.path.join(ROOT, "integrations", "mmdet", "configs")
 PAIRS = {
     "toy": (os.path.join(CONFIGS, "pkd", "pkd_retinanet_toy.py"), 16, (128, 128)),
     "coco": (os.path.join(CONFIGS, "pkd", "pkd_retinanet_x101_retinanet_r50_2x_coco.py"), 2, (800, 1216)),
+    "head_toy": (os.path.join(CONFIGS, "head", "head_faster_rcnn_retinanet_toy.py"), 16, (128, 128)),
+    "head_coco": (os.path.join(CONFIGS, "head", "head_faster_rcnn_r50_retinanet_r18_1x_coco.py"), 2, (800, 1216)),
 }
+#: pairs whose distillation is a whole method (HEAD), timed against the student's own step
+_HEAD = ("HEAD parts timed in the step: proposals, sampling, assistant R-CNN + GT loss, teacher R-CNN on the RoIs, "
+         "AKD, CKD", 25.0)
+METHOD_PAIRS = {"head_toy": _HEAD, "head_coco": _HEAD}
 VARIANTS = ("student", "teacher_fwd", "kd", "kd_eager", "kd_parts")
+#: on request only: the kd step with every loss entry returning nothing (teacher forward and taps, no losses)
+EXTRA_VARIANTS = ("kd_noloss",)
 
 
 def _rss_mib() -> float:
@@ -107,11 +123,15 @@ def worker(pair: str, variant: str, reps: int, warmup: int, threads: int) -> dic
     elif variant == "kd_parts":
         model.train()
         optim = OptimWrapper(torch.optim.SGD(model.parameters(), lr=1e-5))
-        parts = _instrument(model)
+        parts = _instrument_head(model) if pair in METHOD_PAIRS else _instrument(model)
 
         def step():
             return parts.step(data, optim)
     else:
+        if variant == "kd_noloss":
+            from kdops_mmdet.distill_losses import LossEntry
+
+            LossEntry.__call__ = lambda entry, *args: {}  # this worker process only
         model.train()
         optim = OptimWrapper(torch.optim.SGD(model.parameters(), lr=1e-5))
 
@@ -175,6 +195,55 @@ class _instrument:
         return self.fwd * 1e3, bwd * 1e3
 
 
+class _instrument_head:
+    """Times HEAD's parts inside a HEADDistillDetector step: the forward of the proposals, the
+    sampler, the assistant's R-CNN forward and GT loss, the teacher's R-CNN on the sampled RoIs, AKD
+    and CKD (wall clock around each), and the backward of the HEAD terms (loss_akd, loss_ckd and the
+    assistant's losses) down to the student tensors they read (FPN levels, last cls conv) and the
+    assistant's and adapters' weights. Reaching the FPN levels also walks CKD's gradient back through
+    the student's cls conv tower, which the real step shares with the student's own backward: an
+    upper bound."""
+
+    def __init__(self, model) -> None:
+        import torch
+
+        self.model, self.fwd, self.inputs, self.torch = model, 0.0, [], torch
+
+        def timed(fn):
+            def wrapper(*a, **k):
+                t0 = time.perf_counter()
+                out = fn(*a, **k)
+                self.fwd += time.perf_counter() - t0
+                return out
+            return wrapper
+
+        model.proposals = timed(model.proposals)
+        model._sample = timed(model._sample)
+        model.assistant.bbox_loss = timed(model.assistant.bbox_loss)
+        model.teacher.roi_head._bbox_forward = timed(model.teacher.roi_head._bbox_forward)
+        model.akd.forward = timed(model.akd.forward)
+        model.ckd.forward = timed(model.ckd.forward)
+        model.student.neck.register_forward_hook(
+            lambda m, i, o: self.inputs.extend(t for t in o if t.requires_grad))
+        model.student.bbox_head.cls_convs[-1].register_forward_hook(
+            lambda m, i, o: self.inputs.append(o) if o.requires_grad else None)
+        self.params = [p for mod in (model.assistant, model.akd, model.ckd) for p in mod.parameters()]
+
+    def step(self, data, optim):
+        torch, model = self.torch, self.model
+        self.fwd, self.inputs = 0.0, []
+        d = model.data_preprocessor(data, True)
+        losses = model.loss(d["inputs"], d["data_samples"])
+        kd = sum(v for k, v in losses.items() if k in ("loss_akd", "loss_ckd") or k.startswith("loss_assist_"))
+        targets = [x for x in self.inputs + self.params if x.requires_grad]
+        t0 = time.perf_counter()
+        torch.autograd.grad(kd, targets, retain_graph=True, allow_unused=True)
+        bwd = time.perf_counter() - t0
+        loss, _ = model.parse_losses(losses)
+        optim.update_params(loss)
+        return self.fwd * 1e3, bwd * 1e3
+
+
 def _flat(x):
     import torch
 
@@ -215,7 +284,24 @@ def table(rows) -> str:
             continue
         ok, oe = k - s - t, e - s - t
         out.append(f"| {pair} | {ok:.1f} ms | {oe:.1f} ms | {100 * ok / k:.1f}% | {100 * oe / e:.1f}% |")
-    timed = [(p, by[(p, "kd_parts")]) for p in dict.fromkeys(r["pair"] for r in rows) if (p, "kd_parts") in by]
+    split = [p for p in dict.fromkeys(r["pair"] for r in rows)
+             if all((p, v) in by for v in ("student", "teacher_fwd", "kd", "kd_noloss"))]
+    if split:
+        out += ["", "| pair | kd - kd_noloss: losses + connectors | kd_noloss - student - teacher_fwd: two networks "
+                    "in one step (taps, no loss) |", "|---|---|---|"]
+        for pair in split:
+            s_, t_, k_, n_ = (by[(pair, v)]["median_ms"] for v in ("student", "teacher_fwd", "kd", "kd_noloss"))
+            out.append(f"| {pair} | {k_ - n_:.1f} ms | {n_ - s_ - t_:.1f} ms |")
+    pairs = [p for p in dict.fromkeys(r["pair"] for r in rows) if (p, "kd_parts") in by]
+    for pair in [p for p in pairs if p in METHOD_PAIRS]:
+        what, target = METHOD_PAIRS[pair]
+        r = by[(pair, "kd_parts")]
+        base = by[(pair, "student")]["median_ms"] if (pair, "student") in by else None
+        share = f"{100 * r['kd_parts_ms'] / base:.1f}%" if base else "n/a (student not run)"
+        out += ["", f"| pair | {what}: forward | backward | total | share of the student's own step "
+                    f"(target <= {target:g}%) |", "|---|---|---|---|---|",
+                f"| {pair} | {r['kd_fwd_ms']:.2f} ms | {r['kd_bwd_ms']:.2f} ms | {r['kd_parts_ms']:.2f} ms | {share} |"]
+    timed = [(p, by[(p, "kd_parts")]) for p in pairs if p not in METHOD_PAIRS]
     if timed:
         out += ["", "| pair | KD parts timed in the step: forward (taps, connectors, losses) | backward | total | "
                     "share of student + teacher forward (target <= 5%) |", "|---|---|---|---|---|"]
@@ -231,11 +317,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pairs", nargs="+", default=["toy", "coco"], choices=sorted(PAIRS))
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS + EXTRA_VARIANTS)
     p.add_argument("--reps", type=int, default=5, help="timed steps per variant (default 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
-    p.add_argument("--out", default=None, help="folder for kd_step.md / kd_step.json (default: print only)")
+    p.add_argument("--out", default=None, help="folder for NAME.md / NAME.json (default: print only)")
+    p.add_argument("--name", default="kd_step", help="file name of the results (default: %(default)s)")
     p.add_argument("--worker", nargs=2, metavar=("PAIR", "VARIANT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -250,16 +337,16 @@ def main(argv=None) -> int:
     md = table(rows)
     print(md)
     if args.out:
-        import platform
-
         import torch
 
+        from kdops.bench.report import cpu_model
+
         os.makedirs(args.out, exist_ok=True)
-        env = {"torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+        env = {"torch": torch.__version__, "cpu": cpu_model(),
                "threads": args.threads, "date": time.strftime("%Y-%m-%d")}
-        with open(os.path.join(args.out, "kd_step.md"), "w") as f:
+        with open(os.path.join(args.out, args.name + ".md"), "w") as f:
             f.write(f"# KD step cost ({env['date']}, torch {env['torch']}, {args.threads} threads)\n\n{md}\n")
-        with open(os.path.join(args.out, "kd_step.json"), "w") as f:
+        with open(os.path.join(args.out, args.name + ".json"), "w") as f:
             json.dump({"environment": env, "rows": rows}, f, indent=1)
     return 0
 

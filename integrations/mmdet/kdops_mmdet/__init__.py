@@ -4,6 +4,8 @@ Load it from a config with ``custom_imports=dict(imports=['kdops_mmdet'], allow_
 it registers, in child registries of mmdet's (scope ``kdops``):
 
 - ``kdops.DistillDetector`` (MODELS): student + frozen teacher + connectors + kdops losses;
+- ``kdops.HEADDistillDetector`` (MODELS): HEAD, a two-stage teacher into a one-stage student via an
+  assistant R-CNN head;
 - ``kdops.KDScheduleHook`` (HOOKS): KD warm-up and stop, a pure function of the iteration.
 
 Tools: ``python -m kdops_mmdet.train CONFIG`` (mmdet's tools/train.py, plus gloo on CPU) and
@@ -12,8 +14,9 @@ Tools: ``python -m kdops_mmdet.train CONFIG`` (mmdet's tools/train.py, plus gloo
 """
 from .connectors import LinearConnector, build_connector
 from .distiller import DistillDetector
+from .head import HEADDistillDetector
 from .hooks import KDScheduleHook, first_lr_milestone_iter, kd_scale_at
 from .registry import HOOKS, MODELS
 
-__all__ = ["DistillDetector", "HOOKS", "KDScheduleHook", "LinearConnector", "MODELS", "build_connector",
-           "first_lr_milestone_iter", "kd_scale_at"]
+__all__ = ["DistillDetector", "HEADDistillDetector", "HOOKS", "KDScheduleHook", "LinearConnector", "MODELS",
+           "build_connector", "first_lr_milestone_iter", "kd_scale_at"]

@@ -354,16 +354,17 @@ def test_other_toy_configs_train_and_validate(rel, toy, tmp_path):
 
     path = os.path.join(CONFIGS, rel)
     ckpt = toy["teacher_ckpt"]  # the RetinaNet toy teacher's
-    if "gfl" in rel:
-        gfl_teacher = os.path.join(CONFIGS, "_base_", "gfl_r18_toy_teacher.py")
-        ckpt = make_teacher_ckpt(str(tmp_path / "teacher.pth"), gfl_teacher)
+    other_teacher = ("gfl_r18_toy_teacher.py" if "gfl" in rel else
+                     "faster_rcnn_r18_toy_teacher.py" if rel.startswith("head/") else None)
+    if other_teacher:
+        ckpt = make_teacher_ckpt(str(tmp_path / "teacher.pth"), os.path.join(CONFIGS, "_base_", other_teacher))
     cfg = load_cfg(path, toy["data_root"], str(tmp_path / "work"), teacher_ckpt=ckpt)
     cfg.model.student.test_cfg.score_thr = 0.0
     runner = Runner.from_cfg(cfg)
     probe = _Probe()
     runner.register_hook(probe, priority="LOWEST")
     runner.train()
-    names = {f"loss_{e.name}" for e in runner.model.entries}
+    names = {f"loss_{e.name}" for e in runner.model.entries} | {f"loss_{k}" for k in runner.model.kd_scale}
     assert len(probe.iters) == 2
     for it in probe.iters:
         kd = {k for k in it["outputs"] if any(k.startswith(n) for n in names)}
@@ -397,7 +398,8 @@ def test_coco_configs_build(rel, toy):
     from mmdet_testing import CONFIGS
 
     cfg = Config.fromfile(os.path.join(CONFIGS, rel))
-    assert cfg.model.type == "kdops.DistillDetector" and cfg.model.teacher_ckpt.startswith("https://")
+    assert cfg.model.type in ("kdops.DistillDetector", "kdops.HEADDistillDetector")
+    assert cfg.model.teacher_ckpt.startswith("https://")
     # the peer's own model zoo: the checkpoint is the one mmdet's metafile lists for the teacher's config
     teacher_cfg = cfg.model.teacher_cfg
     if isinstance(teacher_cfg, str) and teacher_cfg.startswith("mmdet::"):
@@ -405,7 +407,10 @@ def test_coco_configs_build(rel, toy):
             f"{rel}: teacher_ckpt is not the checkpoint mmdet's metafile gives for {teacher_cfg}")
     cfg.model.teacher_ckpt = None
     model = _build(cfg.model)
-    assert {e.name for e in model.entries} == {d["name"] for d in cfg.model.distill_losses}
+    assert {e.name for e in model.entries} == {d["name"] for d in cfg.model.get("distill_losses", [])}
+    if cfg.model.type == "kdops.HEADDistillDetector":  # the assistant is the teacher's R-CNN head, copied
+        a, t = model.assistant.state_dict(), model.teacher.roi_head.state_dict()
+        assert a.keys() == t.keys() and all(torch.equal(a[k], t[k]) for k in a)
 
 
 # ----------------------------------------------------------------------- other detectors, connectors
