@@ -74,3 +74,32 @@ def test_quick_mode_runs_the_whole_pipeline(tmp_path):
     again = json.loads((out / "efficacy_quick.json").read_text())
     assert [s["kd_mAP"] for r in again["results"] for s in r["seeds"]] == \
         [s["kd_mAP"] for r in doc["results"] for s in r["seeds"]]
+
+
+def test_every_method_builds_on_the_efficacy_student_and_its_teacher():
+    """Each method's settings build the distiller the benchmark trains (efficacy student, the method's own
+    teacher config, no checkpoint): shapes, connectors and HEAD's assistant are checked at construction."""
+    pytest.importorskip("mmdet")
+    E = _efficacy()
+    from mmengine.config import Config
+    from mmdet.utils import register_all_modules
+
+    import kdops_mmdet  # noqa: F401
+    from kdops_mmdet.registry import MODELS
+
+    register_all_modules(init_default_scope=False)
+    for name in E.METHODS:
+        student = Config.fromfile(E.STUDENT_CFG).model
+        teacher_cfg = E.TEACHERS[E.teacher_of(name)]["cfg"]
+        cfg = E.method_config(name)
+        if "type" in cfg:  # a whole-method detector (HEAD)
+            model_cfg = {k: v for k, v in cfg.items() if k != "hooks"}
+            model_cfg.update(student=student, teacher_cfg=teacher_cfg, teacher_ckpt=None)
+        else:
+            model_cfg = dict(type="kdops.DistillDetector", student=student, teacher_cfg=teacher_cfg, teacher_ckpt=None,
+                             distill_losses=[cfg])
+        model = MODELS.build(model_cfg)
+        if name == "head":
+            assert model.assistant.bbox_roi_extractor.featmap_strides == [8, 16, 32]
+        else:
+            assert [e.name for e in model.entries] == [cfg["name"]]
