@@ -82,17 +82,17 @@ def test_every_method_builds_on_the_efficacy_student_and_its_teacher():
     pytest.importorskip("mmdet")
     E = _efficacy()
     from mmengine.config import Config
+    from mmdet.registry import MODELS
     from mmdet.utils import register_all_modules
 
     import kdops_mmdet  # noqa: F401
-    from kdops_mmdet.registry import MODELS
 
-    register_all_modules(init_default_scope=False)
+    register_all_modules(init_default_scope=True)
     for name in E.METHODS:
         student = Config.fromfile(E.STUDENT_CFG).model
         teacher_cfg = E.TEACHERS[E.teacher_of(name)]["cfg"]
         cfg = E.method_config(name)
-        if "type" in cfg:  # a whole-method detector (HEAD)
+        if "model" in E.METHODS[name]:  # a whole-method detector (HEAD)
             model_cfg = {k: v for k, v in cfg.items() if k != "hooks"}
             model_cfg.update(student=student, teacher_cfg=teacher_cfg, teacher_ckpt=None)
         else:
