@@ -13,13 +13,23 @@ import torch
 from .registry import Case, Impl
 
 
-#: a timing whose interquartile range exceeds this fraction of its median (and SPREAD_MIN_MS) is
-#: marked disturbed: on an idle machine the repetitions of one case agree within a few per cent.
+#: the machine's own noise while a case is timed: a fixed matrix product (the canary, CANARY_N x
+#: CANARY_N) is timed after every repetition round; a canary spread (IQR / median) above CANARY_SPREAD
+#: says other work disturbed the machine during the case, and every row of the case is flagged. An op's
+#: own spread is not a disturbance signal: on an idle 2-core VM the backward of an op that allocates
+#: large gradients varies by up to ~150% between repetitions (page faults, thread wake-ups), while the
+#: canary stays within a few per cent; under load its spread reaches 50x (measured, issue 21).
+CANARY_N = 192
+CANARY_SPREAD = 0.5
+#: old results (JSON written before the canary existed) are judged by their own spread: above this
+#: fraction of the median (and SPREAD_MIN_MS)
 SPREAD = 0.25
 SPREAD_MIN_MS = 0.05
 #: forward+backward timed in one go must not come out below this fraction of the larger of the
-#: forward and the backward timed alone (it contains both): below it the machine was disturbed.
+#: forward and the backward timed alone (it contains both), by more than CONSISTENCY_MIN_MS (timer and
+#: Python overhead on sub-millisecond ops): below it the machine was disturbed.
 CONSISTENCY = 0.8
+CONSISTENCY_MIN_MS = 0.2
 #: repetitions: at most --reps, but a pass of one implementation's repetitions stays within
 #: REP_BUDGET_S (a 1-second eager reference gets MIN_REPS, not 10); never under MIN_REPS
 REP_BUDGET_S = 4.0
@@ -53,16 +63,22 @@ class Row:
 
 def disturbance(row: Dict[str, object]) -> str:
     """Why a row's timings look disturbed by other work on the machine ("" when they look sound):
-    a spread (IQR) above SPREAD of the median, or forward+backward (timed in one go) below
-    CONSISTENCY x the larger of forward and backward timed alone. Takes a row as a dict (JSON)."""
+    the canary's spread during the case above CANARY_SPREAD (rows without a canary: the row's own
+    spread above SPREAD of its median), or forward+backward (timed in one go) below CONSISTENCY x the
+    larger of forward and backward timed alone. Takes a row as a dict (JSON)."""
     notes = []
-    for label, med, iqr in (("fwd", row.get("fwd_ms"), row.get("fwd_iqr_ms")),
-                            ("bwd", row.get("bwd_ms"), row.get("bwd_iqr_ms")),
-                            ("fwd+bwd", row.get("fwdbwd_ms"), row.get("fwdbwd_iqr_ms"))):
-        if med and iqr is not None and iqr > SPREAD * med and iqr > SPREAD_MIN_MS:
-            notes.append(f"{label} spread {iqr / med:.0%}")
+    canary = (row.get("extra") or {}).get("canary_spread")
+    if canary is not None:
+        if canary > CANARY_SPREAD:
+            notes.append(f"canary spread {canary:.0%}")
+    else:
+        for label, med, iqr in (("fwd", row.get("fwd_ms"), row.get("fwd_iqr_ms")),
+                                ("bwd", row.get("bwd_ms"), row.get("bwd_iqr_ms")),
+                                ("fwd+bwd", row.get("fwdbwd_ms"), row.get("fwdbwd_iqr_ms"))):
+            if med and iqr is not None and iqr > SPREAD * med and iqr > SPREAD_MIN_MS:
+                notes.append(f"{label} spread {iqr / med:.0%}")
     both, parts = row.get("fwdbwd_ms"), [x for x in (row.get("fwd_ms"), row.get("bwd_ms")) if x]
-    if both and parts and both < CONSISTENCY * max(parts):
+    if both and parts and both < CONSISTENCY * max(parts) and max(parts) - both > CONSISTENCY_MIN_MS:
         notes.append(f"fwd+bwd {both:.3g} ms < {'bwd' if row.get('bwd_ms') == max(parts) else 'fwd'} "
                      f"{max(parts):.3g} ms")
     return "; ".join(notes)
@@ -103,6 +119,29 @@ class Timer:
     def now(self) -> float:
         self.sync()
         return time.perf_counter()
+
+
+class _Canary:
+    """Times a fixed CANARY_N x CANARY_N matrix product on the case's device, once per call."""
+
+    def __init__(self, device: torch.device):
+        g = torch.Generator().manual_seed(0)
+        self.a = torch.randn(CANARY_N, CANARY_N, generator=g).to(device)
+        self.timer = Timer(device)
+        self.samples: List[float] = []
+        self.tick()  # warm: the first product pays for thread start-up
+
+    def tick(self) -> None:
+        t0 = self.timer.now()
+        torch.mm(self.a, self.a)
+        self.samples.append(self.timer.now() - t0)
+
+    def spread(self) -> Optional[float]:
+        xs = self.samples[1:]
+        if len(xs) < 4:
+            return None
+        med, iqr = _median_iqr(xs)
+        return iqr / med if med > 0 else None
 
 
 def _median_iqr(xs: List[float]):
@@ -189,6 +228,7 @@ def time_case(case: Case, device: torch.device, reps: int, warmup: int,
     both = {n: [] for n in fns}
     progress(f"{case.op} | {case.label}: timing {', '.join(f'{n} x{n_reps[n]}' for n in fns)} "
              "(repetitions interleaved)")
+    canary = _Canary(device)
     for i in range(reps):
         for name in _rotated([n for n in fns if i < n_reps[n]], i):
             try:
@@ -204,7 +244,9 @@ def time_case(case: Case, device: torch.device, reps: int, warmup: int,
                 del res
             except Exception as e:
                 fail(name, e)
+        canary.tick()
     for i in range(reps):
+        canary.tick()
         for name in _rotated([n for n in fns if i < n_reps[n]], i):
             try:
                 t0 = timer.now()
@@ -212,8 +254,11 @@ def time_case(case: Case, device: torch.device, reps: int, warmup: int,
                 both[name].append(timer.now() - t0)
             except Exception as e:
                 fail(name, e)
+    canary_spread = canary.spread()
     for name, fn in list(fns.items()):
         row = rows[name]
+        if canary_spread is not None:
+            row.extra["canary_spread"] = round(canary_spread, 4)
         row.fwd_ms, row.fwd_iqr_ms = _ms(fwd[name])
         row.bwd_ms, row.bwd_iqr_ms = _ms(bwd[name])
         row.fwdbwd_ms, row.fwdbwd_iqr_ms = _ms(both[name])

@@ -128,8 +128,14 @@ def test_disturbed_timings_are_flagged_in_table_and_last_line():
     # the issue's run: eager fwd+bwd 9.65 ms below its own forward of 92.9 ms
     bad = dict(base, fwd_ms=92.9, fwdbwd_ms=9.65)
     assert "fwd+bwd 9.65 ms < fwd 92.9 ms" in disturbance(bad)
-    noisy = dict(base, fwdbwd_iqr_ms=8.0)
+    noisy = dict(base, fwdbwd_iqr_ms=8.0)  # a row without a canary (older JSON): its own spread decides
     assert "fwd+bwd spread 52%" in disturbance(noisy)
+    # with a canary, the op's own spread is reported but does not flag (idle machines vary that much);
+    # the canary's spread does
+    assert disturbance(dict(noisy, extra={"canary_spread": 0.05})) == ""
+    assert disturbance(dict(base, extra={"canary_spread": 3.0})) == "canary spread 300%"
+    # sub-millisecond ops: fwd+bwd below fwd by less than CONSISTENCY_MIN_MS is timer noise
+    assert disturbance(dict(base, fwd_ms=0.163, bwd_ms=None, fwdbwd_ms=0.0955, extra={"canary_spread": 0.1})) == ""
     assert "timings consistent" in summary([base])
     line = summary([base, bad])
     assert line.startswith("WARNING: 1 of 2 timings look disturbed") and "--threads 1" in line
@@ -137,6 +143,29 @@ def test_disturbed_timings_are_flagged_in_table_and_last_line():
     table = markdown(rows, {"torch": "x"}, "t")
     assert "! disturbed: fwd+bwd 9.65 ms < fwd 92.9 ms" in table
     assert table.strip().splitlines()[-1] == summary(rows)
+
+
+def test_each_case_measures_the_canary_and_its_spread_flags_the_rows(monkeypatch):
+    """time_case times the canary after every repetition round and stores its spread in every row; when
+    the canary's times vary (here injected: alternately 1 and 3 ms, as under a competing process) every
+    row of the case is flagged, and with steady canary times none is."""
+    import kdops.bench.harness as H
+
+    case = cases_for("masked_mse", torch.device("cpu"), torch.float32, "small")[0]
+    rows = time_case(case, torch.device("cpu"), reps=6, warmup=1, progress=lambda m: None)
+    assert all(isinstance(r.extra.get("canary_spread"), float) for r in rows if not r.error)
+
+    def fake(times):
+        def tick(self):
+            self.samples.append(times[len(self.samples) % len(times)])
+        return tick
+
+    monkeypatch.setattr(H._Canary, "tick", fake([1e-3, 3e-3]))
+    rows = time_case(case, torch.device("cpu"), reps=6, warmup=1, progress=lambda m: None)
+    assert all(r.extra["canary_spread"] > H.CANARY_SPREAD and "canary spread" in r.disturbed for r in rows)
+    monkeypatch.setattr(H._Canary, "tick", fake([1e-3, 1.01e-3]))
+    rows = time_case(case, torch.device("cpu"), reps=6, warmup=1, progress=lambda m: None)
+    assert all("canary" not in r.disturbed for r in rows)
 
 
 def test_chart_has_one_panel_per_family_distinct_colours_and_legend_outside(tmp_path):
