@@ -6,6 +6,7 @@ it registers, in child registries of mmdet's (scope ``kdops``):
 - ``kdops.DistillDetector`` (MODELS): student + frozen teacher + connectors + kdops losses;
 - ``kdops.HEADDistillDetector`` (MODELS): HEAD, a two-stage teacher into a one-stage student via an
   assistant R-CNN head;
+- ``kdops.TFHEADDetector`` (MODELS): TF-HEAD, teacher-free, with a dense and an R-CNN assistant;
 - ``kdops.KDScheduleHook`` (HOOKS): KD warm-up and stop, a pure function of the iteration.
 
 Tools: ``python -m kdops_mmdet.train CONFIG`` (mmdet's tools/train.py, plus gloo on CPU) and
@@ -14,9 +15,9 @@ Tools: ``python -m kdops_mmdet.train CONFIG`` (mmdet's tools/train.py, plus gloo
 """
 from .connectors import LinearConnector, build_connector
 from .distiller import DistillDetector
-from .head import HEADDistillDetector
+from .head import HEADDistillDetector, TFHEADDetector
 from .hooks import KDScheduleHook, first_lr_milestone_iter, kd_scale_at
 from .registry import HOOKS, MODELS
 
 __all__ = ["DistillDetector", "HEADDistillDetector", "HOOKS", "KDScheduleHook", "LinearConnector", "MODELS",
-           "build_connector", "first_lr_milestone_iter", "kd_scale_at"]
+           "TFHEADDetector", "build_connector", "first_lr_milestone_iter", "kd_scale_at"]

@@ -48,14 +48,16 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
-from mmdet.models.detectors import SingleStageDetector, TwoStageDetector
+from mmdet.models.detectors import BaseDetector, SingleStageDetector, TwoStageDetector
 from mmdet.models.utils import unpack_gt_instances
 from mmdet.structures.bbox import bbox2roi
 from mmengine.config import ConfigDict
 from mmengine.logging import print_log
 from mmengine.structures import InstanceData
 
-from kdops.losses import HEADAKDLoss, HEADCKDLoss, HEADContrastiveCKDLoss, head_gt_sources, head_proposals
+from kdops.losses import (
+    HEADAKDLoss, HEADCKDLoss, HEADContrastiveCKDLoss, HEADDenseLoss, head_gt_sources, head_proposals,
+)
 
 from .distill_losses import head_decoding
 from .distiller import DistillDetector, model_config
@@ -106,8 +108,138 @@ def _shared_fcs(roi_head: nn.Module, role: str) -> nn.ModuleList:
     return fcs
 
 
+class _StudentAsRPN:
+    """What HEAD and TF-HEAD share: a one-stage anchor student whose head serves as the RPN of an
+    R-CNN assistant (``self.assistant``), the proposals' sources carried through the sampler, and
+    the per-loss schedule factors (``self.kd_scale``). Needs ``self.student``."""
+
+    owner = _OWNER
+
+    def _check_student(self) -> None:
+        s = self.student
+        head = getattr(s, "bbox_head", None)
+        if not isinstance(s, SingleStageDetector) or head is None:
+            raise ValueError(f"{self.owner}: the student must be a one-stage detector (RetinaNet-like), got "
+                             f"{type(s).__name__}")
+        convs = getattr(head, "cls_convs", None)
+        if not isinstance(convs, nn.ModuleList) or len(convs) == 0:
+            raise ValueError(f"{self.owner}: the student's head ({type(head).__name__}) has no classification conv "
+                             f"tower (bbox_head.cls_convs, e.g. RetinaHead stacked_convs >= 1): CKD reads its last "
+                             f"conv's output")
+        if not hasattr(head, "prior_generator") or getattr(head.prior_generator, "num_base_priors", None) is None:
+            raise ValueError(f"{self.owner}: the student's head ({type(head).__name__}) has no anchor prior_generator")
+        self.decoding = head_decoding(head, "model.student.bbox_head")
+        if self.decoding["decoder"] != "delta_xywh":
+            raise ValueError(f"{self.owner}: the student's head ({type(head).__name__}) decodes boxes with "
+                             f"{self.decoding['decoder']!r}; HEAD's proposals need an anchor head with a "
+                             f"DeltaXYWHBBoxCoder (RetinaNet, ATSS)")
+
+    def _student_strides(self) -> List[int]:
+        return [int(st[0] if isinstance(st, (tuple, list)) else st)
+                for st in self.student.bbox_head.prior_generator.strides]
+
+    def _check_strides(self, strides) -> List[int]:
+        if (not isinstance(strides, (list, tuple)) or not strides
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in strides)):
+            raise ValueError(f"{self.owner}: featmap_strides must be a non-empty list of positive ints, got "
+                             f"{strides!r}")
+        head_strides = self._student_strides()
+        if list(strides) != head_strides[:len(strides)]:
+            raise ValueError(f"{self.owner}: featmap_strides {list(strides)} must be the first strides of the "
+                             f"student's levels {head_strides} (the assistant pools from the student's first FPN "
+                             f"levels)")
+        return list(strides)
+
+    def _check_proposals(self, proposals: Optional[dict]) -> dict:
+        unknown = set(proposals or {}) - set(PROPOSAL_DEFAULTS)
+        if unknown:
+            raise ValueError(f"{self.owner}: proposals: unknown keys {sorted(unknown)}; valid: "
+                             f"{sorted(PROPOSAL_DEFAULTS)}")
+        return {**PROPOSAL_DEFAULTS, **(proposals or {})}
+
+    def _student_channels(self) -> int:
+        head = self.student.bbox_head
+        c = getattr(head, "in_channels", None)
+        if not isinstance(c, int):
+            raise ValueError(f"{self.owner}: cannot read the student's FPN channels from its head "
+                             f"({type(head).__name__}.in_channels = {c!r})")
+        return c
+
+    def _student_feat_channels(self) -> int:
+        return int(getattr(self.student.bbox_head, "feat_channels", None) or self._student_channels())
+
+    def _assistant_cfg(self, roi_head: dict, train_cfg: Optional[dict], test_cfg: Optional[dict]) -> ConfigDict:
+        """An R-CNN head config moved onto the student's first FPN levels."""
+        cfg = ConfigDict(copy.deepcopy(dict(roi_head)))
+        if train_cfg is None:
+            raise ValueError(f"{self.owner}: the R-CNN assistant needs a train_cfg (its assigner and sampler)")
+        channels = self._student_channels()
+        cfg.bbox_roi_extractor.featmap_strides = list(self.featmap_strides)
+        cfg.bbox_roi_extractor.out_channels = channels
+        cfg.bbox_head.in_channels = channels
+        cfg.update(train_cfg=train_cfg, test_cfg=test_cfg)
+        if cfg.get("mask_head") is not None:
+            cfg.mask_head = None
+            cfg.mask_roi_extractor = None
+            print_log(f"{self.owner}: the mask head is not part of the assistant (HEAD distils boxes)",
+                      logger="current", level=30)
+        return cfg
+
+    def set_kd_scale(self, scale) -> None:
+        """The schedule's factor on each named loss (KDScheduleHook calls this before every iteration)."""
+        if isinstance(scale, dict):
+            unknown = set(scale) - set(self.kd_scale)
+            if unknown:
+                raise ValueError(f"{self.owner}: KDScheduleHook losses {sorted(unknown)} do not exist; this "
+                                 f"model's are {sorted(self.kd_scale)}")
+            self.kd_scale.update({k: float(v) for k, v in scale.items()})
+        else:
+            self.kd_scale = {k: float(scale) for k in self.kd_scale}
+
+    def proposals(self, cls_scores, bbox_preds, metas):
+        """The student head as an RPN (:func:`kdops.losses.head_proposals`) with its own anchors and coder."""
+        head = self.student.bbox_head
+        priors = head.prior_generator.grid_priors([c.shape[-2:] for c in cls_scores], device=cls_scores[0].device)
+        return head_proposals([c.detach() for c in cls_scores], [b.detach() for b in bbox_preds], priors,
+                              "delta_xywh", means=self.decoding["means"], stds=self.decoding["stds"],
+                              img_shape=[tuple(m["img_shape"][:2]) for m in metas], **self.proposal_cfg)
+
+    def _sample(self, x, props, gts, gts_ignore):
+        """mmdet's StandardRoIHead assignment and sampling, keeping each sampled RoI's source row."""
+        a = self.assistant
+        sampling, sources = [], []
+        add_gt = bool(getattr(a.bbox_sampler, "add_gt_as_proposals", False))
+        for i, gt in enumerate(gts):
+            rpn = InstanceData(priors=props.boxes[i], scores=props.scores[i])
+            assign = a.bbox_assigner.assign(rpn, gt, gts_ignore[i])
+            res = a.bbox_sampler.sample(assign, rpn, gt, feats=[lvl[i][None] for lvl in x])
+            src = props.sources[i]
+            if add_gt and len(gt.bboxes) > 0:
+                g = head_gt_sources([0] * i + [len(gt.bboxes)], device=src.device)  # [-1, i, -1, -1, g]
+                src = torch.cat([g, src])
+            sampling.append(res)
+            sources.append(src[torch.cat([res.pos_inds, res.neg_inds])])
+        return sampling, torch.cat(sources)
+
+    def _assistant_step(self, s_feats, cls_scores, bbox_preds, gts, gts_ignore, metas, losses: dict, scale: float):
+        """Proposals from the student, the assistant's sampling and GT loss (into ``losses`` as
+        loss_assist_*, times ``scale``); returns (sampling results, sources, the assistant's recorded
+        shared_fcs outputs)."""
+        props = self.proposals(cls_scores, bbox_preds, metas)
+        x = tuple(s_feats[:len(self.featmap_strides)])
+        sampling, sources = self._sample(x, props, gts, gts_ignore)
+        with self._assist_rec:
+            res = self.assistant.bbox_loss(x, sampling)
+        for k, v in res["loss_bbox"].items():
+            if k.startswith("loss_"):
+                losses["loss_assist_" + k[len("loss_"):]] = v * scale
+            else:
+                losses["assist_" + k] = v
+        return sampling, sources, self._assist_rec.take()
+
+
 @MODELS.register_module()
-class HEADDistillDetector(DistillDetector):
+class HEADDistillDetector(_StudentAsRPN, DistillDetector):
     """HEAD: a one-stage student, a frozen two-stage teacher and an assistant R-CNN head (see the
     module docstring for the step and the papers' and release's settings).
 
@@ -138,10 +270,7 @@ class HEADDistillDetector(DistillDetector):
         if distill_losses:
             raise ValueError(f"{_OWNER}: distill_losses must be empty: HEAD's losses are set by `akd` and `ckd` "
                              f"(combining HEAD with other kdops losses is not supported yet)")
-        unknown = set(proposals or {}) - set(PROPOSAL_DEFAULTS)
-        if unknown:
-            raise ValueError(f"{_OWNER}: proposals: unknown keys {sorted(unknown)}; valid: "
-                             f"{sorted(PROPOSAL_DEFAULTS)}")
+        proposal_cfg = self._check_proposals(proposals)
         if not isinstance(weight_transfer, bool):
             raise TypeError(f"{_OWNER}: weight_transfer must be True or False, got {weight_transfer!r}")
         # the teacher's RCNN settings are read before the (possibly large) models are built
@@ -153,13 +282,10 @@ class HEADDistillDetector(DistillDetector):
         super().__init__(student, teacher_model_cfg, teacher_ckpt, distill_losses=(), **kwargs)
         self._check_pair()
         self.featmap_strides = self._check_strides(featmap_strides)
-        self.proposal_cfg = {**PROPOSAL_DEFAULTS, **(proposals or {})}
-        self.decoding = head_decoding(self.student.bbox_head, "model.student.bbox_head")
-        if self.decoding["decoder"] != "delta_xywh":
-            raise ValueError(f"{_OWNER}: the student's head ({type(self.student.bbox_head).__name__}) decodes boxes "
-                             f"with {self.decoding['decoder']!r}; HEAD's proposals need an anchor head with a "
-                             f"DeltaXYWHBBoxCoder (RetinaNet, ATSS)")
-        self.assistant = self._build_assistant(teacher_model_cfg)
+        self.proposal_cfg = proposal_cfg
+        self.assistant = MODELS.build(self._assistant_cfg(teacher_model_cfg.roi_head,
+                                                          (teacher_model_cfg.get("train_cfg") or {}).get("rcnn"),
+                                                          (teacher_model_cfg.get("test_cfg") or {}).get("rcnn")))
         if weight_transfer:
             self._transfer_weights()
         t_fcs = _shared_fcs(self.teacher.roi_head, "teacher")
@@ -180,56 +306,7 @@ class HEADDistillDetector(DistillDetector):
         if not isinstance(self.teacher, TwoStageDetector) or not getattr(self.teacher, "with_roi_head", False):
             raise ValueError(f"{_OWNER}: the teacher must be a two-stage detector with an R-CNN head (Faster "
                              f"R-CNN), got {type(self.teacher).__name__}")
-        s = self.student
-        head = getattr(s, "bbox_head", None)
-        if not isinstance(s, SingleStageDetector) or head is None:
-            raise ValueError(f"{_OWNER}: the student must be a one-stage detector (RetinaNet-like), got "
-                             f"{type(s).__name__}")
-        convs = getattr(head, "cls_convs", None)
-        if not isinstance(convs, nn.ModuleList) or len(convs) == 0:
-            raise ValueError(f"{_OWNER}: the student's head ({type(head).__name__}) has no classification conv tower "
-                             f"(bbox_head.cls_convs, e.g. RetinaHead stacked_convs >= 1): CKD reads its last "
-                             f"conv's output")
-        if not hasattr(head, "prior_generator") or getattr(head.prior_generator, "num_base_priors", None) is None:
-            raise ValueError(f"{_OWNER}: the student's head ({type(head).__name__}) has no anchor prior_generator")
-
-    def _check_strides(self, strides) -> List[int]:
-        if (not isinstance(strides, (list, tuple)) or not strides
-                or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in strides)):
-            raise ValueError(f"{_OWNER}: featmap_strides must be a non-empty list of positive ints, got {strides!r}")
-        head_strides = [int(st[0] if isinstance(st, (tuple, list)) else st)
-                        for st in self.student.bbox_head.prior_generator.strides]
-        if list(strides) != head_strides[:len(strides)]:
-            raise ValueError(f"{_OWNER}: featmap_strides {list(strides)} must be the first strides of the student's "
-                             f"levels {head_strides} (the assistant pools from the student's first FPN levels)")
-        return list(strides)
-
-    def _build_assistant(self, teacher_model_cfg: ConfigDict) -> nn.Module:
-        cfg = copy.deepcopy(teacher_model_cfg.roi_head)
-        train_cfg = (teacher_model_cfg.get("train_cfg") or {}).get("rcnn")
-        test_cfg = (teacher_model_cfg.get("test_cfg") or {}).get("rcnn")
-        if train_cfg is None:
-            raise ValueError(f"{_OWNER}: the teacher config has no train_cfg.rcnn (the assigner and sampler the "
-                             f"assistant trains with)")
-        channels = self._student_channels()
-        cfg.bbox_roi_extractor.featmap_strides = list(self.featmap_strides)
-        cfg.bbox_roi_extractor.out_channels = channels
-        cfg.bbox_head.in_channels = channels
-        cfg.update(train_cfg=train_cfg, test_cfg=test_cfg)
-        if cfg.get("mask_head") is not None:
-            cfg.mask_head = None
-            cfg.mask_roi_extractor = None
-            print_log(f"{_OWNER}: the teacher's mask head is not part of the assistant (HEAD distils boxes)",
-                      logger="current", level=30)
-        return MODELS.build(cfg)
-
-    def _student_channels(self) -> int:
-        head = self.student.bbox_head
-        c = getattr(head, "in_channels", None)
-        if not isinstance(c, int):
-            raise ValueError(f"{_OWNER}: cannot read the student's FPN channels from its head "
-                             f"({type(head).__name__}.in_channels = {c!r})")
-        return c
+        self._check_student()
 
     def _transfer_weights(self) -> None:
         src = self.teacher.roi_head.state_dict()
@@ -256,17 +333,7 @@ class HEADDistillDetector(DistillDetector):
         cls = {"mse": HEADCKDLoss, "contrastive": HEADContrastiveCKDLoss}.get(kind)
         if cls is None:
             raise ValueError(f"{_OWNER}: ckd.type must be 'mse' or 'contrastive', got {kind!r}")
-        head = self.student.bbox_head
-        channels = getattr(head, "feat_channels", None) or self._student_channels()
-        return cls(in_channels=int(channels), out_channels=teacher_channels, **ckd)
-
-    def set_kd_scale(self, scale) -> None:
-        if isinstance(scale, dict):
-            unknown = set(scale) - set(self.kd_scale)
-            if unknown:
-                raise ValueError(f"{_OWNER}: KDScheduleHook losses {sorted(unknown)} do not exist; HEAD's are "
-                                 f"{sorted(self.kd_scale)}")
-        super().set_kd_scale(scale)
+        return cls(in_channels=self._student_feat_channels(), out_channels=teacher_channels, **ckd)
 
     # ---------------------------------------------------------------- training
     def loss(self, batch_inputs: torch.Tensor, batch_data_samples) -> dict:
@@ -280,14 +347,8 @@ class HEADDistillDetector(DistillDetector):
         cls_feats = self._student_rec.take()["cls"]
         losses = s.bbox_head.loss_by_feat(cls_scores, bbox_preds, gts, metas, gts_ignore)
 
-        props = self.proposals(cls_scores, bbox_preds, metas)
-        x = tuple(s_feats[:len(self.featmap_strides)])
-        sampling, sources = self._sample(x, props, gts, gts_ignore)
-        with self._assist_rec:
-            res = self.assistant.bbox_loss(x, sampling)
-        a_out = self._assist_rec.take()
-        for k, v in res["loss_bbox"].items():
-            losses[("loss_assist_" + k[len("loss_"):]) if k.startswith("loss_") else "assist_" + k] = v
+        sampling, sources, a_out = self._assistant_step(s_feats, cls_scores, bbox_preds, gts, gts_ignore, metas,
+                                                        losses, 1.0)
         rois = bbox2roi([r.priors for r in sampling])
         with torch.no_grad(), self._teacher_rec:
             t.roi_head._bbox_forward(t_feats, rois)
@@ -303,27 +364,110 @@ class HEADDistillDetector(DistillDetector):
             losses["loss_ckd"] = ckd * self.kd_scale["ckd"]
         return losses
 
-    def proposals(self, cls_scores, bbox_preds, metas):
-        """The student head as an RPN (:func:`kdops.losses.head_proposals`) with its own anchors and coder."""
-        head = self.student.bbox_head
-        priors = head.prior_generator.grid_priors([c.shape[-2:] for c in cls_scores], device=cls_scores[0].device)
-        return head_proposals([c.detach() for c in cls_scores], [b.detach() for b in bbox_preds], priors,
-                              "delta_xywh", means=self.decoding["means"], stds=self.decoding["stds"],
-                              img_shape=[tuple(m["img_shape"][:2]) for m in metas], **self.proposal_cfg)
 
-    def _sample(self, x, props, gts, gts_ignore):
-        """mmdet's StandardRoIHead assignment and sampling, keeping each sampled RoI's source row."""
-        a = self.assistant
-        sampling, sources = [], []
-        add_gt = bool(getattr(a.bbox_sampler, "add_gt_as_proposals", False))
-        for i, gt in enumerate(gts):
-            rpn = InstanceData(priors=props.boxes[i], scores=props.scores[i])
-            assign = a.bbox_assigner.assign(rpn, gt, gts_ignore[i])
-            res = a.bbox_sampler.sample(assign, rpn, gt, feats=[lvl[i][None] for lvl in x])
-            src = props.sources[i]
-            if add_gt and len(gt.bboxes) > 0:
-                g = head_gt_sources([0] * i + [len(gt.bboxes)], device=src.device)  # [-1, i, -1, -1, g]
-                src = torch.cat([g, src])
-            sampling.append(res)
-            sources.append(src[torch.cat([res.pos_inds, res.neg_inds])])
-        return sampling, torch.cat(sources)
+@MODELS.register_module()
+class TFHEADDetector(_StudentAsRPN, BaseDetector):
+    """TF-HEAD, teacher-free HEAD (Wang et al., ECCV 2022): a one-stage student and two assistants
+    trained from scratch with it -- a dense head (FCOS) on all the student's FPN levels and an R-CNN
+    head on its first levels fed with the student's own proposals -- whose detached features the
+    student mimics. The release's ``configs/kd/fcos_retina_faster_r18_head.py`` (FCOS student with
+    RetinaNet and Faster R-CNN assistants) written for the paper's RetinaNet student:
+
+    - ``loss_dense_*``: the dense assistant's GT losses; ``loss_assist_*``: the R-CNN assistant's
+      (sampled with its ``train_cfg``, GT boxes added as proposals); both scaled by ``assist``;
+    - ``loss_dense_mimic`` (:class:`kdops.losses.HEADDenseLoss`): the student's last cls conv through
+      a 1x1 conv vs the dense assistant's last cls conv (detached), MSE per level summed, weight 1.0,
+      scaled by ``dense``;
+    - ``loss_ckd`` (:class:`kdops.losses.HEADCKDLoss`): the student's last cls conv at each non-GT RoI's
+      source pixel through a Linear vs the R-CNN assistant's ``shared_fcs[-1]`` (detached), weight
+      1.3, scaled by ``ckd``.
+
+    The release warms the assistants' GT losses and both mimic losses up over 2000 iterations and stops
+    the mimic losses at the first LR drop (``EarlyStopScheduler`` at 8 epochs): KDScheduleHooks on
+    ``assist`` and on ``dense``/``ckd`` (see the shipped configs). Validation, test and export use the
+    student alone (``student.*``).
+
+    Args:
+        student: a one-stage anchor detector (as for :class:`HEADDistillDetector`).
+        rcnn_assistant: an R-CNN head config (``StandardRoIHead`` with a ``Shared2FCBBoxHead``) and its
+            ``train_cfg`` (assigner, sampler) and ``test_cfg``; its extractor and head channels are set
+            to the student's FPN channels and its strides to ``featmap_strides``.
+        dense_assistant: a dense head config (``FCOSHead``) with its ``train_cfg``/``test_cfg``; its
+            ``in_channels`` is set to the student's FPN channels; its ``strides`` must be the student's.
+        featmap_strides, proposals: as for :class:`HEADDistillDetector`.
+        dense: :class:`kdops.losses.HEADDenseLoss` settings (``loss_weight`` 1.0).
+        ckd: :class:`kdops.losses.HEADCKDLoss` settings (``loss_weight`` 1.3).
+    """
+
+    owner = "kdops.TFHEADDetector"
+
+    def __init__(self, student, rcnn_assistant: dict, dense_assistant: dict,
+                 featmap_strides: Sequence[int] = (8, 16, 32, 64), proposals: Optional[dict] = None,
+                 dense: Optional[dict] = None, ckd: Optional[dict] = None, data_preprocessor=None,
+                 init_cfg=None) -> None:
+        if data_preprocessor is not None:
+            raise ValueError(f"{self.owner}: the student's data_preprocessor is used; set it in model.student")
+        for name, cfg in (("rcnn_assistant", rcnn_assistant), ("dense_assistant", dense_assistant)):
+            if not isinstance(cfg, dict) or "type" not in cfg:
+                raise TypeError(f"{self.owner}: {name} must be a head config dict with a `type`, got {cfg!r}")
+        proposal_cfg = self._check_proposals(proposals)
+        super().__init__(data_preprocessor=None, init_cfg=init_cfg)
+        self.student = MODELS.build(model_config(student, "model.student"))
+        self.data_preprocessor = self.student.data_preprocessor
+        self._check_student()
+        self.featmap_strides = self._check_strides(featmap_strides)
+        self.proposal_cfg = proposal_cfg
+        rcnn = dict(rcnn_assistant)
+        self.assistant = MODELS.build(self._assistant_cfg({k: v for k, v in rcnn.items()
+                                                           if k not in ("train_cfg", "test_cfg")},
+                                                          rcnn.get("train_cfg"), rcnn.get("test_cfg")))
+        dcfg = ConfigDict(copy.deepcopy(dict(dense_assistant)))
+        dcfg.in_channels = self._student_channels()
+        strides = [int(st[0] if isinstance(st, (tuple, list)) else st) for st in dcfg.get("strides", [])]
+        if strides != self._student_strides():
+            raise ValueError(f"{self.owner}: dense_assistant.strides {strides} must be the student's levels "
+                             f"{self._student_strides()} (it runs on every student FPN level)")
+        self.dense_assistant = MODELS.build(dcfg)
+        d_convs = getattr(self.dense_assistant, "cls_convs", None)
+        if not isinstance(d_convs, nn.ModuleList) or len(d_convs) == 0:
+            raise ValueError(f"{self.owner}: the dense assistant ({type(self.dense_assistant).__name__}) has no "
+                             f"classification conv tower (cls_convs) to mimic")
+        fcs = _shared_fcs(self.assistant, "R-CNN assistant")
+        c_s = self._student_feat_channels()
+        self.dense_mimic = HEADDenseLoss(in_channels=c_s, out_channels=int(self.dense_assistant.feat_channels),
+                                         **{"loss_weight": 1.0, **dict(dense or {})})
+        self.ckd = HEADCKDLoss(in_channels=c_s, out_channels=fcs[-1].out_features,
+                               **{"loss_weight": 1.3, **dict(ckd or {})})
+        self.kd_scale = {"assist": 1.0, "dense": 1.0, "ckd": 1.0}
+        self._student_rec = _Recorder({"cls": self.student.bbox_head.cls_convs[-1]})
+        self._dense_rec = _Recorder({"cls": d_convs[-1]})
+        self._assist_rec = _Recorder({"last": fcs[-1]})
+
+    def loss(self, batch_inputs: torch.Tensor, batch_data_samples) -> dict:
+        s = self.student
+        gts, gts_ignore, metas = unpack_gt_instances(batch_data_samples)
+        s_feats = s.extract_feat(batch_inputs)
+        with self._student_rec:
+            cls_scores, bbox_preds = s.bbox_head(s_feats)
+        cls_feats = self._student_rec.take()["cls"]
+        losses = s.bbox_head.loss_by_feat(cls_scores, bbox_preds, gts, metas, gts_ignore)
+        scale = self.kd_scale
+        with self._dense_rec:
+            d_outs = self.dense_assistant(s_feats)
+        d_feats = self._dense_rec.take()["cls"]
+        for k, v in self.dense_assistant.loss_by_feat(*d_outs, gts, metas, gts_ignore).items():
+            losses["loss_dense_" + k[len("loss_"):] if k.startswith("loss_") else "dense_" + k] = v * scale["assist"]
+        _, sources, a_out = self._assistant_step(s_feats, cls_scores, bbox_preds, gts, gts_ignore, metas, losses,
+                                                 scale["assist"])
+        losses["loss_dense_mimic"] = self.dense_mimic(cls_feats, d_feats) * scale["dense"]
+        losses["loss_ckd"] = self.ckd(cls_feats, sources, a_out["last"][0]) * scale["ckd"]
+        return losses
+
+    def predict(self, batch_inputs, batch_data_samples, rescale: bool = True):
+        return self.student.predict(batch_inputs, batch_data_samples, rescale=rescale)
+
+    def _forward(self, batch_inputs, batch_data_samples=None):
+        return self.student._forward(batch_inputs, batch_data_samples)
+
+    def extract_feat(self, batch_inputs):
+        return self.student.extract_feat(batch_inputs)

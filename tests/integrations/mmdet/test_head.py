@@ -70,7 +70,8 @@ class _Probe(Hook):
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
         self.iters.append(dict(outputs={k: float(v.detach()) for k, v in outputs.items()},
-                               scale=dict(runner.model.kd_scale), teacher_training=runner.model.teacher.training))
+                               scale=dict(runner.model.kd_scale),
+                               teacher_training=getattr(getattr(runner.model, "teacher", None), "training", None)))
 
     def after_val_epoch(self, runner, metrics=None):
         self.metrics = dict(metrics)
@@ -254,3 +255,101 @@ def test_head_student_must_be_one_stage_with_a_cls_tower(toy):
     student.bbox_head.stacked_convs = 0
     with pytest.raises(ValueError, match="no classification conv tower"):
         _model(toy, student=student)
+
+
+# ------------------------------------------------------------------------------------------------ TF-HEAD
+TF_HEAD_TOY = os.path.join(CONFIGS, "head", "tf_head_retinanet_toy.py")
+
+
+def _tf_model(toy, **overrides):
+    from mmdet.utils import register_all_modules
+
+    import kdops_mmdet  # noqa: F401
+    from kdops_mmdet.registry import MODELS
+
+    register_all_modules(init_default_scope=False)
+    cfg = load_cfg(TF_HEAD_TOY, toy["data_root"], os.path.join(toy["root"], "wtf"))
+    for k, v in overrides.items():
+        cfg.model[k] = v
+    torch.manual_seed(0)
+    return MODELS.build(cfg.model), cfg
+
+
+def test_tf_head_toy_trains_with_assistants_and_stops_mimicking_at_the_milestone(toy, tmp_path):
+    cfg = load_cfg(TF_HEAD_TOY, toy["data_root"], str(tmp_path / "work"))
+    cfg.param_scheduler = [dict(type="MultiStepLR", begin=0, end=2, by_epoch=False, milestones=[1], gamma=0.1)]
+    cfg.model.student.test_cfg.score_thr = 0.0
+    runner = Runner.from_cfg(cfg)
+    probe = _Probe()
+    probe.before_train = lambda runner: None  # no teacher here
+    runner.register_hook(probe, priority="LOWEST")
+    runner.train()
+    keys = {"loss_dense_cls", "loss_dense_bbox", "loss_dense_centerness", "loss_assist_cls", "loss_assist_bbox",
+            "loss_dense_mimic", "loss_ckd"}
+    first, second = probe.iters
+    for it in (first, second):
+        assert keys <= set(it["outputs"]) and all(math.isfinite(it["outputs"][k]) for k in keys)
+    assert first["outputs"]["loss_dense_mimic"] > 0 and first["outputs"]["loss_ckd"] > 0
+    assert second["outputs"]["loss_dense_mimic"] == 0.0 and second["outputs"]["loss_ckd"] == 0.0
+    assert second["outputs"]["loss_dense_cls"] > 0 and second["outputs"]["loss_assist_cls"] > 0
+    assert isinstance(probe.metrics.get("coco/bbox_mAP"), float)
+
+
+def test_tf_head_mimic_losses_match_eager_formulas_and_do_not_train_the_assistants(toy):
+    model, cfg = _tf_model(toy)
+    model.train()
+    data = _batch(cfg, model)
+    feats, record = {}, {}
+
+    def grab(name):
+        def hook(module, inputs, output):
+            feats.setdefault(name, []).append(output.detach())
+        return hook
+
+    orig_sample = model._sample
+
+    def spy(*args):
+        record["sampling"], record["sources"] = out = orig_sample(*args)
+        return out
+
+    model._sample = spy
+    handles = [model.student.bbox_head.cls_convs[-1].register_forward_hook(grab("cls")),
+               model.dense_assistant.cls_convs[-1].register_forward_hook(grab("dense")),
+               model.assistant.bbox_head.shared_fcs[-1].register_forward_hook(grab("fc"))]
+    try:
+        losses = model.loss(data["inputs"], data["data_samples"])
+    finally:
+        for h in handles:
+            h.remove()
+    # dense mimic: 1.0 * sum over levels of the mean squared error after the 1x1 conv
+    conv = model.dense_mimic.adapter
+    want = sum(F.mse_loss(F.conv2d(s.double(), conv.weight.double(), conv.bias.double()), t.double())
+               for s, t in zip(feats["cls"], feats["dense"]))
+    assert float(losses["loss_dense_mimic"].detach()) == pytest.approx(float(want.detach()), rel=1e-5)
+    # CKD: 1.3 * MSE of the Linear-mapped source pixels against the R-CNN assistant's last FC, GT rows out
+    sources = record["sources"]
+    keep = sources[:, 0] >= 0
+    rows = torch.stack([feats["cls"][lvl][b, :, y, x] for lvl, b, y, x, _ in sources[keep].tolist()]).double()
+    lin = model.ckd.source.adapter
+    want = 1.3 * F.mse_loss(F.linear(rows, lin.weight.double(), lin.bias.double()), feats["fc"][-1][keep].double())
+    assert float(losses["loss_ckd"].detach()) == pytest.approx(float(want.detach()), rel=1e-5)
+    # the assistants are targets of the mimic losses: no gradient reaches them from there
+    (losses["loss_dense_mimic"] + losses["loss_ckd"]).backward()
+    assert all(p.grad is None for p in model.dense_assistant.parameters())
+    assert all(p.grad is None for p in model.assistant.parameters())
+    assert model.student.bbox_head.cls_convs[-1].conv.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("case,overrides,match", [
+    ("dense strides", dict(dense_assistant=dict(type="FCOSHead", num_classes=4, in_channels=32, feat_channels=32,
+                                                strides=[8, 16, 32])), "dense_assistant.strides"),
+    ("rcnn not a dict", dict(rcnn_assistant="StandardRoIHead"), "rcnn_assistant must be a head config dict"),
+    ("unknown schedule name", None, "KDScheduleHook losses"),
+])
+def test_tf_head_bad_configs_fail_at_construction(toy, case, overrides, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        if overrides is None:
+            model, _ = _tf_model(toy)
+            model.set_kd_scale({"akd": 1.0})
+        else:
+            _tf_model(toy, **overrides)
