@@ -179,13 +179,16 @@ class _instrument:
         self.params = [p for p in model.connectors.parameters()] + [p for p in model.distill_losses.parameters()]
         self.torch = torch
 
+    def is_kd(self, key: str) -> bool:
+        return key.startswith(tuple(f"loss_{e.name}" for e in self.model.entries))
+
     def step(self, data, optim):
+        """One training step; returns (forward ms of the timed parts, backward ms of the KD terms)."""
         torch, model = self.torch, self.model
         self.fwd, self.inputs = 0.0, []
         d = model.data_preprocessor(data, True)
         losses = model.loss(d["inputs"], d["data_samples"])
-        names = tuple(f"loss_{e.name}" for e in model.entries)
-        kd = sum(v for k, v in losses.items() if k.startswith(names))
+        kd = sum(v for k, v in losses.items() if self.is_kd(k))
         targets = [x for x in self.inputs + self.params if x.requires_grad]
         t0 = time.perf_counter()
         torch.autograd.grad(kd, targets, retain_graph=True, allow_unused=True)
@@ -195,7 +198,7 @@ class _instrument:
         return self.fwd * 1e3, bwd * 1e3
 
 
-class _instrument_head:
+class _instrument_head(_instrument):
     """Times HEAD's parts inside a HEADDistillDetector step: the forward of the proposals, the
     sampler, the assistant's R-CNN forward and GT loss, the teacher's R-CNN on the sampled RoIs, AKD
     and CKD (wall clock around each), and the backward of the HEAD terms (loss_akd, loss_ckd and the
@@ -229,19 +232,8 @@ class _instrument_head:
             lambda m, i, o: self.inputs.append(o) if o.requires_grad else None)
         self.params = [p for mod in (model.assistant, model.akd, model.ckd) for p in mod.parameters()]
 
-    def step(self, data, optim):
-        torch, model = self.torch, self.model
-        self.fwd, self.inputs = 0.0, []
-        d = model.data_preprocessor(data, True)
-        losses = model.loss(d["inputs"], d["data_samples"])
-        kd = sum(v for k, v in losses.items() if k in ("loss_akd", "loss_ckd") or k.startswith("loss_assist_"))
-        targets = [x for x in self.inputs + self.params if x.requires_grad]
-        t0 = time.perf_counter()
-        torch.autograd.grad(kd, targets, retain_graph=True, allow_unused=True)
-        bwd = time.perf_counter() - t0
-        loss, _ = model.parse_losses(losses)
-        optim.update_params(loss)
-        return self.fwd * 1e3, bwd * 1e3
+    def is_kd(self, key: str) -> bool:
+        return key in ("loss_akd", "loss_ckd") or key.startswith("loss_assist_")
 
 
 def _flat(x):
