@@ -44,7 +44,7 @@ own two-stage detectors; the CKD gather itself does not.
 from __future__ import annotations
 
 import copy
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -259,14 +259,15 @@ class HEADDistillDetector(_StudentAsRPN, DistillDetector):
         akd: :class:`kdops.losses.HEADAKDLoss` settings (``loss_weight``: 2.0 released, 5.0 paper).
         ckd: ``type='mse'`` (:class:`kdops.losses.HEADCKDLoss`: ``loss_weight`` 2.0,
             ``num_anchors`` for per-anchor adapters, ``bias``) or ``type='contrastive'``
-            (:class:`kdops.losses.HEADContrastiveCKDLoss` and its settings), or None for no CKD.
+            (:class:`kdops.losses.HEADContrastiveCKDLoss` and its settings); None (the default):
+            the release's MSE CKD of weight 2.0; False: no CKD (AKD only).
         distill_losses: must be empty (HEAD's own losses are configured by ``akd`` / ``ckd``).
     """
 
     def __init__(self, student, teacher_cfg, teacher_ckpt: Optional[str], featmap_strides: Sequence[int] = (8, 16, 32,
                                                                                                          64),
                  weight_transfer: bool = True, proposals: Optional[dict] = None, akd: Optional[dict] = None,
-                 ckd: Optional[dict] = None, distill_losses: Sequence[dict] = (), **kwargs) -> None:
+                 ckd: Union[dict, None, bool] = None, distill_losses: Sequence[dict] = (), **kwargs) -> None:
         if distill_losses:
             raise ValueError(f"{_OWNER}: distill_losses must be empty: HEAD's losses are set by `akd` and `ckd` "
                              f"(combining HEAD with other kdops losses is not supported yet)")
@@ -322,12 +323,14 @@ class HEADDistillDetector(_StudentAsRPN, DistillDetector):
         self.assistant.load_state_dict({k: src[k].detach().clone() for k in dst})
         self.assistant._is_init = True  # the Runner's init_weights must not re-initialise it
 
-    def _build_ckd(self, ckd: Optional[dict], teacher_channels: int) -> Optional[nn.Module]:
-        if ckd is None:
+    def _build_ckd(self, ckd, teacher_channels: int) -> Optional[nn.Module]:
+        if ckd is False:
             return None
+        if ckd is None:
+            ckd = {}
         if not isinstance(ckd, dict):
-            raise TypeError(f"{_OWNER}: ckd must be a dict (type='mse' or 'contrastive', plus the loss's settings) "
-                            f"or None, got {type(ckd).__name__}")
+            raise TypeError(f"{_OWNER}: ckd must be a dict (type='mse' or 'contrastive', plus the loss's settings), "
+                            f"None (the release's MSE CKD) or False (no CKD), got {type(ckd).__name__}")
         ckd = dict(ckd)
         kind = ckd.pop("type", "mse")
         cls = {"mse": HEADCKDLoss, "contrastive": HEADContrastiveCKDLoss}.get(kind)

@@ -207,6 +207,17 @@ def test_head_step_sources_rois_and_losses_match_mmdet_and_eager_formulas(toy):
     assert all(p.grad is None for p in model.teacher.parameters())
 
 
+def test_head_ckd_defaults_to_the_release_and_can_be_switched_off(toy):
+    model, _ = _model(toy, ckd=None)
+    assert type(model.ckd).__name__ == "HEADCKDLoss" and model.ckd.loss_weight == 2.0
+    model, cfg = _model(toy, ckd=False)
+    assert model.ckd is None and model.kd_scale == {"akd": 1.0}
+    model.train()
+    data = _batch(cfg, model)
+    losses = model.loss(data["inputs"], data["data_samples"])
+    assert "loss_ckd" not in losses and float(losses["loss_akd"].detach()) > 0
+
+
 def test_head_contrastive_ckd_and_paper_weight_build_and_step(toy):
     """The contrastive CKD option and the paper's lambda^A = 5 build from config keys and give finite losses."""
     model, cfg = _model(toy, akd=dict(loss_weight=5.0), ckd=dict(type="contrastive", loss_weight=0.5))
