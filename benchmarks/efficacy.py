@@ -147,6 +147,24 @@ def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+_WEIGHTS: Dict[str, str] = {}
+
+
+def _weights_digest(ckpt: str) -> str:
+    """A hash of a checkpoint's weights alone (its meta holds times and paths), memoised per path."""
+    if ckpt not in _WEIGHTS:
+        import torch
+
+        sd = torch.load(ckpt, map_location="cpu", weights_only=False)
+        sd = sd.get("state_dict", sd)
+        h = hashlib.sha256()
+        for k in sorted(sd):
+            h.update(k.encode())
+            h.update(sd[k].detach().contiguous().cpu().numpy().tobytes())
+        _WEIGHTS[ckpt] = h.hexdigest()[:16]
+    return _WEIGHTS[ckpt]
+
+
 def _files_digest() -> str:
     h = hashlib.sha256()
     for p in CFG_FILES:
@@ -331,11 +349,15 @@ class Bench:
         key = _hash({k: v for k, v in spec.items()})
         d = osp.join(self.cache, "runs", f"{tag}-{key}")
         res_path = osp.join(d, "result.json")
+        stored = self._stored(spec, tag)
         if osp.isfile(res_path):
             with open(res_path) as f:
                 res = json.load(f)
             res["cached"] = True
+            self._store(spec, tag, res)
             return res
+        if stored is not None and spec["kind"] != "teacher":  # a teacher's checkpoint is not stored
+            return dict(stored, cached=True)
         if self.args.report_only:
             return None
         os.makedirs(d, exist_ok=True)
@@ -357,8 +379,51 @@ class Bench:
         with open(res_path) as f:
             res = json.load(f)
         res["cached"] = False
+        self._store(spec, tag, res)
         self._say(f"[efficacy] {tag}: mAP {res['mAP']:.1f} in {time.perf_counter() - t0:.0f} s")
         return res
+
+    # ------------------------------------------------------------------ the committed run store
+    # Runs outlive the cache (which a fresh machine does not have) in --store, a folder of small JSON
+    # files meant to be committed: one per run, named by a key that leaves out this machine's paths and
+    # holds what decides the result -- the run's settings, the CPU model and, for a KD run, a hash of the
+    # teacher's weights. A later session re-trains the teacher (its checkpoint is not stored); if the
+    # weights come out the same, every stored KD run of that teacher is reused, else they are retrained.
+    def _store_key(self, spec: dict) -> Optional[str]:
+        if not self.args.store:
+            return None
+        canon = {k: v for k, v in spec.items() if k not in ("data_root", "teacher_ckpt", "work_dir", "result",
+                                                             "threads")}
+        canon["ann_file"] = osp.basename(spec.get("ann_file", ""))
+        canon["cpu"] = _cpu_name()
+        if spec.get("teacher_ckpt"):
+            canon["teacher_weights"] = _weights_digest(spec["teacher_ckpt"])
+        return _hash(canon)
+
+    def _stored(self, spec: dict, tag: str) -> Optional[dict]:
+        key = self._store_key(spec)
+        path = key and osp.join(self.args.store, f"{tag}-{key}.json")
+        if not path or not osp.isfile(path):
+            return None
+        with open(path) as f:
+            return json.load(f)
+
+    def _store(self, spec: dict, tag: str, res: dict) -> None:
+        key = self._store_key(spec)
+        if not key:
+            return
+        os.makedirs(self.args.store, exist_ok=True)
+        path = osp.join(self.args.store, f"{tag}-{key}.json")
+        if osp.isfile(path):
+            return
+        keep = {k: v for k, v in res.items() if k not in ("cached", "ckpt")}
+        curve = keep.get("curve") or []
+        if len(curve) > CURVE_POINTS:
+            step = -(-len(curve) // CURVE_POINTS)
+            keep["curve"] = curve[::step] + ([curve[-1]] if (len(curve) - 1) % step else [])
+        with open(path + ".tmp", "w") as f:
+            json.dump(dict(keep, tag=tag, cpu=_cpu_name()), f)
+        os.replace(path + ".tmp", path)
 
     def _say(self, msg: str) -> None:
         print(time.strftime("%H:%M:%S"), msg, flush=True)
@@ -683,6 +748,10 @@ def parse_args(argv=None):
     ap.add_argument("--jobs", type=int, default=1,
                     help="runs in parallel (baselines need no teacher, so --jobs 2 trains them while the teacher "
                          "trains)")
+    ap.add_argument("--store", default=None,
+                    help="a folder of per-run result files to commit (e.g. benchmarks/results/<machine>/"
+                         "efficacy_runs): runs found there are not trained again, on any machine of the same CPU "
+                         "model whose teacher comes out with the same weights")
     ap.add_argument("--report-only", action="store_true",
                     help="train nothing: write the report from the runs already in the cache (pairs missing a "
                          "run are left out)")

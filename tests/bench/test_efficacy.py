@@ -47,8 +47,8 @@ def test_quick_mode_runs_the_whole_pipeline(tmp_path):
     pytest.importorskip("mmdet")
     pytest.importorskip("mmcv")
     E = _efficacy()
-    out, cache = tmp_path / "out", tmp_path / "cache"
-    argv = ["--quick", "--jobs", "2", "--out", str(out), "--cache-dir", str(cache)]
+    out, cache, store = tmp_path / "out", tmp_path / "cache", tmp_path / "store"
+    argv = ["--quick", "--jobs", "2", "--out", str(out), "--cache-dir", str(cache), "--store", str(store)]
     E.main(argv)
     for f in ("efficacy_quick.md", "efficacy_quick.json", "efficacy_quick.png", "efficacy_quick_curves.png"):
         assert (out / f).is_file() and (out / f).stat().st_size > 0, f
@@ -74,6 +74,21 @@ def test_quick_mode_runs_the_whole_pipeline(tmp_path):
     again = json.loads((out / "efficacy_quick.json").read_text())
     assert [s["kd_mAP"] for r in again["results"] for s in r["seeds"]] == \
         [s["kd_mAP"] for r in doc["results"] for s in r["seeds"]]
+    # a fresh machine (empty cache) with the committed store: the teacher is trained again; the baselines
+    # come from the store, and the KD runs too exactly when the new teacher has the same weights
+    assert {p.name.split("-s")[0] for p in store.iterdir()} >= {"low-baseline", "low-pkd", "full-baseline",
+                                                                 "full-pkd"}
+    cache2 = tmp_path / "cache2"
+    E.main(argv[:argv.index("--cache-dir") + 1] + [str(cache2)] + argv[argv.index("--cache-dir") + 2:])
+    runs2 = os.listdir(cache2 / "runs")
+    assert not any("baseline" in r for r in runs2)
+    teachers = [os.path.join(c, "runs", r, f"iter_{E.QUICK['teacher_iters']}.pth") for c in (cache, cache2)
+                for r in os.listdir(os.path.join(c, "runs")) if r.startswith("teacher-")]
+    same = E._weights_digest(teachers[0]) == E._weights_digest(teachers[1])
+    assert any("pkd" in r for r in runs2) == (not same)
+    third = json.loads((out / "efficacy_quick.json").read_text())
+    assert [s["baseline_mAP"] for r in third["results"] for s in r["seeds"]] == \
+        [s["baseline_mAP"] for r in doc["results"] for s in r["seeds"]]
 
 
 def test_every_method_builds_on_the_efficacy_student_and_its_teacher():
