@@ -99,10 +99,10 @@ class _Recorder:
         return out
 
 
-def _shared_fcs(roi_head: nn.Module, role: str) -> nn.ModuleList:
+def _shared_fcs(roi_head: nn.Module, role: str, owner: str = _OWNER) -> nn.ModuleList:
     fcs = getattr(getattr(roi_head, "bbox_head", None), "shared_fcs", None)
     if not isinstance(fcs, nn.ModuleList) or len(fcs) == 0:
-        raise ValueError(f"{_OWNER}: the {role}'s roi_head.bbox_head has no shared_fcs (got "
+        raise ValueError(f"{owner}: the {role}'s roi_head.bbox_head has no shared_fcs (got "
                          f"{type(getattr(roi_head, 'bbox_head', None)).__name__}); HEAD distils the shared FC "
                          f"layers of a ConvFCBBoxHead such as Shared2FCBBoxHead (Faster R-CNN's)")
     return fcs
@@ -435,7 +435,7 @@ class TFHEADDetector(_StudentAsRPN, BaseDetector):
         if not isinstance(d_convs, nn.ModuleList) or len(d_convs) == 0:
             raise ValueError(f"{self.owner}: the dense assistant ({type(self.dense_assistant).__name__}) has no "
                              f"classification conv tower (cls_convs) to mimic")
-        fcs = _shared_fcs(self.assistant, "R-CNN assistant")
+        fcs = _shared_fcs(self.assistant, "R-CNN assistant", self.owner)
         c_s = self._student_feat_channels()
         self.dense_mimic = HEADDenseLoss(in_channels=c_s, out_channels=int(self.dense_assistant.feat_channels),
                                          **{"loss_weight": 1.0, **dict(dense or {})})
