@@ -13,14 +13,15 @@ import torch
 from .registry import Case, Impl
 
 
-#: the machine's own noise while a case is timed: a fixed matrix product (the canary, CANARY_N x
-#: CANARY_N) is timed after every repetition round; a canary spread (IQR / median) above CANARY_SPREAD
+#: the machine's own noise while a case is timed: a fixed elementwise pass over CANARY_N floats (the
+#: canary) is timed after every repetition round; a canary spread (IQR / median) above CANARY_SPREAD
 #: says other work disturbed the machine during the case, and every row of the case is flagged. An op's
 #: own spread is not a disturbance signal: on an idle 2-core VM the backward of an op that allocates
-#: large gradients varies by up to ~150% between repetitions (page faults, thread wake-ups), while the
-#: canary stays within a few per cent; under load its spread reaches 50x (measured, issue 21).
-CANARY_N = 192
-CANARY_SPREAD = 0.5
+#: large gradients varies by up to ~150% between repetitions. Measured on a 2-vCPU EPYC VM (issue 21):
+#: idle, the canary's spread stayed within 0.05-0.80 over 26 cases of two runs; with two busy
+#: processes on the cores it reached 1.3-25 in a third of the cases.
+CANARY_N = 1 << 20
+CANARY_SPREAD = 1.0
 #: old results (JSON written before the canary existed) are judged by their own spread: above this
 #: fraction of the median (and SPREAD_MIN_MS)
 SPREAD = 0.25
@@ -122,18 +123,21 @@ class Timer:
 
 
 class _Canary:
-    """Times a fixed CANARY_N x CANARY_N matrix product on the case's device, once per call."""
+    """Times a fixed elementwise pass over CANARY_N floats on the case's device, once per call: an
+    ``out=`` multiply-add (no allocation) on torch's own intra-op thread pool, the pool the ops use
+    (a BLAS product was thrown off by the OpenMP threads an op leaves spinning)."""
 
     def __init__(self, device: torch.device):
         g = torch.Generator().manual_seed(0)
-        self.a = torch.randn(CANARY_N, CANARY_N, generator=g).to(device)
+        self.a = torch.randn(CANARY_N, generator=g).to(device)
+        self.out = torch.empty_like(self.a)
         self.timer = Timer(device)
         self.samples: List[float] = []
-        self.tick()  # warm: the first product pays for thread start-up
+        self.tick()  # warm: the first pass pays for thread start-up and first touch
 
     def tick(self) -> None:
         t0 = self.timer.now()
-        torch.mm(self.a, self.a)
+        torch.add(self.a, self.a, alpha=0.5, out=self.out)
         self.samples.append(self.timer.now() - t0)
 
     def spread(self) -> Optional[float]:

@@ -114,7 +114,7 @@ def markdown(rows: List[Dict], env: Dict[str, object], title: str) -> str:
                 "range of the repetitions, which are interleaved across implementations; x eager: fwd+bwd of the "
                 "case's eager baseline (its second row) / this fwd+bwd; GB/s: the op's minimal bytes (read "
                 "inputs, write gradients) / kdops fwd+bwd time; check: results and gradients against kdops; "
-                "timing: `!` where other work disturbed the machine -- a fixed matrix product timed after every "
+                "timing: `!` where other work disturbed the machine -- a fixed elementwise pass timed after every "
                 "repetition round (the canary) varied, or fwd+bwd came out below max(fwd, bwd).")
     head.append("")
     head.append(summary(rows))

@@ -147,7 +147,7 @@ def test_disturbed_timings_are_flagged_in_table_and_last_line():
 
 def test_each_case_measures_the_canary_and_its_spread_flags_the_rows(monkeypatch):
     """time_case times the canary after every repetition round and stores its spread in every row; when
-    the canary's times vary (here injected: alternately 1 and 3 ms, as under a competing process) every
+    the canary's times vary (here injected: alternately 1 and 5 ms, as under a competing process) every
     row of the case is flagged, and with steady canary times none is."""
     import kdops.bench.harness as H
 
@@ -160,7 +160,7 @@ def test_each_case_measures_the_canary_and_its_spread_flags_the_rows(monkeypatch
             self.samples.append(times[len(self.samples) % len(times)])
         return tick
 
-    monkeypatch.setattr(H._Canary, "tick", fake([1e-3, 3e-3]))
+    monkeypatch.setattr(H._Canary, "tick", fake([1e-3, 5e-3]))
     rows = time_case(case, torch.device("cpu"), reps=6, warmup=1, progress=lambda m: None)
     assert all(r.extra["canary_spread"] > H.CANARY_SPREAD and "canary spread" in r.disturbed for r in rows)
     monkeypatch.setattr(H._Canary, "tick", fake([1e-3, 1.01e-3]))
