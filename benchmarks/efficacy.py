@@ -119,12 +119,54 @@ METHODS: Dict[str, dict] = {
              "(trained like the RetinaNet teacher); the cosine schedule has no LR drop, so CKD is never switched "
              "off here."),
     ),
+    "tf_head": dict(
+        label="TF-HEAD (teacher-free)",
+        teacher=None,
+        model=dict(
+            type="kdops.TFHEADDetector", featmap_strides=[8, 16, 32],
+            proposals=dict(nms_pre=1000, iou_threshold=0.7, max_per_img=300, min_bbox_size=0),
+            rcnn_assistant=dict(
+                type="StandardRoIHead",
+                bbox_roi_extractor=dict(type="SingleRoIExtractor",
+                                        roi_layer=dict(type="RoIAlign", output_size=7, sampling_ratio=0),
+                                        out_channels=32, featmap_strides=[8, 16, 32]),
+                bbox_head=dict(type="Shared2FCBBoxHead", in_channels=32, fc_out_channels=256, roi_feat_size=7,
+                               num_classes=4,
+                               bbox_coder=dict(type="DeltaXYWHBBoxCoder", target_means=[0.0] * 4,
+                                               target_stds=[0.1, 0.1, 0.2, 0.2]),
+                               reg_class_agnostic=False,
+                               loss_cls=dict(type="CrossEntropyLoss", use_sigmoid=False, loss_weight=1.0),
+                               loss_bbox=dict(type="L1Loss", loss_weight=1.0)),
+                train_cfg=dict(assigner=dict(type="MaxIoUAssigner", pos_iou_thr=0.5, neg_iou_thr=0.5,
+                                             min_pos_iou=0.5, match_low_quality=False, ignore_iof_thr=-1),
+                               sampler=dict(type="RandomSampler", num=128, pos_fraction=0.25, neg_pos_ub=-1,
+                                            add_gt_as_proposals=True),
+                               pos_weight=-1, debug=False),
+                test_cfg=dict(score_thr=0.05, nms=dict(type="nms", iou_threshold=0.5), max_per_img=100)),
+            dense_assistant=dict(
+                type="FCOSHead", num_classes=4, in_channels=32, stacked_convs=2, feat_channels=32,
+                strides=[8, 16, 32], regress_ranges=((-1, 64), (64, 128), (128, 1e8)), norm_on_bbox=True,
+                centerness_on_reg=True, dcn_on_last_conv=False, center_sampling=True, conv_bias=True,
+                loss_cls=dict(type="FocalLoss", use_sigmoid=True, gamma=2.0, alpha=0.25, loss_weight=0.5),
+                loss_bbox=dict(type="GIoULoss", loss_weight=0.5),
+                loss_centerness=dict(type="CrossEntropyLoss", use_sigmoid=True, loss_weight=0.5),
+                test_cfg=dict(nms_pre=1000, min_bbox_size=0, score_thr=0.05,
+                              nms=dict(type="nms", iou_threshold=0.5), max_per_img=100)),
+            dense=dict(loss_weight=1.0), ckd=dict(loss_weight=1.3)),
+        hooks=[dict(type="kdops.KDScheduleHook", warmup_iters=100, losses=["assist", "dense", "ckd"])],
+        weight=("the release's weights: assistants' GT losses at 0.5 (FCOS) and 1.0 (R-CNN), dense mimic 1.0, "
+                "CKD 1.3, all warmed up over 100 iterations; FCOS assistant (2 convs of 32) on the student's 3 FPN "
+                "levels, R-CNN assistant (2 FC of 256) fed with the student's own 300 proposals, 128 RoIs per image"),
+        why=("teacher-free: the assistants are trained from scratch with the student, so the baseline is the same "
+             "student alone and the gain is what the assistants' supervision adds; the cosine schedule has no LR "
+             "drop, so the mimic losses are never switched off here (the paper stops them at the first drop)."),
+    ),
 }
 SKIPPED_METHODS: Dict[str, str] = {}
 
 
-def teacher_of(method: str) -> str:
-    """The TEACHERS key a method distils from."""
+def teacher_of(method: str) -> Optional[str]:
+    """The TEACHERS key a method distils from (None: a teacher-free method such as TF-HEAD)."""
     return METHODS[method].get("teacher", "retinanet")
 
 
@@ -280,12 +322,16 @@ def _worker(spec_path: str) -> None:
     kd = bool(spec.get("entry") or spec.get("model"))
     if kd:
         cfg.custom_imports = dict(imports=["kdops_mmdet"], allow_failed_imports=False)
-        teacher_cfg = TEACHERS[spec.get("teacher_arch", "retinanet")]["cfg"]
-        if spec.get("model"):  # a whole-method detector (HEAD) with its own settings and schedule hooks
+        if spec.get("model") and "teacher_ckpt" not in spec:  # a teacher-free method (TF-HEAD)
+            cfg.model = dict(spec["model"], student=cfg.model)
+            cfg.custom_hooks = list(spec.get("hooks") or [])
+        elif spec.get("model"):
+            teacher_cfg = TEACHERS[spec["teacher_arch"]]["cfg"]  # a whole-method detector (HEAD) with its own settings and schedule hooks
             cfg.model = dict(spec["model"], student=cfg.model, teacher_cfg=teacher_cfg,
                              teacher_ckpt=spec["teacher_ckpt"])
             cfg.custom_hooks = list(spec.get("hooks") or [])
         else:
+            teacher_cfg = TEACHERS[spec.get("teacher_arch", "retinanet")]["cfg"]
             cfg.model = dict(type="kdops.DistillDetector", student=cfg.model, teacher_cfg=teacher_cfg,
                              teacher_ckpt=spec["teacher_ckpt"], distill_losses=[spec["entry"]])
 
@@ -449,7 +495,9 @@ class Bench:
                     ann_file=self.data["low" if REGIMES[regime]["n_labelled"] else "full"])
         if method:
             m = METHODS[method]
-            if "model" in m:
+            if "model" in m and m["teacher"] is None:  # teacher-free (TF-HEAD)
+                spec.update(model=m["model"], hooks=m.get("hooks", []))
+            elif "model" in m:
                 spec.update(model=m["model"], hooks=m.get("hooks", []), teacher_arch=m["teacher"],
                             teacher_ckpt=teacher["ckpt"])
             else:
@@ -522,7 +570,7 @@ def write_report(out: str, prefix: str, meta: dict, teachers: Dict[str, dict], r
         r["stats"] = paired_stats([s["baseline_mAP"] for s in r["seeds"]], [s["kd_mAP"] for s in r["seeds"]])
     brief = {a: dict(mAP=t["mAP"], mAP50=t["mAP50"], wall_s=t["wall_s"], params_m=t.get("params_m"))
              for a, t in teachers.items()}
-    doc = dict(meta=meta, teacher=brief.get("retinanet") or next(iter(brief.values())), teachers=brief,
+    doc = dict(meta=meta, teacher=brief.get("retinanet") or next(iter(brief.values()), None), teachers=brief,
                skipped=SKIPPED_METHODS, results=rows)
     with open(osp.join(out, prefix + ".json"), "w") as f:
         json.dump(_thin_curves(doc), f, indent=1)
@@ -643,7 +691,7 @@ class _Scheduler:
         return self.futs[("teacher", teacher_of(t[2]))]
 
     def _ready(self, t) -> bool:
-        if t[0] == "teacher" or t[2] is None:
+        if t[0] == "teacher" or t[2] is None or teacher_of(t[2]) is None:
             return True
         ft = self._teacher(t)
         return ft.done() and ft.exception() is None
@@ -660,7 +708,7 @@ class _Scheduler:
                         break
                     # a KD task whose teacher is done but not ready: the teacher failed, the task cannot run
                     failed = [t for t in self.pending if t[0] != "teacher" and t[2] is not None
-                              and self._teacher(t).done()]
+                              and teacher_of(t[2]) is not None and self._teacher(t).done()]
                     for t in failed:
                         self.futs[t].set_exception(RuntimeError(f"efficacy: the {teacher_of(t[2])} teacher run "
                                                                 f"failed"))
@@ -673,7 +721,7 @@ class _Scheduler:
                     fut.set_result(self.bench.teacher(task[1]))
                 else:
                     regime, seed, m = task
-                    teacher = self._teacher(task).result() if m else None
+                    teacher = self._teacher(task).result() if m and teacher_of(m) else None
                     fut.set_result(self.bench.student(regime, seed, m, teacher))
             except BaseException as e:  # noqa: BLE001  (reported by whoever waits on the future)
                 fut.set_exception(e)
@@ -702,14 +750,14 @@ def _pair(seed: int, b: dict, k: dict) -> dict:
 
 
 def _report_from_cache(bench: Bench, args, meta: dict, methods: List[str], n_seeds: int, prefix: str) -> dict:
-    teachers = {a: bench.teacher(a) for a in dict.fromkeys(teacher_of(m) for m in methods)}
+    teachers = {a: bench.teacher(a) for a in dict.fromkeys(teacher_of(m) for m in methods) if a}
     rows = []
     for m in methods:
         for regime in args.regimes:
             row = _row(m, regime)
             for seed in range(n_seeds):
                 b = bench.student(regime, seed, None, None)
-                k = bench.student(regime, seed, m, teachers[teacher_of(m)])
+                k = bench.student(regime, seed, m, teachers.get(teacher_of(m)))
                 if b is not None and k is not None:
                     row["seeds"].append(_pair(seed, b, k))
             if row["seeds"]:
@@ -789,7 +837,7 @@ def main(argv=None) -> dict:
         return _report_from_cache(bench, args, meta, methods, n_seeds, prefix)
     plan = [(m, regime, seed) for m in methods for regime in args.regimes for seed in range(n_seeds)]
     # in priority order: the teachers, then each baseline just before its first KD run
-    tasks: List[tuple] = [("teacher", a) for a in dict.fromkeys(teacher_of(m) for m in methods)]
+    tasks: List[tuple] = [("teacher", a) for a in dict.fromkeys(teacher_of(m) for m in methods) if a]
     for m, regime, seed in plan:
         if (regime, seed, None) not in tasks:
             tasks.append((regime, seed, None))
@@ -805,7 +853,7 @@ def main(argv=None) -> dict:
                 rows.append(row)
                 for seed in range(n_seeds):
                     a = teacher_of(m)
-                    if a not in teachers:
+                    if a and a not in teachers:
                         teachers[a] = sched.future(("teacher", a)).result()
                         bench._say(f"[efficacy] {a} teacher: {teachers[a]['mAP']:.1f} mAP "
                                    f"({'cached' if teachers[a]['cached'] else 'trained'})")

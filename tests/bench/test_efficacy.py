@@ -105,16 +105,22 @@ def test_every_method_builds_on_the_efficacy_student_and_its_teacher():
     register_all_modules(init_default_scope=True)
     for name in E.METHODS:
         student = Config.fromfile(E.STUDENT_CFG).model
-        teacher_cfg = E.TEACHERS[E.teacher_of(name)]["cfg"]
         cfg = E.method_config(name)
-        if "model" in E.METHODS[name]:  # a whole-method detector (HEAD)
+        if E.teacher_of(name) is None:  # teacher-free (TF-HEAD): the assistants train with the student
             model_cfg = {k: v for k, v in cfg.items() if k != "hooks"}
-            model_cfg.update(student=student, teacher_cfg=teacher_cfg, teacher_ckpt=None)
+            model_cfg.update(student=student)
+        elif "model" in E.METHODS[name]:  # a whole-method detector (HEAD)
+            model_cfg = {k: v for k, v in cfg.items() if k != "hooks"}
+            model_cfg.update(student=student, teacher_cfg=E.TEACHERS[E.teacher_of(name)]["cfg"], teacher_ckpt=None)
         else:
-            model_cfg = dict(type="kdops.DistillDetector", student=student, teacher_cfg=teacher_cfg, teacher_ckpt=None,
+            model_cfg = dict(type="kdops.DistillDetector", student=student,
+                             teacher_cfg=E.TEACHERS[E.teacher_of(name)]["cfg"], teacher_ckpt=None,
                              distill_losses=[cfg])
         model = MODELS.build(model_cfg)
-        if name == "head":
+        if name in ("head", "tf_head"):
             assert model.assistant.bbox_roi_extractor.featmap_strides == [8, 16, 32]
+            if name == "tf_head":
+                assert [int(s[0] if isinstance(s, (tuple, list)) else s)
+                        for s in model.dense_assistant.strides] == [8, 16, 32]
         else:
             assert [e.name for e in model.entries] == [cfg["name"]]
