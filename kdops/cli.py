@@ -105,7 +105,7 @@ def _bench(args) -> int:
 
     from kdops.bench import cases_for
     from kdops.bench.harness import default_progress, time_case
-    from kdops.bench.report import device_slug, environment, markdown, plot, summary, write_json
+    from kdops.bench.report import device_slug, environment, markdown, summary, write_json
 
     started = time.perf_counter()
     if args.threads is not None:
@@ -155,17 +155,15 @@ def _bench(args) -> int:
     if not all_cases:
         save(rows)
     print(markdown(rows, env, title))
+    out_roof = None
     if out_png:
         try:
-            plot(out_png, rows, env, title)
+            out_png, out_roof = _charts(out_png, rows, env, title)
         except ImportError:
             print("kdops bench: --plot needs matplotlib (pip install matplotlib); the JSON can be plotted "
                   "later, elsewhere, with `kdops plot <json>`", file=sys.stderr)
             out_png = None
-        except ValueError as e:  # nothing timed (every implementation failed)
-            print(f"kdops bench: no chart: {e}", file=sys.stderr)
-            out_png = None
-    for what, p in (("table", out_md), ("data ", out_json), ("chart", out_png)):
+    for what, p in (("table", out_md), ("data ", out_json), ("chart", out_png), ("roof chart", out_roof)):
         if p:
             print(f"{what}: {p}", file=sys.stderr)
     bad = [r for r in rows if r["match"].startswith("MISMATCH") and r["impl"] in ("kdops", "eager")]
@@ -177,10 +175,24 @@ def _bench(args) -> int:
     return 1 if bad else 0
 
 
+def _charts(out_png: str, rows, env, title: str):
+    """The speed-up chart at ``out_png`` and, where the cases have roofs, the time-against-roof chart next
+    to it (``*_roof.png``); returns the paths written (None for a chart with nothing to draw)."""
+    from kdops.bench.report import plot, plot_roof
+
+    written = []
+    for fn, path in ((plot, out_png), (plot_roof, os.path.splitext(out_png)[0] + "_roof.png")):
+        try:
+            fn(path, rows, env, title)
+            written.append(path)
+        except ValueError as e:  # nothing timed (every implementation failed), or no roofs
+            print(f"kdops: no chart {path}: {e}", file=sys.stderr)
+            written.append(None)
+    return tuple(written)
+
+
 def _plot(args) -> int:
     import json
-
-    from kdops.bench.report import plot
 
     with open(args.json) as f:
         data = json.load(f)
@@ -188,12 +200,14 @@ def _plot(args) -> int:
     out = args.out or os.path.splitext(args.json)[0] + ".png"
     try:
         sel = f", {env['selection']}" if env.get("selection") else ""
-        plot(out, rows, env, f"kdops bench ({env.get('dtype', '?')}, {env.get('size', '?')}{sel})")
+        written = _charts(out, rows, env, f"kdops bench ({env.get('dtype', '?')}, {env.get('size', '?')}{sel})")
     except ImportError:
         print("kdops plot: needs matplotlib (pip install matplotlib)", file=sys.stderr)
         return 2
-    print(f"wrote {out}", file=sys.stderr)
-    return 0
+    for p in written:
+        if p:
+            print(f"wrote {p}", file=sys.stderr)
+    return 0 if any(written) else 1
 
 
 def _bench_ops() -> List[str]:

@@ -51,6 +51,8 @@ class Row:
     bwd_iqr_ms: Optional[float] = None
     fwdbwd_iqr_ms: Optional[float] = None
     speedup_vs_eager: Optional[float] = None
+    vs_compile: Optional[float] = None   # the case's torch.compile fwd+bwd / this fwd+bwd
+    vs_roof: Optional[float] = None      # this fwd+bwd / the case's roof time (1 = at the machine's limit)
     gbps: Optional[float] = None
     peak_mib: Optional[float] = None
     match: str = ""
@@ -99,14 +101,33 @@ def _outputs(res) -> List[torch.Tensor]:
     return [r for r in res if isinstance(r, torch.Tensor)]
 
 
-def _scalar(res) -> torch.Tensor:
-    # a fixed, non-uniform combination so every output element's gradient is exercised
-    total = 0
+_GRAD_OUTPUTS: Dict[tuple, torch.Tensor] = {}
+
+
+def _grad_outputs(res):
+    """(outputs, upstream gradients) of a result: every floating output that requires grad gets a fixed,
+    non-uniform upstream gradient (a ramp 0.5..1.5 over its elements, made once per shape and dtype and
+    kept), so every output element's gradient is exercised and the timed backward is the op's own --
+    no reduction of the outputs to a scalar, whose forward and backward would add passes over large
+    outputs (box_paint's maps) to every implementation's time."""
+    outs, ws = [], []
     for o in _outputs(res):
         if o.is_floating_point() and o.requires_grad:
-            w = torch.linspace(0.5, 1.5, o.numel(), device=o.device, dtype=torch.float32).reshape(o.shape)
-            total = total + (o.float() * w).sum()
-    return total
+            key = (tuple(o.shape), o.dtype, o.device)
+            w = _GRAD_OUTPUTS.get(key)
+            if w is None:
+                w = torch.linspace(0.5, 1.5, o.numel(), device=o.device, dtype=torch.float32).reshape(o.shape)
+                w = _GRAD_OUTPUTS[key] = w.to(o.dtype)
+            outs.append(o)
+            ws.append(w)
+    return outs, ws
+
+
+def _backward(res, leaves):
+    outs, ws = _grad_outputs(res)
+    if not outs:
+        return None
+    return torch.autograd.grad(outs, leaves, grad_outputs=ws, allow_unused=True)
 
 
 class Timer:
@@ -157,6 +178,11 @@ def _median_iqr(xs: List[float]):
 
 
 def _prepare(impl: Impl) -> Callable:
+    if impl.roof:
+        def roof(**inputs):
+            with torch.no_grad():
+                return impl.fn(**inputs)
+        return roof
     return torch.compile(impl.fn) if impl.compile else impl.fn
 
 
@@ -164,7 +190,7 @@ def _run_once(fn, inputs, leaves, backward: bool):
     res = fn(**inputs)
     grads = None
     if backward and leaves:
-        grads = torch.autograd.grad(_scalar(res), leaves, allow_unused=True)
+        grads = _backward(res, leaves)
     return res, grads
 
 
@@ -203,6 +229,8 @@ def time_case(case: Case, device: torch.device, reps: int, warmup: int,
     leaves = _leaves(inputs, case.grad_inputs) if case.backward else []
     timer = Timer(device)
     rows = {impl.name: Row(op=case.op, case=case.label, impl=impl.name) for impl in case.impls}
+    roofs = {impl.name for impl in case.impls if impl.roof}
+    backward = {impl.name: case.backward and bool(leaves) and not impl.roof for impl in case.impls}
     results, fns = {}, {}
 
     def fail(name: str, e: Exception) -> None:  # a failing peer or compile must not stop the run
@@ -215,9 +243,9 @@ def time_case(case: Case, device: torch.device, reps: int, warmup: int,
         try:
             fn = _prepare(impl)
             for _ in range(max(warmup, 1) - 1):
-                _run_once(fn, inputs, leaves, case.backward)
+                _run_once(fn, inputs, leaves, backward[impl.name])
             t0 = timer.now()
-            results[impl.name] = _run_once(fn, inputs, leaves, case.backward)  # the last warm-up run
+            results[impl.name] = _run_once(fn, inputs, leaves, backward[impl.name])  # the last warm-up run
             one = timer.now() - t0
             fns[impl.name] = fn
             # a slow implementation gets fewer repetitions (never under MIN_REPS): a pass of its
@@ -240,10 +268,10 @@ def time_case(case: Case, device: torch.device, reps: int, warmup: int,
                 res = fns[name](**inputs)
                 t1 = timer.now()
                 fwd[name].append(t1 - t0)
-                if case.backward and leaves:
-                    loss = _scalar(res)
+                if backward[name]:
+                    outs, ws = _grad_outputs(res)
                     t2 = timer.now()
-                    torch.autograd.grad(loss, leaves, allow_unused=True)
+                    torch.autograd.grad(outs, leaves, grad_outputs=ws, allow_unused=True)
                     bwd[name].append(timer.now() - t2)
                 del res
             except Exception as e:
@@ -254,7 +282,7 @@ def time_case(case: Case, device: torch.device, reps: int, warmup: int,
         for name in _rotated([n for n in fns if i < n_reps[n]], i):
             try:
                 t0 = timer.now()
-                _run_once(fns[name], inputs, leaves, case.backward)
+                _run_once(fns[name], inputs, leaves, backward[name])
                 both[name].append(timer.now() - t0)
             except Exception as e:
                 fail(name, e)
@@ -273,7 +301,7 @@ def time_case(case: Case, device: torch.device, reps: int, warmup: int,
                 torch.cuda.synchronize()
                 base = torch.cuda.memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
-                _run_once(fn, inputs, leaves, case.backward)
+                _run_once(fn, inputs, leaves, backward[name])
                 torch.cuda.synchronize()
                 row.peak_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
             except Exception as e:
@@ -282,14 +310,24 @@ def time_case(case: Case, device: torch.device, reps: int, warmup: int,
     # by convention the second implementation of a case is its eager baseline
     base_name = case.impls[1].name if len(case.impls) > 1 else None
     eager = rows.get(base_name) if base_name else None
+    comp = next((rows[i.name] for i in case.impls if i.compile and not rows[i.name].error), None)
+    roof = next((rows[n] for n in roofs if not rows[n].error), None)
     out = list(rows.values())
     for r in out:
         if r.error:
             r.match = "error"
             continue
-        r.match = "ok" if r.impl == ref_name else _compare(results[ref_name], results[r.impl], case)
+        if r.impl in roofs:
+            r.match = "roof"
+            r.extra["bound"] = case.bound
+        else:
+            r.match = "ok" if r.impl == ref_name else _compare(results[ref_name], results[r.impl], case)
         if eager is not None and eager.fwdbwd_ms and r.fwdbwd_ms:
             r.speedup_vs_eager = eager.fwdbwd_ms / r.fwdbwd_ms
+        if comp is not None and comp.fwdbwd_ms and r.fwdbwd_ms and r.impl not in roofs:
+            r.vs_compile = comp.fwdbwd_ms / r.fwdbwd_ms
+        if roof is not None and roof.fwdbwd_ms and r.fwdbwd_ms:
+            r.vs_roof = r.fwdbwd_ms / roof.fwdbwd_ms
         r.disturbed = disturbance(r.as_dict())
     return out
 

@@ -68,3 +68,26 @@ def dense_head_anchors(levels, strides, J, device, dtype):
 def dense_head_maps(levels, N, J, C, g, device, dtype, scale=1.0):
     """Random mmdet-layout (N, J*C, H, W) head outputs, one per level."""
     return [(torch.randn(N, J * C, h, w, generator=g) * scale).to(device, dtype) for h, w in levels]
+
+
+# ------------------------------------------------------------------------------------------ roofs
+# The machine's own limit for a case (Impl(roof=True)): the least traffic the op's result needs, done
+# with plain torch passes into fresh tensors (as an op's backward allocates its gradients), timed in the
+# same run as the implementations. Each returns its outputs so nothing is optimised away.
+FEATURE_BOUND = ("read student and teacher once, write the student's gradient once into a fresh tensor "
+                 "(torch.sub per level)")
+
+
+def roof_feature_pass(student, teacher, **_):
+    """A feature loss's least traffic: read both maps, write the student's gradient (fresh)."""
+    return [torch.sub(s, t) for s, t in zip(student, teacher)]
+
+
+def roof_read(tensors):
+    """Read every element once (a sum per tensor: one pass, a scalar written)."""
+    return [x.sum() for x in tensors]
+
+
+def roof_fresh(tensors):
+    """Write a fresh zero tensor shaped like each (as a backward's dense gradient is allocated)."""
+    return [torch.zeros_like(x) for x in tensors]

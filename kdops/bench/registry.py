@@ -18,6 +18,12 @@ class Impl:
     name: str
     fn: Callable
     compile: bool = False
+    #: the machine's own limit for the case (not an implementation of the op): ``fn(**inputs)`` moves
+    #: the least bytes the op's result needs (read every input once, write every output and every input
+    #: gradient once into fresh tensors, as the op's backward does) with plain torch passes, or for a
+    #: compute-bound op does its least transcendental work. Timed with the others (no backward, not
+    #: compared); the table's ``x roof`` is an implementation's fwd+bwd over this time.
+    roof: bool = False
 
 
 @dataclass
@@ -32,6 +38,7 @@ class Case:
     rtol: float = 1e-4
     backward: bool = True
     quick: bool = True           # part of the default (quick) selection; False: only with --full
+    bound: str = ""              # what the case's roof implementation does (the table's footnote)
 
 
 # op name -> factory(device, dtype, size) -> list of cases
@@ -80,4 +87,9 @@ def cases_for(op: str, device: torch.device, dtype: torch.dtype, size: str, full
     if no_compile() or not compile:
         for c in cases:
             c.impls = [i for i in c.impls if not i.compile]
+    for c in cases:
+        if any(i.roof for i in c.impls[:2]):
+            raise ValueError(f"kdops bench: {c.op} ({c.label}): the roof must come after kdops and the eager baseline")
+        if any(i.roof for i in c.impls) and not c.bound:
+            raise ValueError(f"kdops bench: {c.op} ({c.label}): a roof implementation needs the case's `bound` text")
     return cases

@@ -94,9 +94,9 @@ def summary(rows: List[Dict]) -> str:
 
 def markdown(rows: List[Dict], env: Dict[str, object], title: str) -> str:
     head = [f"# {title}", "", "| " + " | ".join(f"{k}: {v}" for k, v in env.items()) + " |", "",
-            "| op | case | impl | fwd ms (IQR) | bwd ms (IQR) | fwd+bwd ms (IQR) | x eager | GB/s | peak MiB | check "
-            "| timing |",
-            "|---|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
+            "| op | case | impl | fwd ms (IQR) | bwd ms (IQR) | fwd+bwd ms (IQR) | x eager | x compile | x roof | GB/s "
+            "| peak MiB | check | timing |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     from .harness import disturbance
 
     for r in rows:
@@ -105,17 +105,31 @@ def markdown(rows: List[Dict], env: Dict[str, object], title: str) -> str:
         mark = "!" if why else ""
         head.append(
             f"| {r['op']} | {r['case']} | {r['impl']} | {_timing(r, 'fwd')} | {_timing(r, 'bwd')} | "
-            f"{_timing(r, 'fwdbwd')}{mark} | {_fmt(r['speedup_vs_eager'], 1)}{mark} | {_fmt(r['gbps'], 1)} | "
+            f"{_timing(r, 'fwdbwd')}{mark} | {_fmt(r['speedup_vs_eager'], 1)}{mark} | "
+            f"{_fmt(r.get('vs_compile'), 1)} | {_fmt(r.get('vs_roof'), 2)} | {_fmt(r['gbps'], 1)} | "
             f"{_fmt(r['peak_mib'], 1)} | {check} | {('! disturbed: ' + why) if why else 'ok'} |"
         )
     head.append("")
     head.append("fwd, bwd: median wall time of the forward pass and of the backward pass of the result (inputs "
                 "that require grad), timed separately; fwd+bwd: both timed in one go; IQR: the interquartile "
                 "range of the repetitions, which are interleaved across implementations; x eager: fwd+bwd of the "
-                "case's eager baseline (its second row) / this fwd+bwd; GB/s: the op's minimal bytes (read "
+                "case's eager baseline (its second row) / this fwd+bwd; x compile: the case's torch.compile "
+                "fwd+bwd / this fwd+bwd; x roof: this fwd+bwd / the case's roof (the machine's own limit for the "
+                "problem, timed in the same run: see the bounds below; 1 = at the limit); GB/s: the op's minimal bytes (read "
                 "inputs, write gradients) / kdops fwd+bwd time; check: results and gradients against kdops; "
                 "timing: `!` where other work disturbed the machine -- a fixed elementwise pass timed after every "
                 "repetition round (the canary) varied, or fwd+bwd came out below max(fwd, bwd).")
+    bounds = {}
+    for r in rows:
+        b = (r.get("extra") or {}).get("bound")
+        if b:
+            bounds.setdefault(b, []).append(r["op"])
+    if bounds:
+        head.append("")
+        head.append("Roofs (the `roof` rows; no backward of their own: their fwd+bwd is one pass of the least work):")
+        head.append("")
+        for b, ops in bounds.items():
+            head.append(f"- {', '.join(dict.fromkeys(ops))}: {b}.")
     head.append("")
     head.append(summary(rows))
     return "\n".join(head) + "\n"
@@ -136,6 +150,7 @@ FAMILIES = {
     "bckd_cls_loss": "BCKD dense-head losses", "bckd_loc_loss": "BCKD dense-head losses",
 }
 KDOPS_COLOUR = "#1f77b4"    # kdops: always this blue, and no other implementation gets it
+ROOF_COLOUR = "#000000"     # the roof (the machine's limit for the case): black
 EAGER_COLOUR = "#7f7f7f"    # the eager baseline of each case (1x): grey
 COMPILE_COLOUR = "#ff7f0e"  # torch.compile(reference)
 PEER_COLOURS = ["#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf", "#d62728", "#393b79"]
@@ -163,6 +178,8 @@ def colours(rows: List[Dict]) -> Dict[str, str]:
             continue
         if name == "kdops":
             out[name] = KDOPS_COLOUR
+        elif r.get("match") == "roof":
+            out[name] = ROOF_COLOUR
         elif name in baselines:
             out[name] = EAGER_COLOUR
         elif name == "compile":
@@ -248,5 +265,57 @@ def plot(path: str, rows: List[Dict], env: Dict[str, object], title: str) -> Non
     fig.suptitle(f"{title}\n{env.get('device', '?')} · torch {env.get('torch', '?')} · {env.get('date', '?')}",
                  fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (sum(heights) + 1.2)))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_roof(path: str, rows: List[Dict], env: Dict[str, object], title: str) -> None:
+    """Each case against the machine's own limit: forward+backward time of every implementation as a
+    multiple of the case's roof time (log scale; 1x = the roof, the dashed line at 2x = issue 20's
+    target for memory-bound ops), one colour per implementation as in :func:`plot`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    rows = [r for r in rows if r.get("vs_roof") and r.get("match") != "roof"]
+    if not rows:
+        raise ValueError("kdops plot: no rows with a roof ratio to draw")
+    cmap = colours(rows)
+    cases = list(dict.fromkeys((r["op"], r["case"]) for r in rows))
+    height = 0.22 * len(rows) + 0.25 * len(cases) + 1.2
+    fig, ax = plt.subplots(figsize=(11, height + 1.0))
+    y, yticks, ylabels, legend = 0.0, [], [], {}
+    for op, case in cases:
+        top = y
+        for r in [r for r in rows if (r["op"], r["case"]) == (op, case)]:
+            colour = cmap[r["impl"]]
+            ax.barh(y, r["vs_roof"], height=0.8, color=colour)
+            legend.setdefault("eager baseline" if colour == EAGER_COLOUR else r["impl"], colour)
+            ax.text(r["vs_roof"] * 1.04, y, _times(r["vs_roof"]), va="center", fontsize=7)
+            y += 1
+        yticks.append((top + y - 1) / 2)
+        ylabels.append(f"{op}\n{case if len(case) <= 48 else case[:46] + '…'}")
+        y += 0.7
+    ax.set_yticks(yticks)
+    ax.set_yticklabels(ylabels, fontsize=7.5)
+    ax.set_ylim(y - 0.5, -0.7)
+    ax.set_xscale("log")
+    ax.set_xlim(0.8, max(r["vs_roof"] for r in rows) * 2.2)
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.axvline(2.0, color="black", linewidth=0.8, linestyle="--")
+    ax.grid(axis="x", which="major", linewidth=0.3, alpha=0.6)
+    handles = [Patch(facecolor=c, edgecolor=c, label=n) for n, c in legend.items()]
+    ax.legend(handles=handles, fontsize=7.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    ax.set_xlabel("forward + backward time / the roof's time (log scale; 1x = the machine's limit, dashed: 2x)",
+                  fontsize=8)
+    fig.suptitle(f"{title}: time against the roof\n{env.get('device', '?')} · torch {env.get('torch', '?')} · "
+                 f"{env.get('date', '?')}", fontsize=9)
+    fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

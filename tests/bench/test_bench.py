@@ -54,9 +54,16 @@ def test_cli_bench_writes_table_json_and_plot(tmp_path):
     folder = next(tmp_path.iterdir())
     data = json.loads((folder / "bench_float32_small.json").read_text())
     assert data["environment"]["torch"] == torch.__version__
-    assert {r["impl"] for r in data["rows"]} == {"kdops", "eager"}
+    assert {r["impl"] for r in data["rows"]} == {"kdops", "eager", "roof"}
+    for r in data["rows"]:  # every row's time against the case's roof; the roof row is the roof
+        assert r["vs_roof"] > 0
+        if r["impl"] == "roof":
+            assert r["match"] == "roof" and r["vs_roof"] == 1.0 and r["bwd_ms"] is None and r["extra"]["bound"]
+    md = (folder / "bench_float32_small.md").read_text()
+    assert "| x roof |" in md and "Roofs (" in md and "pcc_mse: read student and teacher once" in md
     if importlib.util.find_spec("matplotlib") is not None:
         assert (folder / "bench_float32_small.png").stat().st_size > 1000
+        assert (folder / "bench_float32_small_roof.png").stat().st_size > 1000
         # the chart again from the JSON alone (how results from a machine without matplotlib get theirs)
         png = tmp_path / "again.png"
         again = subprocess.run([sys.executable, "-m", "kdops.cli", "plot", str(folder / "bench_float32_small.json"),
@@ -236,3 +243,40 @@ def test_make_bench_compiles_no_cuda_without_a_gpu():
     text = recipe(BENCH_GPU=0)
     assert "reusing the build of make test" in text and "touch .stamp-build-bench" in text
     assert "touch .stamp-build\n" not in text
+
+
+def test_every_case_but_box_ranges_has_a_roof_with_its_bound():
+    """Issue 20: every memory- or compute-bound case is timed against the machine's own limit
+    (box_ranges writes K x levels x 4 integers: latency-bound, no roof)."""
+    for op in available_ops():
+        for case in cases_for(op, torch.device("cpu"), torch.float32, "small", compile=False):
+            roofs = [i for i in case.impls if i.roof]
+            if op == "box_ranges":
+                assert not roofs
+                continue
+            assert len(roofs) == 1 and case.bound, (op, case.label)
+            with torch.no_grad():  # the roof runs on the case's inputs
+                assert roofs[0].fn(**case.make_inputs())
+
+
+def test_roof_row_is_timed_not_compared_and_the_backward_gets_a_ramp():
+    from kdops.bench.harness import _backward
+
+    x = torch.randn(3, 4, requires_grad=True)
+    (g,) = _backward(x * 2.0, [x])  # the timed backward's upstream gradient: a 0.5..1.5 ramp
+    torch.testing.assert_close(g, 2.0 * torch.linspace(0.5, 1.5, 12).reshape(3, 4))
+    case = cases_for("pcc_mse", torch.device("cpu"), torch.float32, "small", compile=False)[0]
+    rows = {r.impl: r for r in time_case(case, torch.device("cpu"), reps=4, warmup=1, progress=lambda m: None)}
+    assert rows["roof"].match == "roof" and rows["roof"].bwd_ms is None and rows["roof"].vs_roof == 1.0
+    assert rows["kdops"].vs_roof == rows["kdops"].fwdbwd_ms / rows["roof"].fwdbwd_ms
+    case.impls = [case.impls[-1]] + case.impls[:-1]
+    import pytest
+
+    from kdops.bench import registry
+
+    registry._REGISTRY["_roof_first"] = lambda d, t, s: [case]
+    try:
+        with pytest.raises(ValueError, match="roof must come after kdops"):
+            cases_for("_roof_first", torch.device("cpu"), torch.float32, "small")
+    finally:
+        del registry._REGISTRY["_roof_first"]

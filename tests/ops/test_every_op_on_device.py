@@ -17,7 +17,7 @@ import contextlib
 import pytest
 import torch
 
-from kdops.bench.harness import _leaves, _outputs, _scalar
+from kdops.bench.harness import _backward, _leaves, _outputs
 from kdops.bench.registry import available_ops, cases_for
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -42,7 +42,7 @@ def run_once(case, inputs, check_sync: bool = False):
     leaves = _leaves(inputs, case.grad_inputs) if case.backward else []
     with no_host_sync(check_sync):
         res = case.impls[0].fn(**inputs)
-        grads = torch.autograd.grad(_scalar(res), leaves, allow_unused=True) if leaves else ()
+        grads = (_backward(res, leaves) if leaves else None) or ()
     return [o.detach() for o in _outputs(res)], [g for g in grads if g is not None]
 
 

@@ -44,9 +44,16 @@ def loc_cases(device, dtype, size):
             lg = sum(x.numel() for x in inp["student_logits"])
             return (3 * reg + 2 * lg) * e  # read both regs and logits once; write grad_reg
 
+        def roof(student_reg, teacher_reg, student_logits, teacher_logits, **_):
+            return ([torch.sub(s, t) for s, t in zip(student_reg, teacher_reg)]
+                    + [x.sum() for x in student_logits + teacher_logits])
+
         tol = 1e-4 if dtype == torch.float32 else 2e-2
         cases.append(Case(op="bckd_loc_loss", label=f"{decoder} head, {J} anchors/loc, K={K}, N={N}",
                           make_inputs=make,
-                          impls=[Impl("kdops", kd), Impl("eager", ref), Impl("compile", ref, compile=True)],
-                          grad_inputs=["student_reg"], min_bytes=min_bytes, atol=tol, rtol=tol))
+                          impls=[Impl("kdops", kd), Impl("eager", ref), Impl("compile", ref, compile=True),
+                                 Impl("roof", roof, roof=True)],
+                          grad_inputs=["student_reg"], min_bytes=min_bytes, atol=tol, rtol=tol,
+                          bound=("read both regression maps and both logit maps once, write the student's "
+                                 "regression gradient once (torch.sub of the regressions, a sum of the logits)")))
     return cases

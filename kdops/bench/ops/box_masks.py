@@ -1,6 +1,8 @@
 """Bench entry box_masks: FGD's fg/bg masks over a COCO FPN, K sweep (no backward)."""
 from __future__ import annotations
 
+import torch
+
 import kdops
 from kdops import reference
 
@@ -27,7 +29,12 @@ def cases(device, dtype, size):
             fg, bg = reference.box_masks(boxes.cpu(), batch_index.cpu(), sizes, strides, image_size=image)
             return tuple(x.to(boxes.device) for x in fg + bg)
 
+        def roof(boxes, batch_index):
+            return [torch.zeros(s, device=boxes.device) for s in sizes for _ in range(2)]
+
         out.append(Case(op="box_masks", label=f"FPN P3-P{2 + len(levels)} N={N} K={K} (FGD masks)",
-                        make_inputs=make, impls=[Impl("kdops", kd), Impl("eager (FGD loop)", ref)],
+                        make_inputs=make, impls=[Impl("kdops", kd), Impl("eager (FGD loop)", ref),
+                                                 Impl("roof", roof, roof=True)],
+                        bound="write the foreground and the background mask of every level once (fresh zeros)",
                         backward=False, atol=1e-6, rtol=1e-5, quick=K == QUICK_K))
     return out

@@ -6,7 +6,7 @@ import torch
 import kdops
 from kdops import reference
 
-from ..problems import fpn
+from ..problems import fpn, roof_fresh, roof_read
 from ..registry import Case, Impl, register
 
 K_SWEEP = (1, 10, 100, 1000)
@@ -55,6 +55,21 @@ def _cases(op, device, dtype, size):
                 return tuple(reference.box_paint(values, boxes, batch_index, sizes, strides))
             grad = ["values"]
 
+        if op == "box_pool":
+            def roof(features, boxes, batch_index):
+                return roof_read(features) + roof_fresh(features)
+            bound = "read every level once (a sum), write every level's gradient once (fresh zeros)"
+        else:
+            upstream = {}
+
+            def roof(values, boxes, batch_index):
+                if not upstream:  # the maps' upstream gradient, as the bench's backward receives it
+                    upstream["g"] = [torch.ones(n, C, h, w, device=device, dtype=dtype) for n, h, w in sizes]
+                return [torch.zeros(n, C, h, w, device=device, dtype=dtype) for n, h, w in sizes] + \
+                    roof_read(upstream["g"]) + [torch.zeros_like(values)]
+            bound = ("write every output map once (fresh zeros), read its upstream gradient once (a sum), write "
+                     "the values' gradient")
+
         def min_bytes(inp):
             e = torch.empty((), dtype=dtype).element_size()
             return 2 * sum(N * C * h * w for h, w in levels) * e  # read (or write) the maps, fwd + bwd
@@ -63,8 +78,8 @@ def _cases(op, device, dtype, size):
         cases.append(Case(
             op=op, label=f"FPN P3-P{2 + len(levels)} N={N} C={C} K={K}", make_inputs=make,
             impls=[Impl("kdops", kd), Impl("eager (per-image mask matmul)", ref),
-                   Impl("compile", ref, compile=True)],
-            grad_inputs=grad, min_bytes=min_bytes, atol=tol, rtol=tol, quick=K == QUICK_K))
+                   Impl("compile", ref, compile=True), Impl("roof", roof, roof=True)],
+            grad_inputs=grad, min_bytes=min_bytes, atol=tol, rtol=tol, quick=K == QUICK_K, bound=bound))
     return cases
 
 

@@ -6,7 +6,7 @@ import torch
 import kdops
 from kdops import reference
 
-from ..problems import fpn
+from ..problems import fpn, roof_fresh
 from ..registry import Case, Impl, register
 
 R_SWEEP = (64, 256, 1024, 4096)
@@ -43,9 +43,15 @@ def cases(device, dtype, size):
             e = torch.empty((), dtype=dtype).element_size()
             return 2 * R * C * e + sum(N * C * h * w for h, w in levels) * e  # rows in/out, zeroed grads
 
+        def roof(features, index, R=R):  # the R x C rows (out, and their gradient in) are ~1% of the bytes
+            rows = [torch.full((R, C), v, device=features[0].device, dtype=features[0].dtype) for v in (0.0, 1.0)]
+            return roof_fresh(features) + rows
+
         out.append(Case(op="gather_level_features", label=f"FPN P3-P{2 + len(levels)} N={N} C={C} R={R}",
                         make_inputs=make, impls=[Impl("kdops", kd), Impl("eager (per-level loop)", ref),
-                               Impl("compile", ref, compile=True)],
+                               Impl("compile", ref, compile=True), Impl("roof", roof, roof=True)],
+                        bound=("write every level's gradient once (fresh zeros: the backward returns dense "
+                               "level gradients), write R rows of C out and their gradient rows in"),
                         grad_inputs=["features"], min_bytes=min_bytes, quick=R == QUICK_R,
                         # rows hitting one pixel are summed in another order by index_put
                         atol=1e-5 if dtype == torch.float32 else 2e-2, rtol=1e-5 if dtype == torch.float32 else 2e-2))

@@ -16,7 +16,7 @@ import torch
 import kdops
 from kdops import reference
 
-from ..problems import fpn
+from ..problems import fpn, roof_fresh, roof_read
 from ..registry import Case, Impl, register
 from .box_pool import coco_boxes
 
@@ -75,11 +75,16 @@ def cases(device, dtype, size):
             # fwd reads the map and the masks; bwd reads the masks and writes the map's gradient
             return (2 * inp["feature"].numel() + 2 * inp["masks"].numel()) * e
 
+        def roof(feature, masks, batch_index):
+            return roof_read([feature, masks, masks]) + roof_fresh([feature])
+
         tol = 1e-3 if dtype == torch.float32 else 5e-2
         out.append(Case(
             op="mask_pool", label=f"P3 {H}x{W} N={N} C={C} K={K}", make_inputs=make,
             impls=[Impl("kdops", kdops.mask_pool), Impl("eager (object loop)", reference.mask_pool),
                    Impl("LGD per-image mm", lgd_per_image), Impl("dense (N,C,K) + pick", dense_pick),
-                   Impl("compile (dense + pick)", dense_pick, compile=True)],
-            grad_inputs=["feature"], min_bytes=min_bytes, atol=tol, rtol=tol, quick=K == 100))
+                   Impl("compile (dense + pick)", dense_pick, compile=True), Impl("roof", roof, roof=True)],
+            grad_inputs=["feature"], min_bytes=min_bytes, atol=tol, rtol=tol, quick=K == 100,
+            bound=("read the map once and the masks twice (forward and backward; sums), write the map's "
+                   "gradient once (fresh zeros)")))
     return out

@@ -93,6 +93,23 @@ def min_bytes(inp):
     return e * (2 * (loc + attn) + 2 * out + out + v + loc + attn)
 
 
+BOUND = ("memory: read the sampling locations and attention weights (forward and backward) and the upstream "
+         "gradient once, write the output, the value's dense gradient and the locations' and weights' gradients "
+         "once (fresh); the op itself is bound by its data-dependent bilinear gathers and scatters")
+_UPSTREAM = {}
+
+
+def roof(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    N, Q = sampling_locations.shape[:2]
+    key = (N, Q, value.dtype, value.device)
+    if key not in _UPSTREAM:
+        _UPSTREAM[key] = torch.ones(N, Q, M * D, device=value.device, dtype=value.dtype)
+    g = _UPSTREAM[key]
+    return [torch.zeros_like(g), g.sum(), torch.zeros_like(value), sampling_locations.sum(), attention_weights.sum(),
+            sampling_locations.sum(), attention_weights.sum(), torch.zeros_like(sampling_locations),
+            torch.zeros_like(attention_weights)]
+
+
 @register("ms_deform_attn")
 def cases(device, dtype, size):
     device = torch.device(device)
@@ -122,10 +139,11 @@ def cases(device, dtype, size):
         peer = _mmcv_impl(device)
         if peer is not None:
             impls.append(peer)
+        impls.append(Impl("roof", roof, roof=True))
         out.append(Case(
             op="ms_deform_attn", label=f"Deformable DETR {label} M={M} D={D} L=4 P={P}",
             make_inputs=make_problem(device, dtype, N, levels, Q, encoder),
             impls=impls, grad_inputs=["value", "sampling_locations", "attention_weights"],
-            min_bytes=min_bytes, atol=tol, rtol=tol,
+            min_bytes=min_bytes, atol=tol, rtol=tol, bound=BOUND,
             quick=not encoder and N == 2))  # quick selection: the batch-2 decoder
     return out

@@ -6,7 +6,7 @@ import torch
 import kdops
 from kdops import reference
 
-from ..problems import feature_pass_bytes, fpn, fpn_features
+from ..problems import FEATURE_BOUND, feature_pass_bytes, fpn, fpn_features, roof_feature_pass
 from ..registry import Case, Impl, register
 
 
@@ -27,7 +27,8 @@ def cases(device, dtype, size):
         out.append(Case(
             op="pcc_mse", label=f"{paper}: norm={norm}, FPN P3-P{2 + len(levels)} N={N} C={C}",
             make_inputs=make,
-            impls=[Impl("kdops", kd), Impl("eager", ref), Impl("compile", ref, compile=True)],
-            grad_inputs=["student"], min_bytes=feature_pass_bytes, atol=tol, rtol=tol,
+            impls=[Impl("kdops", kd), Impl("eager", ref), Impl("compile", ref, compile=True),
+                   Impl("roof", roof_feature_pass, roof=True)],
+            grad_inputs=["student"], min_bytes=feature_pass_bytes, atol=tol, rtol=tol, bound=FEATURE_BOUND,
         ))
     return out
