@@ -24,6 +24,11 @@ TORCH_LIBRARY(kdops, m) {
   m.def(
       "masked_mse_fwd(Tensor student, Tensor teacher, Tensor? pixel_weight, Tensor? channel_weight, "
       "float scale) -> Tensor");
+  // CPU only: (loss, grad_student of loss) in the one pass that reads the inputs -- used when only the
+  // student needs a gradient; its backward scales the saved gradient (in place once the graph is freed).
+  m.def(
+      "masked_mse_fwd_grad(Tensor student, Tensor teacher, Tensor? pixel_weight, Tensor? channel_weight, "
+      "float scale) -> (Tensor, Tensor)");
   // gradients of grad_loss * loss: (grad_student, grad_pixel_weight, grad_channel_weight);
   // grad_teacher = -grad_student.
   m.def(
@@ -34,6 +39,9 @@ TORCH_LIBRARY(kdops, m) {
   // returns (loss, coeffs): coeffs (G,8) float64 per normalisation group
   // [mu_s, mu_t, 1/d_s, 1/d_t, 2/(numel d_s), 2/(numel d_t), 1-k_s, 1-k_t].
   m.def("pcc_mse_fwd(Tensor student, Tensor teacher, int norm, float eps) -> (Tensor, Tensor)");
+  // CPU only: (loss, grad_student of loss), the gradient written by the forward's second pass -- used
+  // when only the student needs a gradient; its backward scales the saved gradient.
+  m.def("pcc_mse_fwd_grad(Tensor student, Tensor teacher, int norm, float eps) -> (Tensor, Tensor)");
   // (grad_student, grad_teacher) of grad_loss * loss from the saved coefficients.
   m.def(
       "pcc_mse_bwd(Tensor grad_loss, Tensor student, Tensor teacher, Tensor coeffs, int norm, "

@@ -117,6 +117,11 @@ def _bench(args) -> int:
     dtype = getattr(torch, DTYPES[args.dtype])
     ops = args.ops or _bench_ops()
     env = environment(device)
+    if device.type == "cpu":
+        from kdops.bench.memory import configure_allocator, page_fault_us
+
+        env["page_fault_us_per_4k"] = round(page_fault_us(), 2)  # before the allocator changes anything
+        env["allocator"] = configure_allocator(args.allocator)
     selection = "full" if args.full else "quick"
     # torch.compile of the references costs 15-40 s per case on 2 CPU cores (inductor compiles C++):
     # the quick selection leaves it out unless asked for, --full includes it unless told not to
@@ -262,6 +267,11 @@ def _bench_parser(sub) -> None:
                    "implementation slower than 0.4 s per run gets fewer, never under 5 (default: %(default)s)")
     b.add_argument("--warmup", type=_non_negative, default=2, help="untimed runs per implementation before timing; "
                    "the results of the last one are checked (default: %(default)s)")
+    b.add_argument("--allocator", default="warm", choices=["warm", "system"],
+                   help="CPU memory: 'warm' (default) keeps freed memory in glibc's heap, so after the warm-up no "
+                        "implementation pays page faults (as on a GPU, whose caching allocator keeps blocks); "
+                        "'system' keeps glibc's defaults, where a fresh large gradient pays ~1 us per 4 KiB page "
+                        "(the table's header gives the measured cost)")
     b.add_argument("--threads", type=_positive, help="CPU threads (torch.set_num_threads; default: torch's, "
                    "all cores). 1 gives steadier timings on a busy machine")
     b.add_argument("--out", default=DEFAULT_OUT, help="results folder (default: %(default)s, untracked): writes "

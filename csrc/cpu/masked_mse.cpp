@@ -1,6 +1,10 @@
-// CPU kernel of kdops::masked_mse_fwd.
+// CPU kernels of kdops::masked_mse_fwd, masked_mse_fwd_grad and masked_mse_bwd.
 //
-// One read of student and teacher, one write of the gradient; no N*C*H*W weight tensor.
+// One read of student and teacher, one write of the gradient; no N*C*H*W weight tensor. When only
+// the student needs a gradient, masked_mse_fwd_grad writes it in the forward pass (the least traffic
+// the loss and its gradient need: the roof) and the backward only scales it (nothing at all for an
+// incoming gradient of exactly 1 once the graph is freed); otherwise forward reads the inputs and
+// masked_mse_bwd reads them again and writes the gradients (nothing input-sized kept in between).
 // Every partial sum has a fixed owner (a plane, or a pixel run when weight gradients are
 // needed), so results are bitwise reproducible whatever the thread count. The loops live
 // in masked_mse_kernel.h, compiled per instruction set (multi_isa.h).
@@ -105,6 +109,14 @@ at::Tensor masked_mse_fwd_cpu(const at::Tensor& student, const at::Tensor& teach
   return std::get<0>(masked_mse_cpu(student, teacher, pixel_weight, channel_weight, scale, false, false));
 }
 
+std::tuple<at::Tensor, at::Tensor> masked_mse_fwd_grad_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                                                          const c10::optional<at::Tensor>& pixel_weight,
+                                                          const c10::optional<at::Tensor>& channel_weight,
+                                                          double scale) {
+  auto out = masked_mse_cpu(student, teacher, pixel_weight, channel_weight, scale, true, false);
+  return {std::get<0>(out), std::get<1>(out)};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_mse_bwd_cpu(
     const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
     const c10::optional<at::Tensor>& pixel_weight, const c10::optional<at::Tensor>& channel_weight, double scale,
@@ -118,6 +130,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_mse_bwd_cpu(
 
 TORCH_LIBRARY_IMPL(kdops, CPU, m) {
   m.impl("masked_mse_fwd", &masked_mse_fwd_cpu);
+  m.impl("masked_mse_fwd_grad", &masked_mse_fwd_grad_cpu);
   m.impl("masked_mse_bwd", &masked_mse_bwd_cpu);
 }
 

@@ -105,8 +105,8 @@ struct Groups {
         HW(s.size(2) * s.size(3)) {}
 };
 
-std::tuple<at::Tensor, at::Tensor> pcc_mse_fwd_cpu(const at::Tensor& student, const at::Tensor& teacher,
-                                                   int64_t norm, double eps) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pcc_mse_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                                                           int64_t norm, double eps, bool grad_student) {
   check_pair(student, teacher, "kdops::pcc_mse_fwd");
   TORCH_CHECK(norm == 0 || norm == 1, "kdops::pcc_mse_fwd: norm must be 0 (channel) or 1 (instance)");
   const auto s = student.contiguous();
@@ -114,16 +114,30 @@ std::tuple<at::Tensor, at::Tensor> pcc_mse_fwd_cpu(const at::Tensor& student, co
   const Groups G(s, norm);
   auto loss = at::zeros({}, s.options().dtype(acc_dtype(s.scalar_type())));
   auto coeffs = at::zeros({G.groups, 8}, s.options().dtype(at::kDouble));
-  if (s.numel() == 0) return {loss, coeffs};
+  auto gs = grad_student ? at::empty_like(s) : no_grad_placeholder(s);
+  if (s.numel() == 0) return {loss, coeffs, gs};
   const double scale = 1.0 / double(s.numel());
   std::vector<double> part(G.groups, 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "pcc_mse_fwd", [&] {
     KDOPS_ISA_PICK(pcc_forward<scalar_t>)(s.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), G.groups, G.runs,
                                           G.run_stride, G.HW, norm, eps, scale,
-                                          reinterpret_cast<Coeffs*>(coeffs.data_ptr<double>()), part.data());
+                                          reinterpret_cast<Coeffs*>(coeffs.data_ptr<double>()), part.data(),
+                                          grad_student ? gs.data_ptr<scalar_t>() : nullptr);
   });
   loss.fill_(ordered_sum(part) * scale);
-  return {loss, coeffs};
+  return {loss, coeffs, gs};
+}
+
+std::tuple<at::Tensor, at::Tensor> pcc_mse_fwd_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                                                   int64_t norm, double eps) {
+  auto out = pcc_mse_cpu(student, teacher, norm, eps, false);
+  return {std::get<0>(out), std::get<1>(out)};
+}
+
+std::tuple<at::Tensor, at::Tensor> pcc_mse_fwd_grad_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                                                        int64_t norm, double eps) {
+  auto out = pcc_mse_cpu(student, teacher, norm, eps, true);
+  return {std::get<0>(out), std::get<2>(out)};
 }
 
 std::tuple<at::Tensor, at::Tensor> pcc_mse_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& student,
@@ -156,6 +170,7 @@ std::tuple<at::Tensor, at::Tensor> pcc_mse_bwd_cpu(const at::Tensor& grad_loss, 
 
 TORCH_LIBRARY_IMPL(kdops, CPU, m) {
   m.impl("pcc_mse_fwd", &pcc_mse_fwd_cpu);
+  m.impl("pcc_mse_fwd_grad", &pcc_mse_fwd_grad_cpu);
   m.impl("pcc_mse_bwd", &pcc_mse_bwd_cpu);
 }
 

@@ -7,7 +7,7 @@ import torch
 
 from .. import reference
 from .._dtype import acc_dtype
-from ._registry import forbid_double_backward, register_op, use_kernel
+from ._registry import forbid_double_backward, needs_grad, register_op, saved_grads_reusable, scale_grad, use_kernel
 from ._validation import Levels, check_choice, check_pair, check_tensor, match_levels, paired_levels
 
 OP = "masked_mse"
@@ -33,7 +33,11 @@ def masked_mse(
     P = imitation mask), DeFeat (Guo et al. 2021; P = a fg / b bg weights) and FGD
     (Yang et al. 2022; P = (alpha M_fg + beta M_bg) A^S, Q = A^C). The N*C*H*W weight
     tensor is never formed. Forward reads each input once; backward reads them again and
-    writes the gradient once (nothing input-sized is kept between the two).
+    writes the gradient once (nothing input-sized is kept between the two) -- except on the
+    CPU when only the student needs a gradient (the KD case): the forward pass then writes the
+    student's gradient as it reads the inputs, and backward scales it (in place, or not at all
+    for an incoming gradient of 1, once the graph is freed): one pass over the inputs less, for
+    one student-sized buffer held until backward.
 
     Args:
         student, teacher: (N,C,H,W) tensors of one shape, dtype (fp32/fp16/bf16/fp64)
@@ -69,9 +73,15 @@ def _level(s, t, pw, cw, reduction):
         return reference.masked_mse(s, t, pixel_weight=pw, channel_weight=cw, reduction=reduction)
     acc = acc_dtype(s.dtype)
     scale = 1.0 / max(s.numel(), 1) if reduction == "mean" else 1.0
-    return torch.ops.kdops.masked_mse_fwd(
-        s, t, pw.to(acc) if pw is not None else None, cw.to(acc) if cw is not None else None, scale
-    )
+    pw = pw.to(acc) if pw is not None else None
+    cw = cw.to(acc) if cw is not None else None
+    if s.device.type == "cpu" and needs_grad(s) and not needs_grad(t, pw, cw):
+        # CPU, the usual KD case (only the student learns): the gradient comes out of the forward
+        # pass, which reads the inputs anyway; backward only scales it. One student-sized buffer is
+        # held from forward to backward (as autograd holds the student itself) for one pass over the
+        # inputs less: the loss and its gradient then cost what reading both maps and writing one does.
+        return torch.ops.kdops.masked_mse_fwd_grad(s, t, pw, cw, scale)[0]
+    return torch.ops.kdops.masked_mse_fwd(s, t, pw, cw, scale)
 
 
 def _fake_fwd(s, t, pw, cw, scale):
@@ -108,5 +118,24 @@ def _backward(ctx, gloss):
     )
 
 
-register_op(OP, fake={"masked_mse_fwd": _fake_fwd, "masked_mse_bwd": _fake_bwd},
-            autograd={"masked_mse_fwd": (_backward, _setup_context)})
+def _fake_fwd_grad(s, t, pw, cw, scale):
+    return s.new_empty((), dtype=acc_dtype(s.dtype)), s.new_empty(s.shape)
+
+
+def _grad_setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # the saved gradient output gets no gradient: no zeros for it
+    ctx.mark_non_differentiable(output[1])  # a saved result, not a differentiable function of the inputs
+    ctx.save_for_backward(output[1])
+
+
+def _grad_backward(ctx, gloss, *_):
+    if gloss is None:  # no gradient reached the loss (grads are not materialised)
+        return (None,) * 5
+    forbid_double_backward(OP)
+    (g,) = ctx.saved_tensors
+    return scale_grad(g, gloss, saved_grads_reusable(gloss)), None, None, None, None
+
+
+register_op(OP, fake={"masked_mse_fwd": _fake_fwd, "masked_mse_bwd": _fake_bwd, "masked_mse_fwd_grad": _fake_fwd_grad},
+            autograd={"masked_mse_fwd": (_backward, _setup_context),
+                      "masked_mse_fwd_grad": (_grad_backward, _grad_setup_context)})

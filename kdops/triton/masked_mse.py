@@ -91,6 +91,21 @@ def masked_mse_fwd(student, teacher, pixel_weight, channel_weight, scale: float)
     return part.sum() * scale
 
 
+def masked_mse_fwd_grad(student, teacher, pixel_weight, channel_weight, scale: float):
+    """Same contract as the kdops::masked_mse_fwd_grad schema (csrc/ops.cpp): the loss and the student's
+    gradient of it from one launch (kdops/ops calls it on the CPU only; here for a complete op)."""
+    s, t = student.contiguous(), teacher.contiguous()
+    grad = torch.empty_like(s)
+    if s.numel() == 0:
+        return s.new_zeros((), dtype=acc_dtype(s)), grad
+    pw = pixel_weight.contiguous() if pixel_weight is not None else None
+    cw = channel_weight.contiguous() if channel_weight is not None else None
+    part = torch.empty(grid_block(s.numel(), block_size(1024)), device=s.device, dtype=acc_dtype(s))
+    with device_guard(s):
+        _launch(s, t, pw, cw, scale, torch.ones(1, device=s.device, dtype=acc_dtype(s)), grad, part)
+    return part.sum() * scale, grad
+
+
 def masked_mse_bwd(grad_loss, student, teacher, pixel_weight, channel_weight, scale: float, grad_input: bool,
                    grad_weights: bool):
     """Same contract as the kdops::masked_mse_bwd schema (csrc/ops.cpp)."""

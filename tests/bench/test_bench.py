@@ -280,3 +280,28 @@ def test_roof_row_is_timed_not_compared_and_the_backward_gets_a_ramp():
             cases_for("_roof_first", torch.device("cpu"), torch.float32, "small")
     finally:
         del registry._REGISTRY["_roof_first"]
+
+
+def test_allocator_modes_and_page_fault_probe():
+    """--allocator: 'warm' makes glibc keep freed memory (in a fresh process: it cannot be undone),
+    'system' leaves it; an unknown mode is refused; the page-fault probe gives a positive cost."""
+    import pytest
+
+    from kdops.bench.memory import configure_allocator, page_fault_us
+
+    with pytest.raises(ValueError, match="--allocator must be one of warm, system"):
+        configure_allocator("cached")
+    assert configure_allocator("system").startswith("system")
+    assert page_fault_us(n_bytes=4 << 20, reps=3) > 0
+    code = ("from kdops.bench.memory import configure_allocator as c; import sys; w = c('warm'); print(w)\n"
+            "try:\n    c('system')\nexcept ValueError as e:\n    print('refused:', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=ROOT))
+    assert out.returncode == 0, out.stderr
+    first, second = out.stdout.strip().splitlines()
+    import platform
+
+    if platform.libc_ver()[0] == "glibc":
+        assert first.startswith("warm (") and second.startswith("refused: ")
+    else:
+        assert first.startswith("system (warm asked for")

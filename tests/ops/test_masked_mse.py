@@ -214,6 +214,24 @@ def test_triton_kernel_matches_oracle(dtype, weights):
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("weights", [False, True])
+def test_triton_fwd_grad_matches_oracle(weights):
+    from kdops.triton.masked_mse import masked_mse_fwd_grad
+
+    dev = triton_device()
+    s, t, pw, cw = make((2, 8, 13, 17), seed=4)
+    S, T = s.to(dev, torch.float32), t.to(dev, torch.float32)
+    pwa = pw.to(dev, torch.float32) if weights else None
+    cwa = cw.to(dev, torch.float32) if weights else None
+    loss, grad = masked_mse_fwd_grad(S, T, pwa, cwa, 0.5)
+    ins = [leaf(s), t, pw if weights else None, cw if weights else None]
+    ref = oracle(*ins) * 0.5
+    (rg,) = torch.autograd.grad(ref, ins[0])
+    close(loss.cpu(), ref, torch.float32)
+    close(grad.cpu(), rg, torch.float32, scale=rg.abs().max().item())
+
+
+@pytest.mark.triton
 def test_triton_kernel_empty():
     from kdops.triton.masked_mse import masked_mse_bwd, masked_mse_fwd
 
@@ -231,6 +249,30 @@ def test_double_backward_refused_not_silently_wrong():
     close(g, 2 * (s - t), torch.float64)
     with pytest.raises(RuntimeError, match="does not support double backward"):
         torch.autograd.grad(kdops.masked_mse(S, t), S, create_graph=True)
+
+
+@pytest.mark.parametrize("weight", [1.0, 2.5])
+def test_cpu_student_only_gradient_comes_from_the_forward_pass(weight):
+    """The KD case on the CPU (only the student learns): masked_mse_fwd_grad writes the gradient in
+    the forward pass and backward scales it -- in place once the graph is freed, not at all for an
+    incoming gradient of 1. Gradients are the oracle's, whatever the incoming gradient, and an
+    in-place edit of the returned gradient (clipping) cannot reach a retained graph's saved one."""
+    s, t, pw, cw = make()
+    S = leaf(s)
+    loss = kdops.masked_mse(S, t, pixel_weight=pw, channel_weight=cw)
+    assert "masked_mse_fwd_grad" in loss.grad_fn.name()
+    want = 2 * weight * pw[:, None] * cw[:, :, None, None] * (s - t)
+    (loss * weight).backward(retain_graph=True)
+    close(S.grad, want, torch.float64)
+    S.grad.mul_(0.0)  # e.g. clipping edits .grad in place: the retained graph must not see it
+    (loss * weight).backward()
+    close(S.grad, want, torch.float64)
+    T = leaf(t)  # the teacher needs a gradient too: the recomputing backward op
+    loss = kdops.masked_mse(S, T)
+    assert "masked_mse_fwd_grad" not in loss.grad_fn.name()
+    gs, gt = torch.autograd.grad(loss * weight, [S, T])
+    close(gs, 2 * weight * (s - t), torch.float64)
+    close(gt, -2 * weight * (s - t), torch.float64)
 
 
 def test_retain_graph_and_repeated_backward():

@@ -201,6 +201,51 @@ def test_triton_kernel_matches_oracle(norm, dtype):
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("norm", ["channel", "instance"])
+def test_triton_fwd_grad_matches_oracle(norm):
+    from kdops.triton.pcc_mse import pcc_mse_fwd_grad
+
+    dev = triton_device()
+    s, t = make(seed=5)
+    code = 0 if norm == "channel" else 1
+    eps = 1e-6 if norm == "channel" else 1e-5
+    loss, gs = pcc_mse_fwd_grad(s.float().to(dev), t.float().to(dev), code, eps)
+    S = leaf(s)
+    ref = kdops.reference.pcc_mse(S, t, norm=norm, eps=eps)
+    (rg,) = torch.autograd.grad(ref, S)
+    close(loss.cpu(), ref, torch.float32)
+    close(gs.cpu(), rg, torch.float32, scale=rg.abs().max().item())
+
+
+@pytest.mark.parametrize("norm", ["channel", "instance"])
+@pytest.mark.parametrize("weight", [1.0, 2.5])
+def test_cpu_student_only_gradient_comes_from_the_forward_pass(norm, weight):
+    """As for masked_mse: on the CPU with only the student learning, pcc_mse_fwd_grad writes the
+    gradient in the forward pass; backward scales it. Gradients equal the oracle's whatever the
+    incoming gradient, a retained graph keeps its saved gradient, and with a teacher that needs a
+    gradient too the recomputing backward op runs."""
+    s, t = make(seed=6)
+    S = leaf(s)
+    loss = kdops.pcc_mse(S, t, norm=norm)
+    assert "pcc_mse_fwd_grad" in loss.grad_fn.name()
+    ref_s = leaf(s)
+    (want,) = torch.autograd.grad(oracle(ref_s, t, norm) * weight, ref_s)
+    (loss * weight).backward(retain_graph=True)
+    close(S.grad, want, torch.float64)
+    S.grad.mul_(0.0)
+    (loss * weight).backward()
+    close(S.grad, want, torch.float64)
+    T = leaf(t)
+    loss = kdops.pcc_mse(S, T, norm=norm)
+    assert "pcc_mse_fwd_grad" not in loss.grad_fn.name()
+    ref_s, ref_t = leaf(s), leaf(t)
+    want_s, want_t = torch.autograd.grad(oracle(ref_s, ref_t, norm) * weight, [ref_s, ref_t])
+    gs, gt = torch.autograd.grad(loss * weight, [S, T])
+    close(gs, want_s, torch.float64)
+    close(gt, want_t, torch.float64)
+
+
+@pytest.mark.triton
 def test_triton_kernel_empty():
     from kdops.triton.pcc_mse import pcc_mse_bwd, pcc_mse_fwd
 

@@ -43,15 +43,23 @@ def cases(device, dtype, size):
             e = torch.empty((), dtype=dtype).element_size()
             return 2 * R * C * e + sum(N * C * h * w for h, w in levels) * e  # rows in/out, zeroed grads
 
-        def roof(features, index, R=R):  # the R x C rows (out, and their gradient in) are ~1% of the bytes
-            rows = [torch.full((R, C), v, device=features[0].device, dtype=features[0].dtype) for v in (0.0, 1.0)]
-            return roof_fresh(features) + rows
+        def roof(features, index, R=R):
+            # in (N,C,H,W) maps every gathered element is its own 64-byte line: the forward must touch
+            # R x C lines, here a strided read of that many lines of the largest level (sequential, so
+            # the prefetcher helps: a lower bound of the random reads)
+            f = max(features, key=lambda x: x.numel()).detach().reshape(-1)
+            step = max(1, 64 // f.element_size())
+            lines = f[::step][:R * C]
+            rows = [torch.full((R, C), v, device=f.device, dtype=f.dtype) for v in (0.0, 1.0)]
+            return roof_fresh(features) + rows + [lines.sum()]
 
         out.append(Case(op="gather_level_features", label=f"FPN P3-P{2 + len(levels)} N={N} C={C} R={R}",
                         make_inputs=make, impls=[Impl("kdops", kd), Impl("eager (per-level loop)", ref),
                                Impl("compile", ref, compile=True), Impl("roof", roof, roof=True)],
                         bound=("write every level's gradient once (fresh zeros: the backward returns dense "
-                               "level gradients), write R rows of C out and their gradient rows in"),
+                               "level gradients), read R x C elements each in its own 64-byte line (a strided "
+                               "read: in (N,C,H,W) maps a row's C values are H*W apart), write the R x C rows "
+                               "and read their gradient"),
                         grad_inputs=["features"], min_bytes=min_bytes, quick=R == QUICK_R,
                         # rows hitting one pixel are summed in another order by index_put
                         atol=1e-5 if dtype == torch.float32 else 2e-2, rtol=1e-5 if dtype == torch.float32 else 2e-2))
