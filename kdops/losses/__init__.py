@@ -7,9 +7,15 @@ from .head import (
     head_proposals,
 )
 from .pkd import PKDLoss
+from .unikd import (
+    UniKDLoss, UniKDMatchingLoss, content_positive_mask, hungarian_match, sample_positional_boxes,
+    unikd_decoupled_mse, xyxy_to_normalized_cxcywh,
+)
 
 __all__ = [
     "BCKDLoss", "FGDLoss", "FGD_PRESETS", "FeatureMimicLoss", "HEADAKDLoss", "HEADCKDLoss", "HEADContrastiveCKDLoss",
     "HEADDenseLoss", "HEADMemoryPool", "HEADProposals", "PKDLoss", "fgd_attention", "fgd_attention_loss",
     "fgd_attention_maps", "fgd_global_loss", "head_gt_sources", "head_proposals",
+    "UniKDLoss", "UniKDMatchingLoss", "content_positive_mask", "hungarian_match", "sample_positional_boxes",
+    "unikd_decoupled_mse", "xyxy_to_normalized_cxcywh",
 ]

@@ -1,5 +1,8 @@
 """Modules built on kdops ops (drop-in replacements of the layers detectors already use)."""
 from .fgd import FGDGlobal, GcBlock
 from .ms_deform_attn import MSDeformAttn
+from .unikd import AdaptiveKnowledgeExtractor, UniKDAdaptor, UniKDDecoderLayer
 
-__all__ = ["FGDGlobal", "GcBlock", "MSDeformAttn"]
+__all__ = [
+    "AdaptiveKnowledgeExtractor", "FGDGlobal", "GcBlock", "MSDeformAttn", "UniKDAdaptor", "UniKDDecoderLayer",
+]
