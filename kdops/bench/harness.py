@@ -81,6 +81,8 @@ def disturbance(row: Dict[str, object]) -> str:
             if med and iqr is not None and iqr > SPREAD * med and iqr > SPREAD_MIN_MS:
                 notes.append(f"{label} spread {iqr / med:.0%}")
     both, parts = row.get("fwdbwd_ms"), [x for x in (row.get("fwd_ms"), row.get("bwd_ms")) if x]
+    if row.get("match") == "roof":  # one pass timed twice, after different neighbours: not a fwd/bwd pair
+        parts = []
     if both and parts and both < CONSISTENCY * max(parts) and max(parts) - both > CONSISTENCY_MIN_MS:
         notes.append(f"fwd+bwd {both:.3g} ms < {'bwd' if row.get('bwd_ms') == max(parts) else 'fwd'} "
                      f"{max(parts):.3g} ms")

@@ -316,6 +316,6 @@ def plot_roof(path: str, rows: List[Dict], env: Dict[str, object], title: str) -
                   fontsize=8)
     fig.suptitle(f"{title}: time against the roof\n{env.get('device', '?')} · torch {env.get('torch', '?')} · "
                  f"{env.get('date', '?')}", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.55 / (height + 1.0)))  # room for the two-line title
     fig.savefig(path, dpi=100)
     plt.close(fig)
