@@ -9,6 +9,7 @@ Entry keys (everything else goes to the loss's constructor)::
          type='PKDLoss',         # a class of kdops.losses
          student='neck', teacher='neck',     # taps, see kdops_mmdet.taps
          levels=[0, 1, 2, 3],    # optional: the levels of a multi-level tap to use
+         teacher_levels=[1, 2, 3, 4],  # optional: the teacher's, when its FPN starts at another stride
          connector=dict(type='conv1x1', in_channels=32, out_channels=64),  # optional, one per level
          gt_boxes=None,          # pass GT boxes (auto: when the loss takes `boxes` and has `strides`)
          image_size='img_shape', # metainfo key giving each box's image size (GT-box losses)
@@ -29,7 +30,8 @@ import kdops.losses
 from .connectors import build_connector
 from .taps import describe
 
-_ENTRY_KEYS = ("name", "type", "student", "teacher", "levels", "connector", "gt_boxes", "image_size", "targets")
+_ENTRY_KEYS = ("name", "type", "student", "teacher", "levels", "teacher_levels", "connector", "gt_boxes",
+               "image_size", "targets")
 _RESIZING = ("PKDLoss",)  # losses that resize a level whose spatial size differs (mmrazor's behaviour)
 _ALIGNS_CHANNELS = ("FGDLoss",)  # losses with their own student->teacher channel adapter (FGD's `align`)
 _IMAGE_SIZE_PER_IMAGE = ("FGDLoss",)  # image_size as N (h, w) rows, one per image (else one per box)
@@ -75,6 +77,17 @@ class LossEntry:
                              f"teacher='neck')")
         self.targets_tap = cfg.get("targets", "bbox_head.get_targets()") if self.kind == "dense_head" else None
         self.levels: Optional[List[int]] = cfg.get("levels")
+        self.teacher_levels: Optional[List[int]] = cfg.get("teacher_levels", self.levels)
+        for key in ("levels", "teacher_levels"):
+            v = cfg.get(key)
+            if v is not None and not (isinstance(v, (list, tuple)) and v and all(isinstance(i, int) for i in v)):
+                raise ValueError(f"kdops_mmdet: {where}: `{key}` must be a non-empty list of level indices, got {v!r}")
+        if cfg.get("teacher_levels") is not None and self.levels is None:
+            raise ValueError(f"kdops_mmdet: {where}: `teacher_levels` needs `levels` (the student's levels they pair "
+                             f"with, one for one)")
+        if self.levels is not None and len(self.teacher_levels) != len(self.levels):
+            raise ValueError(f"kdops_mmdet: {where}: levels={self.levels} and teacher_levels={self.teacher_levels} "
+                             f"must pair one for one")
         self.connector_cfg = cfg.get("connector")
         self.image_size_key = cfg.get("image_size", "img_shape")
         kwargs = {k: v for k, v in cfg.items() if k not in _ENTRY_KEYS}
@@ -133,17 +146,19 @@ class LossEntry:
     def teacher_taps(self) -> List[str]:
         return [self.teacher_tap]
 
-    def pick(self, value, tap: str):
-        """The configured levels of a tapped value (a tensor or a list of levels)."""
-        if self.levels is None or self.kind != "feature":
+    def pick(self, value, tap: str, teacher: bool = False):
+        """The configured levels of a tapped value (a tensor or a list of levels): ``levels`` on the
+        student's side, ``teacher_levels`` (default: ``levels``) on the teacher's."""
+        levels, key = (self.teacher_levels, "teacher_levels") if teacher else (self.levels, "levels")
+        if levels is None or self.kind != "feature":
             return value
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"kdops_mmdet: {self.where}: `levels` given but tap {tap!r} is a single "
+            raise ValueError(f"kdops_mmdet: {self.where}: `{key}` given but tap {tap!r} is a single "
                              f"{describe(value)}, not a list of levels")
         try:
-            return [value[i] for i in self.levels]
+            return [value[i] for i in levels]
         except IndexError:
-            raise ValueError(f"kdops_mmdet: {self.where}: levels={self.levels} but tap {tap!r} has "
+            raise ValueError(f"kdops_mmdet: {self.where}: {key}={levels} but tap {tap!r} has "
                              f"{len(value)} levels") from None
 
     # ------------------------------------------------------------ connectors
@@ -203,7 +218,7 @@ class LossEntry:
             out = self._dense_head(student_taps, teacher_taps)
         else:
             s = self.connect(connectors, self.pick(student_taps.get(self.student_tap), self.student_tap))
-            t = self.pick(teacher_taps.get(self.teacher_tap), self.teacher_tap)
+            t = self.pick(teacher_taps.get(self.teacher_tap), self.teacher_tap, teacher=True)
             self.check_shapes(s, t)
             kwargs = gt_boxes(data_samples, _levels(s)[0][0].device, self.image_size_key,
                               self.per_image_size) if self.gt_boxes else {}

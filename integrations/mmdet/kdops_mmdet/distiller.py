@@ -175,7 +175,7 @@ class DistillDetector(BaseDetector):
                     if e.kind != "feature":
                         continue
                     s = e.pick(self.student_taps.get(e.student_tap), e.student_tap)
-                    t = e.pick(self.teacher_taps.get(e.teacher_tap), e.teacher_tap)
+                    t = e.pick(self.teacher_taps.get(e.teacher_tap), e.teacher_tap, teacher=True)
                     conn = e.build_connectors(s)
                     if conn is not None:
                         conn.to(device)
@@ -220,17 +220,22 @@ class DistillDetector(BaseDetector):
             with torch.no_grad():
                 _tap_forward(self.teacher, self._paths(self.teacher_taps), batch_inputs, batch_data_samples)
             losses = self._student_loss(batch_inputs, batch_data_samples)
-            for e in self.entries:
-                conn = self.connectors[e.name] if e.name in self.connectors else None
-                scale = self.kd_scale[e.name]
-                for k, v in e(self.student_taps, self.teacher_taps, conn, batch_data_samples).items():
-                    if k in losses:
-                        raise ValueError(f"kdops_mmdet: distill loss key {k!r} collides with a student loss")
-                    losses[k] = v * scale  # 0 while disabled: still in the graph (DDP, connectors)
+            self._add_entry_losses(losses, batch_data_samples)
         finally:
             self.student_taps.stop()
             self.teacher_taps.stop()
         return losses
+
+    def _add_entry_losses(self, losses: dict, batch_data_samples) -> None:
+        """The distill_losses entries' terms from the tapped features (taps still started), each
+        scaled by its schedule factor, added to ``losses``."""
+        for e in self.entries:
+            conn = self.connectors[e.name] if e.name in self.connectors else None
+            scale = self.kd_scale[e.name]
+            for k, v in e(self.student_taps, self.teacher_taps, conn, batch_data_samples).items():
+                if k in losses:
+                    raise ValueError(f"kdops_mmdet: distill loss key {k!r} collides with a student loss")
+                losses[k] = v * scale  # 0 while disabled: still in the graph (DDP, connectors)
 
     def _student_loss(self, inputs, samples) -> dict:
         s = self.student

@@ -261,16 +261,20 @@ class HEADDistillDetector(_StudentAsRPN, DistillDetector):
             ``num_anchors`` for per-anchor adapters, ``bias``) or ``type='contrastive'``
             (:class:`kdops.losses.HEADContrastiveCKDLoss` and its settings); None (the default):
             the release's MSE CKD of weight 2.0; False: no CKD (AKD only).
-        distill_losses: must be empty (HEAD's own losses are configured by ``akd`` / ``ckd``).
+        distill_losses: other kdops loss entries to add to HEAD's (as for
+            :class:`DistillDetector`, e.g. PKD on the necks): feature taps only -- the teacher is a
+            two-stage detector, so dense-head entries (BCKD) have no teacher head to read. Their
+            names must not be ``akd`` or ``ckd`` (those are HEAD's own ``kd_scale`` names).
     """
 
     def __init__(self, student, teacher_cfg, teacher_ckpt: Optional[str], featmap_strides: Sequence[int] = (8, 16, 32,
                                                                                                          64),
                  weight_transfer: bool = True, proposals: Optional[dict] = None, akd: Optional[dict] = None,
                  ckd: Union[dict, None, bool] = None, distill_losses: Sequence[dict] = (), **kwargs) -> None:
-        if distill_losses:
-            raise ValueError(f"{_OWNER}: distill_losses must be empty: HEAD's losses are set by `akd` and `ckd` "
-                             f"(combining HEAD with other kdops losses is not supported yet)")
+        for entry in distill_losses or ():
+            name = entry.get("name") if isinstance(entry, dict) else None
+            if name in ("akd", "ckd"):
+                raise ValueError(f"{_OWNER}: distill_losses entry name {name!r} is HEAD's own loss; rename the entry")
         proposal_cfg = self._check_proposals(proposals)
         if not isinstance(weight_transfer, bool):
             raise TypeError(f"{_OWNER}: weight_transfer must be True or False, got {weight_transfer!r}")
@@ -280,7 +284,7 @@ class HEADDistillDetector(_StudentAsRPN, DistillDetector):
             if key not in teacher_model_cfg:
                 raise ValueError(f"{_OWNER}: the teacher ({teacher_model_cfg.get('type')}) has no `{key}`: HEAD's "
                                  f"assistant is a copy of a two-stage teacher's R-CNN head (e.g. Faster R-CNN)")
-        super().__init__(student, teacher_model_cfg, teacher_ckpt, distill_losses=(), **kwargs)
+        super().__init__(student, teacher_model_cfg, teacher_ckpt, distill_losses=distill_losses, **kwargs)
         self._check_pair()
         self.featmap_strides = self._check_strides(featmap_strides)
         self.proposal_cfg = proposal_cfg
@@ -297,7 +301,7 @@ class HEADDistillDetector(_StudentAsRPN, DistillDetector):
                                out_channels=[t_fcs[i].out_features for i in self._layers],
                                num_layers=len(self._layers), **akd)
         self.ckd = self._build_ckd(ckd, t_fcs[-1].out_features)
-        self.kd_scale = {"akd": 1.0, **({"ckd": 1.0} if self.ckd is not None else {})}
+        self.kd_scale.update({"akd": 1.0, **({"ckd": 1.0} if self.ckd is not None else {})})
         self._student_rec = _Recorder({"cls": self.student.bbox_head.cls_convs[-1]})
         self._assist_rec = _Recorder({str(i): a_fcs[i] for i in self._layers})
         self._teacher_rec = _Recorder({str(i): t_fcs[i] for i in self._layers})
@@ -340,6 +344,17 @@ class HEADDistillDetector(_StudentAsRPN, DistillDetector):
 
     # ---------------------------------------------------------------- training
     def loss(self, batch_inputs: torch.Tensor, batch_data_samples) -> dict:
+        self.teacher_taps.start()  # the distill_losses entries' taps (none without entries)
+        self.student_taps.start()
+        try:
+            losses = self._head_loss(batch_inputs, batch_data_samples)
+            self._add_entry_losses(losses, batch_data_samples)
+        finally:
+            self.student_taps.stop()
+            self.teacher_taps.stop()
+        return losses
+
+    def _head_loss(self, batch_inputs: torch.Tensor, batch_data_samples) -> dict:
         s, t = self.student, self.teacher
         gts, gts_ignore, metas = unpack_gt_instances(batch_data_samples)
         with torch.no_grad():

@@ -234,12 +234,48 @@ def test_head_contrastive_ckd_and_paper_weight_build_and_step(toy):
     ("strides", dict(featmap_strides=[4, 8]), "first strides of the student's levels"),
     ("unknown proposal key", dict(proposals=dict(nms=0.5)), "proposals: unknown keys"),
     ("ckd type", dict(ckd=dict(type="cosine")), "ckd.type must be 'mse' or 'contrastive'"),
-    ("extra losses", dict(distill_losses=[dict(name="pkd", type="PKDLoss", student="neck", teacher="neck")]),
-     "distill_losses must be empty"),
+    ("extra loss named like HEAD's", dict(distill_losses=[dict(name="akd", type="PKDLoss", student="neck",
+                                                               teacher="neck")]), "is HEAD's own loss"),
+    ("teacher_levels without levels", dict(distill_losses=[dict(name="pkd", type="PKDLoss", student="neck",
+                                                                teacher="neck", teacher_levels=[1, 2])]),
+     "`teacher_levels` needs `levels`"),
+    ("levels unpaired", dict(distill_losses=[dict(name="pkd", type="PKDLoss", student="neck", teacher="neck",
+                                                  levels=[0, 1], teacher_levels=[1])]), "must pair one for one"),
 ])
 def test_head_bad_configs_fail_at_construction(toy, case, overrides, match):
     with pytest.raises(ValueError, match=match):
         _model(toy, **overrides)
+
+
+def test_head_combines_with_other_kdops_losses_on_matching_levels(toy):
+    """HEAD + PKD on the necks: the student's P3-P5 (levels 0-2) against the Faster R-CNN teacher's P3-P5
+    (its levels 1-3: its FPN starts at P2). loss_pkd is the eager PKD of exactly those maps, it has its
+    own schedule factor, and its gradient reaches the student's neck."""
+    import kdops
+
+    entry = dict(name="pkd", type="PKDLoss", student="neck", teacher="neck", levels=[0, 1, 2],
+                 teacher_levels=[1, 2, 3], loss_weight=1.5)
+    model, cfg = _model(toy, distill_losses=[entry])
+    assert set(model.kd_scale) == {"pkd", "akd", "ckd"}
+    model.train()
+    data = _batch(cfg, model)
+    torch.manual_seed(1)
+    losses = model.loss(data["inputs"], data["data_samples"])
+    assert {"loss_pkd", "loss_akd", "loss_ckd"} <= set(losses)
+    with torch.no_grad():
+        s_feats = model.student.extract_feat(data["inputs"])
+        t_feats = model.teacher.extract_feat(data["inputs"])
+    want = sum(0.5 * kdops.reference.pcc_mse(s.double(), t.double(), norm="channel")
+               for s, t in zip(s_feats[:3], t_feats[1:4])) * 1.5
+    assert float(losses["loss_pkd"].detach()) == pytest.approx(float(want), rel=1e-4)
+    model.set_kd_scale({"pkd": 0.0})
+    losses = model.loss(data["inputs"], data["data_samples"])
+    assert float(losses["loss_pkd"].detach()) == 0.0
+    model.set_kd_scale({"pkd": 1.0})
+    model.zero_grad()
+    model.loss(data["inputs"], data["data_samples"])["loss_pkd"].backward()
+    assert model.student.neck.fpn_convs[0].conv.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.teacher.parameters())
 
 
 def test_head_weight_transfer_needs_equal_fpn_channels_and_unknown_schedule_names_fail(toy):
