@@ -7,6 +7,8 @@ it registers, in child registries of mmdet's (scope ``kdops``):
 - ``kdops.HEADDistillDetector`` (MODELS): HEAD, a two-stage teacher into a one-stage student via an
   assistant R-CNN head;
 - ``kdops.TFHEADDetector`` (MODELS): TF-HEAD, teacher-free, with a dense and an R-CNN assistant;
+- ``kdops.UniKDAbsorbDetector`` / ``kdops.UniKDDistillDetector`` (MODELS): UniKD's two stages
+  (train the knowledge extractors on the teacher, then distil through them);
 - ``kdops.KDScheduleHook`` (HOOKS): KD warm-up and stop, a pure function of the iteration.
 
 Tools: ``python -m kdops_mmdet.train CONFIG`` (mmdet's tools/train.py, plus gloo on CPU) and
@@ -18,6 +20,8 @@ from .distiller import DistillDetector
 from .head import HEADDistillDetector, TFHEADDetector
 from .hooks import KDScheduleHook, first_lr_milestone_iter, kd_scale_at
 from .registry import HOOKS, MODELS
+from .unikd import UniKDAbsorbDetector, UniKDDistillDetector
 
 __all__ = ["DistillDetector", "HEADDistillDetector", "HOOKS", "KDScheduleHook", "LinearConnector", "MODELS",
-           "TFHEADDetector", "build_connector", "first_lr_milestone_iter", "kd_scale_at"]
+           "TFHEADDetector", "UniKDAbsorbDetector", "UniKDDistillDetector", "build_connector",
+           "first_lr_milestone_iter", "kd_scale_at"]

@@ -139,17 +139,7 @@ class DistillDetector(BaseDetector):
                              f"pass check_preprocessor=False if this is intended")
 
     def _load_teacher(self, ckpt: Optional[str], strict: bool) -> None:
-        if ckpt is None:
-            print_log("kdops_mmdet: model.teacher_ckpt is None: the teacher keeps its random initialisation "
-                      "(only useful for tests)", logger="current", level=30)
-            return
-        if not isinstance(ckpt, str):
-            raise TypeError(f"kdops_mmdet: model.teacher_ckpt must be a path or URL, got {type(ckpt).__name__}")
-        if "://" not in ckpt and not osp.isfile(ckpt):
-            raise FileNotFoundError(f"kdops_mmdet: model.teacher_ckpt: no checkpoint file at {ckpt!r} (set "
-                                    f"model.teacher_ckpt, e.g. --cfg-options model.teacher_ckpt=PATH)")
-        load_checkpoint(self.teacher, ckpt, map_location="cpu", strict=strict, logger="current")
-        self.teacher._is_init = True  # the Runner's init_weights must not re-initialise it
+        load_teacher(self.teacher, ckpt, strict)
 
     def _probe(self, size: int) -> None:
         """Run both models once on a small input: taps exist and fire, connectors fit, shapes agree."""
@@ -258,6 +248,22 @@ class DistillDetector(BaseDetector):
 
     def extract_feat(self, batch_inputs):
         return self.student.extract_feat(batch_inputs)
+
+
+def load_teacher(teacher: nn.Module, ckpt: Optional[str], strict: bool = True, key: str = "model.teacher_ckpt") -> None:
+    """Loads a teacher checkpoint (a path or URL) and marks the teacher initialised, so the Runner's
+    init_weights leaves it alone; None keeps the random initialisation (tests), with a warning."""
+    if ckpt is None:
+        print_log(f"kdops_mmdet: {key} is None: the teacher keeps its random initialisation "
+                  "(only useful for tests)", logger="current", level=30)
+        return
+    if not isinstance(ckpt, str):
+        raise TypeError(f"kdops_mmdet: {key} must be a path or URL, got {type(ckpt).__name__}")
+    if "://" not in ckpt and not osp.isfile(ckpt):
+        raise FileNotFoundError(f"kdops_mmdet: {key}: no checkpoint file at {ckpt!r} (set "
+                                f"{key}, e.g. --cfg-options {key}=PATH)")
+    load_checkpoint(teacher, ckpt, map_location="cpu", strict=strict, logger="current")
+    teacher._is_init = True  # the Runner's init_weights must not re-initialise it
 
 
 def _tap_forward(model: nn.Module, paths: Sequence[str], inputs, samples) -> None:

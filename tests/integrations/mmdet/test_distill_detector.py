@@ -349,7 +349,8 @@ def _configs(suffix):
                   if f.endswith(suffix) and "_base_" not in d)
 
 
-@pytest.mark.parametrize("rel", [c for c in _configs("_toy.py") if c != "pkd/pkd_retinanet_toy.py"])
+@pytest.mark.parametrize("rel", [c for c in _configs("_toy.py") if c != "pkd/pkd_retinanet_toy.py"
+                                 and not c.startswith("unikd/")])  # unikd: test_unikd_mmdet.py chains its stages
 def test_other_toy_configs_train_and_validate(rel, toy, tmp_path):
     """Every other *_toy.py: 2 iterations and a validation pass with the Runner (pkd: pkd_run)."""
     from mmdet_testing import CONFIGS
@@ -401,7 +402,8 @@ def test_coco_configs_build(rel, toy):
     from mmdet_testing import CONFIGS
 
     cfg = Config.fromfile(os.path.join(CONFIGS, rel))
-    assert cfg.model.type in ("kdops.DistillDetector", "kdops.HEADDistillDetector", "kdops.TFHEADDetector")
+    assert cfg.model.type in ("kdops.DistillDetector", "kdops.HEADDistillDetector", "kdops.TFHEADDetector",
+                              "kdops.UniKDAbsorbDetector", "kdops.UniKDDistillDetector")
     if cfg.model.type == "kdops.TFHEADDetector":  # teacher-free: the assistants are built, nothing is loaded
         model = _build(cfg.model)
         assert model.assistant.bbox_roi_extractor.featmap_strides == [8, 16, 32, 64]
@@ -413,7 +415,12 @@ def test_coco_configs_build(rel, toy):
         assert _mmdet_zoo().get(teacher_cfg[len("mmdet::"):]) == cfg.model.teacher_ckpt, (
             f"{rel}: teacher_ckpt is not the checkpoint mmdet's metafile gives for {teacher_cfg}")
     cfg.model.teacher_ckpt = None
+    if cfg.model.type == "kdops.UniKDDistillDetector":
+        cfg.model.ake_ckpt = None  # stage 1's checkpoint (a training output)
     model = _build(cfg.model)
+    if cfg.model.type == "kdops.UniKDAbsorbDetector":  # no student: the AKEs read the teacher's levels
+        assert model.content_ake.num_levels == len(cfg.model.levels) and model.content_ake.num_queries == 200
+        return
     assert {e.name for e in model.entries} == {d["name"] for d in cfg.model.get("distill_losses", [])}
     if cfg.model.type == "kdops.HEADDistillDetector":  # the assistant is the teacher's R-CNN head, copied
         a, t = model.assistant.state_dict(), model.teacher.roi_head.state_dict()
