@@ -101,14 +101,20 @@ class DistillDetector(BaseDetector):
                              "model.student, not in model")
         super().__init__(data_preprocessor=None, init_cfg=init_cfg)
         self.entries = build_entries(distill_losses)  # config errors first: before any model is built
+        if teacher_cfg is None and self.entries:
+            raise ValueError("kdops_mmdet: distill_losses need a teacher to tap; this model has none (model.teacher_cfg "
+                             "is None: its teacher's outputs come from a cache)")
+        if teacher_cfg is None and not getattr(type(self), "teacher_optional", False):
+            raise ValueError(f"kdops_mmdet: {type(self).__name__} needs model.teacher_cfg (the teacher's config)")
         self.student = MODELS.build(model_config(student, "model.student"))
         self.data_preprocessor = self.student.data_preprocessor
-        self.teacher = MODELS.build(model_config(teacher_cfg, "model.teacher_cfg"))
-        if check_preprocessor:
-            self._check_preprocessors()
-        self._load_teacher(teacher_ckpt, teacher_strict)
-        self.teacher.requires_grad_(False)
-        self.teacher.eval()
+        self.teacher = None if teacher_cfg is None else MODELS.build(model_config(teacher_cfg, "model.teacher_cfg"))
+        if self.teacher is not None:
+            if check_preprocessor:
+                self._check_preprocessors()
+            self._load_teacher(teacher_ckpt, teacher_strict)
+            self.teacher.requires_grad_(False)
+            self.teacher.eval()
         for e in self.entries:  # dense-head losses decode boxes as the student's head does
             if e.kind == "dense_head":
                 e.bind_heads(resolve_module(self.student, parse_tap(e.student_tap)[0], "student"),
@@ -193,7 +199,8 @@ class DistillDetector(BaseDetector):
     # ---------------------------------------------------------------- modes
     def train(self, mode: bool = True):
         super().train(mode)
-        self.teacher.eval()  # frozen: BN statistics and dropout stay as the checkpoint has them
+        if self.teacher is not None:
+            self.teacher.eval()  # frozen: BN statistics and dropout stay as the checkpoint has them
         return self
 
     def set_kd_scale(self, scale: Union[float, Dict[str, float]]) -> None:

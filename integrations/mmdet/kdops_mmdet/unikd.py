@@ -24,11 +24,14 @@ detector (its head's ``loss`` is called on its own features).
 """
 from __future__ import annotations
 
+import json
 import os.path as osp
 from typing import Dict, List, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
+from mmdet.datasets.transforms import RandomFlip
 from mmdet.models.detectors import BaseDetector, SingleStageDetector
 from mmdet.models.utils import unpack_gt_instances
 from mmdet.structures.bbox import get_box_tensor
@@ -41,7 +44,7 @@ from kdops.losses import (
 from kdops.nn import AdaptiveKnowledgeExtractor, UniKDAdaptor
 
 from .distiller import DistillDetector, load_teacher, model_config
-from .registry import MODELS
+from .registry import MODELS, TRANSFORMS
 
 _AKE_KEYS = ("num_heads", "num_points", "ffn_dims", "num_queries", "num_extractor_layers", "dropout")
 
@@ -228,6 +231,43 @@ def _num_classes(owner: str, teacher: nn.Module, given: Optional[int]) -> int:
                      f"set num_classes")
 
 
+#: what stage 2 reads from the teacher side, per image (a cache entry; stacked per batch online)
+KNOWLEDGE = ("q_ct", "r_ct", "z_ct", "ct_mask", "q_pos", "r_pos", "z_pos", "pos_mask")
+META_FILE = "unikd.json"
+
+
+def augmentation_record(meta: dict) -> dict:
+    """What a cached entry depends on besides the image: its flip and geometry (a data sample's
+    metainfo after the pipeline). The offline pipeline replays the flip (:class:`CachedFlip`); a
+    resize that came out differently finds no entry (an error naming the recorded ones)."""
+    flip = bool(meta.get("flip", False))
+    sf = meta.get("scale_factor", (1.0, 1.0))
+    return {"flip": flip, "flip_direction": meta.get("flip_direction") if flip else None,
+            "img_shape": [int(v) for v in meta["img_shape"][:2]], "scale_factor": [float(v) for v in sf[:2]]}
+
+
+def image_key(meta: dict) -> str:
+    """A cached image's key: its file name (unique in COCO and kdops.toy_data)."""
+    path = meta.get("img_path")
+    if not path:
+        raise ValueError("kdops.UniKD: a data sample has no img_path: the teacher cache keys images by file name")
+    return osp.basename(str(path))
+
+
+def _file_digest(path: Optional[str]) -> str:
+    import hashlib
+
+    if path is None:
+        return "none"
+    if "://" in str(path) or not osp.isfile(path):
+        return f"url:{path}"
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 @MODELS.register_module()
 class UniKDDistillDetector(_UniKDParts, DistillDetector):
     """UniKD stage 2 (inject): a one-stage student learns from the teacher through the frozen
@@ -238,13 +278,21 @@ class UniKDDistillDetector(_UniKDParts, DistillDetector):
       with a GT (:func:`kdops.losses.content_positive_mask`);
     - positional: boxes sampled around the GT and on the background, :math:`(q, b) = f_{pos}(F^T, b)`,
       :math:`z^T, z^S` as above, positives = the boxes around a GT;
-    - ``loss_unikd_content`` + ``loss_unikd_positional`` (:class:`kdops.losses.UniKDLoss`, λ1 = λ2 = 10), scaled by
-      ``kd_scale['unikd']`` (KDScheduleHook), next to the student's own losses and any
-      ``distill_losses`` entries.
+    - ``loss_unikd_content`` + ``loss_unikd_positional`` (:class:`kdops.losses.UniKDLoss`, λ1 = λ2 = 10),
+      scaled by ``kd_scale['unikd']`` (KDScheduleHook), next to the student's own losses and any
+      ``distill_losses`` entries (online only).
 
     φ is :class:`kdops.nn.UniKDAdaptor` (1x1 conv per level to the teacher's width, then 2 deformable
     self-attention layers), trained with the student and dropped at export. The AKEs never train:
     they have no gradient and stay in eval mode.
+
+    **Offline** (``teacher_cache=DIR``, written by ``python -m kdops_mmdet.cache_teacher CONFIG --out
+    DIR``): everything on the teacher's side above (q, r, z^T, the positive masks, the positional
+    boxes) is read from the cache per image and augmentation; the teacher is never built and the AKEs'
+    query generators never run (their extractors still do, on the student's maps). The training
+    pipeline must replay the cached augmentations (:class:`CachedFlip` in place of ``RandomFlip``);
+    an image or augmentation the cache does not hold is an error, and so is a cache made with another
+    teacher, checkpoint, AKE checkpoint or setting (its fingerprint).
 
     Args:
         student, teacher_cfg, teacher_ckpt, distill_losses: as for :class:`DistillDetector`.
@@ -256,34 +304,51 @@ class UniKDDistillDetector(_UniKDParts, DistillDetector):
         adaptor: UniKDAdaptor settings (``num_layers`` 2, ``num_heads``, ``num_points``, ``ffn_dims``).
         loss: UniKDLoss settings (``content_weight``, ``positional_weight``: 10, 10).
         matching: the matching cost of the content positives (as stage 1's).
+        teacher_cache: a cache directory to train from (offline), or None (online).
     """
 
     owner = "kdops.UniKDDistillDetector"
+    teacher_optional = True  # offline: the teacher's side comes from the cache
 
     def __init__(self, student, teacher_cfg, teacher_ckpt: Optional[str], ake_ckpt: Optional[str],
                  ake: Optional[dict] = None, num_positional: int = 200, pos_fraction: float = 0.5,
                  levels: Optional[Sequence[int]] = None, teacher_levels: Optional[Sequence[int]] = None,
                  adaptor: Optional[dict] = None, loss: Optional[dict] = None, matching: Optional[dict] = None,
-                 num_classes: Optional[int] = None, distill_losses: Sequence[dict] = (), **kwargs) -> None:
+                 num_classes: Optional[int] = None, distill_losses: Sequence[dict] = (),
+                 teacher_cache: Optional[str] = None, **kwargs) -> None:
         for entry in distill_losses or ():
             if isinstance(entry, dict) and entry.get("name") == "unikd":
                 raise ValueError(f"{self.owner}: distill_losses entry name 'unikd' is UniKD's own; rename the entry")
-        super().__init__(student, teacher_cfg, teacher_ckpt, distill_losses=distill_losses, **kwargs)
+        self.teacher_cache_dir = teacher_cache
+        meta = self._cache_meta(teacher_cache) if teacher_cache is not None else None
+        if meta is not None and distill_losses:
+            raise ValueError(f"{self.owner}: distill_losses need the teacher itself; train online (teacher_cache=None) "
+                             f"to combine UniKD with other losses")
+        super().__init__(student, None if meta is not None else teacher_cfg, teacher_ckpt,
+                         distill_losses=distill_losses, **kwargs)
         if not isinstance(self.student, SingleStageDetector):
             raise ValueError(f"{self.owner}: the student must be a one-stage detector (RetinaNet, ATSS, GFL, FCOS), "
                              f"got {type(self.student).__name__}")
-        t_feats, s_feats = _probe_feats(self.teacher), _probe_feats(self.student)
-        self.teacher_levels = _check_levels(self.owner, "teacher_levels", teacher_levels, len(t_feats))
+        s_feats = _probe_feats(self.student)
         self.levels = _check_levels(self.owner, "levels", levels, len(s_feats))
+        if meta is None:
+            t_feats = _probe_feats(self.teacher)
+            self.teacher_levels = _check_levels(self.owner, "teacher_levels", teacher_levels, len(t_feats))
+            channels = {t_feats[i].shape[1] for i in self.teacher_levels}
+            if len(channels) != 1:
+                raise ValueError(f"{self.owner}: the teacher's levels {self.teacher_levels} have different channels "
+                                 f"{channels}")
+            c_t = channels.pop()
+            self.num_classes = _num_classes(self.owner, self.teacher, num_classes)
+        else:
+            self.teacher_levels = list(meta["teacher_levels"])
+            if teacher_levels is not None and list(teacher_levels) != self.teacher_levels:
+                raise ValueError(f"{self.owner}: teacher_levels {list(teacher_levels)} but the cache was made with "
+                                 f"{self.teacher_levels}")
+            c_t, self.num_classes = int(meta["channels"]), int(meta["num_classes"])
         if len(self.levels) != len(self.teacher_levels):
             raise ValueError(f"{self.owner}: levels {self.levels} and teacher_levels {self.teacher_levels} must pair "
-                             f"one for one (the student gives {len(s_feats)} levels, the teacher {len(t_feats)})")
-        channels = {t_feats[i].shape[1] for i in self.teacher_levels}
-        if len(channels) != 1:
-            raise ValueError(f"{self.owner}: the teacher's levels {self.teacher_levels} have different channels "
-                             f"{channels}")
-        c_t = channels.pop()
-        self.num_classes = _num_classes(self.owner, self.teacher, num_classes)
+                             f"one for one (the student gives {len(s_feats)} levels)")
         self._build_akes(c_t, len(self.teacher_levels), self.num_classes, ake, num_positional, pos_fraction)
         self._load_akes(ake_ckpt)
         for m in (self.content_ake, self.positional_ake):
@@ -294,6 +359,40 @@ class UniKDDistillDetector(_UniKDParts, DistillDetector):
         self.unikd = UniKDLoss(**dict(loss or {}))
         self.matching_cfg = dict(matching or {})
         self.kd_scale["unikd"] = 1.0
+        self.fingerprint = self._fingerprint(teacher_cfg, teacher_ckpt, ake_ckpt)
+        self._cache = None
+        if meta is not None:
+            from kdops.cache import TeacherCache
+
+            self._cache = TeacherCache(teacher_cache, fingerprint=self.fingerprint, verify="lazy")
+
+    # ------------------------------------------------------------ construction
+    def _cache_meta(self, root: str) -> dict:
+        path = osp.join(str(root), META_FILE)
+        if not osp.isfile(path):
+            raise FileNotFoundError(f"{self.owner}: teacher_cache={root!r} holds no {META_FILE}: make it with "
+                                    f"`python -m kdops_mmdet.cache_teacher CONFIG --out {root}`")
+        with open(path) as f:
+            return json.load(f)
+
+    def _fingerprint(self, teacher_cfg, teacher_ckpt, ake_ckpt) -> str:
+        """A hash of what the teacher's side depends on: the teacher's config and weights, the AKEs'
+        weights and settings, the levels and the positional sampling."""
+        import hashlib
+
+        cfg = model_config(teacher_cfg, "model.teacher_cfg")
+        doc = dict(teacher=cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg),
+                   teacher_weights=_file_digest(teacher_ckpt), ake_weights=_file_digest(ake_ckpt),
+                   ake={k: getattr(self.content_ake, k) for k in ("embed_dims", "num_levels", "num_queries",
+                                                                  "num_classes")},
+                   ake_layers=len(self.content_ake.extractor), teacher_levels=self.teacher_levels,
+                   num_positional=self.num_positional, pos_fraction=self.pos_fraction, matching=self.matching_cfg)
+        return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+    def cache_meta(self) -> dict:
+        """The sidecar a cache carries (read back in offline mode instead of probing the teacher)."""
+        return dict(channels=self.content_ake.embed_dims, num_classes=self.num_classes,
+                    teacher_levels=self.teacher_levels, fingerprint=self.fingerprint)
 
     def _load_akes(self, ckpt: Optional[str]) -> None:
         if ckpt is None:
@@ -325,35 +424,98 @@ class UniKDDistillDetector(_UniKDParts, DistillDetector):
         self.positional_ake.eval()
         return self
 
+    # ---------------------------------------------------------------- training
     def loss(self, batch_inputs: torch.Tensor, batch_data_samples) -> dict:
         self.teacher_taps.start()
         self.student_taps.start()
         try:
-            with torch.no_grad():
-                t_all = self.teacher.extract_feat(batch_inputs)
+            if self._cache is None:
+                with torch.no_grad():
+                    t_all = self.teacher.extract_feat(batch_inputs)
+                know = self.teacher_knowledge([t_all[i] for i in self.teacher_levels], batch_data_samples)
+            else:
+                know = self.cached_knowledge(batch_data_samples, batch_inputs)
             s_all = self.student.extract_feat(batch_inputs)
             losses = self.student.bbox_head.loss(s_all, batch_data_samples)
-            losses.update(self._unikd_losses([t_all[i] for i in self.teacher_levels],
-                                             [s_all[i] for i in self.levels], batch_data_samples))
+            losses.update(self._unikd_losses(know, [s_all[i] for i in self.levels]))
             self._add_entry_losses(losses, batch_data_samples)
         finally:
             self.student_taps.stop()
             self.teacher_taps.stop()
         return losses
 
-    def _unikd_losses(self, t_feats, s_feats, samples) -> Dict[str, torch.Tensor]:
+    @torch.no_grad()
+    def teacher_knowledge(self, t_feats: List[torch.Tensor], samples) -> Dict[str, torch.Tensor]:
+        """The teacher's side of a batch (what a cache entry holds per image): the content queries and
+        reference points, z^T and the Hungarian positives; the positional boxes, their queries, z^T and
+        positives."""
         gt_boxes, gt_labels, sizes, _ = _gt_lists(samples, t_feats[0].device)
         ct, pos = self.content_ake, self.positional_ake
-        with torch.no_grad():
-            q_ct, r_ct = ct.generate(t_feats)
-            z_ct_t = ct.extract(q_ct, r_ct, t_feats)
-            mask_ct = content_positive_mask(*ct.predict(z_ct_t, r_ct), gt_boxes, gt_labels, sizes, **self.matching_cfg)
-            boxes, assigned = self._positional_boxes(gt_boxes, sizes, t_feats[0])
-            q_pos, r_pos = pos.generate(t_feats, boxes)
-            z_pos_t = pos.extract(q_pos, r_pos, t_feats)
+        q_ct, r_ct = ct.generate(t_feats)
+        z_ct = ct.extract(q_ct, r_ct, t_feats)
+        ct_mask = content_positive_mask(*ct.predict(z_ct, r_ct), gt_boxes, gt_labels, sizes, **self.matching_cfg)
+        boxes, assigned = self._positional_boxes(gt_boxes, sizes, t_feats[0])
+        q_pos, r_pos = pos.generate(t_feats, boxes)
+        z_pos = pos.extract(q_pos, r_pos, t_feats)
+        return dict(q_ct=q_ct, r_ct=r_ct, z_ct=z_ct, ct_mask=ct_mask, q_pos=q_pos, r_pos=r_pos, z_pos=z_pos,
+                    pos_mask=torch.stack([a >= 0 for a in assigned]))
+
+    def cached_knowledge(self, samples, like: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The batch's teacher side from the cache (offline), by image file name and augmentation."""
+        per_image = []
+        for sample in samples:
+            key, aug = image_key(sample.metainfo), augmentation_record(sample.metainfo)
+            try:
+                per_image.append(self._cache.get(key, aug))
+            except KeyError as e:
+                raise KeyError(f"{self.owner}: the teacher cache {self.teacher_cache_dir} has no entry for {key} "
+                               f"under {aug}: {e.args[0] if e.args else ''}. Replay the cached augmentations in the "
+                               f"training pipeline (type='kdops.CachedFlip' instead of RandomFlip) and keep the "
+                               f"caching run's resize") from None
+        out = {}
+        for name in KNOWLEDGE:
+            t = torch.stack([e[name] for e in per_image]).to(like.device)
+            out[name] = t if t.dtype == torch.bool else t.to(like.dtype)
+        return out
+
+    def _unikd_losses(self, know: Dict[str, torch.Tensor], s_feats) -> Dict[str, torch.Tensor]:
         adapted = self.adaptor(s_feats)
-        z_ct_s = ct.extract(q_ct, r_ct, adapted)
-        z_pos_s = pos.extract(q_pos, r_pos, adapted)
-        out = self.unikd(z_ct_s, z_ct_t, mask_ct, z_pos_s, z_pos_t, torch.stack([a >= 0 for a in assigned]))
+        z_ct_s = self.content_ake.extract(know["q_ct"], know["r_ct"], adapted)
+        z_pos_s = self.positional_ake.extract(know["q_pos"], know["r_pos"], adapted)
+        out = self.unikd(z_ct_s, know["z_ct"], know["ct_mask"], z_pos_s, know["z_pos"], know["pos_mask"])
         scale = self.kd_scale["unikd"]
         return {"loss_unikd_" + k[len("loss_"):]: v * scale for k, v in out.items()}
+
+
+@TRANSFORMS.register_module()
+class CachedFlip(RandomFlip):
+    """``RandomFlip`` that replays a flip the teacher cache holds for the image (UniKD offline):
+    one of the image's recorded augmentations, drawn at random, instead of a fresh coin toss, so
+    every training sample has its teacher entry. An image the cache does not hold is an error.
+
+    Args:
+        cache: the teacher cache directory (``model.teacher_cache``).
+        direction: the flip direction the caching run used ('horizontal').
+    """
+
+    def __init__(self, cache: str, direction: str = "horizontal", prob: float = 0.5) -> None:
+        super().__init__(prob=prob, direction=direction)
+        self.cache_dir = cache
+        self._teacher_cache = None
+
+    def transform(self, results: dict) -> dict:
+        if self._teacher_cache is None:  # opened in each data-loader worker; checksums are checked by the model
+            from kdops.cache import TeacherCache
+
+            self._teacher_cache = TeacherCache(self.cache_dir, verify="none")
+        key = osp.basename(str(results["img_path"]))
+        try:
+            rec = self._teacher_cache.sample_augmentation(key, np.random)
+        except KeyError:
+            raise KeyError(f"kdops.CachedFlip: the teacher cache {self.cache_dir} holds no entry for image {key}: "
+                           f"cache the whole training set (python -m kdops_mmdet.cache_teacher)") from None
+        results["flip"] = bool(rec.get("flip"))
+        results["flip_direction"] = rec.get("flip_direction") if results["flip"] else None
+        if results["flip"]:
+            self._flip(results)  # RandomFlip's own flip of the image, boxes, masks and maps
+        return results

@@ -213,3 +213,97 @@ def test_unikd_student_must_be_one_stage(toy):
 
     with pytest.raises(ValueError, match="one-stage detector"):
         _inject_model(toy, student=Config.fromfile(FRCNN_CFG).model)
+
+
+# ------------------------------------------------------------------------------ offline teacher cache
+def _ake_ckpt(toy, path):
+    """A stage-1 checkpoint (the absorb model's state dict) without training: what stage 2 loads."""
+    from mmdet.utils import register_all_modules
+
+    import kdops_mmdet  # noqa: F401
+    from kdops_mmdet.registry import MODELS
+
+    register_all_modules(init_default_scope=False)
+    cfg = load_cfg(os.path.join(UNIKD, "unikd_absorb_retinanet_toy.py"), toy["data_root"], str(path) + "_w",
+                   teacher_ckpt=toy["retina"])
+    torch.manual_seed(3)
+    model = MODELS.build(cfg.model)
+    torch.save({"state_dict": model.state_dict()}, path)
+    return str(path)
+
+
+def test_unikd_offline_cache_matches_online_and_refuses_mismatches(toy, tmp_path):
+    """cache_teacher writes every training image under the flips it saw; offline training builds no
+    teacher and trains through the Runner with CachedFlip; on the same batch (same student and
+    adaptor weights, same positional boxes) the offline losses equal the online ones (a float32
+    cache: bit-for-bit inputs); a cache made with other AKE weights, and an augmentation the cache
+    does not hold, are refused with errors saying what to do."""
+    from mmengine.registry import init_default_scope
+    from mmengine.runner import Runner as R
+
+    from kdops.cache import TeacherCache
+    from kdops_mmdet.cache_teacher import cache_teacher
+    from kdops_mmdet.registry import MODELS
+
+    ake = _ake_ckpt(toy, tmp_path / "ake.pth")
+    os.environ.update(KDOPS_TOY_DATA=toy["data_root"], KDOPS_TOY_TEACHER_CKPT=toy["retina"],
+                      KDOPS_TOY_UNIKD_AKE_CKPT=ake)
+    out = str(tmp_path / "cache")
+    online_cfg = os.path.join(UNIKD, "unikd_inject_retinanet_toy.py")
+    summary = cache_teacher(online_cfg, out, epochs=3, dtype="float32",
+                            cfg_options=["train_dataloader.num_workers=0", "train_dataloader.batch_size=4"])
+    cache = TeacherCache(out, verify="eager")
+    import json
+
+    n_images = len(json.load(open(os.path.join(toy["data_root"], "annotations", "instances_train.json")))["images"])
+    assert len(cache) == summary["images"] == n_images  # every training image (none without boxes here)
+    assert cache.num_entries > n_images  # 3 passes: both flips recorded for some images
+    # storage: per entry exactly the stage-2 inputs (Q=P=50 queries of the teacher's C=64; float32 here)
+    Q, C = 50, 64
+    want = 4 * (2 * Q * C + Q * 2 + 2 * Q * C + Q * 4) + 2 * Q  # q, z (x2 kinds), references, two bool masks
+    assert cache.bytes_per_image()["entry"] == want
+    again = cache_teacher(online_cfg, out, epochs=3, dtype="float32",
+                          cfg_options=["train_dataloader.num_workers=0", "train_dataloader.batch_size=4"])
+    assert again["written"] == 0 and again["skipped"] == 3 * n_images  # the same run again: nothing redone
+
+    os.environ["KDOPS_TOY_UNIKD_CACHE"] = out
+    offline_path = os.path.join(UNIKD, "unikd_inject_retinanet_offline_toy.py")
+    cfg = load_cfg(offline_path, toy["data_root"], str(tmp_path / "off"), teacher_ckpt=toy["retina"])
+    runner = Runner.from_cfg(cfg)
+    probe = _Probe(("content_ake",))
+    runner.register_hook(probe, priority="LOWEST")
+    runner.train()
+    assert runner.model.teacher is None
+    for it in probe.iters:
+        assert math.isfinite(it["loss_unikd_content"]) and math.isfinite(it["loss_unikd_positional"])
+
+    register = __import__("mmdet.utils", fromlist=["register_all_modules"]).register_all_modules
+    register(init_default_scope=False)
+    torch.manual_seed(0)
+    online = MODELS.build(load_cfg(online_cfg, toy["data_root"], str(tmp_path / "on"), teacher_ckpt=toy["retina"]).model)
+    offline = MODELS.build(cfg.model)
+    offline.student.load_state_dict(online.student.state_dict())
+    offline.adaptor.load_state_dict(online.adaptor.state_dict())
+    online.train()
+    offline.train()
+    init_default_scope("mmdet")
+    loader_cfg = dict(cfg.train_dataloader)
+    loader_cfg.update(batch_size=2, num_workers=0, persistent_workers=False)
+    data = next(iter(R.build_dataloader(loader_cfg, seed=1)))  # CachedFlip: a recorded flip per image
+    batch = offline.data_preprocessor(data, training=True)
+    know = offline.cached_knowledge(batch["data_samples"], batch["inputs"])
+    boxes = know["r_pos"]
+    assigned = [torch.where(m, 0, -1) for m in know["pos_mask"]]
+    online._positional_boxes = lambda gt, sizes, like: (boxes, assigned)
+    off_losses = offline.loss(batch["inputs"], batch["data_samples"])
+    on_losses = online.loss(batch["inputs"], batch["data_samples"])
+    for k in ("loss_unikd_content", "loss_unikd_positional"):
+        assert float(off_losses[k]) == pytest.approx(float(on_losses[k]), rel=1e-6, abs=1e-9), k
+
+    sample = batch["data_samples"][0].clone()
+    sample.set_metainfo(dict(img_shape=(64, 64)))  # a resize the caching run never made
+    with pytest.raises(KeyError, match="CachedFlip"):
+        offline.cached_knowledge([sample], batch["inputs"])
+    cfg.model.ake_ckpt = None  # other AKE weights: another fingerprint
+    with pytest.raises(ValueError, match="fingerprint"):
+        MODELS.build(cfg.model)
