@@ -17,11 +17,12 @@ namespace KDOPS_ISA {
 // max N / D is updated by cross-multiplying (all terms are positive and bounded).
 template <typename A>
 KDOPS_INLINE void gap_frac(A x, A t, A& n, A& d) {
+  // sigma(x) = a / (1 + e), e = exp(-|x|), a = 1 (x >= 0) or e (x < 0): with the signs of x
+  // and t alike the numerator is |e_t - e_x| (0 on ties), else 1 - e_x e_t.
   const A ex = exp_nonpos(-std::fabs(x)), et = exp_nonpos(-std::fabs(t));
-  const A ax = x >= A(0) ? A(1) : ex, at = t >= A(0) ? A(1) : et;
-  const A dx = A(1) + ex, dt = A(1) + et;
-  n = x == t ? A(0) : std::fabs(at * dx - ax * dt);
-  d = dx * dt;
+  const bool same = (x >= A(0)) == (t >= A(0));
+  n = same ? std::fabs(et - ex) : A(1) - ex * et;
+  d = (A(1) + ex) * (A(1) + et);
 }
 template <typename A>
 KDOPS_INLINE void frac_max(A n, A d, A& N, A& D) {

@@ -30,12 +30,17 @@ KDOPS_INLINE float exp_nonpos(float x) {
   p = p * r + 0.4999999403953552f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  int32_t bits;  // t's bits are those of 1.5 * 2^23 plus n
-  std::memcpy(&bits, &t, sizeof(float));
-  bits = (bits - 0x4B400000 + 127) << 23;
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof(float));
-  return p * two_n;
+  // p * 2^n, as an integer add of n to p's exponent field: the same value as the product (the
+  // result is a normal float: x >= -87 gives n >= -126 with p > 1 there), but on an integer
+  // pipe instead of the multiplier that the polynomial keeps busy. A NaN x converts to INT_MIN,
+  // whose shift adds 0: the NaN of p passes through.
+  const uint32_t k = uint32_t(int32_t(n)) << 23;
+  uint32_t bits;
+  std::memcpy(&bits, &p, sizeof(float));
+  bits += k;
+  float y;
+  std::memcpy(&y, &bits, sizeof(float));
+  return y;
 }
 KDOPS_INLINE double exp_nonpos(double x) { return std::exp(x); }
 // exp(x) of any x, vectorisable: exp_nonpos's reduction also holds for 0 < x <= 88; above
