@@ -140,6 +140,27 @@ def scale_grads(grads: list, factors: list, in_place: bool) -> list:
     return [None if g is None else scale_grad(g, f, in_place) for g, f in zip(grads, factors)]
 
 
+def saved_grad_autograd(op: str, n_inputs: int) -> Tuple[Callable, Callable]:
+    """(backward, setup_context) of a ``*_fwd_grad`` schema whose outputs are (loss, the first input's
+    gradient of the loss): the forward pass wrote the gradient, backward only scales it by the
+    incoming gradient (:func:`scale_grad`; in place once the graph is freed) and the other
+    ``n_inputs - 1`` inputs get none."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.set_materialize_grads(False)  # the saved gradient output gets no gradient: no zeros for it
+        ctx.mark_non_differentiable(output[1])  # a saved result, not a differentiable function of the inputs
+        ctx.save_for_backward(output[1])
+
+    def backward(ctx, gloss, *_):
+        if gloss is None:  # no gradient reached the loss (grads are not materialised)
+            return (None,) * n_inputs
+        forbid_double_backward(op)
+        (g,) = ctx.saved_tensors
+        return (scale_grad(g, gloss, saved_grads_reusable(gloss)),) + (None,) * (n_inputs - 1)
+
+    return backward, setup_context
+
+
 Fake = Callable
 #: (backward, setup_context) for torch.library.register_autograd, or a kernel for the Autograd
 #: dispatch key taking the dispatch keyset first (for ops whose autograd is a custom Function).

@@ -7,7 +7,7 @@ import torch
 
 from .. import reference
 from .._dtype import acc_dtype
-from ._registry import forbid_double_backward, needs_grad, register_op, saved_grads_reusable, scale_grad, use_kernel
+from ._registry import forbid_double_backward, needs_grad, register_op, saved_grad_autograd, use_kernel
 from ._validation import Levels, check_choice, check_pair, check_tensor, match_levels, paired_levels
 
 OP = "masked_mse"
@@ -122,20 +122,6 @@ def _fake_fwd_grad(s, t, pw, cw, scale):
     return s.new_empty((), dtype=acc_dtype(s.dtype)), s.new_empty(s.shape)
 
 
-def _grad_setup_context(ctx, inputs, output):
-    ctx.set_materialize_grads(False)  # the saved gradient output gets no gradient: no zeros for it
-    ctx.mark_non_differentiable(output[1])  # a saved result, not a differentiable function of the inputs
-    ctx.save_for_backward(output[1])
-
-
-def _grad_backward(ctx, gloss, *_):
-    if gloss is None:  # no gradient reached the loss (grads are not materialised)
-        return (None,) * 5
-    forbid_double_backward(OP)
-    (g,) = ctx.saved_tensors
-    return scale_grad(g, gloss, saved_grads_reusable(gloss)), None, None, None, None
-
-
 register_op(OP, fake={"masked_mse_fwd": _fake_fwd, "masked_mse_bwd": _fake_bwd, "masked_mse_fwd_grad": _fake_fwd_grad},
             autograd={"masked_mse_fwd": (_backward, _setup_context),
-                      "masked_mse_fwd_grad": (_grad_backward, _grad_setup_context)})
+                      "masked_mse_fwd_grad": saved_grad_autograd(OP, 5)})

@@ -5,20 +5,10 @@
 # loss (focal 2, L1 5, GIoU 2). The paper leaves stage 1's schedule open: 12 epochs of AdamW 2e-4,
 # clip 0.1 (Deformable DETR's optimiser). The checkpoint's content_ake.* / positional_ake.* feed stage 2
 # (unikd_inject_deformable_detr_r50_retinanet_r50_1x_coco.py).
-_base_ = ['mmdet::retinanet/retinanet_r50_fpn_1x_coco.py']
-custom_imports = dict(imports=['kdops_mmdet'], allow_failed_imports=False)
+_base_ = ['./unikd_absorb_retinanet_r101_coco.py']
 
 teacher_ckpt = 'https://download.openmmlab.com/mmdetection/v3.0/deformable_detr/deformable-detr_r50_16xb2-50e_coco/deformable-detr_r50_16xb2-50e_coco_20221029_210934-6bc7d21b.pth'  # noqa: E501
 model = dict(
-    _delete_=True,
-    type='kdops.UniKDAbsorbDetector',
     teacher_cfg='mmdet::deformable_detr/deformable-detr_r50_16xb2-50e_coco.py',
     teacher_ckpt=teacher_ckpt,
-    levels=[0, 1, 2, 3],
-    num_positional=200,
-    pos_fraction=0.5)
-optim_wrapper = dict(
-    _delete_=True,
-    type='OptimWrapper',
-    optimizer=dict(type='AdamW', lr=2e-4, weight_decay=1e-4),
-    clip_grad=dict(max_norm=0.1, norm_type=2))
+    levels=[0, 1, 2, 3])

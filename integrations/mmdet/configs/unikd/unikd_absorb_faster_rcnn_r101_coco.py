@@ -5,20 +5,10 @@
 # loss (focal 2, L1 5, GIoU 2). The paper leaves stage 1's schedule open: 12 epochs of AdamW 2e-4,
 # clip 0.1 (Deformable DETR's optimiser). The checkpoint's content_ake.* / positional_ake.* feed stage 2
 # (unikd_inject_faster_rcnn_r101_retinanet_r50_1x_coco.py).
-_base_ = ['mmdet::retinanet/retinanet_r50_fpn_1x_coco.py']
-custom_imports = dict(imports=['kdops_mmdet'], allow_failed_imports=False)
+_base_ = ['./unikd_absorb_retinanet_r101_coco.py']
 
 teacher_ckpt = 'https://download.openmmlab.com/mmdetection/v2.0/faster_rcnn/faster_rcnn_r101_fpn_2x_coco/faster_rcnn_r101_fpn_2x_coco_bbox_mAP-0.398_20200504_210455-1d2dac9c.pth'  # noqa: E501
 model = dict(
-    _delete_=True,
-    type='kdops.UniKDAbsorbDetector',
     teacher_cfg='mmdet::faster_rcnn/faster-rcnn_r101_fpn_2x_coco.py',
     teacher_ckpt=teacher_ckpt,
-    levels=[1, 2, 3, 4],
-    num_positional=200,
-    pos_fraction=0.5)
-optim_wrapper = dict(
-    _delete_=True,
-    type='OptimWrapper',
-    optimizer=dict(type='AdamW', lr=2e-4, weight_decay=1e-4),
-    clip_grad=dict(max_norm=0.1, norm_type=2))
+    levels=[1, 2, 3, 4])

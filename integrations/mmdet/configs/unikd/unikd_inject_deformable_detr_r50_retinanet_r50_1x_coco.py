@@ -3,19 +3,11 @@
 # 4 ChannelMapper levels (strides 8-64); the extractors run on them and on the student's P3-P6 through the adaptor (1x1 conv per
 # level + 2 deformable self-attention layers, dropped at export); loss_unikd_content + loss_unikd_positional,
 # the decoupled embedding MSE at lambda_1 = lambda_2 = 10 (the paper's), on top of the student's losses.
-_base_ = ['mmdet::retinanet/retinanet_r50_fpn_1x_coco.py']
-custom_imports = dict(imports=['kdops_mmdet'], allow_failed_imports=False)
+_base_ = ['./unikd_inject_retinanet_r101_retinanet_r50_1x_coco.py']
 
 teacher_ckpt = 'https://download.openmmlab.com/mmdetection/v3.0/deformable_detr/deformable-detr_r50_16xb2-50e_coco/deformable-detr_r50_16xb2-50e_coco_20221029_210934-6bc7d21b.pth'  # noqa: E501
 model = dict(
-    _delete_=True,
-    type='kdops.UniKDDistillDetector',
-    student={{_base_.model}},
     teacher_cfg='mmdet::deformable_detr/deformable-detr_r50_16xb2-50e_coco.py',
     teacher_ckpt=teacher_ckpt,
     ake_ckpt='work_dirs/unikd_absorb_deformable_detr_r50_coco/epoch_12.pth',
-    num_positional=200,
-    levels=[0, 1, 2, 3],
-    teacher_levels=[0, 1, 2, 3],
-    loss=dict(content_weight=10.0, positional_weight=10.0))
-custom_hooks = [dict(type='kdops.KDScheduleHook', warmup_iters=500, losses=['unikd'])]
+    teacher_levels=[0, 1, 2, 3])

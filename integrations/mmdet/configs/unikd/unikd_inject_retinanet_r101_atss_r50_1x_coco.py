@@ -1,8 +1,9 @@
-# UniKD stage 2 (inject), homogeneous pair: the ATSS R50 student learns from the RetinaNet R101 teacher
-# through the frozen AKEs of unikd_absorb_retinanet_r101_coco.py (its checkpoint: model.ake_ckpt). Queries come from the teacher's
-# P3-P6 (its levels 0-3); the extractors run on them and on the student's P3-P6 through the adaptor (1x1 conv per
-# level + 2 deformable self-attention layers, dropped at export); loss_unikd_content + loss_unikd_positional,
-# the decoupled embedding MSE at lambda_1 = lambda_2 = 10 (the paper's), on top of the student's losses.
+# UniKD stage 2 (inject), ATSS student: the ATSS R50 student learns from the RetinaNet R101 teacher
+# through the frozen AKEs of unikd_absorb_retinanet_r101_coco.py (its checkpoint: model.ake_ckpt). Queries
+# come from the teacher's P3-P6; the extractors run on them and on the student's P3-P6 through the adaptor
+# (1x1 conv per level + 2 deformable self-attention layers, dropped at export); loss_unikd_content +
+# loss_unikd_positional, the decoupled embedding MSE at lambda_1 = lambda_2 = 10 (the paper's), on top of
+# the student's losses. (A standalone config: mmdet's ATSS config is its base, for its data and schedule.)
 _base_ = ['mmdet::atss/atss_r50_fpn_1x_coco.py']
 custom_imports = dict(imports=['kdops_mmdet'], allow_failed_imports=False)
 
