@@ -1,7 +1,8 @@
 # kdops: `make test` and `make bench` set everything up on a fresh machine.
 #
 #   make test    venv + deps, the mmdetection 3.x stack (mmcv 2.1.0 built from its sdist once per
-#                machine and torch version, then cached: tools/install_mmdet.sh), build (C++ CPU
+#                machine and torch version, then cached: tools/install_mmdet.sh), detectron2 0.6 as
+#                pure Python (tools/install_detectron2.sh), build (C++ CPU
 #                kernels; CUDA sources compiled with FORCE_CUDA=1 as a compile check when a CUDA
 #                toolkit is found), pytest (ops, losses, and the mmdet plug-in on the real
 #                trainer), then the Triton kernels under
@@ -12,7 +13,7 @@
 #                `kdops bench --full --out benchmarks/results` writes the committed results.
 #
 # On a machine with its own torch (e.g. a GPU box without internet): `make test SYSTEM_PYTHON=1`
-# (no mmdet install there: the plug-in's tests skip; MMDET=1 asks for it).
+# (no mmdet/detectron2 install there: the plug-ins' tests skip; MMDET=1 asks for them).
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -33,7 +34,7 @@ MMDET ?= 1
 endif
 # mmcv 2.1.0's ~10-minute build is paid once per machine and torch version (see tools/install_mmdet.sh).
 KDOPS_WHEEL_CACHE ?= $(HOME)/.cache/kdops/wheels
-MMDET_STAMP := $(if $(filter 1,$(MMDET)),.stamp-mmdet,)
+MMDET_STAMP := $(if $(filter 1,$(MMDET)),.stamp-mmdet .stamp-detectron2,)
 
 # The nvcc on PATH can be a wrapper one folder below the real toolkit (see docs/environment.md).
 NVCC := $(shell command -v nvcc 2>/dev/null)
@@ -43,7 +44,7 @@ CUDA_HOME ?= $(shell if [ -n "$(NVCC)" ]; then d="$$(dirname "$$(dirname "$$(rea
 FORCE_CUDA ?= $(if $(CUDA_HOME),1,0)
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
 
-.PHONY: test bench build deps mmdet clean sanitize
+.PHONY: test bench build deps mmdet detectron2 clean sanitize
 
 test: $(MMDET_STAMP) build
 	@echo "== pytest (C++ CPU kernels, references, losses) =="
@@ -89,6 +90,13 @@ deps: $(DEPS_STAMP)
 
 mmdet: .stamp-mmdet
 
+detectron2: .stamp-detectron2
+
+# detectron2 0.6 as pure Python (no wheels exist; the PyPI sdist lacks its C++ sources): ~20 s.
+.stamp-detectron2: $(DEPS_STAMP) tools/install_detectron2.sh
+	bash tools/install_detectron2.sh $(PY)
+	touch $@
+
 .stamp-mmdet: $(DEPS_STAMP) tools/install_mmdet.sh
 	CUDA_HOME=$(CUDA_HOME) MAX_JOBS=$(MAX_JOBS) KDOPS_WHEEL_CACHE=$(KDOPS_WHEEL_CACHE) bash tools/install_mmdet.sh $(PY)
 	touch $@
@@ -109,4 +117,4 @@ build: .stamp-build
 	touch $@
 
 clean:
-	rm -rf build kdops/_C*.so .stamp-build .stamp-build-bench .stamp-mmdet *.egg-info
+	rm -rf build kdops/_C*.so .stamp-build .stamp-build-bench .stamp-mmdet .stamp-detectron2 *.egg-info
