@@ -6,6 +6,7 @@ from .head import (
     HEADAKDLoss, HEADCKDLoss, HEADContrastiveCKDLoss, HEADDenseLoss, HEADMemoryPool, HEADProposals, head_gt_sources,
     head_proposals,
 )
+from .lgd import LGDLoss
 from .pkd import PKDLoss
 from .unikd import (
     UniKDLoss, UniKDMatchingLoss, content_positive_mask, hungarian_match, sample_positional_boxes,
@@ -14,7 +15,7 @@ from .unikd import (
 
 __all__ = [
     "BCKDLoss", "FGDLoss", "FGD_PRESETS", "FeatureMimicLoss", "HEADAKDLoss", "HEADCKDLoss", "HEADContrastiveCKDLoss",
-    "HEADDenseLoss", "HEADMemoryPool", "HEADProposals", "PKDLoss", "fgd_attention", "fgd_attention_loss",
+    "HEADDenseLoss", "HEADMemoryPool", "HEADProposals", "LGDLoss", "PKDLoss", "fgd_attention", "fgd_attention_loss",
     "fgd_attention_maps", "fgd_global_loss", "head_gt_sources", "head_proposals",
     "UniKDLoss", "UniKDMatchingLoss", "content_positive_mask", "hungarian_match", "sample_positional_boxes",
     "unikd_decoupled_mse", "xyxy_to_normalized_cxcywh",
