@@ -161,6 +161,19 @@ METHODS: Dict[str, dict] = {
              "student alone and the gain is what the assistants' supervision adds; the cosine schedule has no LR "
              "drop, so the mimic losses are never switched off here (the paper stops them at the first drop)."),
     ),
+    "lgd": dict(
+        label="LGD (teacher-free)",
+        teacher=None,
+        model=dict(type="kdops.LGDDetector", lgd=dict(add_context_box=True, detach_appearance=False),
+                   loss_weight=1.0, distill_start_iter=250, freeze_backbone_iters=167),
+        hooks=[dict(type="kdops.KDScheduleHook")],
+        weight=("the release's RetinaNet setting: lambda 1, a context box per image, appearance not detached; its "
+                "schedule scaled from 180k to 1500 iterations: the student's features join the distillation loss "
+                "at 250 (30k), its backbone trains from 167 (20k)"),
+        why=("teacher-free: the instructive knowledge is built from the labels and the student's own features, "
+             "so the baseline is the same student alone and the gain is what label-guided self-distillation "
+             "adds on the same labelled images."),
+    ),
 }
 SKIPPED_METHODS: Dict[str, str] = {
     "unikd": ("two training runs per seed (the AKEs absorb the teacher, then the student is distilled through "

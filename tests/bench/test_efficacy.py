@@ -122,5 +122,8 @@ def test_every_method_builds_on_the_efficacy_student_and_its_teacher():
             if name == "tf_head":
                 assert [int(s[0] if isinstance(s, (tuple, list)) else s)
                         for s in model.dense_assistant.strides] == [8, 16, 32]
+        elif name == "lgd":
+            assert model.lgd.channels == 32 and model.lgd.num_classes == 4
+            assert (model.distill_start_iter, model.freeze_backbone_iters) == (250, 167)
         else:
             assert [e.name for e in model.entries] == [cfg["name"]]

@@ -9,6 +9,7 @@ it registers, in child registries of mmdet's (scope ``kdops``):
 - ``kdops.TFHEADDetector`` (MODELS): TF-HEAD, teacher-free, with a dense and an R-CNN assistant;
 - ``kdops.UniKDAbsorbDetector`` / ``kdops.UniKDDistillDetector`` (MODELS): UniKD's two stages
   (train the knowledge extractors on the teacher, then distil through them);
+- ``kdops.LGDDetector`` (MODELS): LGD, label-guided self-distillation, no teacher;
 - ``kdops.KDScheduleHook`` (HOOKS): KD warm-up and stop, a pure function of the iteration.
 
 Tools: ``python -m kdops_mmdet.train CONFIG`` (mmdet's tools/train.py, plus gloo on CPU) and
@@ -18,10 +19,11 @@ Tools: ``python -m kdops_mmdet.train CONFIG`` (mmdet's tools/train.py, plus gloo
 from .connectors import LinearConnector, build_connector
 from .distiller import DistillDetector
 from .head import HEADDistillDetector, TFHEADDetector
+from .lgd import LGDDetector
 from .hooks import KDScheduleHook, first_lr_milestone_iter, kd_scale_at
 from .registry import HOOKS, MODELS
 from .unikd import UniKDAbsorbDetector, UniKDDistillDetector
 
-__all__ = ["DistillDetector", "HEADDistillDetector", "HOOKS", "KDScheduleHook", "LinearConnector", "MODELS",
+__all__ = ["DistillDetector", "HEADDistillDetector", "HOOKS", "KDScheduleHook", "LGDDetector", "LinearConnector", "MODELS",
            "TFHEADDetector", "UniKDAbsorbDetector", "UniKDDistillDetector", "build_connector",
            "first_lr_milestone_iter", "kd_scale_at"]

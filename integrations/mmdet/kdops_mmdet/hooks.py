@@ -7,7 +7,8 @@ The stop iteration is ``stop_iter`` or the first milestone of the run's ``MultiS
 times the epoch length for an epoch-based scheduler, iterations otherwise), whichever comes first.
 While the scale is 0 the losses are still computed and multiplied by 0, so the connectors stay in
 the graph: DDP neither hangs nor needs ``find_unused_parameters``. Resuming recomputes the scale
-from the iteration, so there is no hook state to save.
+from the iteration, so there is no hook state to save. Models with schedules of their own
+(``kdops.LGDDetector``) also get the iteration itself, through their ``set_iteration``.
 """
 from __future__ import annotations
 
@@ -85,5 +86,7 @@ class KDScheduleHook(Hook):
         model = runner.model.module if is_model_wrapper(runner.model) else runner.model
         if not hasattr(model, "set_kd_scale"):
             raise TypeError(f"KDScheduleHook needs a kdops.DistillDetector, got {type(model).__name__}")
+        if hasattr(model, "set_iteration"):  # models with their own iteration schedule (LGD)
+            model.set_iteration(runner.iter)
         scale = self.scale_at(runner.iter)
         model.set_kd_scale(scale if self.losses is None else {k: scale for k in self.losses})
