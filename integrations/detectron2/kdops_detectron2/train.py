@@ -14,7 +14,6 @@ detectron2's ``launch`` runs unchanged. ``--eval-only`` evaluates the student al
 from __future__ import annotations
 
 import importlib
-import logging
 import os
 import socket
 import sys
@@ -29,10 +28,36 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def default_setup(cfg, args) -> None:
+    """detectron2 0.6's ``default_setup`` (logger, output dir, config.yaml, seeds, cudnn) except its
+    environment report: ``collect_env_info`` calls the compiled ``detectron2._C``, which a
+    pure-Python install (tools/install_detectron2.sh) lacks."""
+    from detectron2.utils import comm
+    from detectron2.utils.env import seed_all_rng
+    from detectron2.utils.logger import setup_logger
+
+    output_dir = cfg.OUTPUT_DIR
+    if comm.is_main_process() and output_dir:
+        os.makedirs(output_dir, exist_ok=True)
+    rank = comm.get_rank()
+    setup_logger(output_dir, distributed_rank=rank, name="fvcore")
+    logger = setup_logger(output_dir, distributed_rank=rank)
+    setup_logger(output_dir, distributed_rank=rank, name="kdops_detectron2")
+    logger.info(f"Rank of current process: {rank}. World size: {comm.get_world_size()}")
+    logger.info(f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}, device {cfg.MODEL.DEVICE}")
+    logger.info("Command line arguments: " + str(args))
+    if comm.is_main_process() and output_dir:
+        path = os.path.join(output_dir, "config.yaml")
+        with open(path, "w") as f:
+            f.write(cfg.dump())
+        logger.info(f"Full config saved to {path}")
+    seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + rank)
+    if not getattr(args, "eval_only", False):
+        torch.backends.cudnn.benchmark = cfg.CUDNN_BENCHMARK
+
+
 def setup(args):
     """The frozen config of ``args`` (file + opts), logging and the toy datasets set up."""
-    from detectron2.engine import default_setup
-
     from .config import get_kd_cfg, is_kd_config, validate_kd_config
     from .data import register_toy_datasets, uses_toy_data
 
