@@ -108,3 +108,19 @@ def test_train_help():
     out = subprocess.run([sys.executable, "-m", "kdops_detectron2.export_student", "--help"], env=subprocess_env(),
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "--weights" in out.stdout and "--out" in out.stdout, out.stderr
+
+
+@pytest.mark.parametrize("method", ["pkd", "fgd", "fitnet", "defeat"])
+def test_coco_configs_parse_with_their_teacher(method):
+    from kdops_detectron2 import get_kd_cfg, teacher_cfg, validate_kd_config
+    from kdops_detectron2.config import resolve_taps
+    from kdops_detectron2.configs import config_path
+
+    cfg = get_kd_cfg(config_path(f"{method}/{method}_retinanet_r101_retinanet_r50_1x_coco.yaml"))
+    validate_kd_config(cfg)
+    assert cfg.MODEL.META_ARCHITECTURE == "KDDetector" and cfg.MODEL.KD.METHOD == method
+    assert cfg.MODEL.RESNETS.DEPTH == 50 and cfg.SOLVER.MAX_ITER == 90000 and cfg.DATASETS.TRAIN == ("coco_2017_train",)
+    assert resolve_taps(cfg) == (["p3", "p4", "p5", "p6"] if method == "pkd" else ["p3", "p4", "p5", "p6", "p7"])
+    t = teacher_cfg(cfg)
+    assert t.MODEL.META_ARCHITECTURE == "RetinaNet" and t.MODEL.RESNETS.DEPTH == 101
+    assert cfg.MODEL.KD.TEACHER.WEIGHTS.endswith("retinanet_R_101_FPN_3x/190397697/model_final_971ab9.pkl")
