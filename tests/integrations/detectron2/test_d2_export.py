@@ -74,3 +74,30 @@ def test_student_weights_from_plain_and_kd_checkpoints(d2_toy_data, d2_teacher_w
     fresh = build_model(student_cfg(cfg))
     load_student_weights(fresh, str(tmp_path / "kd.pth"))
     assert not state_equal(fresh.state_dict(), plain.state_dict())
+
+
+def test_kdtrainer_loads_model_weights_into_the_student_and_resumes(d2_toy_data, d2_teacher_weights, tmp_path):
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+
+    from d2_testing import TINY
+    from kdops_detectron2 import KDTrainer, student_cfg
+    from kdops_detectron2.configs import toy_cfg
+
+    cfg = toy_cfg("pkd", d2_toy_data["root"], d2_teacher_weights)
+    torch.manual_seed(5)
+    plain = build_model(student_cfg(cfg))
+    DetectionCheckpointer(plain, str(tmp_path)).save("plain")  # a plain detectron2 checkpoint
+    out = tmp_path / "out"
+    cfg = toy_cfg("pkd", d2_toy_data["root"], d2_teacher_weights,
+                  TINY + ["OUTPUT_DIR", str(out), "MODEL.WEIGHTS", str(tmp_path / "plain.pth")])
+    trainer = KDTrainer(cfg)
+    trainer.resume_or_load(resume=True)  # nothing to resume in OUTPUT_DIR: MODEL.WEIGHTS -> student
+    assert trainer.start_iter == 0
+    assert not state_equal(trainer.model.student.state_dict(), plain.state_dict())
+    trainer.iter = 6
+    trainer.checkpointer.save("model_0000006", iteration=6)
+    again = KDTrainer(cfg)
+    again.resume_or_load(resume=True)
+    assert again.start_iter == 7
+    assert not state_equal(again.model.state_dict(), trainer.model.state_dict())

@@ -91,9 +91,10 @@ def test_teacher_gets_its_own_normalisation_and_channel_order(kd_model, d2_teach
 
     tfile = tmp_path / "teacher_rgb.yaml"
     tfile.write_text(f'_BASE_: "{config_path("toy/retinanet_r18_toy_teacher.yaml")}"\n'
-                     "MODEL:\n  PIXEL_MEAN: [120.0, 110.0, 100.0]\n  PIXEL_STD: [50.0, 60.0, 70.0]\n"
+                     "MODEL:\n  PIXEL_MEAN: [120.0, 110.0, 100.0]\n"
                      'INPUT:\n  FORMAT: "RGB"\n')
-    cfg, model = kd_model("fitnet", ["MODEL.KD.TEACHER.CONFIG_FILE", str(tfile)])
+    cfg, model = kd_model("fitnet", ["MODEL.KD.TEACHER.CONFIG_FILE", str(tfile),  # + the std through TEACHER.OPTS
+                                     "MODEL.KD.TEACHER.OPTS", "['MODEL.PIXEL_STD', '[50.0, 60.0, 70.0]']"])
     seen = {}
     model.teacher.backbone.register_forward_hook(lambda m, i, o: seen.__setitem__("t", i[0]))
     batch = train_batch(cfg)
