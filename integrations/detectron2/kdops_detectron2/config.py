@@ -38,7 +38,7 @@ def add_kdops_config(cfg: CN) -> CN:
     # the detector the KDDetector trains and exports ("RetinaNet" or "GeneralizedRCNN"); the
     # student is built from the rest of the config with META_ARCHITECTURE set to this
     kd.STUDENT_META_ARCHITECTURE = "RetinaNet"
-    # a name registered with kdops_detectron2.register_method: "pkd", "fgd", "fitnet", "defeat"
+    # a name registered with kdops_detectron2.register_method: "pkd", "fgd", "fitnet", "defeat", "lgd"
     kd.METHOD = "pkd"
     kd.TEACHER = CN()
     kd.TEACHER.CONFIG_FILE = ""  # a detectron2 YAML (absolute, relative to the cwd, or to configs/)
@@ -60,6 +60,14 @@ def add_kdops_config(cfg: CN) -> CN:
     kd.DEFEAT = CN()  # DeFeat (LutingWang/HEAD's re-implementation): per-image normalised fg/bg
     kd.DEFEAT.FG_WEIGHT = 1.0
     kd.DEFEAT.BG_WEIGHT = 4.0
+    kd.LGD = CN()  # LGD (teacher-free); defaults: the release's RetinaNet R50 2x config
+    kd.LGD.ADD_CONTEXT_BOX = True  # a whole-image context object per image (release: off for Faster R-CNN)
+    kd.LGD.DETACH_APPEARANCE = False  # DETACH_APPEARANCE_EMBED (release: on for Faster R-CNN)
+    kd.LGD.NUM_HEADS = 8  # heads of the inter-object relation adapter
+    kd.LGD.EMPTY_IMAGE_OBJECT = "dummy"  # an image without GT: the release's [0,0,1,1] stand-in, or "context"
+    kd.LGD.DISTILL_START_ITER = 30000  # PRE_NONDISTILL_ITERS: loss_lgd reaches the student from here on
+    kd.LGD.FREEZE_BACKBONE_ITERS = 20000  # PRE_FREEZE_STUDENT_BACKBONE_ITERS: no gradient into bottom_up before
+    kd.LGD.TEA_LOSS_WEIGHT = 1.0  # factor on the *_tea losses (the student's head on the instructive maps)
     # schedule of the KD losses: factor (it + 1) / WARMUP_ITERS during warm-up, 1 after, 0 from the
     # first LR drop (min SOLVER.STEPS) when STOP_AT_FIRST_LR_DROP; terms stay in the graph at 0
     kd.WARMUP_ITERS = 0

@@ -19,6 +19,8 @@ TOY_METHOD_CONFIGS = {
     "fgd": "fgd/fgd_retinanet_toy.yaml",
     "fitnet": "fitnet/fitnet_retinanet_toy.yaml",
     "defeat": "defeat/defeat_retinanet_toy.yaml",
+    "lgd": "lgd/lgd_retinanet_toy.yaml",
+    "lgd_faster_rcnn": "lgd/lgd_faster_rcnn_toy.yaml",
 }
 TOY_STUDENT = "toy/retinanet_r18_toy_student.yaml"
 TOY_TEACHER = "toy/retinanet_r18_toy_teacher.yaml"
