@@ -175,10 +175,27 @@ METHODS: Dict[str, dict] = {
              "adds on the same labelled images."),
     ),
 }
-SKIPPED_METHODS: Dict[str, str] = {
-    "unikd": ("two training runs per seed (the AKEs absorb the teacher, then the student is distilled through "
-              "them); its configs train in the tests, its efficacy row is not wired into this benchmark yet"),
-}
+_UNIKD_AKE = dict(num_queries=50, num_extractor_layers=1, ffn_dims=256, num_heads=4)
+METHODS["unikd"] = dict(
+    label="UniKD",
+    teacher="retinanet",
+    # stage 1, trained once per teacher (like the teacher, on all labelled images): the AKEs absorb it
+    absorb=dict(type="kdops.UniKDAbsorbDetector", levels=[0, 1, 2], ake=_UNIKD_AKE, num_positional=50,
+                pos_fraction=0.5),
+    absorb_optim=dict(type="OptimWrapper", optimizer=dict(type="AdamW", lr=2e-4, weight_decay=1e-4),
+                      clip_grad=dict(max_norm=0.1, norm_type=2)),
+    # stage 2, per seed: the student distilled through the frozen AKEs (ake_ckpt: stage 1's checkpoint)
+    model=dict(type="kdops.UniKDDistillDetector", ake_ckpt=None, ake=_UNIKD_AKE, num_positional=50,
+               levels=[0, 1, 2], teacher_levels=[0, 1, 2], adaptor=dict(num_layers=2, num_heads=4, ffn_dims=256),
+               loss=dict(content_weight=10.0, positional_weight=10.0)),
+    hooks=[dict(type="kdops.KDScheduleHook", warmup_iters=100, losses=["unikd"])],
+    weight=("the toy configs' setting (configs/unikd/unikd_*_retinanet_toy.py): content and positional decoupled "
+            "MSE at 10 each, warmed up over 100 iterations; 50 + 50 queries, 1 extractor layer; the AKEs absorb "
+            "the teacher once (1500 iterations on its 2000 images), then stay frozen for every seed"),
+    why=("the paper's weights with AKEs narrowed to the toy teacher (64 channels, 3 levels); the absorb stage is "
+         "part of the method's cost and is trained once per teacher, like the teacher itself."),
+)
+SKIPPED_METHODS: Dict[str, str] = {}
 
 
 def teacher_of(method: str) -> Optional[str]:
@@ -331,11 +348,15 @@ def _worker(spec_path: str) -> None:
         dict(type="CosineAnnealingLR", by_epoch=False, begin=w, end=iters, T_max=max(iters - w, 1), eta_min=0.0),
     ]
     cfg.default_hooks.logger = dict(type="LoggerHook", interval=max(1, min(50, iters // 5)))
-    if spec["kind"] == "teacher":
+    if spec["kind"] in ("teacher", "absorb"):
         cfg.default_hooks.checkpoint = dict(type="CheckpointHook", by_epoch=False, interval=iters, max_keep_ckpts=1)
     else:
         cfg.default_hooks.checkpoint = None
-    kd = bool(spec.get("entry") or spec.get("model"))
+    kd = spec["kind"] == "student" and bool(spec.get("entry") or spec.get("model"))
+    if spec["kind"] == "absorb":  # a two-stage method's first stage on the frozen teacher (UniKD)
+        cfg.custom_imports = dict(imports=["kdops_mmdet"], allow_failed_imports=False)
+        cfg.model = dict(spec["model"], teacher_cfg=TEACHERS["retinanet"]["cfg"], teacher_ckpt=spec["teacher_ckpt"])
+        cfg.optim_wrapper = spec["optim"]
     if kd:
         cfg.custom_imports = dict(imports=["kdops_mmdet"], allow_failed_imports=False)
         if spec.get("model") and "teacher_ckpt" not in spec:  # a teacher-free method (TF-HEAD)
@@ -345,6 +366,8 @@ def _worker(spec_path: str) -> None:
             teacher_cfg = TEACHERS[spec["teacher_arch"]]["cfg"]  # a whole-method detector (HEAD) with its own settings and schedule hooks
             cfg.model = dict(spec["model"], student=cfg.model, teacher_cfg=teacher_cfg,
                              teacher_ckpt=spec["teacher_ckpt"])
+            if spec.get("ake_ckpt"):  # UniKD's second stage: the first stage's checkpoint
+                cfg.model["ake_ckpt"] = spec["ake_ckpt"]
             cfg.custom_hooks = list(spec.get("hooks") or [])
         else:
             teacher_cfg = TEACHERS[spec.get("teacher_arch", "retinanet")]["cfg"]
@@ -384,11 +407,11 @@ def _worker(spec_path: str) -> None:
     if not val_metrics:
         val_metrics.update({k: float(v) for k, v in runner.val_loop.run().items()})
     metrics = val_metrics
-    ckpt = osp.join(spec["work_dir"], f"iter_{iters}.pth") if spec["kind"] == "teacher" else None
+    ckpt = osp.join(spec["work_dir"], f"iter_{iters}.pth") if spec["kind"] in ("teacher", "absorb") else None
     res = dict(mAP=100.0 * metrics["coco/bbox_mAP"], mAP50=100.0 * metrics["coco/bbox_mAP_50"], metrics=metrics,
                wall_s=round(time.perf_counter() - t0, 1), train_s=round(train_s, 1), curve=curve, ckpt=ckpt,
-               params_m=round(sum(p.numel() for p in (model.student if kd else model).parameters())
-                              / 1e6, 4))
+               params_m=round(sum(p.numel() for p in (model.student if kd else model).parameters()
+                                  if spec["kind"] != "absorb" or p.requires_grad) / 1e6, 4))
     with open(spec["result"] + ".tmp", "w") as f:
         json.dump(res, f)
     os.replace(spec["result"] + ".tmp", spec["result"])
@@ -418,7 +441,7 @@ class Bench:
             res["cached"] = True
             self._store(spec, tag, res)
             return res
-        if stored is not None and spec["kind"] != "teacher":  # a teacher's checkpoint is not stored
+        if stored is not None and spec["kind"] not in ("teacher", "absorb"):  # their checkpoints are not stored
             return dict(stored, cached=True)
         if self.args.report_only:
             return None
@@ -454,12 +477,14 @@ class Bench:
     def _store_key(self, spec: dict) -> Optional[str]:
         if not self.args.store:
             return None
-        canon = {k: v for k, v in spec.items() if k not in ("data_root", "teacher_ckpt", "work_dir", "result",
-                                                             "threads")}
+        canon = {k: v for k, v in spec.items() if k not in ("data_root", "teacher_ckpt", "ake_ckpt", "work_dir",
+                                                             "result", "threads")}
         canon["ann_file"] = osp.basename(spec.get("ann_file", ""))
         canon["cpu"] = _cpu_name()
         if spec.get("teacher_ckpt"):
             canon["teacher_weights"] = _weights_digest(spec["teacher_ckpt"])
+        if spec.get("ake_ckpt"):
+            canon["ake_weights"] = _weights_digest(spec["ake_ckpt"])
         return _hash(canon)
 
     def _stored(self, spec: dict, tag: str) -> Optional[dict]:
@@ -506,6 +531,22 @@ class Bench:
             raise RuntimeError(f"efficacy: the cached teacher checkpoint {res['ckpt']} is gone: delete its run dir")
         return res
 
+    def absorb(self, method: str, teacher: dict, required: bool = True) -> Optional[dict]:
+        """A two-stage method's first stage (UniKD: the AKEs absorb the teacher), trained once per teacher
+        on the teacher's images and cached like it; its checkpoint feeds every seed's second stage."""
+        m = METHODS[method]
+        spec = dict(self._common(), kind="absorb", seed=0, iters=self.p["student_iters"], ann_file=self.data["full"],
+                    model=m["absorb"], optim=m["absorb_optim"], teacher_ckpt=teacher["ckpt"])
+        res = self._run(spec, f"absorb-{method}")
+        if res is None and not required:
+            return None
+        if res is None:
+            raise SystemExit(f"efficacy: --report-only but {method}'s first stage is not in the cache")
+        if not osp.isfile(res["ckpt"]):
+            raise RuntimeError(f"efficacy: the cached {method} stage-1 checkpoint {res['ckpt']} is gone: delete its "
+                               f"run dir")
+        return res
+
     def student(self, regime: str, seed: int, method: Optional[str], teacher: dict) -> dict:
         spec = dict(self._common(), kind="student", seed=seed, iters=self.p["student_iters"],
                     ann_file=self.data["low" if REGIMES[regime]["n_labelled"] else "full"])
@@ -516,6 +557,12 @@ class Bench:
             elif "model" in m:
                 spec.update(model=m["model"], hooks=m.get("hooks", []), teacher_arch=m["teacher"],
                             teacher_ckpt=teacher["ckpt"])
+                if "absorb" in m:  # UniKD: the first stage's settings identify the AKEs (with the teacher's
+                    # weights) in the run store; its checkpoint path does not
+                    spec["absorb"] = dict(model=m["absorb"], optim=m["absorb_optim"], iters=self.p["student_iters"])
+                    stage1 = self.absorb(method, teacher, required=not self.args.report_only)
+                    if stage1 is not None:
+                        spec["ake_ckpt"] = stage1["ckpt"]
             else:
                 spec.update(entry=m["entry"], teacher_ckpt=teacher["ckpt"])
         return self._run(spec, f"{regime}-{method or 'baseline'}-s{seed}")
