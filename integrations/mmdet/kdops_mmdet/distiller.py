@@ -76,8 +76,21 @@ def _preprocess_settings(dp: nn.Module) -> Dict[str, object]:
     )
 
 
+class StudentInference:
+    """Validation, test, export and ``extract_feat`` of a KD detector: its ``student`` alone."""
+
+    def predict(self, batch_inputs, batch_data_samples, rescale: bool = True):
+        return self.student.predict(batch_inputs, batch_data_samples, rescale=rescale)
+
+    def _forward(self, batch_inputs, batch_data_samples=None):
+        return self.student._forward(batch_inputs, batch_data_samples)
+
+    def extract_feat(self, batch_inputs):
+        return self.student.extract_feat(batch_inputs)
+
+
 @MODELS.register_module()
-class DistillDetector(BaseDetector):
+class DistillDetector(StudentInference, BaseDetector):
     """Knowledge distillation of an mmdet detector (see the module docstring).
 
     Args:
@@ -246,15 +259,6 @@ class DistillDetector(BaseDetector):
             gts, gts_ignore, metas = unpack_gt_instances(samples)
             return s.bbox_head.loss_by_feat(*outs, gts, metas, gts_ignore)
         return s.loss(inputs, samples)
-
-    def predict(self, batch_inputs, batch_data_samples, rescale: bool = True):
-        return self.student.predict(batch_inputs, batch_data_samples, rescale=rescale)
-
-    def _forward(self, batch_inputs, batch_data_samples=None):
-        return self.student._forward(batch_inputs, batch_data_samples)
-
-    def extract_feat(self, batch_inputs):
-        return self.student.extract_feat(batch_inputs)
 
 
 def load_teacher(teacher: nn.Module, ckpt: Optional[str], strict: bool = True, key: str = "model.teacher_ckpt") -> None:

@@ -60,7 +60,7 @@ from kdops.losses import (
 )
 
 from .distill_losses import head_decoding
-from .distiller import DistillDetector, model_config
+from .distiller import DistillDetector, StudentInference, model_config
 from .registry import MODELS
 
 _OWNER = "kdops.HEADDistillDetector"
@@ -384,7 +384,7 @@ class HEADDistillDetector(_StudentAsRPN, DistillDetector):
 
 
 @MODELS.register_module()
-class TFHEADDetector(_StudentAsRPN, BaseDetector):
+class TFHEADDetector(_StudentAsRPN, StudentInference, BaseDetector):
     """TF-HEAD, teacher-free HEAD (Wang et al., ECCV 2022): a one-stage student and two assistants
     trained from scratch with it -- a dense head (FCOS) on all the student's FPN levels and an R-CNN
     head on its first levels fed with the student's own proposals -- whose detached features the
@@ -480,12 +480,3 @@ class TFHEADDetector(_StudentAsRPN, BaseDetector):
         losses["loss_dense_mimic"] = self.dense_mimic(cls_feats, d_feats) * scale["dense"]
         losses["loss_ckd"] = self.ckd(cls_feats, sources, a_out["last"][0]) * scale["ckd"]
         return losses
-
-    def predict(self, batch_inputs, batch_data_samples, rescale: bool = True):
-        return self.student.predict(batch_inputs, batch_data_samples, rescale=rescale)
-
-    def _forward(self, batch_inputs, batch_data_samples=None):
-        return self.student._forward(batch_inputs, batch_data_samples)
-
-    def extract_feat(self, batch_inputs):
-        return self.student.extract_feat(batch_inputs)

@@ -43,7 +43,7 @@ from mmdet.models.detectors import BaseDetector, SingleStageDetector, TwoStageDe
 from kdops.losses import LGDLoss
 from kdops.nn import LGDInstructiveKnowledge
 
-from .distiller import model_config
+from .distiller import StudentInference, model_config
 from .registry import MODELS
 
 
@@ -61,7 +61,7 @@ def _gt(samples, device):
 
 
 @MODELS.register_module()
-class LGDDetector(BaseDetector):
+class LGDDetector(StudentInference, BaseDetector):
     """LGD self-distillation of an mmdet detector (see the module docstring).
 
     Args:
@@ -188,11 +188,3 @@ class LGDDetector(BaseDetector):
         return losses
 
     # ---------------------------------------------------------------- inference
-    def predict(self, batch_inputs, batch_data_samples, rescale: bool = True):
-        return self.student.predict(batch_inputs, batch_data_samples, rescale=rescale)
-
-    def _forward(self, batch_inputs, batch_data_samples=None):
-        return self.student._forward(batch_inputs, batch_data_samples)
-
-    def extract_feat(self, batch_inputs):
-        return self.student.extract_feat(batch_inputs)

@@ -95,3 +95,19 @@ def pkd_eager(student_levels, teacher_levels, loss_weight: float) -> torch.Tenso
             s = F.interpolate(s, t.shape[2:], mode="bilinear")
         total = total + F.mse_loss(norm(s), norm(t)) / 2
     return total * loss_weight
+
+
+def toy_batch(model, cfg, empty=(), n: int = 2) -> dict:
+    """A preprocessed training batch of ``n`` images from ``cfg``'s train loader (seed 0); the images
+    whose indices are in ``empty`` lose all their GT (same fields, no rows)."""
+    from mmengine.registry import init_default_scope
+    from mmengine.runner import Runner
+
+    init_default_scope("mmdet")
+    loader_cfg = dict(cfg.train_dataloader)
+    loader_cfg.update(batch_size=n, num_workers=0, persistent_workers=False)
+    data = model.data_preprocessor(next(iter(Runner.build_dataloader(loader_cfg, seed=0))), training=True)
+    for i in empty:
+        gt = data["data_samples"][i].gt_instances
+        data["data_samples"][i].gt_instances = gt[gt.labels < -1]
+    return data

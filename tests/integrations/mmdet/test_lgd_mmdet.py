@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmdet_testing import CONFIGS, STUDENT_CFG, load_cfg, make_toy_data, require_mmdet
+from mmdet_testing import CONFIGS, STUDENT_CFG, load_cfg, make_toy_data, require_mmdet, toy_batch
 
 require_mmdet()
 
@@ -59,6 +59,10 @@ def test_lgd_toy_configs_train_validate_schedule_and_export(path, student_cfg, t
     iteration 0, both switched at 1), CocoMetric scores the student, and the exported checkpoint is
     the plain student that mmdet loads, without any LGD module."""
     cfg = load_cfg(path, toy["data_root"], str(tmp_path / "work"))
+    if isinstance(cfg.model.student, str):  # lgd_faster_rcnn_toy.py names its student's config file
+        from mmengine.config import Config
+
+        cfg.model.student = Config.fromfile(cfg.model.student).model
     cfg.model.distill_start_iter = 1
     cfg.model.freeze_backbone_iters = 1
     cfg.model.student.test_cfg.get("rcnn", cfg.model.student.test_cfg).score_thr = 0.0
@@ -107,20 +111,6 @@ def _model(toy, path=RETINA_TOY, **overrides):
     return model, cfg
 
 
-def _batch(cfg, model, empty=()):
-    from mmengine.registry import init_default_scope
-    from mmengine.runner import Runner as R
-
-    init_default_scope("mmdet")
-    loader_cfg = dict(cfg.train_dataloader)
-    loader_cfg.update(batch_size=2, num_workers=0, persistent_workers=False)
-    data = model.data_preprocessor(next(iter(R.build_dataloader(loader_cfg, seed=0))), training=True)
-    for i in empty:
-        gt = data["data_samples"][i].gt_instances
-        data["data_samples"][i].gt_instances = gt[gt.labels < -1]
-    return data
-
-
 def _record(model):
     """Records the instructive features of the next step (the LGD module's output)."""
     rec = {}
@@ -153,7 +143,7 @@ def test_lgd_step_losses_match_the_releases_formulas(path, toy):
     model, cfg = _model(toy, path)
     model.train()
     model.set_iteration(10 ** 6)  # past both thresholds
-    data = _batch(cfg, model)
+    data = toy_batch(model, cfg)
     rec, handle = _record(model)
     torch.manual_seed(5)
     losses = model.loss(data["inputs"], data["data_samples"])
@@ -186,7 +176,7 @@ def test_lgd_schedule_detaches_the_student_and_freezes_the_backbone(toy):
     does; afterwards both reach the student."""
     model, cfg = _model(toy, distill_start_iter=100, freeze_backbone_iters=50)
     model.train()
-    data = _batch(cfg, model)
+    data = toy_batch(model, cfg)
     for it, frozen, distilling in ((0, True, False), (60, False, False), (100, False, True)):
         model.zero_grad(set_to_none=True)
         model.set_iteration(it)
@@ -217,7 +207,7 @@ def test_lgd_images_without_gt_keep_the_loss_defined(toy, empty):
     model, cfg = _model(toy)
     model.train()
     model.set_iteration(10 ** 6)
-    data = _batch(cfg, model, empty)
+    data = toy_batch(model, cfg, empty)
     losses = model.loss(data["inputs"], data["data_samples"])
     for k, v in losses.items():
         v = sum(v) if isinstance(v, (list, tuple)) else v

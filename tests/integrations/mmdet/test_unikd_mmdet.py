@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from mmdet_testing import CONFIGS, STUDENT_CFG, load_cfg, make_teacher_ckpt, make_toy_data, require_mmdet
+from mmdet_testing import CONFIGS, STUDENT_CFG, load_cfg, make_teacher_ckpt, make_toy_data, require_mmdet, toy_batch
 
 require_mmdet()
 
@@ -195,21 +195,6 @@ def test_unikd_stage2_loss_is_the_papers_decoupled_mse_of_the_steps_embeddings(t
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.student.neck.parameters())
 
 
-def _batch(model, cfg, empty):
-    """A preprocessed training batch of 2 toy images; the images in ``empty`` lose all their GT."""
-    from mmengine.registry import init_default_scope
-    from mmengine.runner import Runner as R
-
-    init_default_scope("mmdet")
-    loader_cfg = dict(cfg.train_dataloader)
-    loader_cfg.update(batch_size=2, num_workers=0, persistent_workers=False)
-    data = model.data_preprocessor(next(iter(R.build_dataloader(loader_cfg, seed=0))), training=True)
-    for i in empty:
-        gt = data["data_samples"][i].gt_instances
-        data["data_samples"][i].gt_instances = gt[gt.labels < -1]  # same fields, no rows
-    return data
-
-
 @pytest.mark.parametrize("empty", [(1,), (0, 1)], ids=["one-image-without-gt", "no-gt-at-all"])
 def test_unikd_images_without_gt_give_finite_losses_and_gradients(toy, empty):
     """Images without objects: stage 1 (the AKEs trained as detectors against the GT) and stage 2
@@ -227,7 +212,7 @@ def test_unikd_images_without_gt_give_finite_losses_and_gradients(toy, empty):
     torch.manual_seed(0)
     absorb = MODELS.build(cfg.model)
     absorb.train()
-    data = _batch(absorb, cfg, empty)
+    data = toy_batch(absorb, cfg, empty)
     losses = absorb.loss(data["inputs"], data["data_samples"])
     total = sum(v for k, v in losses.items() if "loss" in k and torch.is_tensor(v))
     assert all(torch.isfinite(v).all() for v in losses.values() if torch.is_tensor(v)), losses
@@ -237,7 +222,7 @@ def test_unikd_images_without_gt_give_finite_losses_and_gradients(toy, empty):
 
     model, cfg = _inject_model(toy)
     model.train()
-    data = _batch(model, cfg, empty)
+    data = toy_batch(model, cfg, empty)
     import kdops_mmdet.unikd as U
 
     seen = {}

@@ -8,14 +8,9 @@
 _base_ = ['mmdet::retinanet/retinanet_r50_fpn_2x_coco.py']
 custom_imports = dict(imports=['kdops_mmdet'], allow_failed_imports=False)
 
-model = dict(
-    _delete_=True,
-    type='kdops.LGDDetector',
-    student={{_base_.model}},
-    lgd=dict(add_context_box=True, detach_appearance=False),
-    loss_weight=1.0,
-    distill_start_iter=30000,
-    freeze_backbone_iters=20000)
+model = dict(  # kdops.LGDDetector's defaults are this release config's values, written out here
+    _delete_=True, type='kdops.LGDDetector', student={{_base_.model}}, loss_weight=1.0,
+    lgd=dict(add_context_box=True, detach_appearance=False), distill_start_iter=30000, freeze_backbone_iters=20000)
 custom_hooks = [dict(type='kdops.KDScheduleHook')]
 model_wrapper_cfg = dict(type='MMDistributedDataParallel', find_unused_parameters=True)
 optim_wrapper = dict(optimizer=dict(lr=0.01))
