@@ -350,7 +350,8 @@ def _configs(suffix):
 
 
 @pytest.mark.parametrize("rel", [c for c in _configs("_toy.py") if c != "pkd/pkd_retinanet_toy.py"
-                                 and not c.startswith("unikd/")])  # unikd: test_unikd_mmdet.py chains its stages
+                                 and not c.startswith(("unikd/", "lgd/"))])
+# unikd: test_unikd_mmdet.py chains its stages; lgd: test_lgd_mmdet.py trains both toy configs
 def test_other_toy_configs_train_and_validate(rel, toy, tmp_path):
     """Every other *_toy.py: 2 iterations and a validation pass with the Runner (pkd: pkd_run)."""
     from mmdet_testing import CONFIGS
@@ -403,7 +404,12 @@ def test_coco_configs_build(rel, toy):
 
     cfg = Config.fromfile(os.path.join(CONFIGS, rel))
     assert cfg.model.type in ("kdops.DistillDetector", "kdops.HEADDistillDetector", "kdops.TFHEADDetector",
-                              "kdops.UniKDAbsorbDetector", "kdops.UniKDDistillDetector")
+                              "kdops.UniKDAbsorbDetector", "kdops.UniKDDistillDetector", "kdops.LGDDetector")
+    if cfg.model.type == "kdops.LGDDetector":  # teacher-free: LGD's modules sized from the student
+        model = _build(cfg.model)
+        assert model.lgd.channels == 256 and model.lgd.num_classes == 80
+        assert (model.distill_start_iter, model.freeze_backbone_iters) == (30000, 20000)
+        return
     if cfg.model.type == "kdops.TFHEADDetector":  # teacher-free: the assistants are built, nothing is loaded
         model = _build(cfg.model)
         assert model.assistant.bbox_roi_extractor.featmap_strides == [8, 16, 32, 64]

@@ -6,6 +6,6 @@
 # (mmdet's and the release's). The release trains with multi-scale resizing (shorter side 640-800).
 _base_ = ['./lgd_retinanet_r50_2x_coco.py']
 
-model = dict(student='mmdet::faster_rcnn/faster_rcnn_r50_fpn_2x_coco.py',
+model = dict(student='mmdet::faster_rcnn/faster-rcnn_r50_fpn_2x_coco.py',
              lgd=dict(add_context_box=False, detach_appearance=True))
 optim_wrapper = dict(optimizer=dict(lr=0.02))
