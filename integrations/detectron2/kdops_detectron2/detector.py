@@ -38,6 +38,23 @@ def _is_local(path: str) -> bool:
     return "://" not in path
 
 
+def load_teacher_strict(teacher: nn.Module, weights: str) -> None:
+    """``DetectionCheckpointer`` loading (detectron2 and Detectron pkl formats, URLs), but a teacher
+    whose checkpoint misses parameters or has them in other shapes is an error, not a log line: it would
+    be distilled with part of its weights random."""
+    ckpt = DetectionCheckpointer(teacher)
+    path = weights if os.path.isfile(weights) else ckpt.path_manager.get_local_path(weights)
+    incompatible = ckpt._load_model(ckpt._load_file(path))
+    if incompatible is None:
+        return
+    missing = list(incompatible.missing_keys)
+    shapes = [k for k, *_ in incompatible.incorrect_shapes]
+    if missing or shapes:
+        raise ValueError(f"MODEL.KD.TEACHER.WEIGHTS {weights!r} does not fit the teacher config: "
+                         f"{len(missing)} missing ({missing[:5]}), {len(shapes)} of another shape ({shapes[:5]}). "
+                         "Check MODEL.KD.TEACHER.CONFIG_FILE / OPTS against the checkpoint")
+
+
 @META_ARCH_REGISTRY.register()
 class KDDetector(nn.Module):
     """Student + frozen teacher + KD method (see the module docstring)."""
@@ -73,7 +90,7 @@ class KDDetector(nn.Module):
                 raise FileNotFoundError(f"MODEL.KD.TEACHER.WEIGHTS: teacher checkpoint {weights!r} not found")
             teacher = META_ARCH_REGISTRY.get(tcfg.MODEL.META_ARCHITECTURE)(tcfg)
             teacher.to(torch.device(cfg.MODEL.DEVICE))
-            DetectionCheckpointer(teacher).load(weights)
+            load_teacher_strict(teacher, weights)
             t_shapes = teacher.backbone.output_shape()
             swap = tcfg.INPUT.FORMAT != cfg.INPUT.FORMAT
             if swap and {tcfg.INPUT.FORMAT, cfg.INPUT.FORMAT} != {"RGB", "BGR"}:

@@ -90,6 +90,24 @@ def test_missing_teacher_weights_or_config_file(d2_toy_data, tmp_path):
         build_model(cfg)
 
 
+def test_teacher_checkpoint_that_does_not_fit_is_refused(d2_toy_data, d2_teacher_weights, tmp_path):
+    """A teacher checkpoint missing a parameter (or with one of another shape) would leave part of the
+    teacher random: an error naming the key, not a log line."""
+    import torch
+    from detectron2.modeling import build_model
+
+    from kdops_detectron2.configs import toy_cfg
+
+    ckpt = torch.load(d2_teacher_weights, map_location="cpu", weights_only=False)
+    dropped = next(k for k in ckpt["model"] if k.endswith("weight"))
+    del ckpt["model"][dropped]
+    bad = str(tmp_path / "partial_teacher.pth")
+    torch.save(ckpt, bad)
+    with pytest.raises(ValueError, match=r"MODEL\.KD\.TEACHER\.WEIGHTS .* 1 missing"):
+        build_model(toy_cfg("pkd", d2_toy_data["root"], bad))
+    build_model(toy_cfg("pkd", d2_toy_data["root"], d2_teacher_weights))  # the whole checkpoint loads
+
+
 def test_taps_missing_on_a_backbone(d2_toy_data, d2_teacher_weights):
     from detectron2.modeling import build_model
 
