@@ -16,10 +16,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections import OrderedDict
 from typing import Optional, Sequence
 
 import torch
+
+from kdops.export import student_state_dict
 
 PREFIX = "student."
 
@@ -39,13 +40,7 @@ def export_student(cfg, weights: str, out: str) -> dict:
     state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         raise ValueError(f"export_student: {weights} holds no model state dict")
-    out_state, dropped = OrderedDict(), set()
-    for key, value in state.items():
-        k = key[len("module."):] if key.startswith("module.") else key
-        if k.startswith(PREFIX):
-            out_state[k[len(PREFIX):]] = value
-        else:
-            dropped.add(k.split(".")[0])
+    out_state, dropped = student_state_dict(state, PREFIX)
     if not out_state:
         raise ValueError(f"export_student: {weights} has no '{PREFIX}*' keys: not a KDDetector checkpoint "
                          f"(top-level keys: {sorted(dropped)[:10]})")

@@ -12,10 +12,11 @@ import argparse
 import copy
 import os
 import sys
-from collections import OrderedDict
 from typing import Optional, Sequence
 
 import torch
+
+from kdops.export import student_state_dict
 
 PREFIX = "student."
 
@@ -28,14 +29,7 @@ def export_student(src: str, dst: str) -> dict:
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         raise ValueError(f"export_student: {src} holds no state_dict")
-    out_state = OrderedDict()
-    dropped = set()
-    for key, value in state.items():
-        k = key[len("module."):] if key.startswith("module.") else key
-        if k.startswith(PREFIX):
-            out_state[k[len(PREFIX):]] = value
-        else:
-            dropped.add(k.split(".")[0])
+    out_state, dropped = student_state_dict(state, PREFIX)
     if not out_state:
         raise ValueError(f"export_student: {src} has no '{PREFIX}*' keys: not a kdops DistillDetector checkpoint "
                          f"(top-level keys: {sorted(dropped)[:10]})")
