@@ -204,6 +204,17 @@ METHODS["unikd"] = dict(
     why=("the paper's weights with AKEs narrowed to the toy teacher (64 channels, 3 levels); the absorb stage is "
          "part of the method's cost and is trained once per teacher, like the teacher itself."),
 )
+METHODS["unikd_frcnn"] = dict(
+    METHODS["unikd"],
+    label="UniKD (Faster R-CNN teacher)",
+    teacher="frcnn",
+    absorb=dict(METHODS["unikd"]["absorb"], levels=[1, 2, 3]),
+    model=dict(METHODS["unikd"]["model"], teacher_levels=[1, 2, 3]),
+    weight=("as UniKD (configs/unikd/unikd_*_faster_rcnn_*toy.py): decoupled MSE at 10 + 10, 50 + 50 queries; the "
+            "AKEs read the Faster R-CNN teacher's P3-P5 (32 channels), the student's P3-P5 through the adaptor"),
+    why=("the heterogeneous pair: only the teacher's features are read, through queries, so its two-stage heads "
+         "play no part; the teacher is HEAD's toy Faster R-CNN."),
+)
 SKIPPED_METHODS: Dict[str, str] = {}
 
 
@@ -364,7 +375,8 @@ def _worker(spec_path: str) -> None:
     kd = spec["kind"] == "student" and bool(spec.get("entry") or spec.get("model"))
     if spec["kind"] == "absorb":  # a two-stage method's first stage on the frozen teacher (UniKD)
         cfg.custom_imports = dict(imports=["kdops_mmdet"], allow_failed_imports=False)
-        cfg.model = dict(spec["model"], teacher_cfg=TEACHERS["retinanet"]["cfg"], teacher_ckpt=spec["teacher_ckpt"])
+        cfg.model = dict(spec["model"], teacher_cfg=TEACHERS[spec.get("teacher_arch", "retinanet")]["cfg"],
+                         teacher_ckpt=spec["teacher_ckpt"])
         cfg.optim_wrapper = spec["optim"]
     if kd:
         cfg.custom_imports = dict(imports=["kdops_mmdet"], allow_failed_imports=False)
@@ -546,6 +558,8 @@ class Bench:
         m = METHODS[method]
         spec = dict(self._common(), kind="absorb", seed=0, iters=self.p["student_iters"], ann_file=self.data["full"],
                     model=m["absorb"], optim=m["absorb_optim"], teacher_ckpt=teacher["ckpt"])
+        if m["teacher"] != "retinanet":  # the RetinaNet pair's spec (and so its cache key) is unchanged
+            spec["teacher_arch"] = m["teacher"]
         res = self._run(spec, f"absorb-{method}")
         if res is None and not required:
             return None

@@ -67,7 +67,8 @@ class HEADProposals(NamedTuple):
     """What :func:`head_proposals` returns: one tensor per image for each field.
 
     - ``boxes``: (P_n,4) x1,y1,x2,y2 in image pixels, float32 (float64 for float64 input);
-    - ``scores``: (P_n,) objectness, sigmoid of the largest class logit, in decreasing order;
+    - ``scores``: (P_n,) objectness, sigmoid of the largest class logit (times the sigmoid of the
+      ``score_factors`` logit when given), in decreasing order;
     - ``sources``: (P_n,5) int64 rows [level, batch, y, x, j] -- the student pixel and anchor
       each proposal was decoded from (``batch`` is n).
     """
@@ -91,6 +92,8 @@ def head_proposals(
     means: Sequence[float] = (0.0, 0.0, 0.0, 0.0),
     stds: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
     wh_ratio_clip: float = 16 / 1000,
+    score_factors: Optional[Levels] = None,
+    nms_across_levels: bool = False,
 ) -> HEADProposals:
     r"""Proposals from a one-stage student's dense head, with the source of each (HEAD, Wang et
     al., ECCV 2022): the student's head serves as the RPN of the assistant R-CNN head.
@@ -111,6 +114,14 @@ def head_proposals(
     ``rpn_proposal`` config (nms_pre 2000, IoU 0.7, max_per_img 1000, min_bbox_size 0), the
     priors carrying [level, y, x, j] (``PosMixin``) to every kept proposal.
 
+    **Point heads (FCOS)**: ``decoder="distance"``, ``score_factors`` = the centerness logits and
+    ``nms_across_levels=True`` give the authors' ``FCOSRPNHead`` (the class logits reduced by a max
+    over classes, then mmdet 2.20's ``BaseDenseHead._get_bboxes_single`` / ``_bbox_post_process``):
+    per level the top ``nms_pre`` by :math:`o_a`, each kept candidate's score multiplied by
+    :math:`\sigma(c_a)` of its centerness logit, boxes :math:`(x-l, y-t, x+r, y+b)`, and one NMS over
+    all levels of an image (mmdet's ``batched_nms`` with every label 0). The release keeps
+    zero-width boxes there (``min_bbox_size=-1`` does the same); the default 0 drops them.
+
     Differences from the authors' path (the same proposals, but for exact ties): the top-k is a
     stable sort (tied scores keep the lower (h, w, j) index; mmdet's ``sort`` leaves their order
     to the backend), the images are processed together, and NMS runs on float64 copies of the
@@ -129,7 +140,10 @@ def head_proposals(
         bbox_preds: L levels (N,J·4,H,W) of box regression, channel j·4 + c.
         priors: L levels (H·W·J,4) anchors x1,y1,x2,y2 in mmdet's (h, w, j) row order (the
             head's ``prior_generator.grid_priors``). J is read from ``bbox_preds``.
-        decoder: "delta_xywh" (mmdet's ``DeltaXYWHBBoxCoder.decode`` with ``means``, ``stds``,
+        decoder: "distance" (point heads, FCOS: ``priors`` (H·W·J,4) whose first two columns are the
+            point x, y -- mmdet's ``grid_priors(..., with_stride=True)`` -- and ``bbox_preds`` the
+            distances l, t, r, b in pixels, already multiplied by the stride where the head
+            normalises them), or "delta_xywh" (mmdet's ``DeltaXYWHBBoxCoder.decode`` with ``means``, ``stds``,
             ``wh_ratio_clip``, clipped to ``img_shape``), or a callable (deltas (M,4), priors
             (M,4)) -> boxes (M,4), e.g. ``lambda d, p: head.bbox_coder.decode(p, d)`` (then
             clipping is the callable's business; ``img_shape`` still clips its output).
@@ -140,6 +154,10 @@ def head_proposals(
         img_shape: None, (h, w) for every image, or N (h, w) pairs: boxes are clipped to
             [0, w] x [0, h] (mmdet's ``max_shape``).
         means, stds, wh_ratio_clip: the DeltaXYWH coder's settings (RetinaNet: 0, 1, 16/1000).
+        score_factors: None, or L levels (N,J,H,W) of logits (FCOS: the centerness) whose sigmoid
+            multiplies each candidate's score after the top-k and before NMS.
+        nms_across_levels: False: NMS within each (image, level), as the RetinaNet path; True: within
+            each image over all its levels, as the FCOS path.
 
     Returns:
         :class:`HEADProposals` (boxes, scores, sources), lists of N tensors (P_n,4), (P_n,),
@@ -175,7 +193,22 @@ def head_proposals(
         raise TypeError(f"{PROPOSALS}: `decoder` must be 'delta_xywh' or a callable (deltas, priors) -> boxes, "
                         f"got {type(decoder).__name__}")
     if isinstance(decoder, str):
-        check_choice(PROPOSALS, "decoder", decoder, ("delta_xywh",))
+        check_choice(PROPOSALS, "decoder", decoder, ("delta_xywh", "distance"))
+    fac_l = None
+    if score_factors is not None:
+        fac_l, fac_seq = as_levels(PROPOSALS, "score_factors", score_factors)
+        if (fac_seq, len(fac_l)) != (seq, len(cls_l)):
+            raise ValueError(f"{PROPOSALS}: `score_factors` must hold as many levels as `cls_scores` "
+                             f"({len(cls_l)}), got {len(fac_l)}")
+        for i, (f, r) in enumerate(zip(fac_l, reg_l)):
+            sfx = f"[{i}]" if seq else ""
+            check_tensor(PROPOSALS, f"score_factors{sfx}", f, ndim=4, like=first, what="(N,J,H,W) logits")
+            want = (r.shape[0], r.shape[1] // 4) + tuple(r.shape[2:])
+            if tuple(f.shape) != want:
+                raise ValueError(f"{PROPOSALS}: `score_factors{sfx}` must be (N,J,H,W) = {want}, got "
+                                 f"{tuple(f.shape)}")
+    if not isinstance(nms_across_levels, bool):
+        raise TypeError(f"{PROPOSALS}: `nms_across_levels` must be a bool, got {type(nms_across_levels).__name__}")
     nms_pre = check_number(PROPOSALS, "nms_pre", nms_pre, integer=True)
     iou_threshold = check_number(PROPOSALS, "iou_threshold", iou_threshold, low=0.0, high=1.0)
     max_per_img = check_number(PROPOSALS, "max_per_img", max_per_img, low=1, integer=True)
@@ -187,8 +220,9 @@ def head_proposals(
 
     with torch.no_grad():
         boxes, scores, sources = _candidates(cls_l, reg_l, pri_l, decoder, nms_pre, means, stds, wh_ratio_clip,
-                                             shapes)
-        return _select(boxes, scores, sources, len(cls_l), iou_threshold, max_per_img, min_bbox_size)
+                                             shapes, fac_l)
+        return _select(boxes, scores, sources, 1 if nms_across_levels else len(cls_l), iou_threshold,
+                       max_per_img, min_bbox_size, nms_across_levels)
 
 
 def _image_shapes(img_shape, N: int):
@@ -208,7 +242,7 @@ def _image_shapes(img_shape, N: int):
                      f"positive and finite, got {img_shape!r}")
 
 
-def _candidates(cls_l, reg_l, pri_l, decoder, nms_pre, means, stds, wh_ratio_clip, shapes):
+def _candidates(cls_l, reg_l, pri_l, decoder, nms_pre, means, stds, wh_ratio_clip, shapes, fac_l=None):
     """The sync-free part: per level top-k of the objectness, decoded boxes and their sources.
     Returns boxes (N,A,4), scores (N,A) and sources (N,A,5) over the A candidates of all levels."""
     acc = acc_dtype(reg_l[0])
@@ -229,7 +263,10 @@ def _candidates(cls_l, reg_l, pri_l, decoder, nms_pre, means, stds, wh_ratio_cli
         deltas = deltas.gather(1, idx.unsqueeze(-1).expand(N, k, 4))
         anchors = p.to(acc)[idx]  # (N, k, 4)
         flat_d, flat_p = deltas.reshape(-1, 4), anchors.reshape(-1, 4)
-        if isinstance(decoder, str):
+        if decoder == "distance":
+            xy = flat_p[:, :2]
+            boxes = torch.cat([xy - flat_d[:, :2], xy + flat_d[:, 2:]], 1)
+        elif isinstance(decoder, str):
             boxes = delta2bbox(flat_p, flat_d, means, stds, wh_ratio_clip)
         else:
             boxes = decoder(flat_d, flat_p)
@@ -239,6 +276,9 @@ def _candidates(cls_l, reg_l, pri_l, decoder, nms_pre, means, stds, wh_ratio_cli
                                  f"(M = {N * k}), got {got}")
             boxes = boxes.to(acc)
         all_boxes.append(boxes.reshape(N, k, 4))
+        if fac_l is not None:  # FCOS: the centerness rescales the kept candidates (after the top-k)
+            fac = fac_l[lvl].permute(0, 2, 3, 1).reshape(N, A).to(acc).gather(1, idx)
+            score = score * torch.sigmoid(fac)
         all_scores.append(score)
         src = torch.stack([torch.full_like(idx, lvl), torch.arange(N, device=dev).unsqueeze(1).expand(N, k),
                            idx // (J * W), (idx // J) % W, idx % J], dim=-1)
@@ -252,8 +292,10 @@ def _candidates(cls_l, reg_l, pri_l, decoder, nms_pre, means, stds, wh_ratio_cli
     return boxes, torch.cat(all_scores, 1), torch.cat(all_src, 1)
 
 
-def _select(boxes, scores, sources, n_levels, iou_threshold, max_per_img, min_bbox_size) -> HEADProposals:
-    """Size filter, per-(image, level) NMS, top ``max_per_img`` per image (reads the device)."""
+def _select(boxes, scores, sources, n_levels, iou_threshold, max_per_img, min_bbox_size,
+            across_levels: bool = False) -> HEADProposals:
+    """Size filter, per-(image, level) NMS (per image with ``across_levels``), top ``max_per_img``
+    per image (reads the device)."""
     N, A = scores.shape
     if min_bbox_size >= 0:
         wh = boxes[..., 2:] - boxes[..., :2]
@@ -263,7 +305,7 @@ def _select(boxes, scores, sources, n_levels, iou_threshold, max_per_img, min_bb
         sel = torch.arange(N * A, device=scores.device)
     flat_boxes, flat_scores = boxes.reshape(-1, 4)[sel], scores.reshape(-1)[sel]
     flat_src = sources.reshape(-1, 5)[sel]
-    groups = flat_src[:, 1] * n_levels + flat_src[:, 0]
+    groups = flat_src[:, 1] if across_levels else flat_src[:, 1] * n_levels + flat_src[:, 0]
     keep = _batched_nms(flat_boxes, flat_scores, groups, iou_threshold)  # decreasing score
     img = flat_src[keep, 1]
     keep = keep[torch.sort(img, stable=True)[1]]  # grouped by image, still decreasing within

@@ -256,6 +256,125 @@ def test_callable_decoder_and_means_stds():
     assert_same_proposals(by_call, theirs)
 
 
+def fcos_points(sizes=SIZES, strides=STRIDES):
+    """mmdet MlvlPointGenerator(offset=0.5).grid_priors(with_stride=True): (h*w, 4) [x, y, s, s]."""
+    out = []
+    for (h, w), s in zip(sizes, strides):
+        yy, xx = torch.meshgrid((torch.arange(h) + 0.5) * s, (torch.arange(w) + 0.5) * s, indexing="ij")
+        out.append(torch.stack([xx, yy, torch.full_like(xx, s), torch.full_like(xx, s)], -1).reshape(-1, 4))
+    return out
+
+
+def fcos_outputs(seed=0, N=2, sizes=SIZES):
+    """FCOS head outputs: K class logits per point with a distinct per-point max, distances in pixels
+    (already times the stride) and centerness logits."""
+    g = torch.Generator().manual_seed(seed)
+    cls, reg, ctr = [], [], []
+    vals = [(torch.randperm(320, generator=g)[: sum(h * w for h, w in sizes)] - 160).to(F64) / 32 for _ in range(N)]
+    off = 0
+    for (h, w), s in zip(sizes, STRIDES):
+        v = torch.stack([x[off:off + h * w] for x in vals]).view(N, h, w, 1)
+        off += h * w
+        logits = v - 0.25 - torch.rand(N, h, w, K, generator=g, dtype=F64)
+        logits.scatter_(-1, torch.randint(0, K, (N, h, w, 1), generator=g), v)
+        cls.append(logits.permute(0, 3, 1, 2).float().contiguous())
+        reg.append((torch.rand(N, 4, h, w, generator=g) * 3 * s).float())
+        ctr.append(torch.randn(N, 1, h, w, generator=g).float())
+    return cls, reg, ctr
+
+
+def authors_fcos_proposals(cls_scores, bbox_preds, centernesses, points, img_shapes, nms_pre=2000, iou=0.7,
+                           max_per_img=1000, score_thr=0.0):
+    """The authors' FCOSRPNHead.get_bboxes in training, transcribed: the class logits reduced by a max
+    over classes, then mmdet 2.20 BaseDenseHead._get_bboxes_single (filter_scores_and_topk, the
+    centerness as score factor, distance2bbox clipped to the image) and _bbox_post_process (scores times
+    factors, batched_nms with every label 0, top max_per_img). (P, 9) rows as authors_proposals."""
+    from torchvision.ops import batched_nms
+
+    N = cls_scores[0].shape[0]
+    cls_scores = [c.max(1, keepdim=True).values for c in cls_scores]  # 'bs num_classes h w -> bs 1 h w'
+    results = []
+    for i in range(N):
+        mlvl_bboxes, mlvl_scores, mlvl_factors, mlvl_pos = [], [], [], []
+        for lvl, (c, r, f, p) in enumerate(zip(cls_scores, bbox_preds, centernesses, points)):
+            h, w = c.shape[2:]
+            bbox_pred = r[i].permute(1, 2, 0).reshape(-1, 4)
+            factor = f[i].permute(1, 2, 0).reshape(-1).sigmoid()
+            scores = c[i].permute(1, 2, 0).reshape(-1, 1).sigmoid()
+            # filter_scores_and_topk
+            valid = scores > score_thr
+            sc = scores[valid]
+            valid_idxs = torch.nonzero(valid)
+            num_topk = min(nms_pre, valid_idxs.size(0))
+            sc, idxs = sc.sort(descending=True)
+            sc = sc[:num_topk]
+            keep_idxs = valid_idxs[idxs[:num_topk]][:, 0]
+            pts = p[keep_idxs, :2]
+            d = bbox_pred[keep_idxs]
+            x1 = (pts[:, 0] - d[:, 0]).clamp(min=0, max=img_shapes[i][1])
+            y1 = (pts[:, 1] - d[:, 1]).clamp(min=0, max=img_shapes[i][0])
+            x2 = (pts[:, 0] + d[:, 2]).clamp(min=0, max=img_shapes[i][1])
+            y2 = (pts[:, 1] + d[:, 3]).clamp(min=0, max=img_shapes[i][0])
+            mlvl_bboxes.append(torch.stack([x1, y1, x2, y2], -1))
+            mlvl_scores.append(sc)
+            mlvl_factors.append(factor[keep_idxs])
+            pos = torch.stack([torch.full_like(keep_idxs, lvl), keep_idxs // w, keep_idxs % w,
+                               torch.zeros_like(keep_idxs)], 1).float()
+            mlvl_pos.append(pos)
+        bboxes = torch.cat(mlvl_bboxes)
+        scores = torch.cat(mlvl_scores) * torch.cat(mlvl_factors)
+        poses = torch.cat(mlvl_pos)
+        keep = batched_nms(bboxes, scores, torch.zeros_like(scores, dtype=torch.long), iou)[:max_per_img]
+        results.append(torch.cat([bboxes[keep], scores[keep, None], poses[keep]], -1))
+    return results
+
+
+@pytest.mark.parametrize("nms_pre,iou,max_per_img", [(30, 0.7, 1000), (2000, 0.5, 25), (12, 0.3, 9)])
+def test_fcos_proposals_match_the_authors_fcos_rpn_path(nms_pre, iou, max_per_img):
+    pytest.importorskip("torchvision")
+    cls, reg, ctr = fcos_outputs(seed=nms_pre)
+    pts = fcos_points()
+    shapes = [(60, 75), (64, 80)]
+    ours = head_proposals(cls, reg, pts, "distance", score_factors=ctr, nms_across_levels=True, nms_pre=nms_pre,
+                          iou_threshold=iou, max_per_img=max_per_img, min_bbox_size=-1, img_shape=shapes)
+    theirs = authors_fcos_proposals(cls, reg, ctr, pts, shapes, nms_pre=nms_pre, iou=iou, max_per_img=max_per_img)
+    # NMS runs across levels here: a per-level NMS keeps more, so the test would see the difference
+    per_level = head_proposals(cls, reg, pts, "distance", score_factors=ctr, nms_pre=nms_pre, iou_threshold=iou,
+                               max_per_img=10_000, min_bbox_size=-1, img_shape=shapes)
+    across = head_proposals(cls, reg, pts, "distance", score_factors=ctr, nms_across_levels=True,
+                            nms_pre=nms_pre, iou_threshold=iou, max_per_img=10_000, min_bbox_size=-1,
+                            img_shape=shapes)
+    assert all(a.shape[0] > b.shape[0] for a, b in zip(per_level.scores, across.scores))
+    for n, t in enumerate(theirs):
+        torch.testing.assert_close(ours.boxes[n], t[:, :4], rtol=0, atol=0)
+        torch.testing.assert_close(ours.scores[n], t[:, 4], rtol=1e-6, atol=0)
+        want = torch.stack([t[:, 5], torch.full_like(t[:, 5], n), t[:, 6], t[:, 7], t[:, 8]], 1).long()
+        assert torch.equal(ours.sources[n], want)
+    # each source names the logits, distances and point its box and score came from
+    for n, (b, s, src) in enumerate(zip(*ours)):
+        for (lvl, bi, y, x, j), box, score in zip(src.tolist(), b, s):
+            W = SIZES[lvl][1]
+            want_s = torch.sigmoid(cls[lvl][bi, :, y, x].max()) * torch.sigmoid(ctr[lvl][bi, 0, y, x])
+            torch.testing.assert_close(score, want_s, rtol=1e-6, atol=0)
+            px, py = pts[lvl][y * W + x, :2].tolist()
+            l_, t_, r_, b_ = reg[lvl][bi, :, y, x].tolist()
+            h_, w_ = shapes[n]
+            want_b = torch.tensor([min(max(px - l_, 0), w_), min(max(py - t_, 0), h_), min(max(px + r_, 0), w_),
+                                   min(max(py + b_, 0), h_)])
+            torch.testing.assert_close(box, want_b, rtol=1e-6, atol=1e-5)
+
+
+def test_fcos_score_factors_are_checked():
+    cls, reg, ctr = fcos_outputs(seed=1)
+    pts = fcos_points()
+    with pytest.raises(ValueError, match="score_factors"):
+        head_proposals(cls, reg, pts, "distance", score_factors=ctr[:2])
+    with pytest.raises(ValueError, match=r"score_factors\[1\]"):
+        head_proposals(cls, reg, pts, "distance", score_factors=[ctr[0], ctr[1].expand(2, 2, -1, -1), ctr[2]])
+    with pytest.raises(TypeError, match="nms_across_levels"):
+        head_proposals(cls, reg, pts, "distance", nms_across_levels=1)
+
+
 @pytest.mark.parametrize("dtype", LOW)
 def test_low_precision_inputs_decode_in_float32(dtype):
     pytest.importorskip("torchvision")

@@ -4,7 +4,7 @@ ECCV 2022; authors' code github.com/LutingWang/HEAD on mmdet 2.20).
 
     model = dict(
         type='kdops.HEADDistillDetector',
-        student={{_base_.model}},                                   # a RetinaNet (one-stage, anchors)
+        student={{_base_.model}},                                   # a RetinaNet or an FCOS (one-stage)
         teacher_cfg='mmdet::faster_rcnn/faster-rcnn_r50_fpn_ms-3x_coco.py',
         teacher_ckpt='https://download.openmmlab.com/.../faster_rcnn_r50_fpn_mstrain_3x_coco_...pth',
         akd=dict(loss_weight=2.0),          # the release's weight per layer (the paper's lambda^A: 5.0)
@@ -20,7 +20,9 @@ One training step (the release's ``CrossStageHEAD`` written for mmdet 3.x):
    (``bbox_head.cls_convs[-1]``, after its ReLU) are recorded per level.
 3. Proposals from the student's head (:func:`kdops.losses.head_proposals`: max over classes as
    objectness, top ``nms_pre`` per level, the head's own DeltaXYWH decoding, NMS 0.7 per level,
-   ``max_per_img``), each with its source [level, image, y, x, anchor].
+   ``max_per_img``), each with its source [level, image, y, x, anchor]. An FCOS student follows the
+   release's ``FCOSRPNHead``: the same max and top-k, each candidate's score times its centerness,
+   distance decoding (times the stride where the head normalises it), one NMS over all levels.
 4. The **assistant** -- a copy of the teacher's ``roi_head`` (RoIAlign, ``Shared2FCBBoxHead``) on
    the student's first ``len(featmap_strides)`` FPN levels, initialised from the teacher's RoI head
    (``weight_transfer``) -- assigns and samples the proposals with the teacher's ``train_cfg.rcnn``
@@ -109,7 +111,7 @@ def _shared_fcs(roi_head: nn.Module, role: str, owner: str = _OWNER) -> nn.Modul
 
 
 class _StudentAsRPN:
-    """What HEAD and TF-HEAD share: a one-stage anchor student whose head serves as the RPN of an
+    """What HEAD and TF-HEAD share: a one-stage student (anchor or FCOS) whose head serves as the RPN of an
     R-CNN assistant (``self.assistant``), the proposals' sources carried through the sampler, and
     the per-loss schedule factors (``self.kd_scale``). Needs ``self.student``."""
 
@@ -127,12 +129,19 @@ class _StudentAsRPN:
                              f"tower (bbox_head.cls_convs, e.g. RetinaHead stacked_convs >= 1): CKD reads its last "
                              f"conv's output")
         if not hasattr(head, "prior_generator") or getattr(head.prior_generator, "num_base_priors", None) is None:
-            raise ValueError(f"{self.owner}: the student's head ({type(head).__name__}) has no anchor prior_generator")
-        self.decoding = head_decoding(head, "model.student.bbox_head")
+            raise ValueError(f"{self.owner}: the student's head ({type(head).__name__}) has no prior_generator")
+        if type(getattr(head, "bbox_coder", None)).__name__ == "DistancePointBBoxCoder" and hasattr(
+                head, "conv_centerness"):  # FCOS: points, distances, centerness (the release's FCOSRPNHead)
+            self.decoding = dict(decoder="distance")
+            return
+        try:
+            self.decoding = head_decoding(head, "model.student.bbox_head")
+        except ValueError:
+            self.decoding = dict(decoder=type(getattr(head, "bbox_coder", None)).__name__)
         if self.decoding["decoder"] != "delta_xywh":
             raise ValueError(f"{self.owner}: the student's head ({type(head).__name__}) decodes boxes with "
                              f"{self.decoding['decoder']!r}; HEAD's proposals need an anchor head with a "
-                             f"DeltaXYWHBBoxCoder (RetinaNet, ATSS)")
+                             f"DeltaXYWHBBoxCoder (RetinaNet, ATSS) or an FCOS head")
 
     def _student_strides(self) -> List[int]:
         return [int(st[0] if isinstance(st, (tuple, list)) else st)
@@ -196,13 +205,27 @@ class _StudentAsRPN:
         else:
             self.kd_scale = {k: float(scale) for k in self.kd_scale}
 
-    def proposals(self, cls_scores, bbox_preds, metas):
-        """The student head as an RPN (:func:`kdops.losses.head_proposals`) with its own anchors and coder."""
+    def proposals(self, cls_scores, bbox_preds, metas, centernesses=None):
+        """The student head as an RPN (:func:`kdops.losses.head_proposals`) with its own priors and
+        coder: anchors and DeltaXYWH, or (FCOS) points, distances and the centerness as score factor."""
         head = self.student.bbox_head
-        priors = head.prior_generator.grid_priors([c.shape[-2:] for c in cls_scores], device=cls_scores[0].device)
-        return head_proposals([c.detach() for c in cls_scores], [b.detach() for b in bbox_preds], priors,
-                              "delta_xywh", means=self.decoding["means"], stds=self.decoding["stds"],
-                              img_shape=[tuple(m["img_shape"][:2]) for m in metas], **self.proposal_cfg)
+        sizes = [c.shape[-2:] for c in cls_scores]
+        shapes = [tuple(m["img_shape"][:2]) for m in metas]
+        cls = [c.detach() for c in cls_scores]
+        if self.decoding["decoder"] == "distance":
+            points = head.prior_generator.grid_priors(sizes, dtype=bbox_preds[0].dtype, device=cls[0].device,
+                                                      with_stride=True)
+            # FCOSHead.forward_single leaves normalised distances (units of the stride) in training
+            scaled = bool(getattr(head, "norm_on_bbox", False)) and head.training
+            regs = [b.detach() * float(st) if scaled else b.detach()
+                    for b, st in zip(bbox_preds, self._student_strides())]
+            if centernesses is None:
+                raise ValueError(f"{self.owner}: the FCOS student's head returned no centerness")
+            return head_proposals(cls, regs, points, "distance", score_factors=[c.detach() for c in centernesses],
+                                  nms_across_levels=True, img_shape=shapes, **self.proposal_cfg)
+        priors = head.prior_generator.grid_priors(sizes, device=cls[0].device)
+        return head_proposals(cls, [b.detach() for b in bbox_preds], priors, "delta_xywh", means=self.decoding["means"],
+                              stds=self.decoding["stds"], img_shape=shapes, **self.proposal_cfg)
 
     def _sample(self, x, props, gts, gts_ignore):
         """mmdet's StandardRoIHead assignment and sampling, keeping each sampled RoI's source row."""
@@ -221,11 +244,11 @@ class _StudentAsRPN:
             sources.append(src[torch.cat([res.pos_inds, res.neg_inds])])
         return sampling, torch.cat(sources)
 
-    def _assistant_step(self, s_feats, cls_scores, bbox_preds, gts, gts_ignore, metas, losses: dict, scale: float):
-        """Proposals from the student, the assistant's sampling and GT loss (into ``losses`` as
-        loss_assist_*, times ``scale``); returns (sampling results, sources, the assistant's recorded
-        shared_fcs outputs)."""
-        props = self.proposals(cls_scores, bbox_preds, metas)
+    def _assistant_step(self, s_feats, outs, gts, gts_ignore, metas, losses: dict, scale: float):
+        """Proposals from the student's head outputs ``outs`` (cls_scores, bbox_preds[, centernesses]),
+        the assistant's sampling and GT loss (into ``losses`` as loss_assist_*, times ``scale``);
+        returns (sampling results, sources, the assistant's recorded shared_fcs outputs)."""
+        props = self.proposals(outs[0], outs[1], metas, outs[2] if len(outs) > 2 else None)
         x = tuple(s_feats[:len(self.featmap_strides)])
         sampling, sources = self._sample(x, props, gts, gts_ignore)
         with self._assist_rec:
@@ -244,8 +267,9 @@ class HEADDistillDetector(_StudentAsRPN, DistillDetector):
     module docstring for the step and the papers' and release's settings).
 
     Args:
-        student: a one-stage anchor-based detector (RetinaNet-like: ``bbox_head.cls_convs``, a
-            ``prior_generator`` and a ``DeltaXYWHBBoxCoder``); config dict or path.
+        student: a one-stage detector with a ``bbox_head.cls_convs`` tower: an anchor head with a
+            ``DeltaXYWHBBoxCoder`` (RetinaNet, ATSS) or an FCOS head (the paper's Table 4 pairs);
+            config dict or path.
         teacher_cfg, teacher_ckpt, teacher_strict, check_preprocessor, probe_size: as in
             :class:`DistillDetector`; the teacher must be a two-stage detector with a
             ``roi_head.bbox_head.shared_fcs`` (Faster R-CNN).
@@ -361,12 +385,11 @@ class HEADDistillDetector(_StudentAsRPN, DistillDetector):
             t_feats = t.extract_feat(batch_inputs)
         s_feats = s.extract_feat(batch_inputs)
         with self._student_rec:
-            cls_scores, bbox_preds = s.bbox_head(s_feats)
+            outs = s.bbox_head(s_feats)
         cls_feats = self._student_rec.take()["cls"]
-        losses = s.bbox_head.loss_by_feat(cls_scores, bbox_preds, gts, metas, gts_ignore)
+        losses = s.bbox_head.loss_by_feat(*outs, gts, metas, gts_ignore)
 
-        sampling, sources, a_out = self._assistant_step(s_feats, cls_scores, bbox_preds, gts, gts_ignore, metas,
-                                                        losses, 1.0)
+        sampling, sources, a_out = self._assistant_step(s_feats, outs, gts, gts_ignore, metas, losses, 1.0)
         rois = bbox2roi([r.priors for r in sampling])
         with torch.no_grad(), self._teacher_rec:
             t.roi_head._bbox_forward(t_feats, rois)
@@ -466,17 +489,16 @@ class TFHEADDetector(_StudentAsRPN, StudentInference, BaseDetector):
         gts, gts_ignore, metas = unpack_gt_instances(batch_data_samples)
         s_feats = s.extract_feat(batch_inputs)
         with self._student_rec:
-            cls_scores, bbox_preds = s.bbox_head(s_feats)
+            outs = s.bbox_head(s_feats)
         cls_feats = self._student_rec.take()["cls"]
-        losses = s.bbox_head.loss_by_feat(cls_scores, bbox_preds, gts, metas, gts_ignore)
+        losses = s.bbox_head.loss_by_feat(*outs, gts, metas, gts_ignore)
         scale = self.kd_scale
         with self._dense_rec:
             d_outs = self.dense_assistant(s_feats)
         d_feats = self._dense_rec.take()["cls"]
         for k, v in self.dense_assistant.loss_by_feat(*d_outs, gts, metas, gts_ignore).items():
             losses["loss_dense_" + k[len("loss_"):] if k.startswith("loss_") else "dense_" + k] = v * scale["assist"]
-        _, sources, a_out = self._assistant_step(s_feats, cls_scores, bbox_preds, gts, gts_ignore, metas, losses,
-                                                 scale["assist"])
+        _, sources, a_out = self._assistant_step(s_feats, outs, gts, gts_ignore, metas, losses, scale["assist"])
         losses["loss_dense_mimic"] = self.dense_mimic(cls_feats, d_feats) * scale["dense"]
         losses["loss_ckd"] = self.ckd(cls_feats, sources, a_out["last"][0]) * scale["ckd"]
         return losses

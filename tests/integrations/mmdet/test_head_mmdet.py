@@ -22,6 +22,8 @@ from mmengine.runner import Runner  # noqa: E402
 
 FRCNN_CFG = os.path.join(CONFIGS, "_base_", "faster_rcnn_r18_toy_teacher.py")
 HEAD_TOY = os.path.join(CONFIGS, "head", "head_faster_rcnn_retinanet_toy.py")
+HEAD_FCOS_TOY = os.path.join(CONFIGS, "head", "head_faster_rcnn_fcos_toy.py")
+FCOS_STUDENT_CFG = os.path.join(CONFIGS, "_base_", "fcos_r18_toy_student.py")
 
 
 @pytest.fixture(scope="module")
@@ -32,14 +34,14 @@ def toy(tmp_path_factory):
     return dict(root=str(root), data_root=data["root"], teacher_ckpt=ckpt)
 
 
-def _model(toy, **overrides):
+def _model(toy, config=HEAD_TOY, **overrides):
     from mmdet.utils import register_all_modules
 
     import kdops_mmdet  # noqa: F401
     from kdops_mmdet.registry import MODELS
 
     register_all_modules(init_default_scope=False)
-    cfg = load_cfg(HEAD_TOY, toy["data_root"], os.path.join(toy["root"], "w"), teacher_ckpt=toy["teacher_ckpt"])
+    cfg = load_cfg(config, toy["data_root"], os.path.join(toy["root"], "w"), teacher_ckpt=toy["teacher_ckpt"])
     for k, v in overrides.items():
         cfg.model[k] = v  # replaces (ConfigDict.update would merge a new student into the old one)
     torch.manual_seed(0)
@@ -77,12 +79,14 @@ class _Probe(Hook):
         self.metrics = dict(metrics)
 
 
-def test_head_toy_config_trains_validates_schedules_and_exports(toy, tmp_path):
+@pytest.mark.parametrize("config,student_cfg", [(HEAD_TOY, STUDENT_CFG), (HEAD_FCOS_TOY, FCOS_STUDENT_CFG)],
+                         ids=["retinanet", "fcos"])
+def test_head_toy_config_trains_validates_schedules_and_exports(toy, tmp_path, config, student_cfg):
     """Two Runner iterations: the assistant starts as the teacher's R-CNN head, every HEAD loss is
     logged and finite, the teacher is bitwise unchanged, CKD is off from the first LR milestone
     (moved to iteration 1 here) while AKD goes on, CocoMetric scores the student, and the exported
     checkpoint is the plain student (no assistant, adapter or teacher weights) that mmdet loads."""
-    cfg = load_cfg(HEAD_TOY, toy["data_root"], str(tmp_path / "work"), teacher_ckpt=toy["teacher_ckpt"])
+    cfg = load_cfg(config, toy["data_root"], str(tmp_path / "work"), teacher_ckpt=toy["teacher_ckpt"])
     cfg.param_scheduler = [dict(type="MultiStepLR", begin=0, end=2, by_epoch=False, milestones=[1], gamma=0.1)]
     cfg.model.student.test_cfg.score_thr = 0.0
     runner = Runner.from_cfg(cfg)
@@ -116,7 +120,7 @@ def test_head_toy_config_trains_validates_schedules_and_exports(toy, tmp_path):
     assert sd and not any(k.split(".")[0] in ("assistant", "akd", "ckd", "teacher", "student") for k in sd)
     from mmdet.apis import init_detector
 
-    plain = init_detector(STUDENT_CFG, out, device="cpu")
+    plain = init_detector(student_cfg, out, device="cpu")
     ref = runner.model.student.state_dict()
     assert all(torch.equal(v, ref[k]) for k, v in plain.state_dict().items())
 
@@ -205,6 +209,93 @@ def test_head_step_sources_rois_and_losses_match_mmdet_and_eager_formulas(toy):
     losses["loss_akd"].backward()
     assert model.assistant.bbox_head.shared_fcs[0].weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.teacher.parameters())
+
+
+def test_head_fcos_student_proposals_are_mmdets_fcos_prediction_path_on_max_class_scores(toy):
+    """The FCOS student as the assistant's RPN, against mmdet's own FCOSHead.predict_by_feat (the path
+    the release's FCOSRPNHead calls): class logits reduced by a max over classes, distances times the
+    stride (FCOSHead leaves them normalised in training), centerness as score factor, score_thr 0, one
+    class-wise NMS with every label 0, no size filter (min_bbox_size=-1). Then one HEAD step: each
+    non-GT RoI is the distance decoding at its source point, and CKD equals the eager MSE."""
+    from mmengine.config import ConfigDict
+
+    model, cfg = _model(toy, HEAD_FCOS_TOY)
+    model.train()
+    data = _batch(cfg, model)
+    head = model.student.bbox_head
+    metas = [s.metainfo for s in data["data_samples"]]
+    with torch.no_grad():
+        outs = head(model.student.extract_feat(data["inputs"]))
+    assert len(outs) == 3 and head.norm_on_bbox
+    strides = [s[0] for s in head.prior_generator.strides]
+    # boxes about 40 px wide on every level, so that neighbouring levels' boxes overlap: one NMS over
+    # all levels then keeps fewer than NMS per level would (the release's grouping is tested)
+    outs = (outs[0], [b + 20.0 / s for b, s in zip(outs[1], strides)], outs[2])
+    step_cfg = model.proposal_cfg
+    # no cap: every survivor of the NMS is compared
+    model.proposal_cfg = pc = dict(step_cfg, max_per_img=100_000)
+    ours = model.proposals(*outs[:2], metas, outs[2])
+    model.proposal_cfg = step_cfg
+    strides = [s[0] for s in head.prior_generator.strides]
+    max_cls = [c.max(1, keepdim=True).values for c in outs[0]]
+    pixels = [b * s for b, s in zip(outs[1], strides)]
+    n_cls = head.cls_out_channels
+    head.cls_out_channels = 1  # the release's 1-channel objectness through the same prediction code
+    try:
+        theirs = head.predict_by_feat(max_cls, pixels, outs[2], batch_img_metas=metas,
+                                      cfg=ConfigDict(nms_pre=pc["nms_pre"], score_thr=0.0, max_per_img=pc["max_per_img"],
+                                                     nms=dict(type="nms", iou_threshold=pc["iou_threshold"])),
+                                      rescale=False, with_nms=True)
+    finally:
+        head.cls_out_channels = n_cls
+    for n, t in enumerate(theirs):
+        assert len(t) > 0
+        torch.testing.assert_close(ours.boxes[n], t.bboxes, rtol=1e-6, atol=1e-4)
+        torch.testing.assert_close(ours.scores[n], t.scores, rtol=1e-6, atol=1e-7)
+    levels = torch.cat(ours.sources)[:, 0]
+    assert levels.unique().numel() > 1, "the test must see proposals from several levels"
+
+    # one step: RoIs decode from their source points, CKD is the eager MSE on the cls tower's output
+    record, feats = {}, {}
+    orig_sample = model._sample
+
+    def spy(*args):
+        record["sampling"], record["sources"] = out = orig_sample(*args)
+        return out
+
+    def grab(name):
+        def hook(module, inputs, output):
+            feats.setdefault(name, []).append(output.detach() if isinstance(output, torch.Tensor)
+                                              else [[t.detach() for t in o] for o in output])
+        return hook
+
+    model._sample = spy
+    handles = [head.cls_convs[-1].register_forward_hook(grab("cls")), head.register_forward_hook(grab("head")),
+               model.teacher.roi_head.bbox_head.shared_fcs[-1].register_forward_hook(grab("t1"))]
+    try:
+        losses = model.loss(data["inputs"], data["data_samples"])
+    finally:
+        for h in handles:
+            h.remove()
+    assert {"loss_cls", "loss_bbox", "loss_centerness", "loss_akd", "loss_ckd"} <= set(losses)
+    rois = torch.cat([r.priors for r in record["sampling"]])
+    sources = record["sources"]
+    cls_scores, bbox_preds, _ = feats["head"][0]
+    points = head.prior_generator.grid_priors([c.shape[-2:] for c in cls_scores], device=rois.device)
+    for r in range(rois.shape[0]):
+        lvl, b, y, x, j = sources[r].tolist()
+        if lvl < 0:
+            continue
+        W = bbox_preds[lvl].shape[-1]
+        d = bbox_preds[lvl][b, :, y, x] * strides[lvl]
+        want = head.bbox_coder.decode(points[lvl][y * W + x][None], d[None], max_shape=metas[b]["img_shape"])
+        assert j == 0
+        torch.testing.assert_close(rois[r], want[0], rtol=1e-5, atol=1e-4)
+    keep = sources[:, 0] >= 0
+    rows = torch.stack([feats["cls"][lvl][b, :, y, x] for lvl, b, y, x, _ in sources[keep].tolist()]).double()
+    lin = model.ckd.source.adapter
+    ckd = F.mse_loss(F.linear(rows, lin.weight.double(), lin.bias.double()), feats["t1"][-1][keep].double())
+    assert float(losses["loss_ckd"].detach()) == pytest.approx(2.0 * float(ckd), rel=1e-5)
 
 
 def test_head_ckd_defaults_to_the_release_and_can_be_switched_off(toy):
