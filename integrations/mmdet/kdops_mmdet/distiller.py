@@ -104,11 +104,16 @@ class DistillDetector(StudentInference, BaseDetector):
             pad divisor) differs from the student's: the teacher sees the student's batch as is, so a
             different normalisation would feed it inputs it was not trained on.
         probe_size: side of the probe image used at construction to check taps and shapes.
+        teacher_cache: train offline from a feature cache written by ``python -m
+            kdops_mmdet.cache_teacher`` with this config (see :mod:`kdops_mmdet.feature_cache`): the
+            teacher is never built, its tapped maps are read per image and augmentation (use
+            ``kdops.CachedFlip`` in place of ``RandomFlip``). Feature entries only; ``teacher_cfg`` and
+            ``teacher_ckpt`` stay given: the cache's fingerprint is checked against them.
     """
 
     def __init__(self, student, teacher_cfg, teacher_ckpt: Optional[str], distill_losses: Sequence[dict] = (),
                  teacher_strict: bool = True, check_preprocessor: bool = True, probe_size: int = 128,
-                 data_preprocessor=None, init_cfg=None) -> None:
+                 teacher_cache: Optional[str] = None, data_preprocessor=None, init_cfg=None) -> None:
         if data_preprocessor is not None:
             raise ValueError("kdops_mmdet: DistillDetector uses the student's data_preprocessor; set it in "
                              "model.student, not in model")
@@ -119,9 +124,11 @@ class DistillDetector(StudentInference, BaseDetector):
                              "is None: its teacher's outputs come from a cache)")
         if teacher_cfg is None and not getattr(type(self), "teacher_optional", False):
             raise ValueError(f"kdops_mmdet: {type(self).__name__} needs model.teacher_cfg (the teacher's config)")
+        offline = self._check_offline(teacher_cache, teacher_cfg)
         self.student = MODELS.build(model_config(student, "model.student"))
         self.data_preprocessor = self.student.data_preprocessor
-        self.teacher = None if teacher_cfg is None else MODELS.build(model_config(teacher_cfg, "model.teacher_cfg"))
+        self.teacher = (None if teacher_cfg is None or offline is not None
+                        else MODELS.build(model_config(teacher_cfg, "model.teacher_cfg")))
         if self.teacher is not None:
             if check_preprocessor:
                 self._check_preprocessors()
@@ -138,11 +145,70 @@ class DistillDetector(StudentInference, BaseDetector):
         s_taps = [t for e in self.entries for t in e.student_taps()]
         t_taps = [t for e in self.entries for t in e.teacher_taps()]
         self.student_taps = TapSet(self.student, s_taps, "student")
-        self.teacher_taps = TapSet(self.teacher, t_taps, "teacher")
+        self._feature_cache = None
+        if offline is None:
+            self.teacher_taps = TapSet(self.teacher, t_taps, "teacher")
+        else:
+            self._open_cache(teacher_cache, offline, teacher_cfg, teacher_ckpt, t_taps)
         self.connectors = nn.ModuleDict()
         self._probe(probe_size)
 
     # ------------------------------------------------------------ construction
+    def _check_offline(self, teacher_cache: Optional[str], teacher_cfg) -> Optional[dict]:
+        """The feature cache's sidecar in offline mode (checked before any model is built), else None."""
+        if teacher_cache is None:
+            return None
+        from .feature_cache import read_meta
+
+        if type(self).loss is not DistillDetector.loss:
+            raise ValueError(f"kdops_mmdet: {type(self).__name__} does not train from a feature cache "
+                             f"(model.teacher_cache serves kdops.DistillDetector's feature losses)")
+        if teacher_cfg is None:
+            raise ValueError("kdops_mmdet: model.teacher_cache needs model.teacher_cfg and teacher_ckpt too: the "
+                             "cache's fingerprint is checked against them")
+        bad = [e.name for e in self.entries if e.kind != "feature"]
+        if bad:
+            raise ValueError(f"kdops_mmdet: distill_losses {bad} read the teacher's head, which a feature cache "
+                             f"does not hold; train them online (model.teacher_cache=None)")
+        meta = read_meta(teacher_cache)
+        if meta.get("foreground"):
+            raise ValueError(f"kdops_mmdet: teacher_cache={teacher_cache!r} holds foreground rows only (made with "
+                             f"--foreground for the storage comparison); the feature losses read the background "
+                             f"too: cache without --foreground")
+        return meta
+
+    def _open_cache(self, root: str, meta: dict, teacher_cfg, teacher_ckpt, t_taps) -> None:
+        from kdops.cache import TeacherCache
+
+        from .feature_cache import CachedTaps, feature_fingerprint, tap_key
+
+        self.fingerprint = feature_fingerprint(teacher_cfg, teacher_ckpt, [tap_key(t) for t in t_taps])
+        missing = sorted({tap_key(t) for t in t_taps} - set(meta.get("layout", {})))
+        if missing:
+            raise ValueError(f"kdops_mmdet: teacher_cache={root!r} holds the teacher taps "
+                             f"{sorted(meta.get('layout', {}))}, not {missing}: re-make it with this config")
+        self._feature_cache = TeacherCache(root, fingerprint=self.fingerprint, verify="lazy")
+        self.teacher_cache_dir = root
+        self._cache_layout = {k: meta["layout"][k] for k in {tap_key(t) for t in t_taps}}
+        self.teacher_taps = CachedTaps(sorted(self._cache_layout))
+
+    def _cached_records(self, inputs: torch.Tensor, samples) -> dict:
+        """The teacher taps' values for this batch from the feature cache (offline)."""
+        from .feature_cache import batch_records
+        from .unikd import augmentation_record, image_key
+
+        per_image = []
+        for sample in samples:
+            key, aug = image_key(sample.metainfo), augmentation_record(sample.metainfo)
+            try:
+                per_image.append(self._feature_cache.get(key, aug))
+            except KeyError as e:
+                raise KeyError(f"kdops_mmdet: the teacher cache {self.teacher_cache_dir} has no entry for {key} under "
+                               f"{aug}: {e.args[0] if e.args else ''}. Replay the cached augmentations in the "
+                               f"training pipeline (type='kdops.CachedFlip' instead of RandomFlip) and keep the "
+                               f"caching run's resize") from None
+        return batch_records(per_image, self._cache_layout, inputs.shape[-2:], inputs)
+
     def _check_preprocessors(self) -> None:
         s = _preprocess_settings(self.student.data_preprocessor)
         t = _preprocess_settings(self.teacher.data_preprocessor)
@@ -172,13 +238,16 @@ class DistillDetector(StudentInference, BaseDetector):
         meta = dict(img_shape=(size, size), ori_shape=(size, size), pad_shape=(size, size),
                     batch_input_shape=(size, size), scale_factor=(1.0, 1.0), img_id=0)
         samples = [DetDataSample(metainfo=meta), DetDataSample(metainfo=meta)]
-        modes = (self.student.training, self.teacher.training)
+        modes = (self.student.training, self.teacher is not None and self.teacher.training)
         self.student.eval()
         try:
             with torch.no_grad():
                 self.teacher_taps.start()
                 self.student_taps.start()
-                _tap_forward(self.teacher, self._paths(self.teacher_taps), inputs, samples)
+                if self._feature_cache is not None:  # offline: zeros of the cached maps' shapes
+                    self.teacher_taps.fill(_zero_records(self._cache_layout, (size, size), inputs))
+                else:
+                    _tap_forward(self.teacher, self._paths(self.teacher_taps), inputs, samples)
                 _tap_forward(self.student, self._paths(self.student_taps, features_only=True), inputs, samples)
                 for e in self.entries:
                     if e.kind != "feature":
@@ -203,7 +272,8 @@ class DistillDetector(StudentInference, BaseDetector):
             self.teacher_taps.stop()
             self.student.train(modes[0])
             self.connectors.train(modes[0])
-            self.teacher.eval()
+            if self.teacher is not None:
+                self.teacher.eval()
 
     @staticmethod
     def _paths(taps: TapSet, features_only: bool = False) -> List[str]:
@@ -227,8 +297,11 @@ class DistillDetector(StudentInference, BaseDetector):
         self.teacher_taps.start()
         self.student_taps.start()
         try:
-            with torch.no_grad():
-                _tap_forward(self.teacher, self._paths(self.teacher_taps), batch_inputs, batch_data_samples)
+            if self._feature_cache is not None:
+                self.teacher_taps.fill(self._cached_records(batch_inputs, batch_data_samples))
+            else:
+                with torch.no_grad():
+                    _tap_forward(self.teacher, self._paths(self.teacher_taps), batch_inputs, batch_data_samples)
             losses = self._student_loss(batch_inputs, batch_data_samples)
             self._add_entry_losses(losses, batch_data_samples)
         finally:
@@ -275,6 +348,21 @@ def load_teacher(teacher: nn.Module, ckpt: Optional[str], strict: bool = True, k
                                 f"{key}, e.g. --cfg-options {key}=PATH)")
     load_checkpoint(teacher, ckpt, map_location="cpu", strict=strict, logger="current")
     teacher._is_init = True  # the Runner's init_weights must not re-initialise it
+
+
+def _zero_records(layout: dict, hw, like: torch.Tensor) -> dict:
+    """Teacher tap values of the cached shapes (zeros) for a probe of ``hw`` pixels."""
+    from .feature_cache import batch_records
+
+    n = like.shape[0]
+    blank = []
+    for _ in range(n):
+        entry = {}
+        for key, spec in layout.items():
+            for lvl, ls in enumerate(spec["levels"]):
+                entry[f"{key}#{lvl}"] = like.new_zeros((ls["channels"], 0, 0))
+        blank.append(entry)
+    return batch_records(blank, layout, hw, like)
 
 
 def _tap_forward(model: nn.Module, paths: Sequence[str], inputs, samples) -> None:
