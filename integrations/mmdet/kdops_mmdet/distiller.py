@@ -195,18 +195,9 @@ class DistillDetector(StudentInference, BaseDetector):
     def _cached_records(self, inputs: torch.Tensor, samples) -> dict:
         """The teacher taps' values for this batch from the feature cache (offline)."""
         from .feature_cache import batch_records
-        from .unikd import augmentation_record, image_key
+        from .unikd import cached_entries
 
-        per_image = []
-        for sample in samples:
-            key, aug = image_key(sample.metainfo), augmentation_record(sample.metainfo)
-            try:
-                per_image.append(self._feature_cache.get(key, aug))
-            except KeyError as e:
-                raise KeyError(f"kdops_mmdet: the teacher cache {self.teacher_cache_dir} has no entry for {key} under "
-                               f"{aug}: {e.args[0] if e.args else ''}. Replay the cached augmentations in the "
-                               f"training pipeline (type='kdops.CachedFlip' instead of RandomFlip) and keep the "
-                               f"caching run's resize") from None
+        per_image = cached_entries(self._feature_cache, self.teacher_cache_dir, samples, "kdops_mmdet")
         return batch_records(per_image, self._cache_layout, inputs.shape[-2:], inputs)
 
     def _check_preprocessors(self) -> None:

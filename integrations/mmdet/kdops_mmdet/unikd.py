@@ -254,6 +254,22 @@ def image_key(meta: dict) -> str:
     return osp.basename(str(path))
 
 
+def cached_entries(cache, root: str, samples, owner: str) -> list:
+    """Each sample's teacher entry from a :class:`kdops.cache.TeacherCache`, by image file name and
+    augmentation; a missing one is a KeyError saying how to replay the cached augmentations."""
+    per_image = []
+    for sample in samples:
+        key, aug = image_key(sample.metainfo), augmentation_record(sample.metainfo)
+        try:
+            per_image.append(cache.get(key, aug))
+        except KeyError as e:
+            raise KeyError(f"{owner}: the teacher cache {root} has no entry for {key} under {aug}: "
+                           f"{e.args[0] if e.args else ''}. Replay the cached augmentations in the training "
+                           f"pipeline (type='kdops.CachedFlip' instead of RandomFlip) and keep the caching run's "
+                           f"resize") from None
+    return per_image
+
+
 def _file_digest(path: Optional[str]) -> str:
     import hashlib
 
@@ -462,16 +478,7 @@ class UniKDDistillDetector(_UniKDParts, DistillDetector):
 
     def cached_knowledge(self, samples, like: torch.Tensor) -> Dict[str, torch.Tensor]:
         """The batch's teacher side from the cache (offline), by image file name and augmentation."""
-        per_image = []
-        for sample in samples:
-            key, aug = image_key(sample.metainfo), augmentation_record(sample.metainfo)
-            try:
-                per_image.append(self._cache.get(key, aug))
-            except KeyError as e:
-                raise KeyError(f"{self.owner}: the teacher cache {self.teacher_cache_dir} has no entry for {key} "
-                               f"under {aug}: {e.args[0] if e.args else ''}. Replay the cached augmentations in the "
-                               f"training pipeline (type='kdops.CachedFlip' instead of RandomFlip) and keep the "
-                               f"caching run's resize") from None
+        per_image = cached_entries(self._cache, self.teacher_cache_dir, samples, self.owner)
         out = {}
         for name in KNOWLEDGE:
             t = torch.stack([e[name] for e in per_image]).to(like.device)
