@@ -443,6 +443,15 @@ def test_proposal_candidates_read_no_device_value():
                                                      16 / 1000, [(64, 80)] * 2)
     A = 50 + 50 + 2 * 3 * J
     assert boxes.shape == (2, A, 4) and scores.shape == (2, A) and sources.shape == (2, A, 5)
+    # the FCOS path: points, distances, centerness factors
+    cls = [torch.empty(2, K, h, w, device="meta") for h, w in SIZES]
+    reg = [torch.empty(2, 4, h, w, device="meta") for h, w in SIZES]
+    pts = [torch.empty(h * w, 4, device="meta") for h, w in SIZES]
+    ctr = [torch.empty(2, 1, h, w, device="meta") for h, w in SIZES]
+    boxes, scores, sources = head_module._candidates(cls, reg, pts, "distance", 30, (0.0,) * 4, (1.0,) * 4,
+                                                     16 / 1000, [(64, 80)] * 2, ctr)
+    A = 30 + 20 + 6
+    assert boxes.shape == (2, A, 4) and scores.shape == (2, A) and sources.shape == (2, A, 5)
 
 
 def _bad_proposal_calls():
