@@ -491,3 +491,24 @@ def test_tf_head_bad_configs_fail_at_construction(toy, case, overrides, match):
             model.set_kd_scale({"akd": 1.0})
         else:
             _tf_model(toy, **overrides)
+
+
+def test_tf_head_takes_an_fcos_student(toy):
+    """TF-HEAD shares HEAD's student-as-RPN path: with an FCOS student its step has the student's own
+    FCOS losses, the assistants' losses and finite, non-zero mimic losses that reach the student."""
+    from mmengine.config import Config
+
+    student = Config.fromfile(FCOS_STUDENT_CFG).model
+    model, cfg = _tf_model(toy, student=student)
+    model.train()
+    data = _batch(cfg, model)
+    losses = model.loss(data["inputs"], data["data_samples"])
+    assert {"loss_cls", "loss_bbox", "loss_centerness", "loss_ckd", "loss_dense_mimic"} <= set(losses)
+    assert any(k.startswith("loss_assist_") for k in losses)
+    for k, v in losses.items():
+        if k.startswith("loss_"):
+            total = sum(v) if isinstance(v, (list, tuple)) else v
+            assert torch.isfinite(total).all(), k
+    assert float(losses["loss_ckd"]) > 0
+    losses["loss_ckd"].backward()
+    assert model.student.bbox_head.cls_convs[-1].conv.weight.grad.abs().sum() > 0
