@@ -122,10 +122,12 @@ def test_every_method_builds_on_the_efficacy_student_and_its_teacher():
             if name == "tf_head":
                 assert [int(s[0] if isinstance(s, (tuple, list)) else s)
                         for s in model.dense_assistant.strides] == [8, 16, 32]
-        elif name == "unikd":  # stage 2 as benchmarked, and stage 1 (the AKEs on the teacher)
+        elif name in ("unikd", "unikd_frcnn"):  # stage 2 as benchmarked, and stage 1 (the AKEs on the teacher)
             assert model.levels == [0, 1, 2] and model.kd_scale == {"unikd": 1.0}
-            absorb = MODELS.build(dict(E.METHODS[name]["absorb"], teacher_cfg=E.TEACHERS["retinanet"]["cfg"],
+            assert model.teacher_levels == ([0, 1, 2] if name == "unikd" else [1, 2, 3])  # strides 8/16/32
+            absorb = MODELS.build(dict(E.METHODS[name]["absorb"], teacher_cfg=E.TEACHERS[E.teacher_of(name)]["cfg"],
                                        teacher_ckpt=None))
+            assert absorb.levels == model.teacher_levels
             assert sum(p.numel() for p in absorb.parameters() if p.requires_grad) > 0
         elif name in ("lgd", "lgd_nofreeze"):
             assert model.lgd.channels == 32 and model.lgd.num_classes == 4
