@@ -82,6 +82,60 @@ def test_parity_odd_sizes_unsorted_images_all_dtypes(dtype):
     close(gM, rM, dtype, scale=rM.abs().max().item())
 
 
+def box_confined_masks(K, H, W, seed):
+    """Instance masks nonzero only inside a random box each (some one row tall, one empty, one
+    on the last row), soft values: most row bands of the map meet only some of the objects."""
+    g = torch.Generator().manual_seed(seed)
+    m = torch.zeros(K, H, W, dtype=torch.float64)
+    for k in range(K):
+        y0 = int(torch.randint(0, H, (1,), generator=g))
+        h = int(torch.randint(1, max(2, H // 3), (1,), generator=g))
+        x0 = int(torch.randint(0, W, (1,), generator=g))
+        w = int(torch.randint(1, max(2, W // 2), (1,), generator=g))
+        blob = torch.rand(min(h, H - y0), min(w, W - x0), generator=g, dtype=torch.float64)
+        m[k, y0:y0 + h, x0:x0 + w] = blob * (blob > 0.3)
+    m[0] = 0  # a zero mask pools to exactly 0
+    m[1, -1, :3] = 1.0  # one on the last row only
+    m[1, :-1] = 0
+    return m
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32] + list(LOW))
+def test_masks_confined_to_boxes_match_the_dense_oracle(dtype):
+    # the CPU kernel multiplies each band of rows only with the masks that have a nonzero row
+    # there: every object, band and gradient must still equal the dense definition, with
+    # several bands per map (W = 40: 51 rows per 2048-pixel band, H = 160 -> 4 bands), objects
+    # unsorted by image, masks of one row and a zero mask
+    N, C, H, W, K = 3, 6, 160, 40, 14
+    g = torch.Generator().manual_seed(9)
+    f = torch.randn(N, C, H, W, generator=g, dtype=torch.float64).to(dtype)
+    m = box_confined_masks(K, H, W, seed=10).to(dtype)
+    bi = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1])
+    w = torch.randn(K, C, generator=g, dtype=torch.float64)
+    (out, gF, gM), (ref, rF, rM) = grads_vs_oracle(f, m, bi, w)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    close(out, ref, dtype, scale=ref.abs().max().item())
+    close(gF, rF, dtype, scale=rF.abs().max().item())
+    close(gM, rM, dtype, scale=rM.abs().max().item())
+    # rows of an image that no mask of that image touches get an exact zero gradient
+    touched = torch.zeros(N, H, dtype=torch.bool)
+    for k, b in enumerate(bi.tolist()):
+        touched[b] |= (m[k] != 0).any(1)
+    assert (gF.permute(0, 2, 1, 3)[~touched] == 0).all()
+
+
+def test_nan_in_the_map_reaches_only_the_objects_whose_band_it_is_in():
+    # a NaN far from an object's mask rows does not poison it (the dense product would)
+    f = torch.randn(1, 3, 200, 20, dtype=torch.float64)
+    m = torch.zeros(2, 200, 20, dtype=torch.float64)
+    m[0, 2:5, 3:9] = 1.0
+    m[1, 190:195, 1:4] = 1.0
+    f[0, 1, 196, 10] = float("nan")
+    out = kdops.mask_pool(f, m, torch.tensor([0, 0]))
+    assert torch.isfinite(out[0]).all() and torch.isnan(out[1, 1])  # same band: 0 * NaN, as dense
+    torch.testing.assert_close(out[0], oracle(f.nan_to_num(0.0), m, torch.tensor([0, 0]))[0])
+
+
 def test_float32_accumulates_in_float32_on_a_coco_sized_map():
     # P3 size: 15200-term sums of positive values with a large mean; a half-precision
     # accumulator would be off by far more than fp16's output rounding

@@ -44,9 +44,21 @@ def loc_cases(device, dtype, size):
             lg = sum(x.numel() for x in inp["student_logits"])
             return (3 * reg + 2 * lg) * e  # read both regs and logits once; write grad_reg
 
-        def roof(student_reg, teacher_reg, student_logits, teacher_logits, **_):
-            return ([torch.sub(s, t) for s, t in zip(student_reg, teacher_reg)]
-                    + [x.sum() for x in student_logits + teacher_logits])
+        bufs = {}
+
+        def roof(student_reg, teacher_reg, student_logits, teacher_logits, decoder=decoder, **_):
+            # the score gap takes two sigmoids per (anchor, class) and GFL's integral two
+            # softmaxes per (anchor, bin): an exponential per element of both logit maps (and of
+            # both GFL regression maps), into kept buffers -- which also reads every input once --
+            # and the student's regression gradient written once, fresh
+            out = []
+            for i, x in enumerate(student_logits + teacher_logits + (teacher_reg if decoder == "gfl" else [])):
+                if i not in bufs:
+                    bufs[i] = torch.empty_like(x)
+                out.append(torch.exp(x, out=bufs[i]))
+            if decoder == "gfl":
+                return out + [torch.exp(s) for s in student_reg]
+            return out + [torch.sub(s, t) for s, t in zip(student_reg, teacher_reg)]
 
         tol = 1e-4 if dtype == torch.float32 else 2e-2
         cases.append(Case(op="bckd_loc_loss", label=f"{decoder} head, {J} anchors/loc, K={K}, N={N}",
@@ -54,6 +66,9 @@ def loc_cases(device, dtype, size):
                           impls=[Impl("kdops", kd), Impl("eager", ref), Impl("compile", ref, compile=True),
                                  Impl("roof", roof, roof=True)],
                           grad_inputs=["student_reg"], min_bytes=min_bytes, atol=tol, rtol=tol,
-                          bound=("read both regression maps and both logit maps once, write the student's "
-                                 "regression gradient once (torch.sub of the regressions, a sum of the logits)")))
+                          bound=("compute: torch.exp over both logit maps (the score gap's two sigmoids per "
+                                 "anchor and class; into kept buffers) and, for GFL, over both regression maps "
+                                 "(the integral's two softmaxes per bin), vectorised on every thread; the "
+                                 "student's regression gradient written once, fresh (GFL: the exp of the "
+                                 "student's map; DeltaXYWH: torch.sub of the regressions)")))
     return cases
