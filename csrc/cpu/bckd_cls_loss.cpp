@@ -59,7 +59,18 @@ void cls_cpu(const View5& vs, const View5& vt, const View5& vg, const scalar_t* 
         const scalar_t* s0 = sp + vs.at(tl.n, tl.h, tl.w0, tl.j);
         const scalar_t* t0 = tp + vt.at(tl.n, tl.h, tl.w0, tl.j);
         scalar_t* g0 = gp ? gp + vg.at(tl.n, tl.h, tl.w0, tl.j) : nullptr;
+        const int64_t es = sizeof(scalar_t);
         for (int64_t k = 0; k < K; ++k) {
+          // the next class's rows, each in its own plane: a run of kTile anchors is too short for
+          // the hardware prefetcher to pick up K*J interleaved streams on its own
+          if (k + 2 < K) {
+            const char* sn = reinterpret_cast<const char*>(s0 + (k + 2) * vs.sC);
+            const char* tn = reinterpret_cast<const char*>(t0 + (k + 2) * vt.sC);
+            for (int64_t o = 0; o < len * es; o += 64) {
+              __builtin_prefetch(sn + o);
+              __builtin_prefetch(tn + o);
+            }
+          }
           cls_block<A>(mode, widen(s0 + k * vs.sC, len, xb.data()), widen(t0 + k * vt.sC, len, tb.data()), len,
                        A(beta), lb.data(), gb.data());
           for (int64_t i = 0; i < len; ++i) row[i] += lb[i];

@@ -197,6 +197,8 @@ KDOPS_INLINE void box_emit_row(scalar_t* const* lanes, int cb, int64_t y, int64_
   }
 }
 
+constexpr int64_t kPaintAhead = 8;  // events between a box's value prefetch and its use
+
 // Paints one block of cb channels into its planes; box k's values for the block's channels
 // are vp[k * sK + lane].
 template <typename scalar_t>
@@ -215,6 +217,10 @@ void box_paint_block(const ImagePlan& p, const scalar_t* vp, int64_t sK, int cb,
       std::fill(d, d + ne * kBoxLanes, 0.0);
       for (int64_t q = er.ev_begin; q < er.ev_end; ++q) {
         const Event& ev = p.events[q];
+        // box values are rows of (K,C) in event order, i.e. scattered: fetch a few events ahead
+        // (on into the next event rows, whose fetches then overlap this row's sweep)
+        if (q + kPaintAhead < int64_t(p.events.size()))
+          __builtin_prefetch(vp + p.boxes[p.events[q + kPaintAhead].box] * sK);
         const scalar_t* v = vp + p.boxes[ev.box] * sK;
         const double s = -ev.sign * p.scale[ev.box];
         double* da = d + ev.a * kBoxLanes;
