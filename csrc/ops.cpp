@@ -44,7 +44,7 @@ TORCH_LIBRARY(kdops, m) {
   m.def("pcc_mse_fwd(Tensor student, Tensor teacher, int norm, float eps) -> (Tensor, Tensor)");
   // CPU only: (loss, grad_student of loss), the gradient written by the forward's second pass -- used
   // when only the student needs a gradient; its backward scales the saved gradient.
-  m.def("pcc_mse_fwd_grad(Tensor student, Tensor teacher, int norm, float eps) -> (Tensor, Tensor)");
+  m.def("pcc_mse_fwd_grad(Tensor student, Tensor teacher, int norm, float eps, float scale) -> (Tensor, Tensor)");
   // (grad_student, grad_teacher) of grad_loss * loss from the saved coefficients.
   m.def(
       "pcc_mse_bwd(Tensor grad_loss, Tensor student, Tensor teacher, Tensor coeffs, int norm, "

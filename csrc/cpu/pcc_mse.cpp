@@ -105,8 +105,10 @@ struct Groups {
         HW(s.size(2) * s.size(3)) {}
 };
 
+// out_scale multiplies the loss and the student's gradient (pcc_mse_fwd_grad's `scale`).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pcc_mse_cpu(const at::Tensor& student, const at::Tensor& teacher,
-                                                           int64_t norm, double eps, bool grad_student) {
+                                                           int64_t norm, double eps, bool grad_student,
+                                                           double out_scale = 1.0) {
   check_pair(student, teacher, "kdops::pcc_mse_fwd");
   TORCH_CHECK(norm == 0 || norm == 1, "kdops::pcc_mse_fwd: norm must be 0 (channel) or 1 (instance)");
   const auto s = student.contiguous();
@@ -122,9 +124,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pcc_mse_cpu(const at::Tensor& stu
     KDOPS_ISA_PICK(pcc_forward<scalar_t>)(s.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), G.groups, G.runs,
                                           G.run_stride, G.HW, norm, eps, scale,
                                           reinterpret_cast<Coeffs*>(coeffs.data_ptr<double>()), part.data(),
-                                          grad_student ? gs.data_ptr<scalar_t>() : nullptr);
+                                          grad_student ? gs.data_ptr<scalar_t>() : nullptr, out_scale);
   });
-  loss.fill_(ordered_sum(part) * scale);
+  loss.fill_(ordered_sum(part) * scale * out_scale);
   return {loss, coeffs, gs};
 }
 
@@ -135,8 +137,8 @@ std::tuple<at::Tensor, at::Tensor> pcc_mse_fwd_cpu(const at::Tensor& student, co
 }
 
 std::tuple<at::Tensor, at::Tensor> pcc_mse_fwd_grad_cpu(const at::Tensor& student, const at::Tensor& teacher,
-                                                        int64_t norm, double eps) {
-  auto out = pcc_mse_cpu(student, teacher, norm, eps, true);
+                                                        int64_t norm, double eps, double scale) {
+  auto out = pcc_mse_cpu(student, teacher, norm, eps, true, scale);
   return {std::get<0>(out), std::get<2>(out)};
 }
 

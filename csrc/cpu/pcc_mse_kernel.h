@@ -76,11 +76,12 @@ double loss_grad_run(const scalar_t* s, const scalar_t* t, int64_t len, const Co
 
 // Forward: per group, the moments (pass 1), its coefficients, and the exact loss (pass 2,
 // mostly from cache: a group is a few hundred KB at most on COCO shapes).
-// With `gs`, the second pass also writes the student's gradient of the loss (pcc_mse_fwd_grad).
+// With `gs`, the second pass also writes the student's gradient of the loss times `grad_scale`
+// (pcc_mse_fwd_grad: its `scale`, a loss weight folded into the op).
 template <typename scalar_t>
 void pcc_forward(const scalar_t* s, const scalar_t* t, int64_t groups, int64_t runs, int64_t run_stride,
                  int64_t HW, int64_t norm, double eps, double scale, Coeffs* coef, double* part,
-                 scalar_t* gs = nullptr) {
+                 scalar_t* gs = nullptr, double grad_scale = 1.0) {
   at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
       Moments m;
@@ -89,7 +90,7 @@ void pcc_forward(const scalar_t* s, const scalar_t* t, int64_t groups, int64_t r
       double total = 0;
       for (int64_t r = 0; r < runs; ++r) {
         const int64_t off = g * HW + r * run_stride;
-        total += gs ? loss_grad_run<scalar_t, true, false>(s + off, t + off, HW, coef[g], 1.0, gs + off, nullptr)
+        total += gs ? loss_grad_run<scalar_t, true, false>(s + off, t + off, HW, coef[g], grad_scale, gs + off, nullptr)
                     : loss_grad_run<scalar_t, false, false>(s + off, t + off, HW, coef[g], 0.0, nullptr, nullptr);
       }
       part[g] = total;

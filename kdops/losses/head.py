@@ -945,4 +945,4 @@ class HEADDenseLoss(nn.Module):
                 else:
                     ys.append(F.conv2d(s.to(acc), w, bias))
         ts = [t.detach().to(acc) for t in t_l]
-        return masked_mse(ys, ts, reduction="mean").sum() * self.loss_weight
+        return masked_mse(ys, ts, reduction="mean", scale=float(self.loss_weight)).sum()

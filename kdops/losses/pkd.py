@@ -82,13 +82,16 @@ class PKDLoss(nn.Module):
                 else:
                     t = F.interpolate(t, s.shape[2:], mode="bilinear")
             pairs.append((s, t))
+        w = 0.5 * self.loss_weight
         if pairs:
-            loss = pcc_mse([s for s, _ in pairs], [t for _, t in pairs], norm="channel").sum()
+            # the weight is folded into the op: with loss.backward() over a sum of losses, the
+            # CPU backward then has no pass left to scale the student's gradient by
+            loss = pcc_mse([s for s, _ in pairs], [t for _, t in pairs], norm="channel", scale=w).sum()
         else:
             loss = S[0].new_zeros((), dtype=acc_dtype(S[0]))
         for s, t in empty:  # exact zeros, and zero (not missing) gradients, whatever the values
             loss = loss + _zero_touching(s, loss.dtype) + _zero_touching(t, loss.dtype)
-        return loss * (0.5 * self.loss_weight)
+        return loss
 
 
 def _zero_touching(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -40,6 +40,12 @@ def mask_pool(feature: torch.Tensor, masks: torch.Tensor, batch_index: torch.Ten
     ``masks.sum((1, 2)).clamp(min=1)`` for its normalised version). Rectangular box masks
     are cheaper with :func:`kdops.box_pool`.
 
+    Cost (CPU): per image, GEMMs over bands of whole rows, each with only the masks that have
+    a nonzero row in the band -- instance masks are zero outside their box, so the work is
+    the objects' row spans times the width, not K x H x W -- and the map's gradient is
+    written as exact zeros in bands that no mask meets. A NaN/Inf of the map reaches the
+    objects whose masks meet its band (0 x Inf is NaN, as in the dense product), no other.
+
     Args:
         feature: (N,C,H,W) floating.
         masks: (K,H,W) floating, bool or uint8. Floating masks get gradients (a float mask

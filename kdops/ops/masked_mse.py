@@ -8,7 +8,7 @@ import torch
 from .. import reference
 from .._dtype import acc_dtype
 from ._registry import forbid_double_backward, needs_grad, register_op, saved_grad_autograd, use_kernel
-from ._validation import Levels, check_choice, check_pair, check_tensor, match_levels, paired_levels
+from ._validation import Levels, check_choice, check_number, check_pair, check_tensor, match_levels, paired_levels
 
 OP = "masked_mse"
 Weights = Optional[Union[torch.Tensor, Sequence[torch.Tensor]]]
@@ -21,6 +21,7 @@ def masked_mse(
     pixel_weight: Weights = None,
     channel_weight: Weights = None,
     reduction: str = "sum",
+    scale: float = 1.0,
 ) -> torch.Tensor:
     r"""Weighted feature-imitation MSE with a factorised weight, in one pass.
 
@@ -45,6 +46,11 @@ def masked_mse(
         pixel_weight: (N,H,W) per level, or None.
         channel_weight: (N,C) per level, or None.
         reduction: "sum", or "mean" (divides by N*C*H*W; an empty level gives 0).
+        scale: multiplies every loss (and so its gradients) inside the op. Fold a constant
+            loss weight here rather than multiplying the result: on the CPU in the KD case,
+            backward then has nothing left to scale when its incoming gradient is 1
+            (``total_loss.backward()`` over a sum of losses) -- one pass over the student's
+            gradient less.
 
     Returns:
         A 0-d tensor, or (L,) per-level losses for sequences; float32 for
@@ -52,6 +58,7 @@ def masked_mse(
         float64 for float64. Gradients flow to every input that requires grad.
     """
     check_choice(OP, "reduction", reduction, ("sum", "mean"))
+    check_number(OP, "scale", scale)
     (ss, ts), is_seq = paired_levels(OP, ("student", "teacher"), student, teacher)
     pws = match_levels(OP, "pixel_weight", pixel_weight, len(ss), is_seq)
     cws = match_levels(OP, "channel_weight", channel_weight, len(ss), is_seq)
@@ -64,15 +71,16 @@ def masked_mse(
             check_tensor(OP, f"pixel_weight{sfx}", pw, like=s, shape=(N, H, W), what="(N,H,W)")
         if cw is not None:
             check_tensor(OP, f"channel_weight{sfx}", cw, like=s, shape=(N, C), what="(N,C)")
-    losses = [_level(*args, reduction) for args in zip(ss, ts, pws, cws)]
+    losses = [_level(*args, reduction, float(scale)) for args in zip(ss, ts, pws, cws)]
     return torch.stack(losses) if is_seq else losses[0]
 
 
-def _level(s, t, pw, cw, reduction):
+def _level(s, t, pw, cw, reduction, out_scale):
     if not use_kernel(OP, s.device):
-        return reference.masked_mse(s, t, pixel_weight=pw, channel_weight=cw, reduction=reduction)
+        loss = reference.masked_mse(s, t, pixel_weight=pw, channel_weight=cw, reduction=reduction)
+        return loss if out_scale == 1.0 else loss * out_scale
     acc = acc_dtype(s.dtype)
-    scale = 1.0 / max(s.numel(), 1) if reduction == "mean" else 1.0
+    scale = (1.0 / max(s.numel(), 1) if reduction == "mean" else 1.0) * out_scale
     pw = pw.to(acc) if pw is not None else None
     cw = cw.to(acc) if cw is not None else None
     if s.device.type == "cpu" and needs_grad(s) and not needs_grad(t, pw, cw):

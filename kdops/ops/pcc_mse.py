@@ -29,7 +29,8 @@ OP = "pcc_mse"
 _NORMS = {"channel": (0, 1e-6), "instance": (1, 1e-5)}
 
 
-def pcc_mse(student: Levels, teacher: Levels, *, norm: str = "channel", eps: Optional[float] = None) -> torch.Tensor:
+def pcc_mse(student: Levels, teacher: Levels, *, norm: str = "channel", eps: Optional[float] = None,
+            scale: float = 1.0) -> torch.Tensor:
     r"""Mean squared difference of normalised student and teacher features.
 
     .. math::
@@ -54,6 +55,11 @@ def pcc_mse(student: Levels, teacher: Levels, *, norm: str = "channel", eps: Opt
         student, teacher: (N,C,H,W) of one shape/dtype/device, or sequences of L levels.
         norm: "channel" or "instance".
         eps: overrides the default epsilon of the chosen norm.
+        scale: multiplies every loss (and so its gradients) inside the op. Fold a constant
+            loss weight here rather than multiplying the result: on the CPU, where the
+            forward pass writes the student's gradient, backward then has nothing left to
+            scale when its incoming gradient is 1 (``total_loss.backward()`` over a sum of
+            losses) -- one pass over the student's gradient less.
 
     Returns:
         0-d loss, or (L,) per-level losses for sequences; float32 (float64 for float64
@@ -62,6 +68,7 @@ def pcc_mse(student: Levels, teacher: Levels, *, norm: str = "channel", eps: Opt
     """
     check_choice(OP, "norm", norm, tuple(_NORMS))
     check_number(OP, "eps", eps, low=0.0, allow_none=True)
+    check_number(OP, "scale", scale)
     code, default_eps = _NORMS[norm]
     e = float(default_eps if eps is None else eps)
     if norm == "instance" and e == 0.0:
@@ -69,19 +76,21 @@ def pcc_mse(student: Levels, teacher: Levels, *, norm: str = "channel", eps: Opt
     (ss, ts), is_seq = paired_levels(OP, ("student", "teacher"), student, teacher)
     for i, (s, t) in enumerate(zip(ss, ts)):
         check_pair(OP, s, t, i if is_seq else None)
-    losses = [_level(s, t, norm, code, e) for s, t in zip(ss, ts)]
+    losses = [_level(s, t, norm, code, e, float(scale)) for s, t in zip(ss, ts)]
     return torch.stack(losses) if is_seq else losses[0]
 
 
-def _level(s, t, norm, code, eps):
+def _level(s, t, norm, code, eps, scale):
     if not use_kernel(OP, s.device):
-        return reference.pcc_mse(s, t, norm=norm, eps=eps)
+        loss = reference.pcc_mse(s, t, norm=norm, eps=eps)
+        return loss if scale == 1.0 else loss * scale
     if s.device.type == "cpu" and needs_grad(s) and not needs_grad(t):
         # CPU, the usual KD case (only the student learns): the forward's second pass writes the
-        # student's gradient as it computes the loss; backward only scales it (see masked_mse)
-        return torch.ops.kdops.pcc_mse_fwd_grad(s, t, code, eps)[0]
+        # student's gradient (times `scale`) as it computes the loss; backward only scales it by
+        # its incoming gradient, or not at all when that is 1 (see masked_mse)
+        return torch.ops.kdops.pcc_mse_fwd_grad(s, t, code, eps, scale)[0]
     loss, _coeffs = torch.ops.kdops.pcc_mse_fwd(s, t, code, eps)
-    return loss
+    return loss if scale == 1.0 else loss * scale
 
 
 def _groups(s, norm):
@@ -112,10 +121,10 @@ def _backward(ctx, gloss, _gcoeffs):
     return (gs if need[0] else None, gt if need[1] else None, None, None)
 
 
-def _fake_fwd_grad(s, t, norm, eps):
+def _fake_fwd_grad(s, t, norm, eps, scale):
     return s.new_empty((), dtype=acc_dtype(s.dtype)), s.new_empty(s.shape)
 
 
 register_op(OP, fake={"pcc_mse_fwd": _fake_fwd, "pcc_mse_bwd": _fake_bwd, "pcc_mse_fwd_grad": _fake_fwd_grad},
             autograd={"pcc_mse_fwd": (_backward, _setup_context),
-                      "pcc_mse_fwd_grad": saved_grad_autograd(OP, 4)})
+                      "pcc_mse_fwd_grad": saved_grad_autograd(OP, 5)})

@@ -140,13 +140,14 @@ def pcc_mse_fwd(student, teacher, norm: int, eps: float):
     return part.sum() * scale, coef
 
 
-def pcc_mse_fwd_grad(student, teacher, norm: int, eps: float):
-    """Same contract as the kdops::pcc_mse_fwd_grad schema (csrc/ops.cpp): the loss and the student's
-    gradient of it (kdops/ops calls it on the CPU only; here for a complete op: forward + backward)."""
+def pcc_mse_fwd_grad(student, teacher, norm: int, eps: float, scale: float):
+    """Same contract as the kdops::pcc_mse_fwd_grad schema (csrc/ops.cpp): the loss times ``scale`` and
+    the student's gradient of that (kdops/ops calls it on the CPU only; here for a complete op: forward
+    + backward)."""
     loss, coeffs = pcc_mse_fwd(student, teacher, norm, eps)
-    gs, _ = pcc_mse_bwd(torch.ones((), device=loss.device, dtype=loss.dtype), student, teacher, coeffs, norm, True,
-                        False)
-    return loss, gs
+    gs, _ = pcc_mse_bwd(torch.full((), scale, device=loss.device, dtype=loss.dtype), student, teacher, coeffs, norm,
+                        True, False)
+    return loss * scale, gs
 
 
 def pcc_mse_bwd(grad_loss, student, teacher, coeffs, norm: int, grad_student: bool, grad_teacher: bool):

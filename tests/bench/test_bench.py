@@ -305,3 +305,26 @@ def test_allocator_modes_and_page_fault_probe():
         assert first.startswith("warm (") and second.startswith("refused: ")
     else:
         assert first.startswith("system (warm asked for")
+
+
+def test_loss_weight_fold_script_gives_the_same_gradients_both_ways():
+    # benchmarks/loss_weight_fold.py times the weight multiplied onto a loss against folded into
+    # the op: both must give the student the same gradient (small maps here, two levels)
+    spec = importlib.util.spec_from_file_location("kdops_fold_bench",
+                                                  os.path.join(ROOT, "benchmarks", "loss_weight_fold.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    g = torch.Generator().manual_seed(0)
+    S = [torch.randn(2, 4, h, w, generator=g).requires_grad_() for h, w in ((6, 5), (3, 3))]
+    T = [torch.randn(2, 4, h, w, generator=g) for h, w in ((6, 5), (3, 3))]
+    for name, impls in mod.cases(S, T).items():
+        grads = []
+        for k in ("weight multiplied", "weight folded"):
+            for s in S:
+                s.grad = None
+            impls[k]()
+            grads.append([s.grad.clone() for s in S])
+        impls["roof"]()
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, msg=name)
+            assert a.abs().sum() > 0

@@ -323,3 +323,28 @@ def test_cuda_op_matches_oracle_without_host_sync(dtype):
     close(out.cpu(), ref, dtype)
     close(S.grad.cpu(), S64.grad, dtype, scale=S64.grad.abs().max().item())
     close(PW.grad.cpu(), PW64.grad, torch.float32, scale=PW64.grad.abs().max().item())
+
+
+@pytest.mark.parametrize("weights", [False, True])
+@pytest.mark.parametrize("teacher_grad", [False, True])
+def test_scale_folds_a_loss_weight_into_the_op(weights, teacher_grad):
+    """scale multiplies the loss and its gradients inside the op, on both CPU paths (student-only
+    forward gradient, and the recomputing backward op), with reduction 'mean' too."""
+    g = torch.Generator().manual_seed(11)
+    s = torch.randn(2, 3, 5, 6, generator=g, dtype=torch.float64)
+    t = torch.randn(2, 3, 5, 6, generator=g, dtype=torch.float64)
+    pw = torch.rand(2, 5, 6, generator=g, dtype=torch.float64) if weights else None
+    cw = torch.rand(2, 3, generator=g, dtype=torch.float64) if weights else None
+    for reduction in ("sum", "mean"):
+        S, T = s.clone().requires_grad_(), (t.clone().requires_grad_() if teacher_grad else t)
+        loss = kdops.masked_mse(S, T, pixel_weight=pw, channel_weight=cw, reduction=reduction, scale=-3.0)
+        rs, rt = s.clone().requires_grad_(), (t.clone().requires_grad_() if teacher_grad else t)
+        ref = kdops.reference.masked_mse(rs, rt, pixel_weight=pw, channel_weight=cw, reduction=reduction) * -3.0
+        torch.testing.assert_close(loss, ref)
+        loss.backward()
+        ref.backward()
+        torch.testing.assert_close(S.grad, rs.grad)
+        if teacher_grad:
+            torch.testing.assert_close(T.grad, rt.grad)
+    with pytest.raises(ValueError, match="`scale` must be a finite number"):
+        kdops.masked_mse(s, t, scale=float("inf"))

@@ -209,9 +209,9 @@ def test_triton_fwd_grad_matches_oracle(norm):
     s, t = make(seed=5)
     code = 0 if norm == "channel" else 1
     eps = 1e-6 if norm == "channel" else 1e-5
-    loss, gs = pcc_mse_fwd_grad(s.float().to(dev), t.float().to(dev), code, eps)
+    loss, gs = pcc_mse_fwd_grad(s.float().to(dev), t.float().to(dev), code, eps, 1.5)
     S = leaf(s)
-    ref = kdops.reference.pcc_mse(S, t, norm=norm, eps=eps)
+    ref = kdops.reference.pcc_mse(S, t, norm=norm, eps=eps) * 1.5
     (rg,) = torch.autograd.grad(ref, S)
     close(loss.cpu(), ref, torch.float32)
     close(gs.cpu(), rg, torch.float32, scale=rg.abs().max().item())
@@ -297,3 +297,31 @@ def test_cuda_op_matches_oracle_without_host_sync(norm, dtype):
     (ref * 3).backward()
     close(out.cpu(), ref, dtype)
     close(S.grad.cpu(), S64.grad, dtype, scale=S64.grad.abs().max().item())
+
+
+@pytest.mark.parametrize("norm", ["channel", "instance"])
+@pytest.mark.parametrize("teacher_grad", [False, True])
+def test_scale_folds_a_loss_weight_into_the_op(norm, teacher_grad):
+    """scale multiplies the loss and its gradients inside the op (both CPU paths: the student-only
+    forward-gradient one and the recomputing one), per level for sequences; with the weight folded
+    and an incoming gradient of 1 (loss.backward()) the student's gradient is the oracle's times it."""
+    s, t = make(seed=8)
+    S, T = leaf(s), (leaf(t) if teacher_grad else t)
+    loss = kdops.pcc_mse([S, S[:, :, :3]], [T, T[:, :, :3]], norm=norm, scale=2.5)
+    rs, rt = leaf(s), (leaf(t) if teacher_grad else t)
+    ref = torch.stack([oracle(rs, rt, norm), oracle(rs[:, :, :3], rt[:, :, :3], norm)]) * 2.5
+    close(loss, ref, torch.float64)
+    loss.sum().backward()
+    ref.sum().backward()
+    close(S.grad, rs.grad, torch.float64)
+    if teacher_grad:
+        close(T.grad, rt.grad, torch.float64)
+    assert torch.autograd.gradcheck(lambda a: kdops.pcc_mse(a, t, norm=norm, scale=-0.5), (leaf(s),))
+
+
+def test_scale_bad_values():
+    s, t = make(seed=9)
+    with pytest.raises(ValueError, match="`scale` must be a finite number"):
+        kdops.pcc_mse(s, t, scale=float("nan"))
+    with pytest.raises(TypeError, match="`scale` must be a number"):
+        kdops.pcc_mse(s, t, scale="2")
