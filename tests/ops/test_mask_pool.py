@@ -42,6 +42,24 @@ def grads_vs_oracle(f, m, bi, w):
     return (out, gF, gM), (ref, rF, rM)
 
 
+def maps_masks_weights(N, C, H, W, masks, seed, dtype):
+    """(N,C,H,W) random maps and the given float64 masks in dtype, and float64 output weights."""
+    g = torch.Generator().manual_seed(seed)
+    f = torch.randn(N, C, H, W, generator=g, dtype=torch.float64).to(dtype)
+    return f, masks.to(dtype), torch.randn(masks.shape[0], C, generator=g, dtype=torch.float64)
+
+
+def assert_grads_match_oracle(f, m, w, bi, dtype):
+    """kdops' result and both gradients of <out, w> equal the oracle's at dtype's tolerance; returns
+    kdops' (out, grad_f)."""
+    (out, gF, gM), (ref, rF, rM) = grads_vs_oracle(f, m, bi, w)
+    assert out.dtype == gF.dtype == gM.dtype == dtype
+    close(out, ref, dtype, scale=ref.abs().max().item())
+    close(gF, rF, dtype, scale=rF.abs().max().item())
+    close(gM, rM, dtype, scale=rM.abs().max().item())
+    return out, gF
+
+
 def test_parity_and_grads_float64():
     f, m, bi = make()
     F, M = leaf(f), leaf(m)
@@ -69,17 +87,8 @@ def test_low_precision(dtype):
 def test_parity_odd_sizes_unsorted_images_all_dtypes(dtype):
     # odd sizes, objects in no particular image order, a map large enough for several
     # float32 pixel blocks in the half/bfloat16 path (H*W = 2961 > 2048), soft masks
-    N, C, H, W, K = 3, 7, 47, 63, 13
-    g = torch.Generator().manual_seed(4)
-    f = torch.randn(N, C, H, W, generator=g, dtype=torch.float64).to(dtype)
-    m = soft_masks(K, H, W, seed=5).to(dtype)
     bi = torch.tensor([2, 0, 0, 1, 2, 0, 1, 1, 2, 0, 2, 2, 1])
-    w = torch.randn(K, C, generator=g, dtype=torch.float64)
-    (out, gF, gM), (ref, rF, rM) = grads_vs_oracle(f, m, bi, w)
-    assert out.dtype == gF.dtype == gM.dtype == dtype
-    close(out, ref, dtype, scale=ref.abs().max().item())
-    close(gF, rF, dtype, scale=rF.abs().max().item())
-    close(gM, rM, dtype, scale=rM.abs().max().item())
+    assert_grads_match_oracle(*maps_masks_weights(3, 7, 47, 63, soft_masks(13, 47, 63, seed=5), 4, dtype), bi, dtype)
 
 
 def box_confined_masks(K, H, W, seed):
@@ -106,17 +115,11 @@ def test_masks_confined_to_boxes_match_the_dense_oracle(dtype):
     # there: every object, band and gradient must still equal the dense definition, with
     # several bands per map (W = 40: 51 rows per 2048-pixel band, H = 160 -> 4 bands), objects
     # unsorted by image, masks of one row and a zero mask
-    N, C, H, W, K = 3, 6, 160, 40, 14
-    g = torch.Generator().manual_seed(9)
-    f = torch.randn(N, C, H, W, generator=g, dtype=torch.float64).to(dtype)
-    m = box_confined_masks(K, H, W, seed=10).to(dtype)
+    N, H = 3, 160
+    f, m, w = maps_masks_weights(N, 6, H, 40, box_confined_masks(14, H, 40, seed=10), 9, dtype)
     bi = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1])
-    w = torch.randn(K, C, generator=g, dtype=torch.float64)
-    (out, gF, gM), (ref, rF, rM) = grads_vs_oracle(f, m, bi, w)
+    out, gF = assert_grads_match_oracle(f, m, w, bi, dtype)
     assert torch.equal(out[0], torch.zeros_like(out[0]))
-    close(out, ref, dtype, scale=ref.abs().max().item())
-    close(gF, rF, dtype, scale=rF.abs().max().item())
-    close(gM, rM, dtype, scale=rM.abs().max().item())
     # rows of an image that no mask of that image touches get an exact zero gradient
     touched = torch.zeros(N, H, dtype=torch.bool)
     for k, b in enumerate(bi.tolist()):
