@@ -102,9 +102,11 @@ class LGDLoss(nn.Module):
         for a, t in zip(adapted, t_list):
             dt = torch.promote_types(a.dtype, t.dtype)
             pairs.append((a.to(dt), t.detach().to(dt)))
-        per_level = pcc_mse([a for a, _ in pairs], [t for _, t in pairs], norm="instance")  # (L,) means
         total = sum(a.numel() for a in adapted)  # shapes only: no device read
         if total == 0:  # exactly 0, with zero (not missing) gradients for the adapter
+            per_level = pcc_mse([a for a, _ in pairs], [t for _, t in pairs], norm="instance")
             return per_level.sum() * 0.0 + sum(p.reshape(-1)[:0].sum() for p in self.adapter.parameters())
-        loss = sum(per_level[i] * (a.numel() / total) for i, a in enumerate(adapted))
-        return loss * self.loss_weight
+        # (L,) means weighted by level size and the loss weight, folded into the op: with
+        # loss.backward() over a sum of losses the CPU backward has nothing left to scale
+        weights = [self.loss_weight * a.numel() / total for a in adapted]
+        return pcc_mse([a for a, _ in pairs], [t for _, t in pairs], norm="instance", scale=weights).sum()

@@ -98,6 +98,16 @@ def match_levels(op: str, name: str, x, n_levels: int, is_seq: bool) -> list:
     return [x]
 
 
+def level_scales(op: str, scale, n_levels: int, is_seq: bool) -> list:
+    """A loss op's ``scale``: one finite number for every level, or (for sequences of levels) a
+    list/tuple of L of them. Returns L floats."""
+    if isinstance(scale, (list, tuple)):
+        if not is_seq:
+            raise TypeError(f"{_where(op)}: `scale` must be a number when the features are a single tensor")
+        return [float(v) for v in check_numbers(op, "scale", scale, length=n_levels)]
+    return [float(check_number(op, "scale", scale))] * n_levels
+
+
 def check_levels(op: str, name: str, levels: list, is_seq: bool) -> torch.Tensor:
     """Per-level (N,C,H,W) maps with one N, C, dtype and device; returns the first level."""
     first = None

@@ -8,7 +8,7 @@ import torch
 from .. import reference
 from .._dtype import acc_dtype
 from ._registry import forbid_double_backward, needs_grad, register_op, saved_grad_autograd, use_kernel
-from ._validation import Levels, check_choice, check_number, check_pair, check_tensor, match_levels, paired_levels
+from ._validation import Levels, check_choice, check_pair, check_tensor, level_scales, match_levels, paired_levels
 
 OP = "masked_mse"
 Weights = Optional[Union[torch.Tensor, Sequence[torch.Tensor]]]
@@ -21,7 +21,7 @@ def masked_mse(
     pixel_weight: Weights = None,
     channel_weight: Weights = None,
     reduction: str = "sum",
-    scale: float = 1.0,
+    scale: Union[float, Sequence[float]] = 1.0,
 ) -> torch.Tensor:
     r"""Weighted feature-imitation MSE with a factorised weight, in one pass.
 
@@ -46,7 +46,8 @@ def masked_mse(
         pixel_weight: (N,H,W) per level, or None.
         channel_weight: (N,C) per level, or None.
         reduction: "sum", or "mean" (divides by N*C*H*W; an empty level gives 0).
-        scale: multiplies every loss (and so its gradients) inside the op. Fold a constant
+        scale: multiplies every loss (and so its gradients) inside the op; for sequences also
+            one number per level. Fold a constant
             loss weight here rather than multiplying the result: on the CPU in the KD case,
             backward then has nothing left to scale when its incoming gradient is 1
             (``total_loss.backward()`` over a sum of losses) -- one pass over the student's
@@ -58,7 +59,6 @@ def masked_mse(
         float64 for float64. Gradients flow to every input that requires grad.
     """
     check_choice(OP, "reduction", reduction, ("sum", "mean"))
-    check_number(OP, "scale", scale)
     (ss, ts), is_seq = paired_levels(OP, ("student", "teacher"), student, teacher)
     pws = match_levels(OP, "pixel_weight", pixel_weight, len(ss), is_seq)
     cws = match_levels(OP, "channel_weight", channel_weight, len(ss), is_seq)
@@ -71,11 +71,12 @@ def masked_mse(
             check_tensor(OP, f"pixel_weight{sfx}", pw, like=s, shape=(N, H, W), what="(N,H,W)")
         if cw is not None:
             check_tensor(OP, f"channel_weight{sfx}", cw, like=s, shape=(N, C), what="(N,C)")
-    losses = [_level(*args, reduction, float(scale)) for args in zip(ss, ts, pws, cws)]
+    scales = level_scales(OP, scale, len(ss), is_seq)
+    losses = [_level(*args, reduction) for args in zip(ss, ts, pws, cws, scales)]
     return torch.stack(losses) if is_seq else losses[0]
 
 
-def _level(s, t, pw, cw, reduction, out_scale):
+def _level(s, t, pw, cw, out_scale, reduction):
     if not use_kernel(OP, s.device):
         loss = reference.masked_mse(s, t, pixel_weight=pw, channel_weight=cw, reduction=reduction)
         return loss if out_scale == 1.0 else loss * out_scale

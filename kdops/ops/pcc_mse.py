@@ -16,21 +16,21 @@ The sums come from the first-pass moments: forward keeps only 8 numbers per grou
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 
 from .. import reference
 from .._dtype import acc_dtype
 from ._registry import forbid_double_backward, needs_grad, register_op, saved_grad_autograd, use_kernel
-from ._validation import Levels, check_choice, check_number, check_pair, paired_levels
+from ._validation import Levels, check_choice, check_number, check_pair, level_scales, paired_levels
 
 OP = "pcc_mse"
 _NORMS = {"channel": (0, 1e-6), "instance": (1, 1e-5)}
 
 
 def pcc_mse(student: Levels, teacher: Levels, *, norm: str = "channel", eps: Optional[float] = None,
-            scale: float = 1.0) -> torch.Tensor:
+            scale: Union[float, Sequence[float]] = 1.0) -> torch.Tensor:
     r"""Mean squared difference of normalised student and teacher features.
 
     .. math::
@@ -55,7 +55,8 @@ def pcc_mse(student: Levels, teacher: Levels, *, norm: str = "channel", eps: Opt
         student, teacher: (N,C,H,W) of one shape/dtype/device, or sequences of L levels.
         norm: "channel" or "instance".
         eps: overrides the default epsilon of the chosen norm.
-        scale: multiplies every loss (and so its gradients) inside the op. Fold a constant
+        scale: multiplies every loss (and so its gradients) inside the op; for sequences also
+            one number per level. Fold a constant
             loss weight here rather than multiplying the result: on the CPU, where the
             forward pass writes the student's gradient, backward then has nothing left to
             scale when its incoming gradient is 1 (``total_loss.backward()`` over a sum of
@@ -68,7 +69,6 @@ def pcc_mse(student: Levels, teacher: Levels, *, norm: str = "channel", eps: Opt
     """
     check_choice(OP, "norm", norm, tuple(_NORMS))
     check_number(OP, "eps", eps, low=0.0, allow_none=True)
-    check_number(OP, "scale", scale)
     code, default_eps = _NORMS[norm]
     e = float(default_eps if eps is None else eps)
     if norm == "instance" and e == 0.0:
@@ -76,7 +76,8 @@ def pcc_mse(student: Levels, teacher: Levels, *, norm: str = "channel", eps: Opt
     (ss, ts), is_seq = paired_levels(OP, ("student", "teacher"), student, teacher)
     for i, (s, t) in enumerate(zip(ss, ts)):
         check_pair(OP, s, t, i if is_seq else None)
-    losses = [_level(s, t, norm, code, e, float(scale)) for s, t in zip(ss, ts)]
+    scales = level_scales(OP, scale, len(ss), is_seq)
+    losses = [_level(s, t, norm, code, e, w) for s, t, w in zip(ss, ts, scales)]
     return torch.stack(losses) if is_seq else losses[0]
 
 

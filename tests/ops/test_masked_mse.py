@@ -348,3 +348,9 @@ def test_scale_folds_a_loss_weight_into_the_op(weights, teacher_grad):
             torch.testing.assert_close(T.grad, rt.grad)
     with pytest.raises(ValueError, match="`scale` must be a finite number"):
         kdops.masked_mse(s, t, scale=float("inf"))
+    S = s.clone().requires_grad_()
+    per_level = kdops.masked_mse([S, S[:, :, :2]], [t, t[:, :, :2]], scale=[2.0, -1.0])
+    ref = torch.stack([kdops.reference.masked_mse(s, t) * 2.0, -kdops.reference.masked_mse(s[:, :, :2], t[:, :, :2])])
+    torch.testing.assert_close(per_level, ref)
+    with pytest.raises(ValueError, match=r"`scale\[1\]` must be a finite number"):
+        kdops.masked_mse([s, s], [t, t], scale=[1.0, float("nan")])

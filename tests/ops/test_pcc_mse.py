@@ -319,8 +319,24 @@ def test_scale_folds_a_loss_weight_into_the_op(norm, teacher_grad):
     assert torch.autograd.gradcheck(lambda a: kdops.pcc_mse(a, t, norm=norm, scale=-0.5), (leaf(s),))
 
 
+def test_scale_per_level():
+    s, t = make(seed=10)
+    S = leaf(s)
+    loss = kdops.pcc_mse([S, S[:, :, :3]], [t, t[:, :, :3]], norm="instance", scale=[0.25, 4.0])
+    rs = leaf(s)
+    ref = torch.stack([oracle(rs, t, "instance") * 0.25, oracle(rs[:, :, :3], t[:, :, :3], "instance") * 4.0])
+    close(loss, ref, torch.float64)
+    loss.sum().backward()
+    ref.sum().backward()
+    close(S.grad, rs.grad, torch.float64)
+
+
 def test_scale_bad_values():
     s, t = make(seed=9)
+    with pytest.raises(ValueError, match=r"`scale` must hold 2 number"):
+        kdops.pcc_mse([s, s], [t, t], scale=[1.0])
+    with pytest.raises(TypeError, match="`scale` must be a number when the features are a single tensor"):
+        kdops.pcc_mse(s, t, scale=[1.0])
     with pytest.raises(ValueError, match="`scale` must be a finite number"):
         kdops.pcc_mse(s, t, scale=float("nan"))
     with pytest.raises(TypeError, match="`scale` must be a number"):
