@@ -211,8 +211,14 @@ class FeatureMimicLoss(nn.Module):
             if self.attention:
                 s_att, cw = fgd_attention(t.detach(), self.temperature)
                 pw = s_att if pw is None else pw * s_att
-            total = total + masked_mse(s, t, pixel_weight=pw, channel_weight=cw) / z
-        return total * self.loss_weight
+            # the loss weight (and a host-side normaliser) folded into masked_mse: its CPU backward
+            # then has no pass left to scale the student's gradient by
+            w = float(self.loss_weight)
+            if isinstance(z, torch.Tensor):  # the mask's sum, on the device: no host read
+                total = total + masked_mse(s, t, pixel_weight=pw, channel_weight=cw, scale=w) / z
+            else:
+                total = total + masked_mse(s, t, pixel_weight=pw, channel_weight=cw, scale=w / z)
+        return total
 
     def _normaliser(self, s, pw):
         if self.normalize == "batch":

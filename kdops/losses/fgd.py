@@ -502,19 +502,22 @@ class FGDLoss(nn.Module):
                 t_maps = fgd_attention_maps(t, self.temperature)
             s_att, c_att = t_maps
             n = s.shape[0]
+            # the feature terms' factors (and the loss weight) are folded into masked_mse: its CPU
+            # backward then has no pass left to scale the student's gradient by
+            w = float(self.loss_weight) / n
             if return_components:
-                parts["loss_fg"] = parts["loss_fg"] + self.alpha_fgd * masked_mse(
-                    s, t, pixel_weight=fg * s_att, channel_weight=c_att) / n
-                parts["loss_bg"] = parts["loss_bg"] + self.beta_fgd * masked_mse(
-                    s, t, pixel_weight=bg * s_att, channel_weight=c_att) / n
+                parts["loss_fg"] = parts["loss_fg"] + masked_mse(
+                    s, t, pixel_weight=fg * s_att, channel_weight=c_att, scale=self.alpha_fgd * w)
+                parts["loss_bg"] = parts["loss_bg"] + masked_mse(
+                    s, t, pixel_weight=bg * s_att, channel_weight=c_att, scale=self.beta_fgd * w)
             else:  # one fused pass: both terms share (s - t)^2 and the attention
                 pw = (self.alpha_fgd * fg + self.beta_fgd * bg) * s_att
-                parts["loss_fg"] = parts["loss_fg"] + masked_mse(s, t, pixel_weight=pw, channel_weight=c_att) / n
+                parts["loss_fg"] = parts["loss_fg"] + masked_mse(s, t, pixel_weight=pw, channel_weight=c_att, scale=w)
             parts["loss_attention"] = parts["loss_attention"] + self.gamma_fgd * _attention_term(
                 fgd_attention_maps(s, self.temperature), t_maps, n)
             add_s, add_t = self.global_blocks[l](s, t)
             parts["loss_global"] = parts["loss_global"] + self.lambda_fgd * _global_term(s, t, add_s, add_t)
-        parts = {k: v * self.loss_weight for k, v in parts.items()}
+        parts = {k: v if k in ("loss_fg", "loss_bg") else v * self.loss_weight for k, v in parts.items()}
         if return_components:
             return parts
         return parts["loss_fg"] + parts["loss_attention"] + parts["loss_global"]
