@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -31,6 +32,14 @@ void cls_block(int mode, const A* x, const A* t, int64_t n, A beta, A* l, A* g) 
   if (mode == 1) KDOPS_ISA_PICK(cls_terms<1, A>)(x, t, n, beta, l, g);
   else if (mode == 2) KDOPS_ISA_PICK(cls_terms<2, A>)(x, t, n, beta, l, g);
   else KDOPS_ISA_PICK(cls_terms<0, A>)(x, t, n, beta, l, g);
+}
+
+// cls_terms fused with the row's loss sum and the gradient's write (bckd_cls_loss_kernel.h).
+template <typename A>
+void cls_block_row(int mode, const A* x, const A* t, int64_t n, A beta, const A* f, A* row, A* out) {
+  if (mode == 1) KDOPS_ISA_PICK(cls_row<1, A>)(x, t, n, beta, f, row, out);
+  else if (mode == 2) KDOPS_ISA_PICK(cls_row<2, A>)(x, t, n, beta, f, row, out);
+  else KDOPS_ISA_PICK(cls_row<0, A>)(x, t, n, beta, f, row, out);
 }
 
 // ------------------------------------------------------------------ classification
@@ -66,9 +75,18 @@ void cls_cpu(const View5& vs, const View5& vt, const View5& vg, const scalar_t* 
           if (k + 2 < K) {
             const char* sn = reinterpret_cast<const char*>(s0 + (k + 2) * vs.sC);
             const char* tn = reinterpret_cast<const char*>(t0 + (k + 2) * vt.sC);
+            char* gn = g0 ? reinterpret_cast<char*>(g0 + (k + 2) * vg.sC) : nullptr;
             for (int64_t o = 0; o < len * es; o += 64) {
               __builtin_prefetch(sn + o);
               __builtin_prefetch(tn + o);
+              if (gn) __builtin_prefetch(gn + o, 1);
+            }
+          }
+          if constexpr (std::is_same<scalar_t, A>::value) {
+            if (g0) {  // float/double maps: one fused loop, the gradient written in place
+              cls_block_row<A>(mode, s0 + k * vs.sC, t0 + k * vt.sC, len, A(beta), f.data(), row.data(),
+                               g0 + k * vg.sC);
+              continue;
             }
           }
           cls_block<A>(mode, widen(s0 + k * vs.sC, len, xb.data()), widen(t0 + k * vt.sC, len, tb.data()), len,

@@ -48,5 +48,18 @@ void cls_terms(const A* x, const A* t, int64_t n, A beta, A* l, A* g) {
   for (int64_t i = 0; i < n; ++i) cls_elem<MODE, A>(x[i], t[i], beta, l[i], g[i]);
 }
 
+// One class row of n anchors with every per-element step fused (float/double maps read and
+// written in place): row[i] += the loss term, out[i] = f[i] * its gradient.
+template <int MODE, typename A>
+void cls_row(const A* x, const A* t, int64_t n, A beta, const A* f, A* row, A* out) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    A l, g;
+    cls_elem<MODE, A>(x[i], t[i], beta, l, g);
+    row[i] += l;
+    out[i] = f[i] * g;
+  }
+}
+
 }  // namespace KDOPS_ISA
 }  // namespace kdops
