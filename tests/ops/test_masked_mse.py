@@ -354,3 +354,14 @@ def test_scale_folds_a_loss_weight_into_the_op(weights, teacher_grad):
     torch.testing.assert_close(per_level, ref)
     with pytest.raises(ValueError, match=r"`scale\[1\]` must be a finite number"):
         kdops.masked_mse([s, s], [t, t], scale=[1.0, float("nan")])
+
+
+def test_torch_compile_fullgraph_with_folded_scale():
+    g = torch.Generator().manual_seed(12)
+    s = torch.randn(2, 3, 5, 6, generator=g)
+    t = torch.randn(2, 3, 5, 6, generator=g)
+
+    def f(s, t):
+        return kdops.masked_mse([s, s[:, :, :2]], [t, t[:, :, :2]], reduction="mean", scale=[2.0, 0.25]).sum()
+
+    assert_compiled_matches_eager(f, s, t)

@@ -168,6 +168,16 @@ def test_torch_compile_fullgraph():
     assert_compiled_matches_eager(f, s, t)
 
 
+def test_torch_compile_fullgraph_with_folded_scale():
+    # the student-only path (the fwd_grad schema with its scale) traced whole, per-level scales
+    s, t = make(dtype=torch.float32)
+
+    def f(s, t):
+        return kdops.pcc_mse([s, s * 2], [t, t], norm="instance", scale=[3.0, 0.5]).sum()
+
+    assert_compiled_matches_eager(f, s, t)
+
+
 def test_fake_tensor_shapes():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
