@@ -46,12 +46,11 @@ def masked_mse(
         pixel_weight: (N,H,W) per level, or None.
         channel_weight: (N,C) per level, or None.
         reduction: "sum", or "mean" (divides by N*C*H*W; an empty level gives 0).
-        scale: multiplies every loss (and so its gradients) inside the op; for sequences also
-            one number per level. Fold a constant
-            loss weight here rather than multiplying the result: on the CPU in the KD case,
-            backward then has nothing left to scale when its incoming gradient is 1
-            (``total_loss.backward()`` over a sum of losses) -- one pass over the student's
-            gradient less.
+        scale: a number, or for sequences one per level, multiplying each loss (and so its
+            gradients) inside the op. Fold a constant loss weight here rather than multiplying
+            the result: on the CPU in the KD case backward then has nothing left to scale when
+            its incoming gradient is 1 (``total_loss.backward()`` over a sum of losses) -- one
+            pass over the student's gradient less.
 
     Returns:
         A 0-d tensor, or (L,) per-level losses for sequences; float32 for

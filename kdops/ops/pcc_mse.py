@@ -55,12 +55,12 @@ def pcc_mse(student: Levels, teacher: Levels, *, norm: str = "channel", eps: Opt
         student, teacher: (N,C,H,W) of one shape/dtype/device, or sequences of L levels.
         norm: "channel" or "instance".
         eps: overrides the default epsilon of the chosen norm.
-        scale: multiplies every loss (and so its gradients) inside the op; for sequences also
-            one number per level. Fold a constant
-            loss weight here rather than multiplying the result: on the CPU, where the
-            forward pass writes the student's gradient, backward then has nothing left to
-            scale when its incoming gradient is 1 (``total_loss.backward()`` over a sum of
-            losses) -- one pass over the student's gradient less.
+        scale: a number, or for sequences one per level, multiplying each loss (and so its
+            gradients) inside the op. Fold a constant loss weight here rather than multiplying
+            the result: on the CPU, where the forward pass writes the student's gradient,
+            backward then has nothing left to scale when its incoming gradient is 1
+            (``total_loss.backward()`` over a sum of losses) -- one pass over the student's
+            gradient less.
 
     Returns:
         0-d loss, or (L,) per-level losses for sequences; float32 (float64 for float64
