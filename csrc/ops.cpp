@@ -55,6 +55,20 @@ TORCH_LIBRARY(kdops, m) {
   // Adjoint: one (N,C,H,W) map per level (sizes = (N,C,H,W) per level, flattened), rows summed per
   // destination in a fixed order (deterministic, no atomics); out-of-range rows dropped.
   m.def("gather_level_features_bwd(Tensor grad, Tensor index, SymInt[] sizes) -> Tensor[]");
+  // RoIAlign over FPN levels (mmdet's SingleRoIExtractor over mmcv's RoIAlign, average mode):
+  // out[r] (C,out_h,out_w) pooled from features[levels[r]] of image int(rois[r,0]) with spatial
+  // scale scales[level]; rois (R,5) [batch, x1, y1, x2, y2] in the features' dtype, levels (R,)
+  // int64. Bins average a sampling_ratio^2 grid of bilinear samples (0: ceil(roi size / out size)
+  // per axis, as mmcv); aligned shifts by half a pixel. Rows whose level or image is out of range
+  // are zero. Accumulates in float32 (float64 for float64).
+  m.def(
+      "roi_align_fwd(Tensor[] features, Tensor rois, Tensor levels, float[] scales, int out_h, int out_w, "
+      "int sampling_ratio, bool aligned) -> Tensor");
+  // Adjoint w.r.t. the features: one (N,C,H,W) map per level (sizes = (N,C,H,W) per level,
+  // flattened); deterministic (a fixed summation order per destination plane, no atomics on the CPU).
+  m.def(
+      "roi_align_bwd(Tensor grad, Tensor rois, Tensor levels, float[] scales, int sampling_ratio, bool aligned, "
+      "SymInt[] sizes) -> Tensor[]");
   // Image boxes (K,4) xyxy -> (L,K,4) int64 inclusive feature-pixel ranges [x_lo, y_lo, x_hi, y_hi]
   // of L levels (heights, widths, strides one per level) under rule "center" | "lgd" | "fgd"
   // (kdops.box_ranges). Image size: image_hw (K,2) (height, width) per box, or image_h, image_w > 0,
