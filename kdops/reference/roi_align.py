@@ -56,22 +56,30 @@ def _level(f, b, r, scale, oh, ow, sampling_ratio, aligned):
         gw = torch.full_like(rw, float(sampling_ratio))
     else:
         gh, gw = torch.ceil(rh / oh), torch.ceil(rw / ow)
+        # a non-finite or empty RoI has no samples (mmcv: its loops do not run); its features are 0
+        gh = torch.where(torch.isfinite(gh) & (gh > 0), gh, torch.zeros_like(gh))
+        gw = torch.where(torch.isfinite(gw) & (gw > 0), gw, torch.zeros_like(gw))
     count = (gh * gw).clamp(min=1.0)
     Gh = int(gh.max().item()) if gh.numel() else 0
     Gw = int(gw.max().item()) if gw.numel() else 0
     ph = torch.arange(oh, dtype=f.dtype, device=f.device)
     pw = torch.arange(ow, dtype=f.dtype, device=f.device)
-    img = f[b]  # (Rl,C,H,W)
-    flat = img.flatten(2)
-    Rl, C = img.shape[:2]
-    out = f.new_zeros((Rl, C, oh, ow))
+    C = f.shape[1]
+    rows = f.permute(0, 2, 3, 1).reshape(-1, C)  # (N*H*W, C): pixel rows, gathered per sample
+    out = f.new_zeros((b.shape[0], C, oh, ow))
+    zero = torch.zeros((), dtype=f.dtype, device=f.device)
+    # sample (iy, ix) of every bin, over the RoIs whose grid has it: each RoI adds its samples row by
+    # row, as mmcv's loop does
     for iy in range(Gh):
-        y = y1[:, None] + ph[None, :] * bh[:, None] + (iy + 0.5) * bh[:, None] / gh[:, None]  # (Rl,oh)
         for ix in range(Gw):
-            x = x1[:, None] + pw[None, :] * bw[:, None] + (ix + 0.5) * bw[:, None] / gw[:, None]  # (Rl,ow)
+            sel = ((gh > iy) & (gw > ix)).nonzero().squeeze(1)
+            if sel.numel() == 0:
+                continue
+            Rl = sel.numel()
+            y = y1[sel, None] + ph[None, :] * bh[sel, None] + (iy + 0.5) * bh[sel, None] / gh[sel, None]  # (Rl,oh)
+            x = x1[sel, None] + pw[None, :] * bw[sel, None] + (ix + 0.5) * bw[sel, None] / gw[sel, None]  # (Rl,ow)
             yy, xx = y[:, :, None].expand(Rl, oh, ow), x[:, None, :].expand(Rl, oh, ow)
-            valid = (iy < gh)[:, None, None] & (ix < gw)[:, None, None]
-            valid = valid & (yy >= -1.0) & (yy <= H) & (xx >= -1.0) & (xx <= W)
+            valid = (yy >= -1.0) & (yy <= H) & (xx >= -1.0) & (xx <= W)
             yc, xc = yy.clamp(min=0.0), xx.clamp(min=0.0)
             y_low, x_low = yc.floor().long().clamp(max=H - 1), xc.floor().long().clamp(max=W - 1)
             top_y, top_x = y_low >= H - 1, x_low >= W - 1
@@ -81,12 +89,11 @@ def _level(f, b, r, scale, oh, ow, sampling_ratio, aligned):
             x_high = torch.where(top_x, x_low, x_low + 1)
             ly, lx = yc - y_low, xc - x_low
             hy, hx = 1.0 - ly, 1.0 - lx
-            zero = torch.zeros((), dtype=f.dtype, device=f.device)
             w = [torch.where(valid, v, zero) for v in (hy * hx, hy * lx, ly * hx, ly * lx)]
+            base = (b[sel] * (H * W))[:, None, None]
             total = 0
             for wk, (yi, xi) in zip(w, ((y_low, x_low), (y_low, x_high), (y_high, x_low), (y_high, x_high))):
-                pos = (yi * W + xi).clamp(0, H * W - 1).reshape(Rl, 1, oh * ow).expand(Rl, C, oh * ow)
-                v = flat.gather(2, pos).reshape(Rl, C, oh, ow)
+                v = rows[base + (yi * W + xi).clamp(0, H * W - 1)].permute(0, 3, 1, 2)  # (Rl,C,oh,ow)
                 total = total + wk[:, None] * v
-            out = out + total
+            out = out.index_add(0, sel, total)
     return out / count[:, None, None, None]

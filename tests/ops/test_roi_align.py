@@ -77,12 +77,14 @@ def test_matches_torchvision_when_installed():
 def test_reference_parity_and_gradcheck_float64():
     feats = make(C=3, img=48)
     rois = boxes(R=14, img=48)
-    lv = reference.roi_levels(rois, 4, 56.0)
-    close(kdops.roi_align(feats, rois, STRIDES), reference.roi_align(feats, rois, lv, [1 / s for s in STRIDES]),
+    lv = reference.roi_levels(rois, 4, 6.0)  # a small finest scale spreads these RoIs over the levels
+    assert len(set(lv.tolist())) >= 3
+    close(kdops.roi_align(feats, rois, STRIDES, finest_scale=6.0), reference.roi_align(feats, rois, lv, [1 / s for s in STRIDES]),
           torch.float64)
+    feats, rois = make(N=1, C=2, img=40), boxes(R=8, N=1, img=40)
     xs = [leaf(f) for f in feats]
-    assert torch.autograd.gradcheck(lambda *x: kdops.roi_align(list(x), rois, STRIDES, output_size=(3, 2)), xs)
-    assert torch.autograd.gradgradcheck(lambda *x: kdops.roi_align(list(x), rois, STRIDES, output_size=(3, 2)), xs)
+    assert torch.autograd.gradcheck(lambda *x: kdops.roi_align(list(x), rois, STRIDES, output_size=(3, 2), finest_scale=6.0), xs)
+    assert torch.autograd.gradgradcheck(lambda *x: kdops.roi_align(list(x), rois, STRIDES, output_size=(3, 2), finest_scale=6.0), xs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32] + list(LOW))

@@ -10,6 +10,8 @@ it registers, in child registries of mmdet's (scope ``kdops``):
 - ``kdops.UniKDAbsorbDetector`` / ``kdops.UniKDDistillDetector`` (MODELS): UniKD's two stages
   (train the knowledge extractors on the teacher, then distil through them);
 - ``kdops.LGDDetector`` (MODELS): LGD, label-guided self-distillation, no teacher;
+- ``kdops.FusedRoIExtractor`` (MODELS): mmdet's SingleRoIExtractor + mmcv's RoIAlign in one
+  ``kdops.roi_align`` call (same config keys, same values; HEAD's assistant and teacher use it);
 - ``kdops.KDScheduleHook`` (HOOKS): KD warm-up and stop, a pure function of the iteration.
 
 Tools: ``python -m kdops_mmdet.train CONFIG`` (mmdet's tools/train.py, plus gloo on CPU) and
@@ -20,10 +22,11 @@ from .connectors import LinearConnector, build_connector
 from .distiller import DistillDetector
 from .head import HEADDistillDetector, TFHEADDetector
 from .lgd import LGDDetector
+from .roi_extractor import FusedRoIExtractor
 from .hooks import KDScheduleHook, first_lr_milestone_iter, kd_scale_at
 from .registry import HOOKS, MODELS
 from .unikd import UniKDAbsorbDetector, UniKDDistillDetector
 
-__all__ = ["DistillDetector", "HEADDistillDetector", "HOOKS", "KDScheduleHook", "LGDDetector", "LinearConnector", "MODELS",
+__all__ = ["DistillDetector", "FusedRoIExtractor", "HEADDistillDetector", "HOOKS", "KDScheduleHook", "LGDDetector", "LinearConnector", "MODELS",
            "TFHEADDetector", "UniKDAbsorbDetector", "UniKDDistillDetector", "build_connector",
            "first_lr_milestone_iter", "kd_scale_at"]

@@ -64,6 +64,7 @@ from kdops.losses import (
 from .distill_losses import head_decoding
 from .distiller import DistillDetector, StudentInference, model_config
 from .registry import MODELS
+from .roi_extractor import use_fused_extractor
 
 _OWNER = "kdops.HEADDistillDetector"
 #: the release's RPN settings for the student-as-RPN (mmdet's Faster R-CNN ``train_cfg.rpn_proposal``)
@@ -187,6 +188,8 @@ class _StudentAsRPN:
         cfg.bbox_roi_extractor.out_channels = channels
         cfg.bbox_head.in_channels = channels
         cfg.update(train_cfg=train_cfg, test_cfg=test_cfg)
+        if getattr(self, "fused_roi_align", False):
+            use_fused_extractor(cfg)
         if cfg.get("mask_head") is not None:
             cfg.mask_head = None
             cfg.mask_roi_extractor = None
@@ -289,29 +292,39 @@ class HEADDistillDetector(_StudentAsRPN, DistillDetector):
             :class:`DistillDetector`, e.g. PKD on the necks): feature taps only -- the teacher is a
             two-stage detector, so dense-head entries (BCKD) have no teacher head to read. Their
             names must not be ``akd`` or ``ckd`` (those are HEAD's own ``kd_scale`` names).
+        fused_roi_align: pool the RoI features of the assistant *and* of the teacher's R-CNN head
+            with ``kdops.FusedRoIExtractor`` (:func:`kdops.roi_align`: mmdet's SingleRoIExtractor
+            over mmcv's RoIAlign, the same values, one kernel for every level) wherever their
+            extractor is a ``SingleRoIExtractor`` over an average ``RoIAlign`` (default True);
+            False keeps mmdet's extractor.
     """
 
     def __init__(self, student, teacher_cfg, teacher_ckpt: Optional[str], featmap_strides: Sequence[int] = (8, 16, 32,
                                                                                                          64),
                  weight_transfer: bool = True, proposals: Optional[dict] = None, akd: Optional[dict] = None,
-                 ckd: Union[dict, None, bool] = None, distill_losses: Sequence[dict] = (), **kwargs) -> None:
+                 ckd: Union[dict, None, bool] = None, distill_losses: Sequence[dict] = (), fused_roi_align: bool = True,
+                 **kwargs) -> None:
         for entry in distill_losses or ():
             name = entry.get("name") if isinstance(entry, dict) else None
             if name in ("akd", "ckd"):
                 raise ValueError(f"{_OWNER}: distill_losses entry name {name!r} is HEAD's own loss; rename the entry")
         proposal_cfg = self._check_proposals(proposals)
-        if not isinstance(weight_transfer, bool):
-            raise TypeError(f"{_OWNER}: weight_transfer must be True or False, got {weight_transfer!r}")
+        for name, flag in (("weight_transfer", weight_transfer), ("fused_roi_align", fused_roi_align)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{_OWNER}: {name} must be True or False, got {flag!r}")
         # the teacher's RCNN settings are read before the (possibly large) models are built
         teacher_model_cfg = model_config(teacher_cfg, "model.teacher_cfg")
         for key in ("roi_head",):
             if key not in teacher_model_cfg:
                 raise ValueError(f"{_OWNER}: the teacher ({teacher_model_cfg.get('type')}) has no `{key}`: HEAD's "
                                  f"assistant is a copy of a two-stage teacher's R-CNN head (e.g. Faster R-CNN)")
+        if fused_roi_align:  # the teacher's RoI features through kdops.roi_align too (same values, faster)
+            use_fused_extractor(teacher_model_cfg.roi_head)
         super().__init__(student, teacher_model_cfg, teacher_ckpt, distill_losses=distill_losses, **kwargs)
         self._check_pair()
         self.featmap_strides = self._check_strides(featmap_strides)
         self.proposal_cfg = proposal_cfg
+        self.fused_roi_align = fused_roi_align
         self.assistant = MODELS.build(self._assistant_cfg(teacher_model_cfg.roi_head,
                                                           (teacher_model_cfg.get("train_cfg") or {}).get("rcnn"),
                                                           (teacher_model_cfg.get("test_cfg") or {}).get("rcnn")))
@@ -438,21 +451,26 @@ class TFHEADDetector(_StudentAsRPN, StudentInference, BaseDetector):
         featmap_strides, proposals: as for :class:`HEADDistillDetector`.
         dense: :class:`kdops.losses.HEADDenseLoss` settings (``loss_weight`` 1.0).
         ckd: :class:`kdops.losses.HEADCKDLoss` settings (``loss_weight`` 1.3).
+        fused_roi_align: the R-CNN assistant's RoI features through ``kdops.FusedRoIExtractor``
+            (as for :class:`HEADDistillDetector`; default True).
     """
 
     owner = "kdops.TFHEADDetector"
 
     def __init__(self, student, rcnn_assistant: dict, dense_assistant: dict,
                  featmap_strides: Sequence[int] = (8, 16, 32, 64), proposals: Optional[dict] = None,
-                 dense: Optional[dict] = None, ckd: Optional[dict] = None, data_preprocessor=None,
-                 init_cfg=None) -> None:
+                 dense: Optional[dict] = None, ckd: Optional[dict] = None, fused_roi_align: bool = True,
+                 data_preprocessor=None, init_cfg=None) -> None:
         if data_preprocessor is not None:
             raise ValueError(f"{self.owner}: the student's data_preprocessor is used; set it in model.student")
         for name, cfg in (("rcnn_assistant", rcnn_assistant), ("dense_assistant", dense_assistant)):
             if not isinstance(cfg, dict) or "type" not in cfg:
                 raise TypeError(f"{self.owner}: {name} must be a head config dict with a `type`, got {cfg!r}")
         proposal_cfg = self._check_proposals(proposals)
+        if not isinstance(fused_roi_align, bool):
+            raise TypeError(f"{self.owner}: fused_roi_align must be True or False, got {fused_roi_align!r}")
         super().__init__(data_preprocessor=None, init_cfg=init_cfg)
+        self.fused_roi_align = fused_roi_align
         self.student = MODELS.build(model_config(student, "model.student"))
         self.data_preprocessor = self.student.data_preprocessor
         self._check_student()

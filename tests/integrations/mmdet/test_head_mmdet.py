@@ -211,6 +211,36 @@ def test_head_step_sources_rois_and_losses_match_mmdet_and_eager_formulas(toy):
     assert all(p.grad is None for p in model.teacher.parameters())
 
 
+def test_head_fused_roi_align_gives_mmdets_losses_and_gradients(toy):
+    """By default the assistant's and the teacher's R-CNN heads pool with kdops.FusedRoIExtractor; a step
+    gives the losses and gradients of the same model on mmdet's SingleRoIExtractor (fused_roi_align=False)."""
+    from kdops_mmdet.roi_extractor import FusedRoIExtractor
+    from mmdet.models.roi_heads.roi_extractors import SingleRoIExtractor
+
+    fused, cfg = _model(toy)
+    plain, _ = _model(toy, fused_roi_align=False)
+    assert type(fused.assistant.bbox_roi_extractor) is FusedRoIExtractor
+    assert type(fused.teacher.roi_head.bbox_roi_extractor) is FusedRoIExtractor
+    assert type(plain.assistant.bbox_roi_extractor) is SingleRoIExtractor
+    assert type(plain.teacher.roi_head.bbox_roi_extractor) is SingleRoIExtractor
+    data = _batch(cfg, fused)
+    runs = []
+    for model in (fused, plain):
+        model.train()
+        torch.manual_seed(1)  # the R-CNN sampler draws at random
+        losses = model.loss(data["inputs"], data["data_samples"])
+        total, _ = model.parse_losses(losses)
+        params = [p for p in model.student.parameters()] + [p for p in model.assistant.parameters()]
+        runs.append((losses, torch.autograd.grad(total, params, allow_unused=True, materialize_grads=True)))
+    (lf, gf), (lp, gp) = runs
+    assert set(lf) == set(lp) and {"loss_akd", "loss_ckd", "loss_assist_cls"} <= set(lf)
+    for k in lf:
+        for a, b in zip(lf[k] if isinstance(lf[k], list) else [lf[k]], lp[k] if isinstance(lp[k], list) else [lp[k]]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
+    for a, b in zip(gf, gp):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_head_fcos_student_proposals_are_mmdets_fcos_prediction_path_on_max_class_scores(toy):
     """The FCOS student as the assistant's RPN, against mmdet's own FCOSHead.predict_by_feat (the path
     the release's FCOSRPNHead calls): class logits reduced by a max over classes, distances times the
