@@ -89,7 +89,7 @@ def _cuda_backend(op: str) -> str:
 
 DEFAULT_OUT = "bench-results"  # untracked (.gitignore); `--out benchmarks/results` writes the committed folder
 QUICK = ("one representative case per op: K=100 boxes for box_ranges (rule fgd), box_pool, box_paint, "
-         "box_masks and mask_pool, R=1024 rows for gather_level_features, the batch-2 300-query decoder for "
+         "box_masks and mask_pool, R=1024 rows for gather_level_features and roi_align, the batch-2 300-query decoder for "
          "ms_deform_attn, both norms of pcc_mse, both BCKD heads; torch.compile left out on the CPU (--compile)")
 
 
