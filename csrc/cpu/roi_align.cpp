@@ -97,7 +97,7 @@ bool roi_geom(RoiGeom<acc>& g, const scalar_t* roi, int64_t level, const std::ve
   const int64_t L = static_cast<int64_t>(shapes.size());
   if (level < 0 || level >= L) return true;
   const auto& s = shapes[level];
-  const acc b = static_cast<acc>(roi[0]);
+  const acc b = std::trunc(static_cast<acc>(roi[0]));  // mmcv: int roi_batch_ind = offset_rois[0]
   if (!(b >= acc(0)) || !(b < static_cast<acc>(s.N))) return true;  // also NaN
   if (s.H == 0 || s.W == 0) return true;
   const acc scale = static_cast<acc>(scales[level]);

@@ -227,3 +227,33 @@ def test_fake_tensor_shapes():
         g = torch.ops.kdops.roi_align_bwd(out, rois.bfloat16(), torch.zeros(9, dtype=torch.long), [0.25, 0.125], 0,
                                           True, [s for f in feats for s in f.shape])
         assert [x.shape for x in g] == [f.shape for f in feats]
+
+
+def test_raw_op_with_hostile_rois_levels_and_batch_indices():
+    """Straight into the kernel (also run under AddressSanitizer by tests/sanitize.sh): NaN / inf
+    coordinates, RoIs far outside or degenerate, image indices and levels out of range. Rows the
+    reference can pool agree with it; the others are zeros; the gradient is finite."""
+    g = torch.Generator().manual_seed(7)
+    feats = [torch.randn(2, 3, h, w, generator=g, dtype=torch.float64) for h, w in ((9, 11), (5, 6), (1, 1))]
+    scales = [0.25, 0.125, 1 / 32]
+    sizes = [s for f in feats for s in f.shape]
+    R = 200
+    rois = torch.rand(R, 5, generator=g, dtype=torch.float64) * 160 - 40
+    rois[:, 0] = torch.randint(-1, 4, (R,), generator=g).double() + torch.where(
+        torch.rand(R, generator=g) < 0.1, 0.5, 0.0).double()  # out of range and fractional images
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e4, -1e4, 0.0], dtype=torch.float64)
+    pick = torch.rand(R, 5, generator=g) < 0.1
+    rois[pick] = special[torch.randint(0, len(special), (int(pick.sum()),), generator=g)]
+    levels = torch.randint(-1, 4, (R,), generator=g)
+    for sr, aligned in ((0, True), (2, False), (0, False)):
+        out = torch.ops.kdops.roi_align_fwd(feats, rois, levels, scales, 3, 4, sr, aligned)
+        gfeat = torch.ops.kdops.roi_align_bwd(torch.ones_like(out), rois, levels, scales, sr, aligned, sizes)
+        assert all(x.isfinite().all() for x in gfeat)
+        b = rois[:, 0].trunc()
+        ok = (levels >= 0) & (levels < 3) & (b >= 0) & (b < 2)
+        assert torch.equal(out[~ok], torch.zeros_like(out[~ok]))
+        finite = ok & rois[:, 1:].isfinite().all(1)
+        rows = finite.nonzero().squeeze(1)
+        want = reference.roi_align(feats, rois[rows], levels[rows], scales, (3, 4), sr, aligned)
+        close(out[rows], want, torch.float64)
+        assert out.isfinite().all()
