@@ -169,4 +169,4 @@ def _bwd_backward(ctx, grads):
 
 register_op(OP, fake={"roi_align_fwd": _fake_fwd, "roi_align_bwd": _fake_bwd},
             autograd={"roi_align_fwd": (_backward, _setup_context),
-                      "roi_align_bwd": (_bwd_backward, _bwd_setup_context)}, cuda=None)  # TEMP until triton
+                      "roi_align_bwd": (_bwd_backward, _bwd_setup_context)})

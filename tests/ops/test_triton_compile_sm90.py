@@ -1,7 +1,7 @@
 """Every Triton kernel, as its launcher really launches it on a GPU, compiles for sm_90 (also with
 int64 sizes, within an sm_90 block's shared memory, and with no floating-point atomics outside
-MSDA's non-deterministic path); and no launcher reads a device value on the host (no
-synchronisation), checked on meta tensors.
+the non-deterministic paths of MSDA and RoIAlign); and no launcher reads a device value on the
+host (no synchronisation), checked on meta tensors.
 
 The interpreter (how CI runs the Triton kernels) type-checks far less than the compiler: an
 int32/int64 mix in a loop carry, a dtype the hardware has no atomic for, a constexpr used as a
@@ -33,8 +33,10 @@ SM90_SHARED_BYTES = 227 * 1024  # the most shared memory one block may use on sm
 
 
 @contextlib.contextmanager
-def recorded_launches():
-    """Replaces JITFunction.run: each launch is recorded as (kernel, signature, constexprs, options)."""
+def recorded_launches(specialize_ones: bool = False):
+    """Replaces JITFunction.run: each launch is recorded as (kernel, signature, constexprs, options).
+    specialize_ones: an int argument equal to 1 becomes the constexpr 1, as Triton's launcher
+    passes it on a GPU (so `H.to(...)` on such an argument fails there)."""
     from triton.runtime.jit import JITFunction
 
     launches = []
@@ -51,6 +53,8 @@ def recorded_launches():
                 sig[p.name] = _PTR[v.dtype]
             elif isinstance(v, bool):
                 sig[p.name] = "i1"
+            elif isinstance(v, int) and specialize_ones and v == 1:
+                const[p.name] = 1
             elif isinstance(v, int):
                 sig[p.name] = "i32" if -(2**31) <= v < 2**31 else "i64"
             elif isinstance(v, float):
@@ -68,8 +72,8 @@ def recorded_launches():
         JITFunction.run = saved
 
 
-def compile_recorded(run, expected, wide_ints: bool = False, kernels=None):
-    with recorded_launches() as launches:
+def compile_recorded(run, expected, wide_ints: bool = False, kernels=None, specialize_ones: bool = False):
+    with recorded_launches(specialize_ones) as launches:
         try:
             run()
         except Exception:  # host code reading the recorder's garbage; the launches were recorded
@@ -153,6 +157,55 @@ def test_ms_deform_attn_compiles(dtype):
                      ["_bwd_kernel", "_keys_kernel", "_gather_value_grad_kernel"])
 
 
+@contextlib.contextmanager
+def deterministic_algorithms():
+    prev, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev, warn_only=warn)
+
+
+def _deterministic(run):
+    def wrapped():
+        with deterministic_algorithms():
+            return run()
+    return wrapped
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+def test_roi_align_compiles(dtype):
+    from kdops.triton import roi_align as ra
+
+    feats = [rnd(2, 3, 6, 7, dtype=dtype), rnd(2, 3, 3, 4, dtype=dtype).transpose(2, 3)]
+    rois = torch.tensor([[0, 1, 1, 5, 5], [1, 0, 0, 9, 9]]).to(dtype)
+    levels, sizes = torch.tensor([0, 1]), [2, 3, 6, 7, 2, 3, 4, 3]
+    for sr in (0, 2):
+        for aligned in (True, False):
+            for out in ((7, 5), (14, 14)):  # 14 x 14 (mask heads): the largest tile
+                compile_recorded(lambda: ra.roi_align_fwd(feats, rois, levels, [0.5, 0.25], *out, sr, aligned),
+                                 ["_fwd_kernel"])
+            grad = rnd(2, 3, 7, 5, dtype=dtype)
+            compile_recorded(lambda: ra.roi_align_bwd(grad, rois, levels, [0.5, 0.25], sr, aligned, sizes),
+                             ["_bwd_atomic_kernel"])
+            compile_recorded(_deterministic(lambda: ra.roi_align_bwd(grad, rois, levels, [0.5, 0.25], sr, aligned,
+                                                                     sizes)), ["_bwd_plane_kernel"])
+    # every size, stride, level index and the sampling ratio equal to 1: Triton passes them as
+    # the constexpr 1
+    ones = [rnd(1, 1, 1, 1, dtype=dtype), rnd(1, 1, 1, 1, dtype=dtype)]
+    rois1, levels1 = torch.tensor([[0, 0, 0, 1, 1]]).to(dtype), torch.tensor([1])
+    for aligned in (True, False):
+        compile_recorded(lambda: ra.roi_align_fwd(ones, rois1, levels1, [1.0, 1.0], 1, 1, 1, aligned), ["_fwd_kernel"],
+                         specialize_ones=True)
+        grad = rnd(1, 1, 1, 1, dtype=dtype)
+        compile_recorded(lambda: ra.roi_align_bwd(grad, rois1, levels1, [1.0, 1.0], 1, aligned, [1] * 8),
+                         ["_bwd_atomic_kernel"], specialize_ones=True)
+        compile_recorded(_deterministic(lambda: ra.roi_align_bwd(grad, rois1, levels1, [1.0, 1.0], 1, aligned,
+                                                                 [1] * 8)), ["_bwd_plane_kernel"],
+                         specialize_ones=True)
+
+
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
 def test_bckd_kernels_compile(dtype):
     from kdops.triton import bckd_cls_loss, bckd_loc_loss
@@ -209,6 +262,7 @@ def _meta_launches():
     """Each Triton launcher on meta tensors (shapes, dtypes and devices, but no values)."""
     from kdops.triton import bckd_cls_loss, bckd_loc_loss, box_masks, box_pool, gather_level_features, mask_pool, masked_mse, pcc_mse
     from kdops.triton import ms_deform_attn as msda
+    from kdops.triton import roi_align
 
     def r(*shape, dtype=torch.float32):
         return torch.empty(*shape, dtype=dtype, device="meta")
@@ -221,6 +275,7 @@ def _meta_launches():
     s, t = r(2, 3, 5, 7), r(2, 3, 5, 7)
     value, shapes, starts = r(2, 26, 2, 4), i([[4, 5], [2, 3]]), i([0, 20])
     loc, attn = r(2, 3, 2, 2, 2, 2), r(2, 3, 2, 2, 2)
+    rois, roi_sizes = r(3, 5), [2, 3, 6, 7, 2, 3, 3, 4]
     return {
         "masked_mse_fwd": lambda: masked_mse.masked_mse_fwd(s, t, r(2, 5, 7), r(2, 3), 1.0),
         "masked_mse_bwd": lambda: masked_mse.masked_mse_bwd(r(()), s, t, r(2, 5, 7), r(2, 3), 1.0, True, True),
@@ -239,6 +294,11 @@ def _meta_launches():
                                                            True),
         "msda_bwd_atomic": lambda: msda.ms_deform_attn_bwd(r(2, 3, 8), value, shapes, starts, loc, attn, True, True,
                                                            False),
+        "roi_align_fwd": lambda: roi_align.roi_align_fwd(feats, rois, idx[:, 0], [0.25, 0.125], 7, 5, 0, True),
+        "roi_align_bwd_atomic": lambda: roi_align.roi_align_bwd(r(3, 3, 7, 5), rois, idx[:, 0], [0.25, 0.125], 0,
+                                                                True, roi_sizes),
+        "roi_align_bwd_deterministic": _deterministic(lambda: roi_align.roi_align_bwd(
+            r(3, 3, 7, 5), rois, idx[:, 0], [0.25, 0.125], 2, False, roi_sizes)),
         "bckd_cls_loss_fwd": lambda: bckd_cls_loss.bckd_cls_loss_fwd(r(2, 3, 4, 1, 5), r(2, 3, 4, 1, 5), r(24), 1.5, 1.0, True, True),
         "bckd_loc_loss_fwd": lambda: bckd_loc_loss.bckd_loc_loss_fwd([r(12, 4)], [r(12, 4)], [r(12, 3)], [r(12, 3)], [r(12, 4)],
                                                   [r(12)], [None], [0.0], 0, 0, 16, [0.0] * 4, [1.0] * 4, 4.1, [1.0],
@@ -263,8 +323,9 @@ def test_kernels_compile_with_64_bit_sizes_and_strides(name):
     assert compile_recorded(_meta_launches()[name], [], wide_ints=True), f"{name} launched no kernel"
 
 
-# the only launch allowed floating-point atomics: MSDA's value gradient when determinism is off
-NON_DETERMINISTIC = {"msda_bwd_atomic"}
+# the only launches allowed floating-point atomics: MSDA's value gradient and RoIAlign's feature
+# gradient when determinism is off (torch.are_deterministic_algorithms_enabled() is False)
+NON_DETERMINISTIC = {"msda_bwd_atomic", "roi_align_bwd_atomic"}
 
 
 @pytest.mark.parametrize("name", sorted(_meta_launches()))
