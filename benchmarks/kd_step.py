@@ -33,7 +33,8 @@ student / FPN 64 teacher) at 16x3x128x128; ``coco`` = pkd_retinanet_x101_retinan
 at 16x3x128x128, whose ``kd_parts`` times HEAD's parts against the student's own step (issue 17's
 target: at most 25%); ``head_coco`` = the COCO HEAD config (Faster R-CNN R50 -> RetinaNet R18) at
 2x3x800x1216. Weights are
-random (no checkpoint download): the cost of a step does not depend on them. Times are medians of
+random (no checkpoint download): the cost of a step does not depend on them, once subnormal floats
+are flushed to zero (the workers do: random weights underflow into them on some steps). Times are medians of
 ``--reps`` steps after ``--warmup``; the CPU figures come from a shared 2-core VM (noisy: compare
 rows of one run).
 """
@@ -61,8 +62,9 @@ _HEAD = ("HEAD parts timed in the step: proposals, sampling, assistant R-CNN + G
          "AKD, CKD", 25.0)
 METHOD_PAIRS = {"head_toy": _HEAD, "head_coco": _HEAD}
 VARIANTS = ("student", "teacher_fwd", "kd", "kd_eager", "kd_parts")
-#: on request only: the kd step with every loss entry returning nothing (teacher forward and taps, no losses)
-EXTRA_VARIANTS = ("kd_noloss",)
+#: on request only: the kd step with every loss entry returning nothing (teacher forward and taps, no losses);
+#: for HEAD pairs, kd_parts with mmdet's SingleRoIExtractor (mmcv's RoIAlign) instead of kdops.FusedRoIExtractor
+EXTRA_VARIANTS = ("kd_noloss", "kd_parts_mmcv")
 
 
 def _rss_mib() -> float:
@@ -90,6 +92,11 @@ def worker(pair: str, variant: str, reps: int, warmup: int, threads: int) -> dic
     from mmdet.utils import register_all_modules
 
     torch.set_num_threads(threads)
+    # Subnormal floats: with random weights and a tiny learning rate, some steps' gradients underflow
+    # into subnormals, which x86 cores compute ~100x slower (COCO student steps of 9 s took 40-50 s
+    # on the Xeon VM, two steps in six). Flushed to zero in every variant, so the medians measure the
+    # steady cost of the step, not the underflow.
+    torch.set_flush_denormal(True)
     register_all_modules(init_default_scope=True)
     import kdops_mmdet  # noqa: F401  (registers kdops.DistillDetector)
 
@@ -100,6 +107,10 @@ def worker(pair: str, variant: str, reps: int, warmup: int, threads: int) -> dic
     model_cfg.teacher_ckpt = None
     _no_pretrained(model_cfg)
     torch.manual_seed(0)
+    if variant == "kd_parts_mmcv":
+        if pair not in METHOD_PAIRS:
+            raise ValueError("kd_parts_mmcv is for the HEAD pairs (their R-CNN heads' RoI extractor)")
+        model_cfg.fused_roi_align = False
     if variant.startswith("kd"):
         model = MODELS.build(model_cfg)
     else:
@@ -120,7 +131,7 @@ def worker(pair: str, variant: str, reps: int, warmup: int, threads: int) -> dic
             with torch.no_grad():
                 d = model.data_preprocessor(data, False)
                 model.extract_feat(d["inputs"])
-    elif variant == "kd_parts":
+    elif variant in ("kd_parts", "kd_parts_mmcv"):
         model.train()
         optim = OptimWrapper(torch.optim.SGD(model.parameters(), lr=1e-5))
         parts = _instrument_head(model) if pair in METHOD_PAIRS else _instrument(model)
@@ -287,12 +298,16 @@ def table(rows) -> str:
     pairs = [p for p in dict.fromkeys(r["pair"] for r in rows) if (p, "kd_parts") in by]
     for pair in [p for p in pairs if p in METHOD_PAIRS]:
         what, target = METHOD_PAIRS[pair]
-        r = by[(pair, "kd_parts")]
         base = by[(pair, "student")]["median_ms"] if (pair, "student") in by else None
-        share = f"{100 * r['kd_parts_ms'] / base:.1f}%" if base else "n/a (student not run)"
         out += ["", f"| pair | {what}: forward | backward | total | share of the student's own step "
-                    f"(target <= {target:g}%) |", "|---|---|---|---|---|",
-                f"| {pair} | {r['kd_fwd_ms']:.2f} ms | {r['kd_bwd_ms']:.2f} ms | {r['kd_parts_ms']:.2f} ms | {share} |"]
+                    f"(target <= {target:g}%) |", "|---|---|---|---|---|"]
+        for variant, name in (("kd_parts", pair), ("kd_parts_mmcv", f"{pair} (mmdet's RoI extractor)")):
+            if (pair, variant) not in by:
+                continue
+            r = by[(pair, variant)]
+            share = f"{100 * r['kd_parts_ms'] / base:.1f}%" if base else "n/a (student not run)"
+            out.append(f"| {name} | {r['kd_fwd_ms']:.2f} ms | {r['kd_bwd_ms']:.2f} ms | {r['kd_parts_ms']:.2f} ms | "
+                       f"{share} |")
     timed = [(p, by[(p, "kd_parts")]) for p in pairs if p not in METHOD_PAIRS]
     if timed:
         out += ["", "| pair | KD parts timed in the step: forward (taps, connectors, losses) | backward | total | "
