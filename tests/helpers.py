@@ -1,6 +1,7 @@
 """Shared test utilities: tolerances by dtype, autograd of the reference, devices."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -77,3 +78,30 @@ def assert_compiled_matches_eager(f, leaves, *rest):
     torch.testing.assert_close(a, b)
     for x, y in zip(a_in, b_in):
         torch.testing.assert_close(x.grad, y.grad)
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(flag: bool = True):
+    """torch.use_deterministic_algorithms(flag) inside the block, restored after (warn_only too)."""
+    prev, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(flag)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev, warn_only=warn)
+
+
+def assert_same_across_thread_counts(run):
+    """run() -> a sequence of tensors, called with 1 thread, all threads under deterministic algorithms,
+    and 1 thread again: every call must give bitwise the same tensors."""
+    threads = torch.get_num_threads()
+    res = []
+    try:
+        for n, d in ((1, False), (max(threads, 2), True), (1, True)):
+            torch.set_num_threads(n)
+            with deterministic_algorithms(d):
+                res.append(tuple(run()))
+    finally:
+        torch.set_num_threads(threads)
+    for r in res[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(r, res[0]))

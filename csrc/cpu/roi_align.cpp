@@ -132,6 +132,19 @@ bool roi_geom(RoiGeom<acc>& g, const scalar_t* roi, int64_t level, const std::ve
   return true;
 }
 
+// Calls f(y, x) for every sample of bin (ph, pw) that lies in the map, rows in order: mmcv's
+// summation order, shared by the forward and the backward.
+template <typename acc, typename F>
+KDOPS_INLINE void for_each_sample(const RoiGeom<acc>& g, int64_t ph, int64_t pw, F&& f) {
+  const AxisSample<acc>* ys = g.ys.data() + ph * g.gh;
+  const AxisSample<acc>* xs = g.xs.data() + pw * g.gw;
+  for (int64_t iy = 0; iy < g.gh; ++iy) {
+    if (!ys[iy].inside) continue;
+    for (int64_t ix = 0; ix < g.gw; ++ix)
+      if (xs[ix].inside) f(ys[iy], xs[ix]);
+  }
+}
+
 struct Args {
   std::vector<LevelShape> shapes;
   std::vector<double> scales;
@@ -218,20 +231,12 @@ at::Tensor roi_align_fwd_cpu(at::TensorList features, const at::Tensor& rois_, c
           const scalar_t* p = base[g.level] + g.n * s.sN + c * s.sC;
           scalar_t* dst = o + (r * C + c) * oh * ow;
           for (int64_t ph = 0; ph < oh; ++ph) {
-            const AxisSample<acc>* ys = g.ys.data() + ph * g.gh;
             for (int64_t pw = 0; pw < ow; ++pw) {
-              const AxisSample<acc>* xs = g.xs.data() + pw * g.gw;
               acc sum = acc(0);
-              for (int64_t iy = 0; iy < g.gh; ++iy) {
-                const auto& y = ys[iy];
-                if (!y.inside) continue;
-                for (int64_t ix = 0; ix < g.gw; ++ix) {
-                  const auto& x = xs[ix];
-                  if (!x.inside) continue;
-                  sum += y.h * x.h * static_cast<acc>(p[y.lo + x.lo]) + y.h * x.l * static_cast<acc>(p[y.lo + x.hi]) +
-                         y.l * x.h * static_cast<acc>(p[y.hi + x.lo]) + y.l * x.l * static_cast<acc>(p[y.hi + x.hi]);
-                }
-              }
+              for_each_sample(g, ph, pw, [&](const AxisSample<acc>& y, const AxisSample<acc>& x) {
+                sum += y.h * x.h * static_cast<acc>(p[y.lo + x.lo]) + y.h * x.l * static_cast<acc>(p[y.lo + x.hi]) +
+                       y.l * x.h * static_cast<acc>(p[y.hi + x.lo]) + y.l * x.l * static_cast<acc>(p[y.hi + x.hi]);
+              });
               dst[ph * ow + pw] = static_cast<scalar_t>(sum / g.count);
             }
           }
@@ -310,25 +315,16 @@ std::vector<at::Tensor> roi_align_bwd_cpu(const at::Tensor& grad_, const at::Ten
           const int64_t r = order[i];
           const auto& g = geom[r];
           const scalar_t* gr = gp + (r * C + c) * oh * ow;
+          // the gradient plane is dense (sizes give sH = W, sW = 1): the geometry's offsets index it
           for (int64_t ph = 0; ph < oh; ++ph) {
-            const AxisSample<acc>* ys = g.ys.data() + ph * g.gh;
             for (int64_t pw = 0; pw < ow; ++pw) {
               const acc gb = static_cast<acc>(gr[ph * ow + pw]);
-              const AxisSample<acc>* xs = g.xs.data() + pw * g.gw;
-              for (int64_t iy = 0; iy < g.gh; ++iy) {
-                const auto& y = ys[iy];
-                if (!y.inside) continue;
-                // offsets in the feature's own strides were taken for the forward; the gradient
-                // plane is dense: rows of W (sizes give sH = W, sW = 1)
-                for (int64_t ix = 0; ix < g.gw; ++ix) {
-                  const auto& x = xs[ix];
-                  if (!x.inside) continue;
-                  q[y.lo + x.lo] += gb * (y.h * x.h) / g.count;
-                  q[y.lo + x.hi] += gb * (y.h * x.l) / g.count;
-                  q[y.hi + x.lo] += gb * (y.l * x.h) / g.count;
-                  q[y.hi + x.hi] += gb * (y.l * x.l) / g.count;
-                }
-              }
+              for_each_sample(g, ph, pw, [&](const AxisSample<acc>& y, const AxisSample<acc>& x) {
+                q[y.lo + x.lo] += gb * (y.h * x.h) / g.count;
+                q[y.lo + x.hi] += gb * (y.h * x.l) / g.count;
+                q[y.hi + x.lo] += gb * (y.l * x.h) / g.count;
+                q[y.hi + x.hi] += gb * (y.l * x.l) / g.count;
+              });
             }
           }
         }

@@ -49,6 +49,14 @@ def fpn_features(device, dtype, levels, N: int, C: int, seed: int = 0):
     return student, teacher, g
 
 
+def random_levels(levels, N: int, C: int, device, dtype, seed: int):
+    """FPN levels (N,C,h,w) of standard normal values that require grad, seeded."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(N, C, h, w, generator=g).to(device, dtype).requires_grad_() for h, w in levels]
+
+
 def feature_pass_bytes(inputs) -> int:
     """Minimal traffic of a feature loss: read student and teacher, write the student gradient."""
     return sum(s.numel() for s in inputs["student"]) * inputs["student"][0].element_size() * 3

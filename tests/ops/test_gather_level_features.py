@@ -3,7 +3,9 @@ import re
 
 import pytest
 import torch
-from helpers import LOW, assert_compiled_matches_eager, close, compile_for_gpu, leaf, triton_device
+from helpers import (
+    LOW, assert_compiled_matches_eager, assert_same_across_thread_counts, close, compile_for_gpu, leaf, triton_device,
+)
 
 import kdops
 
@@ -144,21 +146,13 @@ def test_bad_features():
 def test_deterministic_across_runs_and_thread_counts():
     feats = make(C=32, dtype=torch.float32)
     idx = torch.cat([rows(500, seed=3)] * 4)
-    threads = torch.get_num_threads()
-    det = torch.are_deterministic_algorithms_enabled()
-    res = []
-    try:
-        for n, d in ((1, False), (max(threads, 2), True), (1, False)):
-            torch.set_num_threads(n)
-            torch.use_deterministic_algorithms(d)
-            fl = [leaf(f) for f in feats]
-            out = kdops.gather_level_features(fl, idx)
-            res.append(torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum(), fl))
-    finally:
-        torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(det)
-    for r in res[1:]:
-        assert all(torch.equal(a, b) for a, b in zip(r, res[0]))
+
+    def run():
+        fl = [leaf(f) for f in feats]
+        out = kdops.gather_level_features(fl, idx)
+        return torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum(), fl)
+
+    assert_same_across_thread_counts(run)
 
 
 @pytest.mark.parametrize("validate", [True, False])

@@ -4,7 +4,7 @@ import re
 
 import pytest
 import torch
-from helpers import LOW, assert_compiled_matches_eager, close, leaf
+from helpers import LOW, assert_compiled_matches_eager, assert_same_across_thread_counts, close, leaf
 
 import kdops
 from kdops import reference
@@ -186,22 +186,13 @@ def test_bad_inputs():
 def test_deterministic_across_runs_and_thread_counts():
     feats = make(C=16, img=128, dtype=torch.float32)
     rois = torch.cat([boxes(R=300, img=128, dtype=torch.float32)] * 2)  # repeated RoIs add into the same pixels
-    threads = torch.get_num_threads()
-    det = torch.are_deterministic_algorithms_enabled()
-    res = []
-    try:
-        for n, d in ((1, False), (max(threads, 2), True), (1, True)):
-            torch.set_num_threads(n)
-            torch.use_deterministic_algorithms(d)
-            fl = [leaf(f) for f in feats]
-            out = kdops.roi_align(fl, rois, STRIDES)
-            res.append((out,) + torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum(),
-                                                    fl))
-    finally:
-        torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(det)
-    for r in res[1:]:
-        assert all(torch.equal(a, b) for a, b in zip(r, res[0]))
+
+    def run():
+        fl = [leaf(f) for f in feats]
+        out = kdops.roi_align(fl, rois, STRIDES)
+        return (out,) + torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum(), fl)
+
+    assert_same_across_thread_counts(run)
 
 
 @pytest.mark.parametrize("validate", [True, False])

@@ -7,11 +7,9 @@ about a millisecond per program instance and the deterministic backward walks it
 """
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
-from helpers import close, triton_device
+from helpers import close, deterministic_algorithms, triton_device
 
 from kdops.reference.roi_align import roi_align as reference
 
@@ -76,16 +74,6 @@ def finite_rows(rois):
     return rois.isfinite().all(1)
 
 
-@contextlib.contextmanager
-def deterministic(flag=True):
-    prev, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(flag)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(prev, warn_only=warn)
-
-
 def run_fwd(feats, rois, levels, out=(7, 5), sr=0, aligned=True):
     from kdops.triton.roi_align import roi_align_fwd
 
@@ -143,7 +131,7 @@ def test_deterministic_backward_matches_reference_and_is_bitwise_reproducible(sr
     rois, levels = rois[pick], levels[pick]
     out = (3, 2)
     grad = torch.randn(len(pick), C, *out, generator=torch.Generator().manual_seed(3))
-    with deterministic():
+    with deterministic_algorithms():
         got = run_bwd(grad, rois, levels, sizes_of(feats), sr, aligned)
         again = run_bwd(grad, rois, levels, sizes_of(feats), sr, aligned)
     want = ref_grads(feats, rois, levels, grad, out, sr, aligned)
@@ -187,7 +175,7 @@ def test_hostile_coordinates_end_with_zeros_and_finite_gradients():
         assert not out[[i for i in range(6) if i not in pooled]].any()
         grad = torch.ones(out.shape)
         atomic = run_bwd(grad, rois, levels, sizes, sr, True)
-        with deterministic():
+        with deterministic_algorithms():
             det = run_bwd(grad, rois, levels, sizes, sr, True)
         for a, b in zip(atomic, det):
             assert a.isfinite().all()
@@ -213,6 +201,6 @@ def test_empty_inputs_launch_nothing_and_give_zeros():
     assert not out[1].any()
     torch.testing.assert_close(out[[0, 2]], run_fwd(feats, rois[pick], levels[pick], (2, 2))[[0, 2]])
     for det in (False, True):
-        with deterministic(det):
+        with deterministic_algorithms(det):
             g = run_bwd(torch.ones(3, C, 2, 2), rois[pick], levels[pick], sizes_of(f))
         assert g[1].shape == (N, C, 0, 6) and g[0].abs().sum() > 0 and g[2].abs().sum() > 0

@@ -19,7 +19,7 @@ import contextlib
 
 import pytest
 import torch
-from helpers import INTERPRET, compile_for_gpu
+from helpers import INTERPRET, compile_for_gpu, deterministic_algorithms
 
 pytestmark = pytest.mark.skipif(INTERPRET, reason="kernels are interpreted in this process (TRITON_INTERPRET=1)")
 
@@ -155,16 +155,6 @@ def test_ms_deform_attn_compiles(dtype):
                      ["_bwd_kernel"])
     compile_recorded(lambda: msda.ms_deform_attn_bwd(go, value, shapes, starts, loc, attn, True, True, True),
                      ["_bwd_kernel", "_keys_kernel", "_gather_value_grad_kernel"])
-
-
-@contextlib.contextmanager
-def deterministic_algorithms():
-    prev, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(prev, warn_only=warn)
 
 
 def _deterministic(run):

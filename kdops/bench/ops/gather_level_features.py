@@ -6,7 +6,7 @@ import torch
 import kdops
 from kdops import reference
 
-from ..problems import fpn, roof_fresh
+from ..problems import fpn, random_levels, roof_fresh
 from ..registry import Case, Impl, register
 
 R_SWEEP = (64, 256, 1024, 4096)
@@ -28,9 +28,7 @@ def cases(device, dtype, size):
     out = []
     for R in R_SWEEP:
         def make(R=R):
-            g = torch.Generator().manual_seed(R)
-            return {"features": [torch.randn(N, C, h, w, generator=g).to(device, dtype).requires_grad_()
-                                 for h, w in levels],
+            return {"features": random_levels(levels, N, C, device, dtype, seed=R),
                     "index": random_rows(R, N, levels, seed=R).to(device)}
 
         def kd(features, index):
