@@ -93,6 +93,12 @@ TORCH_LIBRARY(kdops, m) {
   m.def(
       "box_masks_fwd(Tensor ranges, Tensor weight, Tensor batch_index, SymInt N, SymInt H, SymInt W, "
       "ScalarType dtype) -> Tensor");
+  // Greedy NMS per group, fixed-shape output (kdops.nms_mask): boxes (G,K,4) x1,y1,x2,y2 (any float
+  // dtype, read as float64), each group's candidates in priority order; valid (G,K) bool. Returns keep
+  // (G,K) bool: keep[g,i] = valid[g,i] and no j < i has keep[g,j] and IoU(j,i) > iou_threshold, IoU in
+  // float64 with torchvision's CPU nms formula term for term (std::max/std::min argument order:
+  // NaN coordinates and 0/0 suppress nothing). Not differentiable.
+  m.def("nms_mask_fwd(Tensor boxes, Tensor valid, float iou_threshold) -> Tensor");
   // General masks. feature (N,C,H,W), masks (K,H,W) in the feature's dtype, batch_index (K,)
   // int64: out[k,c] = sum_{y,x} masks[k,y,x] * feature[b_k,c,y,x], (K,C); objects whose b_k is
   // outside [0,N) give 0. One GEMM per image over its objects: O(K*C*H*W), no (N,C,K) product.

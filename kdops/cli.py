@@ -90,7 +90,8 @@ def _cuda_backend(op: str) -> str:
 DEFAULT_OUT = "bench-results"  # untracked (.gitignore); `--out benchmarks/results` writes the committed folder
 QUICK = ("one representative case per op: K=100 boxes for box_ranges (rule fgd), box_pool, box_paint, "
          "box_masks and mask_pool, R=1024 rows for gather_level_features and roi_align, the batch-2 300-query decoder for "
-         "ms_deform_attn, both norms of pcc_mse, both BCKD heads; torch.compile left out on the CPU (--compile)")
+         "ms_deform_attn, both norms of pcc_mse, both BCKD heads, COCO's 2 x 5 groups of 2000 proposals for nms_mask; "
+         "torch.compile left out on the CPU (--compile)")
 
 
 def _duration(seconds: float) -> str:
@@ -234,7 +235,7 @@ def _bench_parser(sub) -> None:
         "",
         "selection (--full):",
         *_wrap("default: " + QUICK + "; --full: every case (the K and R sweeps, both box_ranges rules, the "
-               "MSDA encoder and batch 8 on CUDA)"),
+               "MSDA encoder and batch 8 on CUDA, nms_mask at HEAD's toy scale)"),
         "",
         f"output: the table is printed; with --out DIR (default: {DEFAULT_OUT}/, untracked) the table, JSON and",
         "chart go to DIR/<device>/bench_<dtype>_<size>[_quick].{md,json,png}. `--full --out benchmarks/results`",

@@ -144,7 +144,7 @@ def write_json(path: str, rows: List[Dict], env: Dict[str, object]) -> None:
 FAMILIES = {
     "masked_mse": "feature losses", "pcc_mse": "feature losses",
     "box_ranges": "box ops", "box_pool": "box ops", "box_paint": "box ops", "box_masks": "box ops",
-    "mask_pool": "box ops",
+    "mask_pool": "box ops", "nms_mask": "box ops",
     "gather_level_features": "gather",
     "ms_deform_attn": "deformable attention",
     "bckd_cls_loss": "BCKD dense-head losses", "bckd_loc_loss": "BCKD dense-head losses",

@@ -39,6 +39,7 @@ def _cases():
         "box_masks": lambda: kdops.box_masks(B, BI, sizes, [4, 8]),
         "gather_level_features": lambda: kdops.gather_level_features(F, rows),
         "roi_align": lambda: kdops.roi_align(F, r(4, 5, grad=False), [4, 8]),  # mmdet's level mapping too
+        "nms_mask": lambda: kdops.nms_mask(r(10, 37, 4), 0.7, r(10, 37, grad=False, dtype=torch.bool)),
         "mask_pool": lambda: kdops.mask_pool(F[0], r(2, 8, 10), BI),
         "masked_mse": lambda: kdops.masked_mse(F[0], T[0], pixel_weight=r(2, 8, 10, grad=False),
                                                channel_weight=r(2, 3, grad=False)),

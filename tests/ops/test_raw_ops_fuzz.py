@@ -44,6 +44,7 @@ MODULE = {  # op -> kdops.triton module that holds its Triton launcher (same sig
     "box_pool_fwd": "box_pool", "box_paint_fwd": "box_pool", "box_masks_fwd": "box_masks",
     "mask_pool_fwd": "mask_pool", "mask_pool_bwd": "mask_pool",
     "ms_deform_attn_fwd": "ms_deform_attn", "ms_deform_attn_bwd": "ms_deform_attn",
+    "nms_mask_fwd": "nms_mask",
 }
 # the C++ CPU kernels; the Triton kernels (on the GPU, or on CPU tensors under TRITON_INTERPRET=1);
 # torch.ops.kdops on CUDA tensors (Triton or CUDA C++, as registered)
@@ -243,6 +244,48 @@ def test_box_masks_fwd_raw_op_rejects_bad_sizes():
     raises_op_error(lambda: torch.ops.kdops.box_masks_fwd(r[:, :3], w, bi, 1, 2, 3, torch.float32), "ranges")
     raises_op_error(lambda: torch.ops.kdops.box_masks_fwd(r, w[:0], bi, 1, 2, 3, torch.float32))
     raises_op_error(lambda: torch.ops.kdops.box_masks_fwd(r, w, bi, 1, 2, 3, torch.int32))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's inf / NaN arithmetic under the interpreter
+def test_nms_mask_with_non_finite_huge_and_degenerate_boxes(backend):
+    """NaN, inf, huge (1e300: areas overflow), tiny and degenerate (x2 < x1, y2 < y1) boxes, all-invalid
+    groups, thresholds outside [0,1] and NaN, every dtype: the reference's mask (torchvision's formula),
+    never a kept invalid box."""
+    nms, dev = kernel(backend, "nms_mask_fwd"), on(backend)
+    g = torch.Generator().manual_seed(5)
+    special = torch.tensor([math.nan, math.inf, -math.inf, 1e300, -1e300, 1e-300, 0.0, 5.0], dtype=torch.float64)
+    for trial in range(trials(backend, 40)):
+        G, K = int(torch.randint(0, 4, (1,), generator=g)), int(torch.randint(0, 70, (1,), generator=g))
+        xy = torch.rand(G, 1, 2, generator=g, dtype=torch.float64) * 50 + torch.randn(G, K, 2, generator=g,
+                                                                                        dtype=torch.float64) * 4
+        boxes = torch.cat([xy, xy + torch.rand(G, K, 2, generator=g, dtype=torch.float64) * 20 + 4], 2)
+        pick = torch.rand(G, K, 4, generator=g) < 0.15
+        boxes = torch.where(pick, special[torch.randint(0, len(special), (G, K, 4), generator=g)], boxes)
+        swap = torch.rand(G, K, generator=g) < 0.1  # degenerate: x2 < x1 and y2 < y1
+        boxes = torch.where(swap[..., None], boxes[..., [2, 3, 0, 1]], boxes)
+        valid = torch.rand(G, K, generator=g) < (0.0 if trial % 5 == 3 else 0.8)
+        dtype = [torch.float64, torch.float32, torch.float16, torch.bfloat16][trial % 4]
+        thr = [0.5, 0.0, 1.0, -1.0, 2.0, math.nan, 0.3][trial % 7]
+        b = boxes.to(dtype)
+        got = nms(b.to(dev), valid.to(dev), thr).cpu()
+        assert got.shape == (G, K) and got.dtype == torch.bool
+        assert torch.equal(got, reference.nms_mask(b, thr, valid)), (trial, dtype, thr)
+        assert not (got & ~valid).any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nms_mask_raw_op_rejects_inconsistent_arguments(backend):
+    # the kernels index valid (and the keep mask) by the boxes' (G,K): a mismatch is refused, not read
+    nms, dev = kernel(backend, "nms_mask_fwd"), on(backend)
+    b, v = torch.zeros(2, 3, 4, device=dev), torch.ones(2, 3, dtype=torch.bool, device=dev)
+    raises_op_error(lambda: nms(b[..., :3], v, 0.5), "boxes")
+    raises_op_error(lambda: nms(b[0], v, 0.5), "boxes")
+    raises_op_error(lambda: nms(b.long(), v, 0.5), "floating")
+    raises_op_error(lambda: nms(b, v[:, :2], 0.5), "valid")
+    raises_op_error(lambda: nms(b, v.float(), 0.5), "valid")
+    raises_op_error(lambda: nms(b, v[None], 0.5), "valid")
+    raises_op_error(lambda: nms(b[:1], v, 0.5), "valid")
 
 
 @needs_c

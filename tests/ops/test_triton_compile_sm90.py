@@ -197,6 +197,38 @@ def test_roi_align_compiles(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+def test_nms_mask_compiles(dtype):
+    from kdops.triton import nms_mask as nm
+
+    # K = 37 (2 words a row), 2000 (COCO proposals: 63 words, the scan's block 64), 16384 (512 words:
+    # the scan's removed words in 4 warps' registers); K = 1: K, W and the row-block count are all the
+    # constexpr 1 Triton passes on a GPU. The threshold goes in as its float64 bit pattern: an int64
+    # (0.5), an int32 (0.0: the pattern 0) or the constexpr 1 (5e-324, the pattern 1)
+    for K, thr, ones in ((37, 0.5, False), (37, 0.0, False), (2000, 0.7, False), (16384, 0.5, False),
+                         (1, 5e-324, True)):
+        boxes = rnd(2, K, 4, dtype=dtype)
+        valid = torch.ones(2, K, dtype=torch.bool)
+        compile_recorded(lambda: nm.nms_mask_fwd(boxes, valid, thr), ["_iou_mask_kernel", "_scan_kernel"],
+                         specialize_ones=ones)
+
+
+def test_nms_mask_iou_is_ieee_fp64_without_fused_multiply_adds():
+    # the bitmask's IoU must round as the C++ kernel's does: fp64 IEEE division and no FMA contraction
+    # (the launcher passes enable_fp_fusion=False; compiled here the same way)
+    import re
+
+    from kdops.triton import nms_mask as nm
+
+    with recorded_launches() as launches:
+        nm.nms_mask_fwd(rnd(2, 37, 4), torch.ones(2, 37, dtype=torch.bool), 0.5)
+    (fn, sig, const, options), = [x for x in launches if x[0].fn.__name__ == "_iou_mask_kernel"]
+    ptx = {fuse: compile_for_gpu(fn, sig, const, enable_fp_fusion=fuse, **options).asm["ptx"] for fuse in (False, True)}
+    assert re.search(r"\bdiv\.rn\.f64\b", ptx[False])
+    assert not re.search(r"\bfma\.[a-z.]*f64\b", ptx[False])
+    assert re.search(r"\bfma\.[a-z.]*f64\b", ptx[True])  # the check sees contraction where it is allowed
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
 def test_bckd_kernels_compile(dtype):
     from kdops.triton import bckd_cls_loss, bckd_loc_loss
 
@@ -252,7 +284,7 @@ def _meta_launches():
     """Each Triton launcher on meta tensors (shapes, dtypes and devices, but no values)."""
     from kdops.triton import bckd_cls_loss, bckd_loc_loss, box_masks, box_pool, gather_level_features, mask_pool, masked_mse, pcc_mse
     from kdops.triton import ms_deform_attn as msda
-    from kdops.triton import roi_align
+    from kdops.triton import nms_mask, roi_align
 
     def r(*shape, dtype=torch.float32):
         return torch.empty(*shape, dtype=dtype, device="meta")
@@ -289,6 +321,7 @@ def _meta_launches():
                                                                 True, roi_sizes),
         "roi_align_bwd_deterministic": _deterministic(lambda: roi_align.roi_align_bwd(
             r(3, 3, 7, 5), rois, idx[:, 0], [0.25, 0.125], 2, False, roi_sizes)),
+        "nms_mask_fwd": lambda: nms_mask.nms_mask_fwd(r(2, 37, 4), r(2, 37, dtype=torch.bool), 0.5),
         "bckd_cls_loss_fwd": lambda: bckd_cls_loss.bckd_cls_loss_fwd(r(2, 3, 4, 1, 5), r(2, 3, 4, 1, 5), r(24), 1.5, 1.0, True, True),
         "bckd_loc_loss_fwd": lambda: bckd_loc_loss.bckd_loc_loss_fwd([r(12, 4)], [r(12, 4)], [r(12, 3)], [r(12, 3)], [r(12, 4)],
                                                   [r(12)], [None], [0.0], 0, 0, 16, [0.0] * 4, [1.0] * 4, 4.1, [1.0],
