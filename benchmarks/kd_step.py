@@ -63,8 +63,9 @@ _HEAD = ("HEAD parts timed in the step: proposals, sampling, assistant R-CNN + G
 METHOD_PAIRS = {"head_toy": _HEAD, "head_coco": _HEAD}
 VARIANTS = ("student", "teacher_fwd", "kd", "kd_eager", "kd_parts")
 #: on request only: the kd step with every loss entry returning nothing (teacher forward and taps, no losses);
-#: for HEAD pairs, kd_parts with mmdet's SingleRoIExtractor (mmcv's RoIAlign) instead of kdops.FusedRoIExtractor
-EXTRA_VARIANTS = ("kd_noloss", "kd_parts_mmcv")
+#: for HEAD pairs, kd_parts with mmdet's SingleRoIExtractor (mmcv's RoIAlign) instead of kdops.FusedRoIExtractor,
+#: and kd_parts with mmdet's assigner, sampler and bbox_loss (sync_free=False) instead of the fixed-shape path
+EXTRA_VARIANTS = ("kd_noloss", "kd_parts_mmcv", "kd_parts_mmdet_sampler")
 
 
 def _rss_mib() -> float:
@@ -107,10 +108,13 @@ def worker(pair: str, variant: str, reps: int, warmup: int, threads: int) -> dic
     model_cfg.teacher_ckpt = None
     _no_pretrained(model_cfg)
     torch.manual_seed(0)
-    if variant == "kd_parts_mmcv":
+    if variant in ("kd_parts_mmcv", "kd_parts_mmdet_sampler"):
         if pair not in METHOD_PAIRS:
-            raise ValueError("kd_parts_mmcv is for the HEAD pairs (their R-CNN heads' RoI extractor)")
-        model_cfg.fused_roi_align = False
+            raise ValueError(f"{variant} is for the HEAD pairs")
+        if variant == "kd_parts_mmcv":
+            model_cfg.fused_roi_align = False
+        else:
+            model_cfg.sync_free = False
     if variant.startswith("kd"):
         model = MODELS.build(model_cfg)
     else:
@@ -131,7 +135,7 @@ def worker(pair: str, variant: str, reps: int, warmup: int, threads: int) -> dic
             with torch.no_grad():
                 d = model.data_preprocessor(data, False)
                 model.extract_feat(d["inputs"])
-    elif variant in ("kd_parts", "kd_parts_mmcv"):
+    elif variant in ("kd_parts", "kd_parts_mmcv", "kd_parts_mmdet_sampler"):
         model.train()
         optim = OptimWrapper(torch.optim.SGD(model.parameters(), lr=1e-5))
         parts = _instrument_head(model) if pair in METHOD_PAIRS else _instrument(model)
@@ -210,9 +214,9 @@ class _instrument:
 
 
 class _instrument_head(_instrument):
-    """Times HEAD's parts inside a HEADDistillDetector step: the forward of the proposals, the
-    sampler, the assistant's R-CNN forward and GT loss, the teacher's R-CNN on the sampled RoIs, AKD
-    and CKD (wall clock around each), and the backward of the HEAD terms (loss_akd, loss_ckd and the
+    """Times HEAD's parts inside a HEADDistillDetector step: the forward of ``distill_part`` (the
+    proposals, the sampler, the assistant's R-CNN forward and GT loss, the teacher's R-CNN on the
+    sampled RoIs, AKD and CKD, with all their bookkeeping; wall clock around it), and the backward of the HEAD terms (loss_akd, loss_ckd and the
     assistant's losses) down to the student tensors they read (FPN levels, last cls conv) and the
     assistant's and adapters' weights. Reaching the FPN levels also walks CKD's gradient back through
     the student's cls conv tower, which the real step shares with the student's own backward: an
@@ -231,12 +235,7 @@ class _instrument_head(_instrument):
                 return out
             return wrapper
 
-        model.proposals = timed(model.proposals)
-        model._sample = timed(model._sample)
-        model.assistant.bbox_loss = timed(model.assistant.bbox_loss)
-        model.teacher.roi_head._bbox_forward = timed(model.teacher.roi_head._bbox_forward)
-        model.akd.forward = timed(model.akd.forward)
-        model.ckd.forward = timed(model.ckd.forward)
+        model.distill_part = timed(model.distill_part)
         model.student.neck.register_forward_hook(
             lambda m, i, o: self.inputs.extend(t for t in o if t.requires_grad))
         model.student.bbox_head.cls_convs[-1].register_forward_hook(
@@ -301,7 +300,8 @@ def table(rows) -> str:
         base = by[(pair, "student")]["median_ms"] if (pair, "student") in by else None
         out += ["", f"| pair | {what}: forward | backward | total | share of the student's own step "
                     f"(target <= {target:g}%) |", "|---|---|---|---|---|"]
-        for variant, name in (("kd_parts", pair), ("kd_parts_mmcv", f"{pair} (mmdet's RoI extractor)")):
+        for variant, name in (("kd_parts", pair), ("kd_parts_mmcv", f"{pair} (mmdet's RoI extractor)"),
+                              ("kd_parts_mmdet_sampler", f"{pair} (mmdet's assigner, sampler and bbox_loss)")):
             if (pair, variant) not in by:
                 continue
             r = by[(pair, variant)]

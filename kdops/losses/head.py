@@ -42,14 +42,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .._dtype import acc_dtype
-from ..ops import gather_level_features, masked_mse
+from ..ops import gather_level_features, masked_mse, nms_mask
 from ..ops._validation import (
     as_levels, check_choice, check_flag, check_levels, check_number, check_numbers, check_tensor,
 )
 from ..reference.box_coders import delta2bbox
 
 __all__ = [
-    "HEADAKDLoss", "HEADCKDLoss", "HEADContrastiveCKDLoss", "HEADDenseLoss", "HEADMemoryPool", "HEADProposals",
+    "HEADAKDLoss", "HEADCKDLoss", "HEADContrastiveCKDLoss", "HEADDenseLoss", "HEADMemoryPool", "HEADPaddedProposals",
+    "HEADProposals",
     "head_gt_sources", "head_proposals",
 ]
 
@@ -78,6 +79,21 @@ class HEADProposals(NamedTuple):
     sources: List[torch.Tensor]
 
 
+class HEADPaddedProposals(NamedTuple):
+    """What :func:`head_proposals` returns with ``padded=True``: fixed shapes, computed without
+    reading the device. P = min(``max_per_img``, candidates per image).
+
+    - ``boxes`` (N,P,4), ``scores`` (N,P), ``sources`` (N,P,5): as :class:`HEADProposals`, each
+      image's proposals first in decreasing score, then padding (removed candidates, score order);
+    - ``valid`` (N,P) bool: which slots hold a proposal (a prefix of each row).
+    """
+
+    boxes: torch.Tensor
+    scores: torch.Tensor
+    sources: torch.Tensor
+    valid: torch.Tensor
+
+
 def head_proposals(
     cls_scores: Levels,
     bbox_preds: Levels,
@@ -94,7 +110,8 @@ def head_proposals(
     wh_ratio_clip: float = 16 / 1000,
     score_factors: Optional[Levels] = None,
     nms_across_levels: bool = False,
-) -> HEADProposals:
+    padded: bool = False,
+) -> Union[HEADProposals, HEADPaddedProposals]:
     r"""Proposals from a one-stage student's dense head, with the source of each (HEAD, Wang et
     al., ECCV 2022): the student's head serves as the RPN of the assistant R-CNN head.
 
@@ -124,16 +141,19 @@ def head_proposals(
 
     Differences from the authors' path (the same proposals, but for exact ties): the top-k is a
     stable sort (tied scores keep the lower (h, w, j) index; mmdet's ``sort`` leaves their order
-    to the backend), the images are processed together, and NMS runs on float64 copies of the
-    fp32 boxes in one ``batched_nms`` over (image, level) groups (mmdet: one fp32 call per image,
-    whose coordinate offsets can move an IoU lying within ~1e-4 of the threshold across it).
+    to the backend), the images are processed together, and NMS computes IoUs in float64 from the
+    fp32 boxes, group by group (mmdet: one fp32 ``batched_nms`` call per image, whose coordinate
+    offsets can move an IoU lying within ~1e-4 of the threshold across it); survivors of equal
+    score keep their candidate order (level, then top-k rank).
 
-    Host synchronisation: the number of surviving proposals is data dependent, so selecting
-    the valid boxes, NMS and splitting per image read the device (on CUDA this waits for the
-    GPU). Everything before (max, sigmoid, top-k, decoding, filtering masks) runs without a
-    sync. NMS is torchvision's ``batched_nms`` when torchvision is installed, else a pure
-    PyTorch greedy NMS (same result, slower). Runs under ``torch.no_grad``: proposals are
-    constants, as mmdet detaches the head outputs before ``get_bboxes``.
+    Host synchronisation: none with ``padded=True``. NMS is :func:`kdops.nms_mask` (exact greedy
+    NMS, IoU in float64 as torchvision's, returning a keep mask of fixed shape) on each group's
+    candidates padded to the largest level, and the ``max_per_img`` best survivors are a stable
+    sort of the masked scores: every shape depends only on the input shapes, so the whole call
+    runs on meta tensors and never waits for the GPU. The per-image lists (``padded=False``,
+    the default) cost one host read, the number of proposals per image. Runs under
+    ``torch.no_grad``: proposals are constants, as mmdet detaches the head outputs before
+    ``get_bboxes``.
 
     Args:
         cls_scores: L levels (N,J·K,H,W) of class logits (pre-sigmoid), channel j·K + k.
@@ -158,12 +178,14 @@ def head_proposals(
             multiplies each candidate's score after the top-k and before NMS.
         nms_across_levels: False: NMS within each (image, level), as the RetinaNet path; True: within
             each image over all its levels, as the FCOS path.
+        padded: False: per-image lists (:class:`HEADProposals`); True: fixed-shape tensors with a
+            validity mask (:class:`HEADPaddedProposals`), no host synchronisation.
 
     Returns:
         :class:`HEADProposals` (boxes, scores, sources), lists of N tensors (P_n,4), (P_n,),
         (P_n,5); an image without a surviving proposal gets empty tensors. ``sources[:, :4]``
         indexes the student's head maps: ``kdops.gather_level_features(maps,
-        sources[:, :4], validate=False)``.
+        sources[:, :4], validate=False)``. With ``padded=True``, :class:`HEADPaddedProposals`.
     """
     cls_l, seq = as_levels(PROPOSALS, "cls_scores", cls_scores)
     reg_l, reg_seq = as_levels(PROPOSALS, "bbox_preds", bbox_preds)
@@ -209,6 +231,7 @@ def head_proposals(
                                  f"{tuple(f.shape)}")
     if not isinstance(nms_across_levels, bool):
         raise TypeError(f"{PROPOSALS}: `nms_across_levels` must be a bool, got {type(nms_across_levels).__name__}")
+    check_flag(PROPOSALS, "padded", padded)
     nms_pre = check_number(PROPOSALS, "nms_pre", nms_pre, integer=True)
     iou_threshold = check_number(PROPOSALS, "iou_threshold", iou_threshold, low=0.0, high=1.0)
     max_per_img = check_number(PROPOSALS, "max_per_img", max_per_img, low=1, integer=True)
@@ -221,8 +244,9 @@ def head_proposals(
     with torch.no_grad():
         boxes, scores, sources = _candidates(cls_l, reg_l, pri_l, decoder, nms_pre, means, stds, wh_ratio_clip,
                                              shapes, fac_l)
-        return _select(boxes, scores, sources, 1 if nms_across_levels else len(cls_l), iou_threshold,
-                       max_per_img, min_bbox_size, nms_across_levels)
+        ks = [_topk_size(c.shape[2] * c.shape[3] * (r.shape[1] // 4), nms_pre) for c, r in zip(cls_l, reg_l)]
+        out = _select(boxes, scores, sources, ks, iou_threshold, max_per_img, min_bbox_size, nms_across_levels)
+    return out if padded else _unpad(out)
 
 
 def _image_shapes(img_shape, N: int):
@@ -256,7 +280,7 @@ def _candidates(cls_l, reg_l, pri_l, decoder, nms_pre, means, stds, wh_ratio_cli
         # max over the K class logits of each anchor, then (N, H*W*J) in (h, w, j) order
         obj = c.unflatten(1, (J, JK // J)).amax(2).permute(0, 2, 3, 1).reshape(N, A)
         score = torch.sigmoid(obj.to(acc))
-        k = A if nms_pre <= 0 or nms_pre >= A else nms_pre
+        k = _topk_size(A, nms_pre)
         score, idx = torch.sort(score, dim=1, descending=True, stable=True)
         score, idx = score[:, :k], idx[:, :k]
         deltas = r.permute(0, 2, 3, 1).reshape(N, A, 4).to(acc)
@@ -292,67 +316,52 @@ def _candidates(cls_l, reg_l, pri_l, decoder, nms_pre, means, stds, wh_ratio_cli
     return boxes, torch.cat(all_scores, 1), torch.cat(all_src, 1)
 
 
-def _select(boxes, scores, sources, n_levels, iou_threshold, max_per_img, min_bbox_size,
-            across_levels: bool = False) -> HEADProposals:
-    """Size filter, per-(image, level) NMS (per image with ``across_levels``), top ``max_per_img``
-    per image (reads the device)."""
+def _topk_size(A: int, nms_pre: int) -> int:
+    """Candidates a level of A anchors keeps before NMS."""
+    return A if nms_pre <= 0 or nms_pre >= A else nms_pre
+
+
+def _select(boxes, scores, sources, ks, iou_threshold, max_per_img, min_bbox_size,
+            across_levels: bool = False) -> HEADPaddedProposals:
+    """Size filter, NMS per (image, level) -- per image with ``across_levels`` -- and the top
+    ``max_per_img`` per image, in fixed shapes: no value is read on the host.
+
+    ``boxes`` (N,A,4), ``scores`` (N,A), ``sources`` (N,A,5) hold each image's candidates level by
+    level, ``ks[l]`` of level l, each level in decreasing score (the top-k's order)."""
     N, A = scores.shape
+    dev = scores.device
     if min_bbox_size >= 0:
         wh = boxes[..., 2:] - boxes[..., :2]
-        ok = (wh > min_bbox_size).all(-1).reshape(-1)
-        sel = ok.nonzero().squeeze(1)
+        ok = (wh > min_bbox_size).all(-1)
     else:
-        sel = torch.arange(N * A, device=scores.device)
-    flat_boxes, flat_scores = boxes.reshape(-1, 4)[sel], scores.reshape(-1)[sel]
-    flat_src = sources.reshape(-1, 5)[sel]
-    groups = flat_src[:, 1] if across_levels else flat_src[:, 1] * n_levels + flat_src[:, 0]
-    keep = _batched_nms(flat_boxes, flat_scores, groups, iou_threshold)  # decreasing score
-    img = flat_src[keep, 1]
-    keep = keep[torch.sort(img, stable=True)[1]]  # grouped by image, still decreasing within
-    img = flat_src[keep, 1]
-    counts = torch.bincount(img, minlength=N)
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(keep.numel(), device=keep.device) - starts[img]
-    keep = keep[rank < max_per_img]
-    sizes = counts.clamp(max=max_per_img).tolist()
-    return HEADProposals(list(flat_boxes[keep].split(sizes)), list(flat_scores[keep].split(sizes)),
-                         list(flat_src[keep].split(sizes)))
+        ok = torch.ones((N, A), dtype=torch.bool, device=dev)
+    if across_levels:  # one group per image: its candidates in decreasing score
+        order = torch.sort(scores, dim=1, descending=True, stable=True)[1]
+        keep_sorted = nms_mask(boxes.gather(1, order.unsqueeze(-1).expand(N, A, 4)), iou_threshold,
+                               ok.gather(1, order))
+        keep = torch.zeros_like(ok).scatter(1, order, keep_sorted)
+    else:  # one group per (image, level), levels padded to the largest k (padding is not valid)
+        L, K = len(ks), max(ks, default=0)
+        ar = torch.arange(K, device=dev)
+        offsets = [sum(ks[:lvl]) for lvl in range(L)]
+        idx = torch.stack([(ar + off).clamp(max=max(A - 1, 0)) for off in offsets]).reshape(-1)  # (L*K,)
+        real = torch.stack([ar < k for k in ks]).reshape(1, -1)
+        keep_p = nms_mask(boxes[:, idx].reshape(N * L, K, 4), iou_threshold,
+                          (ok[:, idx] & real).reshape(N * L, K)).reshape(N, L * K)
+        back = torch.cat([ar[:k] + lvl * K for lvl, k in enumerate(ks)]) if L else ar[:0]  # (A,)
+        keep = keep_p[:, back]
+    P = min(max_per_img, A)
+    masked = torch.where(keep, scores, torch.full((), -math.inf, dtype=scores.dtype, device=dev))
+    sel = torch.sort(masked, dim=1, descending=True, stable=True)[1][:, :P]
+    return HEADPaddedProposals(boxes.gather(1, sel.unsqueeze(-1).expand(N, P, 4)), scores.gather(1, sel),
+                               sources.gather(1, sel.unsqueeze(-1).expand(N, P, 5)), keep.gather(1, sel))
 
 
-def _batched_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, iou_threshold: float):
-    """Indices kept by greedy NMS within each group, in decreasing score order."""
-    if boxes.shape[0] == 0:
-        return groups.new_zeros((0,))
-    try:
-        from torchvision.ops import batched_nms
-    except Exception:  # torchvision is optional: the pure PyTorch path gives the same result
-        return _batched_nms_fallback(boxes, scores, groups, iou_threshold)
-    return batched_nms(boxes.double(), scores.double(), groups, iou_threshold)
-
-
-def _batched_nms_fallback(boxes, scores, groups, iou_threshold):
-    """Greedy NMS per group without torchvision: a box is kept unless a kept box of its group with
-    a higher score (ties: lower index) overlaps it with IoU > ``iou_threshold``."""
-    import numpy as np
-
-    b = boxes.double()
-    order = torch.sort(scores, descending=True, stable=True)[1]
-    kept = []
-    for g in torch.unique(groups).tolist():
-        idx = order[groups[order] == g]
-        bb = b[idx]
-        area = (bb[:, 2] - bb[:, 0]) * (bb[:, 3] - bb[:, 1])
-        lt = torch.maximum(bb[:, None, :2], bb[None, :, :2])
-        rb = torch.minimum(bb[:, None, 2:], bb[None, :, 2:])
-        inter = (rb - lt).clamp(min=0).prod(-1)
-        over = (inter / (area[:, None] + area[None, :] - inter) > iou_threshold).cpu().numpy()
-        keep = np.ones(len(idx), dtype=bool)
-        for i in range(len(idx)):
-            if keep[i]:
-                keep[i + 1:] &= ~over[i, i + 1:]
-        kept.append(idx[torch.from_numpy(keep).to(idx.device)])
-    keep = torch.cat(kept)
-    return keep[torch.sort(scores[keep], descending=True, stable=True)[1]]
+def _unpad(p: HEADPaddedProposals) -> HEADProposals:
+    """The per-image lists of the valid proposals (valid ones come first: one host read)."""
+    sizes = p.valid.sum(1).tolist()
+    return HEADProposals([b[:n] for b, n in zip(p.boxes, sizes)], [s[:n] for s, n in zip(p.scores, sizes)],
+                         [s[:n] for s, n in zip(p.sources, sizes)])
 
 
 def head_gt_sources(num_gts: Sequence[int], device=None) -> torch.Tensor:
@@ -528,7 +537,8 @@ class HEADAKDLoss(nn.Module):
             return [_check_channels(self.OWNER, f"{name}[{i}]", v) for i, v in enumerate(x)]
         return [_check_channels(self.OWNER, name, x)] * self.num_layers
 
-    def forward(self, assistant_feats: Sequence[torch.Tensor], teacher_feats: Sequence[torch.Tensor]) -> torch.Tensor:
+    def forward(self, assistant_feats: Sequence[torch.Tensor], teacher_feats: Sequence[torch.Tensor],
+                valid: Optional[torch.Tensor] = None) -> torch.Tensor:
         r"""AKD (Wang et al., ECCV 2022): :math:`\sum_l w\,\mathrm{MSE}(\mathrm{Linear}_l(A_l), T_l)`.
 
         Args:
@@ -536,9 +546,12 @@ class HEADAKDLoss(nn.Module):
                 outputs (``shared_fcs[0]``, ``shared_fcs[-1]`` before the ReLU) for the R RoIs.
             teacher_feats: ``num_layers`` tensors (R,C_t_l): the teacher head's outputs of the
                 same layers for the same RoIs, in the same order (detached here).
+            valid: None (every row counts) or (R,) bool: the rows that count (the others, e.g.
+                the empty slots of :func:`kdops.losses.head_sample_rois`, add nothing); the mean
+                is over the valid rows' elements, without a host read.
 
         Returns:
-            0-d float32 loss (float64 for float64 inputs), summed over layers; R = 0 gives 0.
+            0-d float32 loss (float64 for float64 inputs), summed over layers; no (valid) row gives 0.
         """
         o = self.OWNER
         a_l, t_l = self._layers("assistant_feats", assistant_feats), self._layers("teacher_feats", teacher_feats)
@@ -548,11 +561,19 @@ class HEADAKDLoss(nn.Module):
                         what="(R,C_in)")
             _check_rows(o, f"teacher_feats[{i}]", t, like=first, rows=first.shape[0], channels=m.out_features,
                         what="(R,C_t)")
+        if valid is not None:
+            check_tensor(o, "valid", valid, ndim=1, dtypes=(torch.bool,), like=first, shape=(first.shape[0],),
+                         what="(R,) bool, one flag per row")
         acc = acc_dtype(first)
         loss = first.new_zeros((), dtype=acc)
+        zero = torch.zeros((), dtype=acc, device=first.device)
         for a, t, m in zip(a_l, t_l, self.adapters):
             d = _linear(a, m, acc) - t.detach().to(acc)
-            loss = loss + d.pow(2).sum() / max(d.numel(), 1)
+            if valid is None:
+                loss = loss + d.pow(2).sum() / max(d.numel(), 1)
+            else:
+                d = torch.where(valid.unsqueeze(1), d, zero)
+                loss = loss + d.pow(2).sum() / (valid.sum().to(acc).clamp(min=1) * d.shape[1])
         return loss * self.loss_weight
 
     def _layers(self, name, x) -> list:

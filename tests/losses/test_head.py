@@ -412,26 +412,45 @@ def test_empty_images_give_empty_tensors():
     assert keep_all.boxes[1].shape[0] > 0
 
 
-def test_nms_without_torchvision_is_the_same_greedy_nms(monkeypatch):
-    tv = pytest.importorskip("torchvision.ops")
-    g = torch.Generator().manual_seed(0)
-    c = torch.rand(300, 2, generator=g, dtype=F64) * 60
-    wh = torch.rand(300, 2, generator=g, dtype=F64) * 30 + 5
-    boxes = torch.cat([c, c + wh], 1)
-    scores = torch.rand(300, generator=g, dtype=F64)
-    groups = torch.randint(0, 4, (300,), generator=g)
-    for thr in (0.3, 0.5, 0.7):
-        want = tv.batched_nms(boxes, scores, groups, thr)
-        got = head_module._batched_nms_fallback(boxes, scores, groups, thr)
-        assert torch.equal(got, want) and want.numel() < 300
+@pytest.mark.parametrize("across", [False, True])
+def test_padded_proposals_are_the_lists_with_a_validity_prefix(across):
+    cls, reg = head_outputs(seed=17)
+    pri = anchors()
+    kw = dict(nms_pre=60, img_shape=(64, 80), max_per_img=500, nms_across_levels=across)
+    lists = head_proposals(cls, reg, pri, **kw)
+    padded = head_proposals(cls, reg, pri, padded=True, **kw)
+    assert isinstance(padded, head_module.HEADPaddedProposals)
+    N, P = padded.valid.shape
+    assert P == 60 + 60 + 2 * 3 * J and padded.boxes.shape == (N, P, 4) and padded.sources.shape == (N, P, 5)
+    for n in range(N):
+        k = lists.boxes[n].shape[0]
+        assert 0 < k < P and padded.valid[n, :k].all() and not padded.valid[n, k:].any()
+        assert torch.equal(padded.boxes[n, :k], lists.boxes[n]) and torch.equal(padded.scores[n, :k], lists.scores[n])
+        assert torch.equal(padded.sources[n, :k], lists.sources[n])
+
+
+def test_proposals_without_torchvision_are_the_same(monkeypatch):
+    """NMS is kdops.nms_mask: torchvision is not needed."""
     cls, reg = head_outputs(seed=17)
     pri = anchors()
     with_tv = head_proposals(cls, reg, pri, nms_pre=60, img_shape=(64, 80))
-    monkeypatch.setitem(sys.modules, "torchvision.ops", None)  # `from torchvision.ops import ...` now fails
+    monkeypatch.setitem(sys.modules, "torchvision", None)
+    monkeypatch.setitem(sys.modules, "torchvision.ops", None)
     without = head_proposals(cls, reg, pri, nms_pre=60, img_shape=(64, 80))
     for a, b in zip(with_tv, without):
         for x, y in zip(a, b):
             assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("across", [False, True])
+def test_padded_proposals_read_no_device_value(across):
+    """The whole proposal path with padded=True, NMS included, on meta tensors: no host read."""
+    cls = [torch.empty(2, J * K, h, w, device="meta") for h, w in SIZES]
+    reg = [torch.empty(2, J * 4, h, w, device="meta") for h, w in SIZES]
+    pri = [torch.empty(h * w * J, 4, device="meta") for h, w in SIZES]
+    out = head_proposals(cls, reg, pri, nms_pre=50, max_per_img=100, img_shape=(64, 80), padded=True,
+                         nms_across_levels=across)
+    assert out.boxes.shape == (2, 100, 4) and out.valid.shape == (2, 100) and out.valid.device.type == "meta"
 
 
 def test_proposal_candidates_read_no_device_value():
@@ -525,6 +544,26 @@ def test_akd_is_the_released_weighted_mse(weight):
     for g, w in zip(grads, want_grads):
         close(g, w, F64)
     assert torch.autograd.gradcheck(lambda x0, x1: loss([x0, x1], t), tuple(a))
+
+
+def test_akd_valid_rows_are_the_mse_over_those_rows_only():
+    """The fixed-slot form (empty R-CNN slots masked): the released MSE over the valid rows, the
+    other rows get zero gradients; no valid row gives an exact 0."""
+    loss = HEADAKDLoss(in_channels=[5, 6], out_channels=[4, 3]).double()
+    a, t = akd_problem(R=9)
+    valid = torch.tensor([1, 0, 1, 1, 0, 0, 1, 1, 0], dtype=torch.bool)
+    a = [x.requires_grad_(True) for x in a]
+    value = loss(a, t, valid)
+    grads = torch.autograd.grad(value, a)
+    want, want_grads = akd_oracle(loss, [x[valid] for x in a], [y[valid] for y in t])
+    close(value, want, F64)
+    for g, w in zip(grads, want_grads):
+        close(g[valid], w, F64)
+        assert (g[~valid] == 0).all()
+    none = loss(a, t, torch.zeros(9, dtype=torch.bool))
+    assert none.item() == 0.0
+    with pytest.raises(ValueError, match="valid"):
+        loss(a, t, valid[:4])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, *LOW])

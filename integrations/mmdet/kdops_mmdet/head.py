@@ -40,8 +40,14 @@ paper stops CKD at the first learning-rate drop (Table 6) and the release does n
 configs follow the paper (``stop_at_first_lr_milestone=True`` on ``ckd``); drop that flag for the
 release's behaviour. Export keeps ``student.*`` only: no assistant, adapter or teacher weights.
 
-Proposal selection and the R-CNN sampler read the device (data-dependent sizes), as in mmdet's
-own two-stage detectors; the CKD gather itself does not.
+Host synchronisation: with ``sync_free=True`` (the default) the whole distillation part --
+proposals (:func:`kdops.nms_mask`), the assistant's assignment and sampling
+(:func:`kdops.losses.head_sample_rois`: mmdet's ``MaxIoUAssigner`` + ``RandomSampler`` in fixed
+shapes, the same assignment and sampling law), its R-CNN GT loss (mmdet's own ``loss_cls`` and
+``loss_bbox`` modules on masked, fixed-size batches), the teacher's R-CNN head, AKD and CKD --
+never reads the device: each image keeps ``num`` RoI slots (512), empty slots are masked out of
+every loss. ``sync_free=False`` runs mmdet's assigner, sampler and ``bbox_loss`` instead (the
+release's path; data-dependent sizes, several host reads per image).
 """
 from __future__ import annotations
 
@@ -52,13 +58,14 @@ import torch
 import torch.nn as nn
 from mmdet.models.detectors import BaseDetector, SingleStageDetector, TwoStageDetector
 from mmdet.models.utils import unpack_gt_instances
-from mmdet.structures.bbox import bbox2roi
+from mmdet.structures.bbox import bbox2roi, get_box_tensor
 from mmengine.config import ConfigDict
 from mmengine.logging import print_log
 from mmengine.structures import InstanceData
 
 from kdops.losses import (
-    HEADAKDLoss, HEADCKDLoss, HEADContrastiveCKDLoss, HEADDenseLoss, head_gt_sources, head_proposals,
+    HEADAKDLoss, HEADCKDLoss, HEADContrastiveCKDLoss, HEADDenseLoss, HEADRoISamples, head_gt_sources, head_pad_gt,
+    head_proposals, head_sample_rois,
 )
 
 from .distill_losses import head_decoding
@@ -197,6 +204,40 @@ class _StudentAsRPN:
                       logger="current", level=30)
         return cfg
 
+    def _sync_free_cfg(self) -> dict:
+        """The assistant's assigner/sampler settings for :func:`kdops.losses.head_sample_rois`, and
+        a check that its R-CNN loss can run on masked slots (else a ValueError naming the fix)."""
+        a = self.assistant
+        assigner, sampler, head = a.bbox_assigner, a.bbox_sampler, a.bbox_head
+        hint = "; set sync_free=False to use mmdet's assigner, sampler and bbox_loss"
+        if type(assigner).__name__ != "MaxIoUAssigner" or type(sampler).__name__ != "RandomSampler":
+            raise ValueError(f"{self.owner}: sync_free=True computes Faster R-CNN's MaxIoUAssigner + RandomSampler; "
+                             f"the assistant's train_cfg has {type(assigner).__name__} + {type(sampler).__name__}{hint}")
+        iou_calc = getattr(assigner, "iou_calculator", None)
+        if (type(iou_calc).__name__ != "BboxOverlaps2D" or getattr(iou_calc, "scale", 1.0) != 1.0
+                or getattr(iou_calc, "dtype", None) is not None):
+            raise ValueError(f"{self.owner}: sync_free=True needs the assigner's plain BboxOverlaps2D IoU (scale 1, "
+                             f"no dtype cast), got {iou_calc!r}{hint}")
+        if assigner.ignore_iof_thr > 0:
+            raise ValueError(f"{self.owner}: sync_free=True does not implement ignored GT boxes (assigner "
+                             f"ignore_iof_thr = {assigner.ignore_iof_thr}){hint}")
+        if assigner.match_low_quality and not assigner.gt_max_assign_all:
+            raise ValueError(f"{self.owner}: sync_free=True implements match_low_quality with gt_max_assign_all=True "
+                             f"only{hint}")
+        if getattr(head, "reg_decoded_bbox", False) or getattr(head, "custom_cls_channels", False):
+            raise ValueError(f"{self.owner}: sync_free=True needs a bbox head regressing encoded deltas with a plain "
+                             f"softmax classifier (reg_decoded_bbox=False, no custom_cls_channels){hint}")
+        if type(head.loss_bbox).__name__ not in ("L1Loss", "SmoothL1Loss", "MSELoss", "BalancedL1Loss"):
+            raise ValueError(f"{self.owner}: sync_free=True supports element-wise box losses (L1Loss, SmoothL1Loss, "
+                             f"MSELoss, BalancedL1Loss), got {type(head.loss_bbox).__name__}{hint}")
+        if type(head.loss_cls).__name__ != "CrossEntropyLoss" or head.loss_cls.use_sigmoid:
+            raise ValueError(f"{self.owner}: sync_free=True supports a softmax CrossEntropyLoss classifier, got "
+                             f"{type(head.loss_cls).__name__}{hint}")
+        return dict(num_classes=int(head.num_classes), num=int(sampler.num), pos_fraction=float(sampler.pos_fraction),
+                    neg_pos_ub=float(sampler.neg_pos_ub), add_gt_as_proposals=bool(sampler.add_gt_as_proposals),
+                    pos_iou_thr=float(assigner.pos_iou_thr), neg_iou_thr=assigner.neg_iou_thr,
+                    min_pos_iou=float(assigner.min_pos_iou), match_low_quality=bool(assigner.match_low_quality))
+
     def set_kd_scale(self, scale) -> None:
         """The schedule's factor on each named loss (KDScheduleHook calls this before every iteration)."""
         if isinstance(scale, dict):
@@ -208,7 +249,7 @@ class _StudentAsRPN:
         else:
             self.kd_scale = {k: float(scale) for k in self.kd_scale}
 
-    def proposals(self, cls_scores, bbox_preds, metas, centernesses=None):
+    def proposals(self, cls_scores, bbox_preds, metas, centernesses=None, padded: bool = False):
         """The student head as an RPN (:func:`kdops.losses.head_proposals`) with its own priors and
         coder: anchors and DeltaXYWH, or (FCOS) points, distances and the centerness as score factor."""
         head = self.student.bbox_head
@@ -225,10 +266,10 @@ class _StudentAsRPN:
             if centernesses is None:
                 raise ValueError(f"{self.owner}: the FCOS student's head returned no centerness")
             return head_proposals(cls, regs, points, "distance", score_factors=[c.detach() for c in centernesses],
-                                  nms_across_levels=True, img_shape=shapes, **self.proposal_cfg)
+                                  nms_across_levels=True, img_shape=shapes, padded=padded, **self.proposal_cfg)
         priors = head.prior_generator.grid_priors(sizes, device=cls[0].device)
         return head_proposals(cls, [b.detach() for b in bbox_preds], priors, "delta_xywh", means=self.decoding["means"],
-                              stds=self.decoding["stds"], img_shape=shapes, **self.proposal_cfg)
+                              stds=self.decoding["stds"], img_shape=shapes, padded=padded, **self.proposal_cfg)
 
     def _sample(self, x, props, gts, gts_ignore):
         """mmdet's StandardRoIHead assignment and sampling, keeping each sampled RoI's source row."""
@@ -250,18 +291,55 @@ class _StudentAsRPN:
     def _assistant_step(self, s_feats, outs, gts, gts_ignore, metas, losses: dict, scale: float):
         """Proposals from the student's head outputs ``outs`` (cls_scores, bbox_preds[, centernesses]),
         the assistant's sampling and GT loss (into ``losses`` as loss_assist_*, times ``scale``);
-        returns (sampling results, sources, the assistant's recorded shared_fcs outputs)."""
-        props = self.proposals(outs[0], outs[1], metas, outs[2] if len(outs) > 2 else None)
+        returns (rois (R,5), valid rows (R,) bool or None, sources (R,5), the assistant's recorded
+        shared_fcs outputs)."""
         x = tuple(s_feats[:len(self.featmap_strides)])
-        sampling, sources = self._sample(x, props, gts, gts_ignore)
-        with self._assist_rec:
-            res = self.assistant.bbox_loss(x, sampling)
-        for k, v in res["loss_bbox"].items():
+        ctr = outs[2] if len(outs) > 2 else None
+        if self.sync_free:
+            props = self.proposals(outs[0], outs[1], metas, ctr, padded=True)
+            gt_b, gt_l, gt_v = head_pad_gt([get_box_tensor(g.bboxes).to(props.boxes.dtype) for g in gts],
+                                           [g.labels for g in gts])
+            samples = head_sample_rois(props.boxes, props.valid, props.sources, gt_b, gt_l, gt_v,
+                                       **self._sampling_cfg)
+            with self._assist_rec:
+                res = self.assistant._bbox_forward(x, samples.rois)
+            res = self._masked_rcnn_loss(res["cls_score"], res["bbox_pred"], samples)
+            rois, valid, sources = samples.rois, samples.valid, samples.sources
+        else:
+            props = self.proposals(outs[0], outs[1], metas, ctr)
+            sampling, sources = self._sample(x, props, gts, gts_ignore)
+            with self._assist_rec:
+                res = self.assistant.bbox_loss(x, sampling)["loss_bbox"]
+            rois, valid = bbox2roi([r.priors for r in sampling]), None
+        for k, v in res.items():
             if k.startswith("loss_"):
                 losses["loss_assist_" + k[len("loss_"):]] = v * scale
             else:
                 losses["assist_" + k] = v
-        return sampling, sources, self._assist_rec.take()
+        return rois, valid, sources, self._assist_rec.take()
+
+    def _masked_rcnn_loss(self, cls_score: torch.Tensor, bbox_pred: torch.Tensor, s: HEADRoISamples) -> dict:
+        """mmdet's ``BBoxHead.loss`` on fixed slots: the head's own ``loss_cls`` and ``loss_bbox``
+        modules, empty slots weighted 0, averaged over the sampled RoIs -- the same values, no host
+        read (mmdet's ``avg_factor`` ``.item()`` and ``pos_inds.any()`` become tensors and masks)."""
+        head = self.assistant.bbox_head
+        R = cls_score.shape[0]
+        n = s.valid.sum().to(cls_score.dtype).clamp(min=1)
+        out = {"loss_cls": head.loss_cls(cls_score, s.labels, s.valid.to(cls_score.dtype), avg_factor=n)}
+        top = cls_score.detach().topk(1, dim=1)[1].squeeze(1)
+        out["acc"] = ((top == s.labels) & s.valid).sum().to(cls_score.dtype) * (100.0 / n)
+        if head.reg_class_agnostic:
+            pred = bbox_pred.view(R, -1)
+        else:
+            pred = bbox_pred.view(R, head.num_classes, -1)
+            pred = pred.gather(1, s.labels.clamp(max=head.num_classes - 1).view(R, 1, 1).expand(
+                R, 1, pred.shape[2])).squeeze(1)
+        target = head.bbox_coder.encode(s.rois[:, 1:], s.gt_boxes)
+        pos = s.pos.unsqueeze(1)
+        zero = torch.zeros((), dtype=pred.dtype, device=pred.device)
+        out["loss_bbox"] = head.loss_bbox(torch.where(pos, pred, zero), torch.where(pos, target.to(pred.dtype), zero),
+                                          avg_factor=n)
+        return out
 
 
 @MODELS.register_module()
@@ -297,19 +375,24 @@ class HEADDistillDetector(_StudentAsRPN, DistillDetector):
             over mmcv's RoIAlign, the same values, one kernel for every level) wherever their
             extractor is a ``SingleRoIExtractor`` over an average ``RoIAlign`` (default True);
             False keeps mmdet's extractor.
+        sync_free: True (default): proposals, assistant sampling and GT loss in fixed shapes with
+            no host synchronisation (see the module docstring; the same assignment, the sampling
+            law of mmdet's RandomSampler, the same loss values); False: mmdet's assigner, sampler
+            and ``bbox_loss`` (the release's path, bitwise mmdet's random draws).
     """
 
     def __init__(self, student, teacher_cfg, teacher_ckpt: Optional[str], featmap_strides: Sequence[int] = (8, 16, 32,
                                                                                                          64),
                  weight_transfer: bool = True, proposals: Optional[dict] = None, akd: Optional[dict] = None,
                  ckd: Union[dict, None, bool] = None, distill_losses: Sequence[dict] = (), fused_roi_align: bool = True,
-                 **kwargs) -> None:
+                 sync_free: bool = True, **kwargs) -> None:
         for entry in distill_losses or ():
             name = entry.get("name") if isinstance(entry, dict) else None
             if name in ("akd", "ckd"):
                 raise ValueError(f"{_OWNER}: distill_losses entry name {name!r} is HEAD's own loss; rename the entry")
         proposal_cfg = self._check_proposals(proposals)
-        for name, flag in (("weight_transfer", weight_transfer), ("fused_roi_align", fused_roi_align)):
+        for name, flag in (("weight_transfer", weight_transfer), ("fused_roi_align", fused_roi_align),
+                           ("sync_free", sync_free)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{_OWNER}: {name} must be True or False, got {flag!r}")
         # the teacher's RCNN settings are read before the (possibly large) models are built
@@ -328,6 +411,8 @@ class HEADDistillDetector(_StudentAsRPN, DistillDetector):
         self.assistant = MODELS.build(self._assistant_cfg(teacher_model_cfg.roi_head,
                                                           (teacher_model_cfg.get("train_cfg") or {}).get("rcnn"),
                                                           (teacher_model_cfg.get("test_cfg") or {}).get("rcnn")))
+        self.sync_free = sync_free
+        self._sampling_cfg = self._sync_free_cfg() if sync_free else None
         if weight_transfer:
             self._transfer_weights()
         t_fcs = _shared_fcs(self.teacher.roi_head, "teacher")
@@ -401,14 +486,24 @@ class HEADDistillDetector(_StudentAsRPN, DistillDetector):
             outs = s.bbox_head(s_feats)
         cls_feats = self._student_rec.take()["cls"]
         losses = s.bbox_head.loss_by_feat(*outs, gts, metas, gts_ignore)
+        losses.update(self.distill_part(t_feats, s_feats, outs, cls_feats, gts, gts_ignore, metas))
+        return losses
 
-        sampling, sources, a_out = self._assistant_step(s_feats, outs, gts, gts_ignore, metas, losses, 1.0)
-        rois = bbox2roi([r.priors for r in sampling])
+    def distill_part(self, t_feats, s_feats, outs, cls_feats, gts, gts_ignore, metas) -> dict:
+        """HEAD's part of a step, after the student's own forward and losses: proposals from the
+        student's head outputs ``outs``, the assistant's sampling, R-CNN forward and GT loss, the
+        teacher's R-CNN head on the same RoIs, AKD and CKD (``cls_feats``: the student head's last
+        cls conv outputs per level). Returns the losses (loss_assist_*, assist_acc, loss_akd,
+        loss_ckd). With ``sync_free`` nothing here reads the device."""
+        t = self.teacher
+        losses: dict = {}
+        rois, valid, sources, a_out = self._assistant_step(s_feats, outs, gts, gts_ignore, metas, losses, 1.0)
         with torch.no_grad(), self._teacher_rec:
             t.roi_head._bbox_forward(t_feats, rois)
         t_out = self._teacher_rec.take()
         keys = [str(i) for i in self._layers]
-        losses["loss_akd"] = self.akd([a_out[k][0] for k in keys], [t_out[k][0] for k in keys]) * self.kd_scale["akd"]
+        losses["loss_akd"] = self.akd([a_out[k][0] for k in keys], [t_out[k][0] for k in keys],
+                                      valid) * self.kd_scale["akd"]
         if self.ckd is not None:
             t_last = t_out[keys[-1]][0]
             if isinstance(self.ckd, HEADContrastiveCKDLoss):
@@ -453,6 +548,7 @@ class TFHEADDetector(_StudentAsRPN, StudentInference, BaseDetector):
         ckd: :class:`kdops.losses.HEADCKDLoss` settings (``loss_weight`` 1.3).
         fused_roi_align: the R-CNN assistant's RoI features through ``kdops.FusedRoIExtractor``
             (as for :class:`HEADDistillDetector`; default True).
+        sync_free: as for :class:`HEADDistillDetector` (default True).
     """
 
     owner = "kdops.TFHEADDetector"
@@ -460,15 +556,16 @@ class TFHEADDetector(_StudentAsRPN, StudentInference, BaseDetector):
     def __init__(self, student, rcnn_assistant: dict, dense_assistant: dict,
                  featmap_strides: Sequence[int] = (8, 16, 32, 64), proposals: Optional[dict] = None,
                  dense: Optional[dict] = None, ckd: Optional[dict] = None, fused_roi_align: bool = True,
-                 data_preprocessor=None, init_cfg=None) -> None:
+                 sync_free: bool = True, data_preprocessor=None, init_cfg=None) -> None:
         if data_preprocessor is not None:
             raise ValueError(f"{self.owner}: the student's data_preprocessor is used; set it in model.student")
         for name, cfg in (("rcnn_assistant", rcnn_assistant), ("dense_assistant", dense_assistant)):
             if not isinstance(cfg, dict) or "type" not in cfg:
                 raise TypeError(f"{self.owner}: {name} must be a head config dict with a `type`, got {cfg!r}")
         proposal_cfg = self._check_proposals(proposals)
-        if not isinstance(fused_roi_align, bool):
-            raise TypeError(f"{self.owner}: fused_roi_align must be True or False, got {fused_roi_align!r}")
+        for name, flag in (("fused_roi_align", fused_roi_align), ("sync_free", sync_free)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{self.owner}: {name} must be True or False, got {flag!r}")
         super().__init__(data_preprocessor=None, init_cfg=init_cfg)
         self.fused_roi_align = fused_roi_align
         self.student = MODELS.build(model_config(student, "model.student"))
@@ -480,6 +577,8 @@ class TFHEADDetector(_StudentAsRPN, StudentInference, BaseDetector):
         self.assistant = MODELS.build(self._assistant_cfg({k: v for k, v in rcnn.items()
                                                            if k not in ("train_cfg", "test_cfg")},
                                                           rcnn.get("train_cfg"), rcnn.get("test_cfg")))
+        self.sync_free = sync_free
+        self._sampling_cfg = self._sync_free_cfg() if sync_free else None
         dcfg = ConfigDict(copy.deepcopy(dict(dense_assistant)))
         dcfg.in_channels = self._student_channels()
         strides = [int(st[0] if isinstance(st, (tuple, list)) else st) for st in dcfg.get("strides", [])]
@@ -516,7 +615,7 @@ class TFHEADDetector(_StudentAsRPN, StudentInference, BaseDetector):
         d_feats = self._dense_rec.take()["cls"]
         for k, v in self.dense_assistant.loss_by_feat(*d_outs, gts, metas, gts_ignore).items():
             losses["loss_dense_" + k[len("loss_"):] if k.startswith("loss_") else "dense_" + k] = v * scale["assist"]
-        _, sources, a_out = self._assistant_step(s_feats, outs, gts, gts_ignore, metas, losses, scale["assist"])
+        _, _, sources, a_out = self._assistant_step(s_feats, outs, gts, gts_ignore, metas, losses, scale["assist"])
         losses["loss_dense_mimic"] = self.dense_mimic(cls_feats, d_feats) * scale["dense"]
         losses["loss_ckd"] = self.ckd(cls_feats, sources, a_out["last"][0]) * scale["ckd"]
         return losses

@@ -60,6 +60,33 @@ def _batch(cfg, model, n=2):
     return model.data_preprocessor(data, training=True)
 
 
+def _spy_samples(model, monkeypatch) -> dict:
+    """Records a step's sampled RoIs on either path (sync_free or mmdet's sampler): ``rois`` (R,4), ``img``
+    (R,), ``sources`` (R,5) of the sampled rows, and ``valid``: which rows of the R-CNN heads' input batch
+    they are (every row on mmdet's path; the fixed-shape path also has empty slots)."""
+    import kdops_mmdet.head as head_mod
+
+    record = {}
+    orig_sample, orig_fixed = model._sample, head_mod.head_sample_rois
+
+    def spy(*args):
+        sampling, sources = out = orig_sample(*args)
+        record["rois"] = torch.cat([r.priors for r in sampling])
+        record["img"] = torch.cat([torch.full((len(r.priors),), i) for i, r in enumerate(sampling)])
+        record["sources"], record["valid"] = sources, torch.ones(len(sources), dtype=torch.bool)
+        return out
+
+    def spy_fixed(*args, **kw):
+        out = orig_fixed(*args, **kw)
+        record["rois"], record["img"] = out.rois[out.valid, 1:], out.rois[out.valid, 0].long()
+        record["sources"], record["valid"] = out.sources[out.valid], out.valid
+        return out
+
+    monkeypatch.setattr(model, "_sample", spy)
+    monkeypatch.setattr(head_mod, "head_sample_rois", spy_fixed)
+    return record
+
+
 class _Probe(Hook):
     def __init__(self):
         self.iters, self.metrics, self.start = [], None, None
@@ -125,20 +152,17 @@ def test_head_toy_config_trains_validates_schedules_and_exports(toy, tmp_path, c
     assert all(torch.equal(v, ref[k]) for k, v in plain.state_dict().items())
 
 
-def test_head_step_sources_rois_and_losses_match_mmdet_and_eager_formulas(toy):
+@pytest.mark.parametrize("sync_free", [True, False], ids=["sync_free", "mmdet_sampler"])
+def test_head_step_sources_rois_and_losses_match_mmdet_and_eager_formulas(toy, sync_free, monkeypatch):
     """One HEAD step outside the Runner: each sampled proposal RoI is mmdet's DeltaXYWHBBoxCoder decoding
     of the student's regression at its source (level, image, y, x, anchor) -- clipped to the image --
     GT RoIs are GT boxes with level -1, and loss_akd / loss_ckd equal the release's MSEs recomputed from
-    the recorded assistant, teacher and student features."""
-    model, cfg = _model(toy)
+    the recorded assistant, teacher and student features (on the sampled rows: the fixed-shape path's
+    empty slots count nowhere)."""
+    model, cfg = _model(toy, sync_free=sync_free)
     model.train()
     data = _batch(cfg, model)
-    record = {}
-    orig_sample = model._sample
-
-    def spy(*args):
-        record["sampling"], record["sources"] = out = orig_sample(*args)
-        return out
+    record = _spy_samples(model, monkeypatch)
 
     feats = {}
 
@@ -148,7 +172,6 @@ def test_head_step_sources_rois_and_losses_match_mmdet_and_eager_formulas(toy):
             feats.setdefault(name, []).append(out)
         return hook
 
-    model._sample = spy
     handles = [model.student.bbox_head.cls_convs[-1].register_forward_hook(grab("cls")),
                model.student.bbox_head.register_forward_hook(grab("head")),
                model.assistant.bbox_head.shared_fcs[0].register_forward_hook(grab("a0")),
@@ -160,8 +183,7 @@ def test_head_step_sources_rois_and_losses_match_mmdet_and_eager_formulas(toy):
     finally:
         for h in handles:
             h.remove()
-    sampling, sources = record["sampling"], record["sources"]
-    rois = torch.cat([r.priors for r in sampling])
+    rois, sources, valid = record["rois"], record["sources"], record["valid"]
     assert sources.shape == (rois.shape[0], 5) and rois.shape[0] > 0
 
     # -- bookkeeping against mmdet's coder
@@ -184,13 +206,12 @@ def test_head_step_sources_rois_and_losses_match_mmdet_and_eager_formulas(toy):
         want = head.bbox_coder.decode(anchor[None], delta[None].detach(), max_shape=shape)
         torch.testing.assert_close(rois[r], want[0], rtol=1e-5, atol=1e-4)
     assert 0 < n_gt_rows < rois.shape[0]
-    img_of_row = torch.cat([torch.full((len(r.priors),), i) for i, r in enumerate(sampling)])
-    assert torch.equal(sources[:, 1], img_of_row)
+    assert torch.equal(sources[:, 1], record["img"])
 
     # -- AKD: 2.0 * mean squared error per layer after one Linear each (the release's MSELoss)
     akd = 0.0
     for a_key, t_key, lin in (("a0", "t0", model.akd.adapters[0]), ("a1", "t1", model.akd.adapters[1])):
-        a, t = feats[a_key][-1].double(), feats[t_key][-1].double()
+        a, t = feats[a_key][-1][valid].double(), feats[t_key][-1][valid].double()
         akd = akd + F.mse_loss(F.linear(a, lin.weight.double(), lin.bias.double()), t)
     assert float(losses["loss_akd"].detach()) == pytest.approx(2.0 * float(akd.detach()), rel=1e-5)
     # the warm-up scale is the hook's business: outside the Runner it is 1
@@ -200,7 +221,7 @@ def test_head_step_sources_rois_and_losses_match_mmdet_and_eager_formulas(toy):
     rows = torch.stack([feats["cls"][lvl][b, :, y, x] for lvl, b, y, x, _ in sources[keep].tolist()]).double()
     lin = model.ckd.source.adapter
     pred = F.linear(rows, lin.weight.double(), lin.bias.double())
-    ckd = F.mse_loss(pred, feats["t1"][-1][keep].double())
+    ckd = F.mse_loss(pred, feats["t1"][-1][valid][keep].double())
     assert float(losses["loss_ckd"].detach()) == pytest.approx(2.0 * float(ckd.detach()), rel=1e-5)
 
     # the KD terms reach the student through CKD and the assistant through AKD
@@ -241,7 +262,7 @@ def test_head_fused_roi_align_gives_mmdets_losses_and_gradients(toy):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_head_fcos_student_proposals_are_mmdets_fcos_prediction_path_on_max_class_scores(toy):
+def test_head_fcos_student_proposals_are_mmdets_fcos_prediction_path_on_max_class_scores(toy, monkeypatch):
     """The FCOS student as the assistant's RPN, against mmdet's own FCOSHead.predict_by_feat (the path
     the release's FCOSRPNHead calls): class logits reduced by a max over classes, distances times the
     stride (FCOSHead leaves them normalised in training), centerness as score factor, score_thr 0, one
@@ -286,12 +307,8 @@ def test_head_fcos_student_proposals_are_mmdets_fcos_prediction_path_on_max_clas
     assert levels.unique().numel() > 1, "the test must see proposals from several levels"
 
     # one step: RoIs decode from their source points, CKD is the eager MSE on the cls tower's output
-    record, feats = {}, {}
-    orig_sample = model._sample
-
-    def spy(*args):
-        record["sampling"], record["sources"] = out = orig_sample(*args)
-        return out
+    feats = {}
+    record = _spy_samples(model, monkeypatch)
 
     def grab(name):
         def hook(module, inputs, output):
@@ -299,7 +316,6 @@ def test_head_fcos_student_proposals_are_mmdets_fcos_prediction_path_on_max_clas
                                               else [[t.detach() for t in o] for o in output])
         return hook
 
-    model._sample = spy
     handles = [head.cls_convs[-1].register_forward_hook(grab("cls")), head.register_forward_hook(grab("head")),
                model.teacher.roi_head.bbox_head.shared_fcs[-1].register_forward_hook(grab("t1"))]
     try:
@@ -308,8 +324,7 @@ def test_head_fcos_student_proposals_are_mmdets_fcos_prediction_path_on_max_clas
         for h in handles:
             h.remove()
     assert {"loss_cls", "loss_bbox", "loss_centerness", "loss_akd", "loss_ckd"} <= set(losses)
-    rois = torch.cat([r.priors for r in record["sampling"]])
-    sources = record["sources"]
+    rois, sources, valid = record["rois"], record["sources"], record["valid"]
     cls_scores, bbox_preds, _ = feats["head"][0]
     points = head.prior_generator.grid_priors([c.shape[-2:] for c in cls_scores], device=rois.device)
     for r in range(rois.shape[0]):
@@ -324,7 +339,7 @@ def test_head_fcos_student_proposals_are_mmdets_fcos_prediction_path_on_max_clas
     keep = sources[:, 0] >= 0
     rows = torch.stack([feats["cls"][lvl][b, :, y, x] for lvl, b, y, x, _ in sources[keep].tolist()]).double()
     lin = model.ckd.source.adapter
-    ckd = F.mse_loss(F.linear(rows, lin.weight.double(), lin.bias.double()), feats["t1"][-1][keep].double())
+    ckd = F.mse_loss(F.linear(rows, lin.weight.double(), lin.bias.double()), feats["t1"][-1][valid][keep].double())
     assert float(losses["loss_ckd"].detach()) == pytest.approx(2.0 * float(ckd), rel=1e-5)
 
 
@@ -463,24 +478,18 @@ def test_tf_head_toy_trains_with_assistants_and_stops_mimicking_at_the_milestone
     assert isinstance(probe.metrics.get("coco/bbox_mAP"), float)
 
 
-def test_tf_head_mimic_losses_match_eager_formulas_and_do_not_train_the_assistants(toy):
+def test_tf_head_mimic_losses_match_eager_formulas_and_do_not_train_the_assistants(toy, monkeypatch):
     model, cfg = _tf_model(toy)
     model.train()
     data = _batch(cfg, model)
-    feats, record = {}, {}
+    feats = {}
+    record = _spy_samples(model, monkeypatch)
 
     def grab(name):
         def hook(module, inputs, output):
             feats.setdefault(name, []).append(output.detach())
         return hook
 
-    orig_sample = model._sample
-
-    def spy(*args):
-        record["sampling"], record["sources"] = out = orig_sample(*args)
-        return out
-
-    model._sample = spy
     handles = [model.student.bbox_head.cls_convs[-1].register_forward_hook(grab("cls")),
                model.dense_assistant.cls_convs[-1].register_forward_hook(grab("dense")),
                model.assistant.bbox_head.shared_fcs[-1].register_forward_hook(grab("fc"))]
@@ -499,7 +508,8 @@ def test_tf_head_mimic_losses_match_eager_formulas_and_do_not_train_the_assistan
     keep = sources[:, 0] >= 0
     rows = torch.stack([feats["cls"][lvl][b, :, y, x] for lvl, b, y, x, _ in sources[keep].tolist()]).double()
     lin = model.ckd.source.adapter
-    want = 1.3 * F.mse_loss(F.linear(rows, lin.weight.double(), lin.bias.double()), feats["fc"][-1][keep].double())
+    want = 1.3 * F.mse_loss(F.linear(rows, lin.weight.double(), lin.bias.double()),
+                            feats["fc"][-1][record["valid"]][keep].double())
     assert float(losses["loss_ckd"].detach()) == pytest.approx(float(want.detach()), rel=1e-5)
     # the assistants are targets of the mimic losses: no gradient reaches them from there
     (losses["loss_dense_mimic"] + losses["loss_ckd"]).backward()
