@@ -13,18 +13,21 @@ runs on meta tensors and never waits for the GPU.
 - :func:`head_sample_rois` -- ``MaxIoUAssigner`` then ``RandomSampler`` (GT boxes added as
   proposals), returning :class:`HEADRoISamples`: the RoIs of every image in fixed slots with
   their sources, labels, assigned GT boxes and masks.
+- :func:`head_rcnn_loss` -- mmdet's ``BBoxHead.loss`` on those slots (empty slots weighted 0,
+  tensor normalisers instead of ``.item()``), with the head's own loss modules and box coder.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
 from ..ops._validation import check_flag, check_number, check_tensor
 
-__all__ = ["HEADRoISamples", "head_box_iou", "head_pad_gt", "head_sample_rois"]
+__all__ = ["HEADRoISamples", "head_box_iou", "head_pad_gt", "head_rcnn_loss", "head_sample_rois"]
 
 SAMPLE = "kdops.losses.head_sample_rois"
+RCNN_LOSS = "kdops.losses.head_rcnn_loss"
 PAD_GT = "kdops.losses.head_pad_gt"
 #: the level written in the source row of a GT box (as :data:`kdops.losses.head.GT_LEVEL`)
 _GT_LEVEL = -1
@@ -279,3 +282,72 @@ def head_sample_rois(
         rois = torch.cat([img, roi_boxes], -1)
     return HEADRoISamples(rois.reshape(N * S, 5), src.reshape(N * S, 5), labels.reshape(-1),
                           matched.reshape(N * S, 4), pos.reshape(-1), ok.reshape(-1))
+
+
+def head_rcnn_loss(
+    cls_score: torch.Tensor,
+    bbox_pred: torch.Tensor,
+    samples: HEADRoISamples,
+    *,
+    loss_cls: Callable[..., torch.Tensor],
+    loss_bbox: Callable[..., torch.Tensor],
+    encode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    class_agnostic: bool = False,
+) -> Dict[str, torch.Tensor]:
+    r"""An R-CNN head's GT loss on the fixed slots of :func:`head_sample_rois`: mmdet's
+    ``BBoxHead.loss`` (with ``BBoxHead.get_targets``), the same values without a host read.
+
+    With :math:`n` = max(1, #sampled RoIs), :math:`y_r` the slot's label and :math:`\mathcal{P}`
+    the positive slots:
+
+    .. math::
+        \mathcal{L}_{cls} = \mathrm{loss\_cls}(s, y, w = [r\ \mathrm{sampled}], n),\qquad
+        \mathcal{L}_{bbox} = \mathrm{loss\_bbox}\big(\delta_{r, y_r}[r\in\mathcal{P}],\
+            \mathrm{encode}(roi_r, gt_r)[r\in\mathcal{P}], n\big)
+
+    where the box regression of class :math:`y_r` (or the class-agnostic one) and its target are
+    zeroed outside :math:`\mathcal{P}` (so ``loss_bbox`` must give 0 for equal zero inputs, as
+    L1, smooth L1, MSE and balanced L1 do) -- mmdet indexes the positive rows instead, and reads
+    ``avg_factor`` with ``.item()``; here :math:`n` is a tensor. ``acc`` is mmdet's top-1
+    accuracy in percent over the sampled slots.
+
+    Args:
+        cls_score: (R,C+1) class logits of the N·S slots (background last).
+        bbox_pred: (R,4·C) class-specific deltas, or (R,4) with ``class_agnostic``.
+        samples: the :class:`HEADRoISamples` the head ran on.
+        loss_cls: ``loss_cls(cls_score, labels, weight, avg_factor=n)`` (mmdet's CrossEntropyLoss).
+        loss_bbox: ``loss_bbox(pred, target, avg_factor=n)`` (mmdet's L1Loss, SmoothL1Loss, ...).
+        encode: ``encode(rois (R,4), gt_boxes (R,4)) -> (R,4)`` regression targets (the head's
+            ``bbox_coder.encode``; it sees the RoI itself as the GT of non-positive slots).
+        class_agnostic: one box per RoI instead of one per class.
+
+    Returns:
+        ``{"loss_cls", "loss_bbox", "acc"}``.
+    """
+    R = samples.valid.shape[0]
+    check_tensor(RCNN_LOSS, "cls_score", cls_score, ndim=2, what="(R,C+1) logits")
+    check_tensor(RCNN_LOSS, "bbox_pred", bbox_pred, ndim=2, like=cls_score, what="(R,4*C) or (R,4) deltas")
+    check_flag(RCNN_LOSS, "class_agnostic", class_agnostic)
+    C = cls_score.shape[1] - 1
+    want = 4 if class_agnostic else 4 * C
+    if cls_score.shape[0] != R or bbox_pred.shape != (R, want) or C < 1:
+        raise ValueError(f"{RCNN_LOSS}: `cls_score` must be ({R},C+1) with C >= 1 and `bbox_pred` ({R},{want}) for the "
+                         f"{R} slots of `samples`, got {tuple(cls_score.shape)} and {tuple(bbox_pred.shape)}")
+    for name, fn in (("loss_cls", loss_cls), ("loss_bbox", loss_bbox), ("encode", encode)):
+        if not callable(fn):
+            raise TypeError(f"{RCNN_LOSS}: `{name}` must be callable, got {type(fn).__name__}")
+    n = samples.valid.sum().to(cls_score.dtype).clamp(min=1)
+    out = {"loss_cls": loss_cls(cls_score, samples.labels, samples.valid.to(cls_score.dtype), avg_factor=n)}
+    top = cls_score.detach().topk(1, dim=1)[1].squeeze(1)
+    out["acc"] = ((top == samples.labels) & samples.valid).sum().to(cls_score.dtype) * (100.0 / n)
+    if class_agnostic:
+        pred = bbox_pred
+    else:
+        pred = bbox_pred.view(R, C, 4).gather(1, samples.labels.clamp(max=C - 1).view(R, 1, 1).expand(R, 1, 4))
+        pred = pred.squeeze(1)
+    with torch.no_grad():
+        target = encode(samples.rois[:, 1:], samples.gt_boxes).to(pred.dtype)
+    pos = samples.pos.unsqueeze(1)
+    zero = torch.zeros((), dtype=pred.dtype, device=pred.device)
+    out["loss_bbox"] = loss_bbox(torch.where(pos, pred, zero), torch.where(pos, target, zero), avg_factor=n)
+    return out

@@ -473,6 +473,56 @@ def test_proposal_candidates_read_no_device_value():
     assert boxes.shape == (2, A, 4) and scores.shape == (2, A) and sources.shape == (2, A, 5)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("across", [False, True])
+def test_head_distillation_path_on_cuda_never_syncs(across):
+    """HEAD's framework-free path on CUDA -- proposals with their NMS, the R-CNN sampling, RoIAlign, AKD and
+    CKD, forward and backward -- under torch.cuda.set_sync_debug_mode("error"), where any host
+    synchronisation raises; the proposals and samples equal the CPU's."""
+    from kdops.losses import head_pad_gt, head_sample_rois
+
+    def run(dev):
+        torch.manual_seed(0)
+        cls, reg = head_outputs(seed=3)
+        pri = anchors()
+        cls, reg, pri = ([x.to(dev) for x in v] for v in (cls, reg, pri))
+        gts = [torch.tensor([[4.0, 4.0, 30.0, 28.0], [40.0, 10.0, 70.0, 50.0]], device=dev),
+               torch.zeros(0, 4, device=dev)]
+        labels = [torch.tensor([1, 2], device=dev), torch.zeros(0, dtype=torch.int64, device=dev)]
+        feats = [torch.randn(2, 8, h, w, generator=torch.Generator().manual_seed(i)).to(dev).requires_grad_(True)
+                 for i, (h, w) in enumerate(SIZES)]
+        akd = HEADAKDLoss(in_channels=32, out_channels=32, num_layers=1).to(dev)
+        ckd = HEADCKDLoss(in_channels=8, out_channels=32).to(dev)
+        gen = torch.Generator(device=dev).manual_seed(0)
+        if dev == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            props = head_proposals(cls, reg, pri, nms_pre=50, max_per_img=100, img_shape=(64, 80), padded=True,
+                                   nms_across_levels=across)
+            gt_b, gt_l, gt_v = head_pad_gt(gts, labels)
+            smp = head_sample_rois(props.boxes, props.valid, props.sources, gt_b, gt_l, gt_v, num_classes=K, num=256,
+                                   generator=gen)
+            pooled = kdops.roi_align(feats, smp.rois, STRIDES, output_size=2, validate=False).flatten(1)
+            target = pooled.detach() * 0.5
+            loss = akd([pooled], [target], smp.valid) + ckd(feats, smp.sources, target)
+            loss.backward()
+        finally:
+            if dev == "cuda":
+                torch.cuda.set_sync_debug_mode(0)
+        return props, smp, loss.detach(), [f.grad for f in feats]
+
+    cpu, gpu = run("cpu"), run("cuda")
+    for a, b in zip(cpu[0], gpu[0]):
+        assert torch.equal(a, b.cpu())
+    assert int(gpu[1].valid.sum()) > 0 and int(gpu[1].pos.sum()) > 0
+    for a, b in zip(cpu[1], gpu[1]):  # room for every candidate: no random draw decides
+        torch.testing.assert_close(b.cpu(), a, rtol=0, atol=0)
+    torch.testing.assert_close(gpu[2].cpu(), cpu[2], rtol=1e-4, atol=1e-6)
+    for a, b in zip(cpu[3], gpu[3]):
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-4, atol=1e-6)
+
+
 def _bad_proposal_calls():
     cls, reg = head_outputs(seed=0)
     pri = anchors()

@@ -216,3 +216,55 @@ def test_bad_arguments_name_the_argument(case):
     fn, exc, match = _bad()[case]
     with pytest.raises(exc, match=match):
         fn()
+
+
+def _l1(pred, target, avg_factor):
+    return (pred - target).abs().sum() / (avg_factor + torch.finfo(torch.float32).eps)
+
+
+def _ce(score, labels, weight, avg_factor):
+    loss = torch.nn.functional.cross_entropy(score, labels, reduction="none") * weight
+    return loss.sum() / (avg_factor + torch.finfo(torch.float32).eps)
+
+
+def _encode(rois, gt):  # DeltaXYWH with stds (0.1, 0.1, 0.2, 0.2), as Faster R-CNN's R-CNN head
+    pw, ph = rois[:, 2] - rois[:, 0], rois[:, 3] - rois[:, 1]
+    gw, gh = gt[:, 2] - gt[:, 0], gt[:, 3] - gt[:, 1]
+    d = torch.stack([((gt[:, 0] + gt[:, 2]) - (rois[:, 0] + rois[:, 2])) / 2 / pw,
+                     ((gt[:, 1] + gt[:, 3]) - (rois[:, 1] + rois[:, 3])) / 2 / ph,
+                     torch.log(gw / pw), torch.log(gh / ph)], 1)
+    return d / torch.tensor([0.1, 0.1, 0.2, 0.2])
+
+
+@pytest.mark.parametrize("agnostic", [False, True])
+def test_rcnn_loss_is_mmdets_bbox_head_loss_on_the_sampled_rows(agnostic):
+    """mmdet's BBoxHead.loss on the sampled rows only (CE over them / n, the positives' class-specific
+    deltas' L1 / n, n = #sampled; top-1 accuracy in percent), from the fixed slots with empty ones."""
+    from kdops.losses import head_rcnn_loss
+
+    props, gts, labels, boxes, valid, sources = _problem(seed=2, P=(30, 12), G=(3, 1))
+    gt_b, gt_l, gt_v = head_pad_gt(gts, labels)
+    s = head_sample_rois(boxes, valid, sources, gt_b, gt_l, gt_v, num_classes=C, num=64)
+    R = s.valid.shape[0]
+    g = torch.Generator().manual_seed(0)
+    score = torch.randn(R, C + 1, generator=g, dtype=torch.float64, requires_grad=True)
+    deltas = torch.randn(R, 4 if agnostic else 4 * C, generator=g, dtype=torch.float64, requires_grad=True)
+    out = head_rcnn_loss(score, deltas, s, loss_cls=_ce, loss_bbox=_l1, encode=_encode, class_agnostic=agnostic)
+    v, p = s.valid, s.pos
+    n = int(v.sum())
+    assert 0 < int(p.sum()) < n < R  # positives, negatives and empty slots
+    want_cls = torch.nn.functional.cross_entropy(score[v], s.labels[v], reduction="sum") / n
+    sel = deltas[p] if agnostic else deltas[p].view(-1, C, 4)[torch.arange(int(p.sum())), s.labels[p]]
+    want_box = (sel - _encode(s.rois[p, 1:], s.gt_boxes[p]).double()).abs().sum() / n
+    want_acc = (score[v].argmax(1) == s.labels[v]).double().mean() * 100
+    torch.testing.assert_close(out["loss_cls"], want_cls)
+    torch.testing.assert_close(out["loss_bbox"], want_box)
+    torch.testing.assert_close(out["acc"], want_acc)
+    got = torch.autograd.grad(out["loss_cls"] + out["loss_bbox"], [score, deltas])
+    want = torch.autograd.grad(want_cls + want_box, [score, deltas])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="bbox_pred"):
+        head_rcnn_loss(score, deltas[:, :3], s, loss_cls=_ce, loss_bbox=_l1, encode=_encode, class_agnostic=agnostic)
+    with pytest.raises(TypeError, match="encode"):
+        head_rcnn_loss(score, deltas, s, loss_cls=_ce, loss_bbox=_l1, encode=None, class_agnostic=agnostic)

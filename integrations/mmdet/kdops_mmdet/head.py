@@ -65,7 +65,7 @@ from mmengine.structures import InstanceData
 
 from kdops.losses import (
     HEADAKDLoss, HEADCKDLoss, HEADContrastiveCKDLoss, HEADDenseLoss, HEADRoISamples, head_gt_sources, head_pad_gt,
-    head_proposals, head_sample_rois,
+    head_proposals, head_rcnn_loss, head_sample_rois,
 )
 
 from .distill_losses import head_decoding
@@ -319,27 +319,11 @@ class _StudentAsRPN:
         return rois, valid, sources, self._assist_rec.take()
 
     def _masked_rcnn_loss(self, cls_score: torch.Tensor, bbox_pred: torch.Tensor, s: HEADRoISamples) -> dict:
-        """mmdet's ``BBoxHead.loss`` on fixed slots: the head's own ``loss_cls`` and ``loss_bbox``
-        modules, empty slots weighted 0, averaged over the sampled RoIs -- the same values, no host
-        read (mmdet's ``avg_factor`` ``.item()`` and ``pos_inds.any()`` become tensors and masks)."""
+        """mmdet's ``BBoxHead.loss`` on the fixed slots (:func:`kdops.losses.head_rcnn_loss` with the
+        assistant head's own ``loss_cls``, ``loss_bbox`` and box coder)."""
         head = self.assistant.bbox_head
-        R = cls_score.shape[0]
-        n = s.valid.sum().to(cls_score.dtype).clamp(min=1)
-        out = {"loss_cls": head.loss_cls(cls_score, s.labels, s.valid.to(cls_score.dtype), avg_factor=n)}
-        top = cls_score.detach().topk(1, dim=1)[1].squeeze(1)
-        out["acc"] = ((top == s.labels) & s.valid).sum().to(cls_score.dtype) * (100.0 / n)
-        if head.reg_class_agnostic:
-            pred = bbox_pred.view(R, -1)
-        else:
-            pred = bbox_pred.view(R, head.num_classes, -1)
-            pred = pred.gather(1, s.labels.clamp(max=head.num_classes - 1).view(R, 1, 1).expand(
-                R, 1, pred.shape[2])).squeeze(1)
-        target = head.bbox_coder.encode(s.rois[:, 1:], s.gt_boxes)
-        pos = s.pos.unsqueeze(1)
-        zero = torch.zeros((), dtype=pred.dtype, device=pred.device)
-        out["loss_bbox"] = head.loss_bbox(torch.where(pos, pred, zero), torch.where(pos, target.to(pred.dtype), zero),
-                                          avg_factor=n)
-        return out
+        return head_rcnn_loss(cls_score, bbox_pred, s, loss_cls=head.loss_cls, loss_bbox=head.loss_bbox,
+                              encode=head.bbox_coder.encode, class_agnostic=bool(head.reg_class_agnostic))
 
 
 @MODELS.register_module()
