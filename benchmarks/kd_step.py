@@ -277,13 +277,12 @@ def table(rows) -> str:
     out = ["| pair | step | median ms (IQR) | peak RSS MiB |", "|---|---|---|---|"]
     for r in rows:
         out.append(f"| {r['pair']} | {r['variant']} | {r['median_ms']:.1f} ({r['iqr_ms']:.1f}) | {r['peak_rss_mib']:.0f} |")
-    out += ["", "| pair | by subtraction, kd - student - teacher_fwd: kdops | eager losses | "
-                "kdops / kd step | eager / kd_eager step |", "|---|---|---|---|---|"]
-    for pair in dict.fromkeys(r["pair"] for r in rows):
-        try:
-            s, t, k, e = (by[(pair, v)]["median_ms"] for v in VARIANTS[:4])
-        except KeyError:
-            continue
+    full = [p for p in dict.fromkeys(r["pair"] for r in rows) if all((p, v) in by for v in VARIANTS[:4])]
+    if full:
+        out += ["", "| pair | by subtraction, kd - student - teacher_fwd: kdops | eager losses | "
+                    "kdops / kd step | eager / kd_eager step |", "|---|---|---|---|---|"]
+    for pair in full:
+        s, t, k, e = (by[(pair, v)]["median_ms"] for v in VARIANTS[:4])
         ok, oe = k - s - t, e - s - t
         out.append(f"| {pair} | {ok:.1f} ms | {oe:.1f} ms | {100 * ok / k:.1f}% | {100 * oe / e:.1f}% |")
     split = [p for p in dict.fromkeys(r["pair"] for r in rows)
