@@ -39,6 +39,17 @@ from . import INTERPRET, device_guard
 
 
 @triton.jit
+def _load_boxes(base, offs, mask):
+    """x1, y1, x2, y2 of the boxes at element offsets ``offs`` (4 per box), in float64 (fp16 / bf16
+    widen through fp32, Triton's cast: exact, like every float type into fp64); 0 where masked."""
+    x1 = tl.load(base + offs, mask=mask, other=0).to(tl.float64)
+    y1 = tl.load(base + offs + 1, mask=mask, other=0).to(tl.float64)
+    x2 = tl.load(base + offs + 2, mask=mask, other=0).to(tl.float64)
+    y2 = tl.load(base + offs + 3, mask=mask, other=0).to(tl.float64)
+    return x1, y1, x2, y2
+
+
+@triton.jit
 def _iou_mask_kernel(box_ptr, thr_bits, mask_ptr, K, W, n_row_blocks, BLOCK_I: tl.constexpr, BLOCK_W: tl.constexpr):
     pid = tl.program_id(0)
     g = (pid // n_row_blocks).to(tl.int64)
@@ -51,20 +62,13 @@ def _iou_mask_kernel(box_ptr, thr_bits, mask_ptr, K, W, n_row_blocks, BLOCK_I: t
         rows = i0 + tl.arange(0, BLOCK_I)
         rm = rows < K
         ri = rows.to(tl.int64) * 4
-        # fp16 / bf16 widen through fp32 (Triton's cast): exact, like every float type into fp64
-        ix1 = tl.load(base + ri, mask=rm, other=0).to(tl.float64)
-        iy1 = tl.load(base + ri + 1, mask=rm, other=0).to(tl.float64)
-        ix2 = tl.load(base + ri + 2, mask=rm, other=0).to(tl.float64)
-        iy2 = tl.load(base + ri + 3, mask=rm, other=0).to(tl.float64)
+        ix1, iy1, ix2, iy2 = _load_boxes(base, ri, rm)
         words = w0 + tl.arange(0, BLOCK_W)
         lanes = tl.arange(0, 32)
         cols = words[:, None] * 32 + lanes[None, :]  # [BLOCK_W, 32]: candidate j of each bit
         cm = cols < K
         cj = cols.to(tl.int64) * 4
-        jx1 = tl.load(base + cj, mask=cm, other=0).to(tl.float64)
-        jy1 = tl.load(base + cj + 1, mask=cm, other=0).to(tl.float64)
-        jx2 = tl.load(base + cj + 2, mask=cm, other=0).to(tl.float64)
-        jy2 = tl.load(base + cj + 3, mask=cm, other=0).to(tl.float64)
+        jx1, jy1, jx2, jy2 = _load_boxes(base, cj, cm)
         iarea = ((ix2 - ix1) * (iy2 - iy1))[:, None, None]
         jarea = ((jx2 - jx1) * (jy2 - jy1))[None, :, :]
         ix1, iy1, ix2, iy2 = ix1[:, None, None], iy1[:, None, None], ix2[:, None, None], iy2[:, None, None]
