@@ -121,6 +121,30 @@ def test_sync_free_step_gives_mmdets_losses_and_gradients(toy):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("empty", [(0,), (0, 1)], ids=["one_image_without_gt", "no_gt_at_all"])
+def test_sync_free_step_without_gt_boxes_is_mmdets(toy, empty):
+    """Images without GT boxes: only negatives (mmdet's assigner), finite losses, a zero box loss when no
+    image has GT, and the same losses as mmdet's path."""
+    from mmdet_testing import toy_batch
+
+    fixed, cfg = _model(toy)
+    plain, _ = _model(toy, sync_free=False)
+    data = toy_batch(fixed, cfg, empty=empty)
+    out = []
+    for model in (fixed, plain):
+        _deterministic(model)
+        model.train()
+        losses = model.loss(data["inputs"], data["data_samples"])
+        total, _ = model.parse_losses(losses)
+        assert torch.isfinite(total)
+        total.backward()
+        out.append({k: v.detach() for k, v in losses.items() if isinstance(v, torch.Tensor)})
+    if len(empty) == 2:
+        assert float(out[0]["loss_assist_bbox"]) == 0.0
+    for k in out[1]:
+        torch.testing.assert_close(out[0][k].reshape(()), out[1][k].reshape(()), rtol=1e-5, atol=1e-6, msg=k)
+
+
 def _fake_step_inputs(model, data):
     from mmdet.models.utils import unpack_gt_instances
 
